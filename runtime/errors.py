@@ -1,0 +1,34 @@
+"""Errors of the ``runtime`` package.
+
+Hierarchy::
+
+    RuntimeFailure
+    ├── RunnerStateError     an operation not allowed in the runner's current state
+    ├── RunnerStartFailed    the ComfyUI child could not start (import, init, died, timeout)
+    └── ProtocolError        something outside the closed message set came over the pipe
+
+Job outcomes (node errors, OOM, interrupts, child death mid-job) are not exceptions: the
+runner returns them as ``protocol.Failed`` values.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeFailure(Exception):
+    """Base of every error this package raises."""
+
+
+class RunnerStateError(RuntimeFailure):
+    """The runner is not in a state that allows the operation."""
+
+
+class RunnerStartFailed(RuntimeFailure):
+    """The ComfyUI child failed to become READY."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class ProtocolError(RuntimeFailure):
+    """The child sent something that is not a protocol message."""

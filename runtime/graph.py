@@ -1,0 +1,203 @@
+"""Pure analysis of an API-format ComfyUI graph: no ComfyUI import, plain dicts only.
+
+Used before any GPU work (SPEC section 3 rules on the graph) and by the rewriter. Each
+problem is returned as ``GraphProblem(field, message, node_id, node_type)`` so the caller
+can attach its own error code.
+"""
+
+from __future__ import annotations
+
+import ntpath
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+INPUT_CLASS_TYPES: dict[str, str] = {
+    "RunflowInputString": "STRING",
+    "RunflowInputInt": "INT",
+    "RunflowInputFloat": "FLOAT",
+    "RunflowInputBoolean": "BOOLEAN",
+    "RunflowInputImage": "IMAGE",
+    "RunflowInputFile": "FILE",
+}
+"""Runflow Input node class -> the input type it declares."""
+
+OUTPUT_CLASS_TYPES: dict[str, str] = {
+    "RunflowOutputImage": "IMAGE",
+    "RunflowOutputFile": "FILE",
+}
+"""Runflow Output node class -> the output type it names."""
+
+INPUT_TYPES = frozenset(INPUT_CLASS_TYPES.values())
+
+# Inputs of core nodes that name a file under input/ (checked before any GPU work; the
+# runner re-checks every upload/combo input once the node classes are known).
+KNOWN_FILE_INPUTS: dict[str, tuple[str, ...]] = {
+    "LoadImage": ("image",),
+    "LoadImageMask": ("image",),
+    "LoadImageOutput": ("image",),
+    "LoadAudio": ("audio",),
+    "LoadVideo": ("file",),
+    "Load3D": ("model_file",),
+    "Load3DAnimation": ("model_file",),
+}
+
+_ANNOTATION = re.compile(r"\s*\[(output|temp|input)\]\s*$")
+
+
+@dataclass(frozen=True)
+class GraphProblem:
+    """One problem found in the graph."""
+
+    field: str
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+
+
+@dataclass(frozen=True)
+class InputNode:
+    """A Runflow Input node of the graph."""
+
+    node_id: str
+    input_id: str
+    type: str
+
+
+def is_link(value: Any) -> bool:
+    """True when an input value is a link ``[node_id, output_index]``."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], (str, int))
+        and not isinstance(value[0], bool)
+        and isinstance(value[1], int)
+        and not isinstance(value[1], bool)
+    )
+
+
+def file_reference_problem(value: str) -> str | None:
+    """Why ``value`` is not an acceptable file reference (relative, inside), else None."""
+    if _ANNOTATION.search(value):
+        return "uses a ComfyUI [output]/[temp]/[input] annotation"
+    if value.startswith(("/", "\\")) or ntpath.splitdrive(value)[0] or posixpath.isabs(value):
+        return "is an absolute path"
+    parts = re.split(r"[\\/]+", value)
+    if any(part == ".." for part in parts):
+        return "climbs out with '..'"
+    if "\x00" in value:
+        return "contains a NUL byte"
+    return None
+
+
+def structure_problems(graph: Any) -> list[GraphProblem]:
+    """Problems of shape: not a dict of nodes, bad nodes, links to missing nodes."""
+    if not isinstance(graph, dict) or not graph:
+        return [GraphProblem("workflow.workflow_json", "must be a non-empty object of nodes")]
+    problems: list[GraphProblem] = []
+    for node_id, node in graph.items():
+        where = f"workflow.workflow_json.{node_id}"
+        if not isinstance(node, dict):
+            problems.append(GraphProblem(where, "node must be an object", node_id))
+            continue
+        class_type = node.get("class_type")
+        if not isinstance(class_type, str) or not class_type:
+            problems.append(GraphProblem(f"{where}.class_type", "missing class_type", node_id))
+            continue
+        inputs = node.get("inputs", {})
+        if not isinstance(inputs, dict):
+            problems.append(
+                GraphProblem(f"{where}.inputs", "inputs must be an object", node_id, class_type)
+            )
+            continue
+        for name, value in inputs.items():
+            if is_link(value) and str(value[0]) not in graph:
+                problems.append(
+                    GraphProblem(
+                        f"{where}.inputs.{name}",
+                        f"links to missing node {value[0]!r}",
+                        node_id,
+                        class_type,
+                    )
+                )
+        for name in KNOWN_FILE_INPUTS.get(class_type, ()):
+            value = inputs.get(name)
+            if isinstance(value, str):
+                why = file_reference_problem(value)
+                if why:
+                    problems.append(
+                        GraphProblem(f"{where}.inputs.{name}", f"file reference {why}",
+                                     node_id, class_type)
+                    )
+    return problems
+
+
+def input_nodes(graph: dict[str, Any]) -> list[InputNode]:
+    """Every Runflow Input node with its ``input_id`` (nodes without one are skipped)."""
+    found: list[InputNode] = []
+    for node_id, node in graph.items():
+        if not isinstance(node, dict):
+            continue
+        kind = INPUT_CLASS_TYPES.get(node.get("class_type"))  # type: ignore[arg-type]
+        if kind is None:
+            continue
+        input_id = (node.get("inputs") or {}).get("input_id")
+        if isinstance(input_id, str) and input_id:
+            found.append(InputNode(str(node_id), input_id, kind))
+    return found
+
+
+def input_node_problems(graph: dict[str, Any]) -> list[GraphProblem]:
+    """Input nodes without an ``input_id``, and one ``input_id`` declared with two types."""
+    problems: list[GraphProblem] = []
+    for node_id, node in graph.items():
+        if isinstance(node, dict) and node.get("class_type") in INPUT_CLASS_TYPES:
+            input_id = (node.get("inputs") or {}).get("input_id")
+            if not isinstance(input_id, str) or not input_id:
+                problems.append(
+                    GraphProblem(f"workflow.workflow_json.{node_id}.inputs.input_id",
+                                 "Runflow Input node without an input_id",
+                                 str(node_id), node["class_type"])
+                )
+    types: dict[str, dict[str, list[str]]] = {}
+    for node in input_nodes(graph):
+        types.setdefault(node.input_id, {}).setdefault(node.type, []).append(node.node_id)
+    for input_id, by_type in types.items():
+        if len(by_type) > 1:
+            detail = ", ".join(f"{t} (nodes {', '.join(ids)})" for t, ids in sorted(by_type.items()))
+            problems.append(
+                GraphProblem(f"workflow.workflow_json[input_id={input_id}]",
+                             f"input_id {input_id!r} declared with different types: {detail}")
+            )
+    return problems
+
+
+def derived_input_types(graph: dict[str, Any]) -> dict[str, str]:
+    """``input_id -> type`` from the graph's Runflow Input nodes (first type wins)."""
+    out: dict[str, str] = {}
+    for node in input_nodes(graph):
+        out.setdefault(node.input_id, node.type)
+    return out
+
+
+def output_nodes(graph: dict[str, Any]) -> dict[str, str]:
+    """``node_id -> output_id`` of the Runflow Output nodes (default: the node id)."""
+    out: dict[str, str] = {}
+    for node_id, node in graph.items():
+        if isinstance(node, dict) and node.get("class_type") in OUTPUT_CLASS_TYPES:
+            output_id = (node.get("inputs") or {}).get("output_id")
+            out[str(node_id)] = output_id if isinstance(output_id, str) and output_id else str(
+                node_id
+            )
+    return out
+
+
+def next_node_id(graph: dict[str, Any], taken: set[str] | None = None) -> str:
+    """A fresh numeric node id, larger than every numeric id of the graph."""
+    used = set(graph) | (taken or set())
+    numeric = [int(k) for k in used if str(k).isdigit()]
+    candidate = max(numeric, default=0) + 1
+    while str(candidate) in used:
+        candidate += 1
+    return str(candidate)

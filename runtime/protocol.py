@@ -1,0 +1,156 @@
+"""The closed set of messages between the runner (parent) and its ComfyUI child.
+
+Every message is a small frozen dataclass of plain data, pickled over a
+``multiprocessing`` pipe. The child never receives or sends anything else; an unknown
+object on the pipe is a protocol error that makes the runner DEFUNCT.
+
+Parent -> child: ``Execute``, ``Interrupt``, ``Shutdown``.
+Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log``,
+``Done``, ``Failed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class FailureKind(StrEnum):
+    """Why an execution failed, as the runner sees it (the worker maps it to a code)."""
+
+    INVALID_WORKFLOW = "invalid_workflow"
+    """ComfyUI validation refused the graph (unknown node, bad value, dangling link)."""
+    NODE_ERROR = "node_error"
+    """A node raised."""
+    OUT_OF_MEMORY = "out_of_memory"
+    """torch's OutOfMemoryError, from any node."""
+    INTERRUPTED = "interrupted"
+    """Interrupted on the parent's request (cancel, timeout, shutdown)."""
+    CHILD_DIED = "child_died"
+    """The child process died; the runner is DEFUNCT until restarted."""
+    INTERNAL = "internal"
+    """Anything else: a bug or an unexpected ComfyUI state."""
+
+
+# ----------------------------------------------------------------- parent -> child
+
+
+@dataclass(frozen=True)
+class Execute:
+    """Run one graph. Directories are absolute and belong to this job alone."""
+
+    job_id: str
+    graph: dict[str, Any]
+    input_dir: str
+    output_dir: str
+    temp_dir: str
+    models_dir: str | None = None
+    """The job's models tree (``<kind>/<file>`` links); None = the checkout's own models/."""
+    model_digests: dict[str, str] = field(default_factory=dict)
+    """``models`` key -> sha256: a key whose digest changed invalidates the child's cache."""
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Interrupt the job running now (no-op when idle)."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Exit cleanly after the current message."""
+
+
+# ----------------------------------------------------------------- child -> parent
+
+
+@dataclass(frozen=True)
+class Ready:
+    """ComfyUI is imported and its nodes are loaded."""
+
+    comfyui_commit: str | None
+    node_count: int
+    import_failures: tuple[str, ...]
+    init_s: float
+    device: str
+    gpu_model: str | None = None
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    """ComfyUI could not be imported or initialised; the child exits after this."""
+
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class NodeStarted:
+    """A node started executing."""
+
+    job_id: str
+    node_id: str
+    node_type: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Step ``value`` of ``total`` inside a node (a sampler, an upscaler...)."""
+
+    job_id: str
+    node_id: str | None
+    value: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Log:
+    """A text a node published for the user (``send_progress_text``)."""
+
+    job_id: str
+    node_id: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A file an output node wrote, relative to the job's output directory."""
+
+    node_id: str
+    node_type: str
+    relpath: str
+    output_id: str | None
+    """The Runflow Output node's ``output_id``; None for other output nodes."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The job succeeded."""
+
+    job_id: str
+    outputs: tuple[OutputFile, ...]
+    execute_s: float
+    peak_vram_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed; the child stays usable (except for CHILD_DIED, made by the parent)."""
+
+    job_id: str
+    kind: FailureKind
+    message: str
+    node_id: str | None = None
+    node_type: str | None = None
+    exception_type: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    peak_vram_bytes: int | None = None
+
+
+ParentMessage = Execute | Interrupt | Shutdown
+ChildMessage = Ready | InitFailed | NodeStarted | Progress | Log | Done | Failed
+PARENT_MESSAGES = (Execute, Interrupt, Shutdown)
+CHILD_MESSAGES = (Ready, InitFailed, NodeStarted, Progress, Log, Done, Failed)
+JobEvent = NodeStarted | Progress | Log

@@ -1,0 +1,113 @@
+"""A stand-in for the ComfyUI child: speaks the runner protocol, executes toy graphs.
+
+Nodes (``class_type``):
+- ``FakeSave``: writes ``inputs["text"]`` (or the value of a linked Runflow input) to
+  ``<output>/<prefix>_00001_.txt``; an OUTPUT node (``output_id`` makes it a Runflow output).
+- ``FakeSleep``: sleeps ``seconds`` in small steps, reporting progress; honours Interrupt.
+- ``FakeBusy``: sleeps ``seconds`` ignoring interrupts (the runner must kill the child).
+- ``FakeCrash``: the child kills itself with ``signal`` (default SIGKILL).
+- ``FakeError`` / ``FakeOOM``: raise a node error / an out-of-memory failure.
+- ``FakeUnknown``: validation error (unknown node type).
+Runflow Input nodes pass their value through. The config key ``fake_init_fail`` makes
+initialisation fail; ``fake_init_delay_s`` delays Ready.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime import protocol as p
+
+
+def main(conn: Any, config: dict[str, Any]) -> None:
+    env = config.get("env") or {}
+    if env.get("fake_init_fail"):
+        conn.send(p.InitFailed("fake init failure", "Traceback: fake"))
+        return
+    time.sleep(float(env.get("fake_init_delay_s", 0)))
+    conn.send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=(),
+                      init_s=0.0, device="cpu", gpu_model=None))
+    interrupted = threading.Event()
+    jobs: list[p.Execute] = []
+    cond = threading.Condition()
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)
+            if isinstance(msg, p.Interrupt):
+                interrupted.set()
+            elif isinstance(msg, p.Shutdown):
+                os._exit(0)
+            elif isinstance(msg, p.Execute):
+                with cond:
+                    jobs.append(msg)
+                    cond.notify()
+
+    threading.Thread(target=reader, daemon=True).start()
+    while True:
+        with cond:
+            while not jobs:
+                cond.wait()
+            job = jobs.pop(0)
+        interrupted.clear()
+        conn.send(_run(job, conn, interrupted))
+
+
+def _value(graph: dict[str, Any], v: Any) -> Any:
+    if isinstance(v, list) and len(v) == 2 and str(v[0]) in graph:
+        src = graph[str(v[0])]
+        return _value(graph, src["inputs"].get("value"))
+    return v
+
+
+def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.Failed:
+    start = time.monotonic()
+    outputs: list[p.OutputFile] = []
+    for node_id, node in job.graph.items():
+        kind, inputs = node["class_type"], node.get("inputs", {})
+        if kind == "FakeUnknown":
+            return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW,
+                            f"Cannot execute because node {kind} does not exist.",
+                            node_id=node_id, node_type=kind)
+    for node_id, node in job.graph.items():
+        kind, inputs = node["class_type"], node.get("inputs", {})
+        conn.send(p.NodeStarted(job.job_id, node_id, kind))
+        if kind == "FakeSleep":
+            total = max(1, int(float(inputs.get("seconds", 1)) / 0.01))
+            for step in range(total):
+                if interrupted.is_set():
+                    return p.Failed(job.job_id, p.FailureKind.INTERRUPTED, "interrupted")
+                time.sleep(0.01)
+                if step % 10 == 0:
+                    conn.send(p.Progress(job.job_id, node_id, step + 1, total))
+        elif kind == "FakeBusy":
+            time.sleep(float(inputs.get("seconds", 30)))
+        elif kind == "FakeCrash":
+            os.kill(os.getpid(), int(inputs.get("signal", signal.SIGKILL)))
+            time.sleep(10)
+        elif kind == "FakeError":
+            return p.Failed(job.job_id, p.FailureKind.NODE_ERROR, "boom", node_id=node_id,
+                            node_type=kind, exception_type="ValueError")
+        elif kind == "FakeOOM":
+            return p.Failed(job.job_id, p.FailureKind.OUT_OF_MEMORY,
+                            "Allocation on device", node_id=node_id, node_type=kind,
+                            exception_type="torch.OutOfMemoryError")
+        elif kind == "FakeSave":
+            prefix = inputs.get("output_id") or "fake"
+            text = _value(job.graph, inputs.get("text", ""))
+            if isinstance(text, str) and text.startswith("file:"):
+                text = (Path(job.input_dir) / text[5:]).read_text()
+            copies = int(inputs.get("copies", 1))
+            for i in range(copies):
+                rel = f"{prefix}_{i + 1:05d}_.txt"
+                (Path(job.output_dir) / rel).write_text(str(text))
+                outputs.append(p.OutputFile(node_id, kind, rel, inputs.get("output_id")))
+    return p.Done(job.job_id, tuple(outputs), execute_s=time.monotonic() - start)

@@ -1,0 +1,84 @@
+"""``runflow-worker run`` as a user runs it: a subprocess, a fake ComfyUI child."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from tests.factories import workflow
+
+GRAPH = {
+    "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+    "2": {"class_type": "RunflowInputInt", "inputs": {"input_id": "count"}},
+    "3": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+    "4": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}},
+}
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
+           "RUNFLOW_COMFYUI_DIR": str(tmp_path), "RUNFLOW_GPU_CLASS": "cpu",
+           "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
+           "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120, cwd=tmp_path)
+
+
+@pytest.fixture
+def deployed(tmp_path: Path) -> Path:
+    wf = workflow(GRAPH, inputs=[{"input_id": "count", "type": "INT", "default": 1},
+                                 {"input_id": "doc", "type": "FILE"}])
+    path = tmp_path / "deployed.json"
+    path.write_text(json.dumps(wf))
+    return path
+
+
+def test_run_succeeds_and_prints_the_record(tmp_path: Path, deployed: Path) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("x")
+    out = tmp_path / "out"
+    proc = cli(tmp_path, "run", str(deployed), "--input", "prompt=hello world",
+               "--input", "count=3", "--input", f"doc=@{doc}", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "succeeded" and record["error"] is None
+    (entry,) = record["output"]["outputs"]
+    assert entry["url"].startswith("file://")
+    path = Path(unquote(urlsplit(entry["url"]).path))
+    assert path.is_relative_to(out) and path.read_text() == "hello world"
+    assert record["billing"]["attempts"][0]["gpu_class"] == "cpu"
+    assert "node 4 FakeSave" in proc.stderr  # progress on stderr, not stdout
+
+
+def test_inputs_json_is_strict(tmp_path: Path, deployed: Path) -> None:
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"prompt": "p", "count": "5"}))
+    proc = cli(tmp_path, "run", str(deployed), "--inputs-json", str(inputs))
+    assert proc.returncode == 1
+    record = json.loads(proc.stdout)
+    assert record["error"]["code"] == "INVALID_INPUT"
+    assert record["error"]["details"]["fields"] == ["input.count"]
+    assert record["billing"]["gpu_seconds"] == 0
+
+
+def test_bad_cli_inputs_name_every_key(tmp_path: Path, deployed: Path) -> None:
+    proc = cli(tmp_path, "run", str(deployed), "--input", "count=three", "--input", "nope=1",
+               "--input", "doc=@/no/such/file")
+    assert proc.returncode == 2
+    error = json.loads(proc.stdout)["error"]
+    assert error["code"] == "INVALID_INPUT"
+    assert error["details"]["fields"] == ["input.count", "input.doc", "input.nope"]
+
+
+def test_failed_run_exits_nonzero(tmp_path: Path) -> None:
+    path = tmp_path / "deployed.json"
+    path.write_text(json.dumps(workflow({"1": {"class_type": "FakeError", "inputs": {}}})))
+    proc = cli(tmp_path, "run", str(path))
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["error"]["code"] == "NODE_ERROR"

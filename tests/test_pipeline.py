@@ -1,0 +1,174 @@
+"""The run pipeline end to end with a fake ComfyUI child: every outcome is one result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from tests.factories import message, workflow
+from worker.contract import RunStatus, parse_message
+from worker.errors import ErrorCode
+from worker.pipeline import Pipeline, PipelineConfig, StopReason
+from worker.report import terminal_record
+from worker.storage import LocalStorage
+
+FAKE = "tests.fakes.fake_child:main"
+
+
+class Control:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.cancel = threading.Event()
+        self.reason = StopReason.CANCELED
+
+    def stop_reason(self) -> StopReason | None:
+        return self.reason if self.cancel.is_set() else None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+
+
+def _fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+    shutil.copyfile(unquote(urlsplit(url).path), dest)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("pipeline")
+    pl = Pipeline(PipelineConfig(work_dir=root / "work", comfyui_dir=root, child_entry=FAKE,
+                                 allow_local_files=True),
+                  storage=LocalStorage(root / "store"), fetch_input=_fetch)
+    yield pl
+    pl.close()
+
+
+def run(pipeline: Pipeline, msg: dict, control: Control | None = None):
+    return pipeline.execute(parse_message(msg), control or Control())
+
+
+def test_success_outputs_and_isolation(pipeline: Pipeline) -> None:
+    result = run(pipeline, message(run_id="ok-1", input={"prompt": "first"}))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    (entry,) = result.output.outputs
+    assert entry.output_id == "out" and entry.key == "runs/ok-1/out/out_00001_.txt"
+    assert Path(unquote(urlsplit(entry.url).path)).read_text() == "first"
+    assert set(result.timings_ms) >= {"validate", "environment", "models", "inputs",
+                                      "execute", "upload"}
+    assert result.gpu_work
+    # Run directories are removed after the outputs are stored.
+    assert list((pipeline.config.work_dir).glob("ok-1-*")) == []
+    second = run(pipeline, message(run_id="ok-2", input={"prompt": "second"}))
+    assert Path(unquote(urlsplit(second.output.outputs[0].url).path)).read_text() == "second"
+
+
+def test_local_file_input(pipeline: Pipeline, tmp_path: Path) -> None:
+    src = tmp_path / "note.txt"
+    src.write_text("from a file")
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/doc/note.txt",
+                                                         "output_id": "copy"}}}
+    result = run(pipeline, message(graph, input={"doc": src.as_uri()}))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert Path(unquote(urlsplit(result.output.outputs[0].url).path)).read_text() == "from a file"
+
+
+def test_rejected_before_gpu_work_bills_zero(pipeline: Pipeline) -> None:
+    msg = message(input={"prompt": 5})
+    result = run(pipeline, msg)
+    assert result.status is RunStatus.FAILED and not result.gpu_work
+    assert result.failure.code is ErrorCode.INVALID_INPUT
+    record = terminal_record(parse_message(msg), result, started_at=_now(), gpu_class="l4",
+                             gpu_seconds=3.0, cold_start_s=2.0)
+    assert record.billing.gpu_seconds == 0 and record.billing.attempts[0].gpu_seconds == 0
+    assert record.error["details"]["fields"] == ["input.prompt"]
+
+
+@pytest.mark.parametrize(("node", "code"), [("FakeError", ErrorCode.NODE_ERROR),
+                                             ("FakeOOM", ErrorCode.OUT_OF_MEMORY),
+                                             ("FakeUnknown", ErrorCode.INVALID_WORKFLOW)])
+def test_node_failures_map_to_codes(pipeline: Pipeline, node: str, code: ErrorCode) -> None:
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+             "5": {"class_type": node, "inputs": {}}}
+    result = run(pipeline, message(graph))
+    assert result.status is RunStatus.FAILED and result.failure.code is code
+    assert result.failure.node_id == "5" and result.failure.node_type == node
+    assert result.oom == (code is ErrorCode.OUT_OF_MEMORY)
+
+
+def test_child_death_is_internal_then_next_run_works(pipeline: Pipeline) -> None:
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+             "2": {"class_type": "FakeCrash", "inputs": {}}}
+    result = run(pipeline, message(graph))
+    assert result.failure.code is ErrorCode.INTERNAL
+    assert "SIGKILL" in result.failure.message
+    ok = run(pipeline, message(run_id="after-crash"))
+    assert ok.status is RunStatus.SUCCEEDED and ok.cold_start_s > 0
+
+
+def _sleep_graph(seconds: float) -> dict:
+    return {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+            "2": {"class_type": "FakeSleep", "inputs": {"seconds": seconds}}}
+
+
+def test_cancel_mid_run(pipeline: Pipeline) -> None:
+    control = Control()
+    first_step = threading.Event()
+    original = control.emit
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        original(kind, data)
+        if "step" in data:
+            first_step.set()
+
+    control.emit = emit  # type: ignore[method-assign]
+    threading.Thread(target=lambda: first_step.wait(30) and control.cancel.set()).start()
+    t0 = time.monotonic()
+    result = run(pipeline, message(_sleep_graph(60)), control)
+    assert result.status is RunStatus.CANCELED and result.failure.code is ErrorCode.CANCELED
+    assert time.monotonic() - t0 < 20
+    assert any("step" in d for _, d in control.events)
+
+
+def test_timeout(pipeline: Pipeline) -> None:
+    result = run(pipeline, message(_sleep_graph(60), timeout_s=0.5))
+    assert result.status is RunStatus.FAILED and result.failure.code is ErrorCode.TIMEOUT
+
+
+def test_shutdown_releases(pipeline: Pipeline) -> None:
+    control = Control()
+    control.reason = StopReason.SHUTDOWN
+    threading.Timer(0.3, control.cancel.set).start()
+    result = run(pipeline, message(_sleep_graph(60)), control)
+    assert result.release and result.failure.code is ErrorCode.WORKER_LOST
+
+
+def test_no_comfyui_is_environment_failed(tmp_path: Path) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path, comfyui_dir=None),
+                  storage=LocalStorage(tmp_path))
+    result = pl.execute(parse_message(message()), Control())
+    assert result.failure.code is ErrorCode.ENVIRONMENT_FAILED
+
+
+def test_models_without_store_fail_cleanly(pipeline: Pipeline) -> None:
+    wf = workflow(models={"checkpoints/a.safetensors": {"sha256": "ab" * 32}})
+    result = run(pipeline, message(wf=wf))
+    assert result.failure.code is ErrorCode.MODEL_FETCH_FAILED
+
+
+def test_commit_mismatch_is_a_warning(pipeline: Pipeline) -> None:
+    result = run(pipeline, message())
+    assert any("commit mismatch" in w for w in result.warnings)
+    assert json.dumps(result.environment)
+
+
+def _now():
+    from worker.contract import utcnow
+
+    return utcnow()

@@ -1,0 +1,1 @@
+"""runflow-worker: the daemon, queue, run lifecycle, reporting, storage and CLI."""

@@ -1,0 +1,63 @@
+"""Builds the pipeline and its parts from the settings (the one place that wires them)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from worker.pipeline import Pipeline, PipelineConfig
+from worker.settings import Settings
+from worker.storage import Storage, open_storage
+
+
+def build_storage(settings: Settings, storage_url: str | None = None) -> Storage:
+    """Output storage from ``storage_url`` or the settings."""
+    return open_storage(storage_url or settings.effective_storage_url,
+                        endpoint_url=settings.s3_endpoint_url,
+                        presign_ttl_s=settings.presign_ttl_s)
+
+
+def make_input_fetcher(settings: Settings, *, allow_local_files: bool = False):
+    """The function that fetches one caller file (https, runflow assets, local files)."""
+    from worker.cache_cli import build_fetcher, build_sources
+
+    fetcher = build_fetcher(settings)
+    sources = build_sources(settings, fetcher)
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel: Callable[[], bool]) -> None:
+        if url.startswith("file://"):
+            if not allow_local_files:  # the contract check refuses these before; defence
+                raise ValueError("local files are not accepted here")
+            shutil.copyfile(unquote(urlsplit(url).path), dest)
+            return
+        sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel)
+
+    return fetch
+
+
+def build_pipeline(settings: Settings, *, storage: Storage | None = None,
+                   allow_local_files: bool = False, child_entry: str | None = None,
+                   cpu: bool | None = None) -> Pipeline:
+    """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child)."""
+    from worker.cache_cli import build_blob_store
+
+    config = PipelineConfig(
+        work_dir=settings.cache_dir / "work",
+        comfyui_dir=settings.comfyui_dir,
+        cpu=cpu if cpu is not None else (settings.gpu_class == "cpu" or None),
+        allow_local_files=allow_local_files,
+        input_max_bytes=settings.input_max_bytes,
+        image_max_pixels=settings.image_max_pixels,
+        child_entry=child_entry or settings.runner_entry,
+        startup_timeout_s=settings.startup_timeout_s,
+        allowed_origins=settings.origin_allow,
+        extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
+    )
+    return Pipeline(
+        config,
+        storage=storage or build_storage(settings),
+        blobs=build_blob_store(settings),
+        fetch_input=make_input_fetcher(settings, allow_local_files=allow_local_files),
+    )

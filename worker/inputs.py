@@ -1,0 +1,100 @@
+"""Caller-supplied files: fetched into the run's input directory and checked by content.
+
+IMAGE inputs must be PNG, JPEG, WebP or GIF *by content* (never by name) and under a pixel
+limit (a decompression-bomb guard checked from the header, before any decode). FILE
+inputs may be any type. The file names the graph sees are made here, never taken from a
+caller unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from PIL import Image
+
+from worker.contract import InputDef, InputType
+from worker.errors import ErrorCode, RunFailure
+
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+INPUTS_SUBDIR = "runflow_inputs"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class FileFetcher(Protocol):
+    """Fetches one caller URL to a local file (raising the cache package's errors)."""
+
+    def __call__(self, url: str, dest: Path, *, max_bytes: int,
+                 cancel: Callable[[], bool]) -> None:
+        """Write the body of ``url`` to ``dest``."""
+
+
+def safe_filename(url: str, fallback: str) -> str:
+    """A harmless basename derived from a URL's path (or ``fallback``)."""
+    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    name = _SAFE.sub("_", name).strip("._")[:100]
+    return name or fallback
+
+
+def check_image(path: Path, *, max_pixels: int, field: str) -> str:
+    """Verify ``path`` is a PNG/JPEG/WebP/GIF within ``max_pixels``; return its extension."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is replaced by our explicit limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=list(IMAGE_FORMATS)) as im:
+                fmt = im.format or ""
+                width, height = im.size
+                frames = getattr(im, "n_frames", 1) or 1
+    except Image.DecompressionBombError as exc:
+        raise RunFailure(ErrorCode.INVALID_INPUT, f"{field}: image is too large ({exc})",
+                         details={"fields": [field]}) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RunFailure(ErrorCode.INVALID_INPUT,
+                         f"{field}: not a PNG, JPEG, WebP or GIF image",
+                         details={"fields": [field]}) from exc
+    if fmt not in IMAGE_FORMATS:
+        raise RunFailure(ErrorCode.INVALID_INPUT, f"{field}: image format {fmt} not accepted",
+                         details={"fields": [field]})
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        raise RunFailure(
+            ErrorCode.INVALID_INPUT,
+            f"{field}: {width}x{height}x{frames} frames exceeds the {max_pixels} pixel limit",
+            details={"fields": [field]},
+        )
+    return IMAGE_FORMATS[fmt]
+
+
+def materialise_inputs(
+    defs: dict[str, InputDef],
+    values: dict[str, Any],
+    input_dir: Path,
+    fetch: FileFetcher,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    cancel: Callable[[], bool],
+) -> dict[str, str]:
+    """Fetch every IMAGE/FILE value into ``input_dir``; return ``input_id -> relative name``."""
+    files: dict[str, str] = {}
+    for input_id, d in defs.items():
+        if d.type not in (InputType.IMAGE, InputType.FILE) or input_id not in values:
+            continue
+        url = values[input_id]
+        field = f"input.{input_id}"
+        folder = input_dir / INPUTS_SUBDIR / _SAFE.sub("_", input_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / safe_filename(url, input_id)
+        fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        if d.type is InputType.IMAGE:
+            ext = check_image(dest, max_pixels=max_pixels, field=field)
+            final = dest.with_name(f"{_SAFE.sub('_', input_id)}{ext}")
+            dest.rename(final)
+            dest = final
+        files[input_id] = dest.relative_to(input_dir).as_posix()
+    return files

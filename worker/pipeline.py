@@ -1,0 +1,379 @@
+"""One run, phase by phase: validate, environment, models, inputs, execute, upload.
+
+The pipeline knows nothing of Redis: its driver (the ``run`` CLI or the ``serve`` daemon)
+passes a ``RunControl`` (why to stop, where events go) and gets a ``RunResult`` back. A
+run never raises out of ``execute``: every outcome is a result with one status.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from runtime import protocol as p
+from runtime.errors import RunnerStartFailed
+from runtime.rewrite import inject_inputs
+from runtime.runner import RunnerConfig, RunnerSupervisor
+from worker import contract as c
+from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
+from worker.inputs import FileFetcher, materialise_inputs
+from worker.outputs import store_outputs
+from worker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class StopReason(StrEnum):
+    """Why a driver wants the current run to stop."""
+
+    CANCELED = "canceled"
+    TIMEOUT = "timeout"
+    SHUTDOWN = "shutdown"
+    """Graceful shutdown ran out of time: release the run to the queue, do not finalise."""
+
+
+class RunControl(Protocol):
+    """What a driver gives the pipeline for one run."""
+
+    def stop_reason(self) -> StopReason | None:
+        """Non-None once the run must stop (polled often: keep it cheap)."""
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Publish a ``progress`` or ``log`` event of this run."""
+
+
+class ModelStore(Protocol):
+    """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
+
+    def ensure(self, sha256: str, sources: list[str], size: int | None = None, *,
+               progress: Callable[[int, int | None], None] | None = None,
+               cancel: Callable[[], bool] | None = None) -> Path: ...
+
+    def link(self, sha256: str, dest: Path) -> None: ...
+
+    def pin(self, digests: list[str]) -> Any: ...
+
+
+@dataclass
+class RunResult:
+    """The outcome of one run, for the driver to record."""
+
+    status: c.RunStatus
+    output: c.RunOutput | None = None
+    failure: RunFailure | None = None
+    timings_ms: dict[str, int] = field(default_factory=dict)
+    gpu_work: bool = False
+    """False when the run was rejected before any GPU work (it bills 0)."""
+    release: bool = False
+    """True when the run must go back to the queue unfinalised (shutdown)."""
+    cold_start_s: float = 0.0
+    gpu_model: str | None = None
+    peak_vram_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def oom(self) -> bool:
+        """True when the run failed for lack of GPU memory."""
+        return self.failure is not None and self.failure.code is ErrorCode.OUT_OF_MEMORY
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Plain settings of the pipeline (built from the worker settings)."""
+
+    work_dir: Path
+    """Parent of the per-run directories."""
+    comfyui_dir: Path | None
+    cpu: bool | None = None
+    allowed_origins: tuple[str, ...] = ()
+    allow_local_files: bool = False
+    input_max_bytes: int = 100 * 2**20
+    image_max_pixels: int = 64 * 2**20
+    child_entry: str = "runtime.child:main"
+    startup_timeout_s: float = 600.0
+    keep_run_dirs: bool = False
+    extra_custom_node_dirs: tuple[Path, ...] = ()
+
+
+_FAILURE_CODES = {
+    p.FailureKind.INVALID_WORKFLOW: ErrorCode.INVALID_WORKFLOW,
+    p.FailureKind.NODE_ERROR: ErrorCode.NODE_ERROR,
+    p.FailureKind.OUT_OF_MEMORY: ErrorCode.OUT_OF_MEMORY,
+    p.FailureKind.CHILD_DIED: ErrorCode.INTERNAL,
+    p.FailureKind.INTERNAL: ErrorCode.INTERNAL,
+}
+
+
+class _Phases:
+    """Times each phase into ``timings_ms``."""
+
+    def __init__(self) -> None:
+        self.timings_ms: dict[str, int] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings_ms[name] = self.timings_ms.get(name, 0) + round(
+                (time.perf_counter() - start) * 1000
+            )
+
+
+class Pipeline:
+    """Runs messages one at a time through a warm ComfyUI runner."""
+
+    def __init__(self, config: PipelineConfig, *, storage: Storage,
+                 supervisor: RunnerSupervisor | None = None,
+                 blobs: ModelStore | None = None,
+                 fetch_input: FileFetcher | None = None) -> None:
+        self.config = config
+        self.storage = storage
+        self.supervisor = supervisor or RunnerSupervisor()
+        self.blobs = blobs
+        self.fetch_input = fetch_input
+
+    def close(self) -> None:
+        """Stop the ComfyUI child."""
+        self.supervisor.close()
+
+    # ------------------------------------------------------------------ run
+
+    def execute(self, message: c.RunMessage, control: RunControl, *,
+                picked_up_monotonic: float | None = None) -> RunResult:
+        """Run ``message`` to an outcome; never raises for run failures."""
+        started = picked_up_monotonic if picked_up_monotonic is not None else time.monotonic()
+        deadline = started + message.timeout_s if message.timeout_s else None
+        phases = _Phases()
+        result = RunResult(status=c.RunStatus.FAILED)
+
+        def stop_reason() -> StopReason | None:
+            reason = control.stop_reason()
+            if reason is None and deadline is not None and time.monotonic() >= deadline:
+                reason = StopReason.TIMEOUT
+            return reason
+
+        run_dir: Path | None = None
+        try:
+            with phases.phase("validate"):
+                defs = c.check_message(
+                    message, allowed_origins=self.config.allowed_origins,
+                    allow_local_files=self.config.allow_local_files,
+                )
+            self._check_stop(stop_reason)
+            result.gpu_work = True
+            self.config.work_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = Path(tempfile.mkdtemp(prefix=f"{message.run_id}-", dir=self.config.work_dir))
+            dirs = {name: run_dir / name for name in ("input", "output", "temp", "models")}
+            for d in dirs.values():
+                d.mkdir()
+            with phases.phase("environment"):
+                runner = self._runner(message, result)
+            self._check_stop(stop_reason)
+            wf = message.workflow
+            digests = [m.sha256.lower() for m in wf.models.values() if m.sha256] + [
+                r.sha256.lower() for r in wf.resources.values() if r.sha256
+            ]
+            pin = self.blobs.pin(digests) if self.blobs is not None and digests else nullcontext()
+            with pin:
+                with phases.phase("models"):
+                    self._materialise_models(message, dirs, control, stop_reason)
+                self._check_stop(stop_reason)
+                with phases.phase("inputs"):
+                    values = c.resolved_values(message, defs)
+                    files = self._fetch_inputs(defs, values, dirs["input"], stop_reason)
+                    graph = inject_inputs(wf.workflow_json, values, files)
+                self._check_stop(stop_reason)
+                with phases.phase("execute"):
+                    outcome = self._run_graph(runner, message, graph, dirs, control, stop_reason)
+            result.peak_vram_bytes = outcome.peak_vram_bytes
+            if isinstance(outcome, p.Failed):
+                raise self._failure_from(outcome, stop_reason())
+            with phases.phase("upload"):
+                entries = store_outputs(outcome.outputs, dirs["output"], message.run_id,
+                                        self.storage)
+            result.status = c.RunStatus.SUCCEEDED
+            result.output = c.RunOutput(outputs=entries)
+        except RunInterrupted as exc:
+            result.failure = exc
+            result.release = exc.release
+            result.status = (c.RunStatus.CANCELED if exc.code is ErrorCode.CANCELED
+                             else c.RunStatus.FAILED)
+        except RunFailure as exc:
+            result.failure = exc
+            result.status = c.RunStatus.FAILED
+            if isinstance(exc, RunRejected):
+                result.gpu_work = False
+        except Exception as exc:  # a bug: the run still reaches one terminal record
+            log.exception("internal error in run %s", message.run_id)
+            result.failure = RunFailure(ErrorCode.INTERNAL,
+                                        f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if run_dir is not None and not self.config.keep_run_dirs:
+                shutil.rmtree(run_dir, ignore_errors=True)
+        result.timings_ms = phases.timings_ms
+        return result
+
+    # ------------------------------------------------------------------ phases
+
+    @staticmethod
+    def _check_stop(stop_reason: Callable[[], StopReason | None]) -> None:
+        reason = stop_reason()
+        if reason is not None:
+            raise _interrupted(reason)
+
+    def _runner(self, message: c.RunMessage, result: RunResult) -> Any:
+        if self.config.comfyui_dir is None:
+            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                             "no ComfyUI checkout: set RUNFLOW_COMFYUI_DIR")
+        config = RunnerConfig(
+            comfyui_dir=str(self.config.comfyui_dir),
+            base_dir=str(self.config.work_dir / "comfyui-base"),
+            env_key="baked",
+            custom_node_dirs=(str(self.config.comfyui_dir / "custom_nodes"),
+                              *(str(d) for d in self.config.extra_custom_node_dirs)),
+            cpu=self.config.cpu,
+            child_entry=self.config.child_entry,
+            startup_timeout_s=self.config.startup_timeout_s,
+        )
+        sup = self.supervisor
+        cold = sup.runner is None or sup.runner.state.value in ("new", "defunct") or (
+            sup.runner.config != config)
+        start = time.monotonic()
+        try:
+            runner = sup.runner_for(config)
+        except RunnerStartFailed as exc:
+            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                             f"ComfyUI failed to start: {exc}",
+                             details={"traceback": exc.traceback[-4000:]}) from exc
+        if cold:
+            result.cold_start_s = time.monotonic() - start
+        if runner.ready is not None:
+            result.gpu_model = runner.ready.gpu_model
+            actual = runner.ready.comfyui_commit
+            wanted = message.workflow.environment.comfyui.commit
+            result.environment = {"comfyui_commit": actual, "env_key": config.env_key,
+                                  "import_failures": list(runner.ready.import_failures)}
+            baked = self.config.comfyui_dir / "custom_nodes"
+            for name in message.workflow.custom_nodes:
+                if not (baked / name).exists():
+                    result.warnings.append(
+                        f"custom node {name!r} is not in the baked ComfyUI checkout")
+            if wanted and actual != wanted:
+                result.warnings.append(
+                    f"ComfyUI commit mismatch: the workflow was deployed with {wanted}, "
+                    f"this worker runs {actual or 'an unknown commit'}")
+        return runner
+
+    def _materialise_models(self, message: c.RunMessage, dirs: dict[str, Path],
+                            control: RunControl,
+                            stop_reason: Callable[[], StopReason | None]) -> None:
+        wf = message.workflow
+        wanted: list[tuple[str, Any, Path]] = [
+            (f"workflow.models.{key}", ref, dirs["models"] / key) for key, ref in wf.models.items()
+        ] + [
+            (f"workflow.resources.{key}", ref, dirs["input"] / key)
+            for key, ref in wf.resources.items()
+        ]
+        if not wanted:
+            return
+        if self.blobs is None:
+            raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
+        from cache.errors import CacheError, FetchCanceled
+
+        for field_name, ref, dest in wanted:
+            sources = [ref.url] if ref.url else []
+            if getattr(ref, "asset_id", None):
+                sources.append(f"runflow://assets/{ref.asset_id}")
+
+            def progress(done: int, total: int | None, _f: str = field_name) -> None:
+                control.emit("progress", {"phase": "models", "field": _f,
+                                          "bytes": done, "total": total})
+
+            try:
+                self.blobs.ensure(ref.sha256.lower(), sources, ref.size_bytes,
+                                  progress=progress, cancel=lambda: stop_reason() is not None)
+                self.blobs.link(ref.sha256.lower(), dest)
+            except FetchCanceled as exc:
+                raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+            except CacheError as exc:
+                raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{field_name}: {exc}",
+                                 details={"fields": [field_name]}) from exc
+
+    def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
+                      input_dir: Path,
+                      stop_reason: Callable[[], StopReason | None]) -> dict[str, str]:
+        if self.fetch_input is None:
+            if any(d.type in (c.InputType.IMAGE, c.InputType.FILE) and k in values
+                   for k, d in defs.items()):
+                raise RunFailure(ErrorCode.INPUT_FETCH_FAILED, "no input fetcher configured")
+            return {}
+        from cache.errors import CacheError, FetchCanceled
+
+        try:
+            return materialise_inputs(
+                defs, values, input_dir, self.fetch_input,
+                max_bytes=self.config.input_max_bytes,
+                max_pixels=self.config.image_max_pixels,
+                cancel=lambda: stop_reason() is not None,
+            )
+        except FetchCanceled as exc:
+            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+        except CacheError as exc:
+            raise RunFailure(ErrorCode.INPUT_FETCH_FAILED, str(exc)) from exc
+
+    def _run_graph(self, runner: Any, message: c.RunMessage, graph: dict[str, Any],
+                   dirs: dict[str, Path], control: RunControl,
+                   stop_reason: Callable[[], StopReason | None]) -> p.Done | p.Failed:
+        job = p.Execute(
+            job_id=f"{message.run_id}:{message.attempt}:{time.monotonic_ns()}",
+            graph=graph,
+            input_dir=str(dirs["input"]), output_dir=str(dirs["output"]),
+            temp_dir=str(dirs["temp"]), models_dir=str(dirs["models"]),
+            model_digests={k: m.sha256.lower() for k, m in message.workflow.models.items()
+                           if m.sha256},
+        )
+
+        def on_event(ev: p.JobEvent) -> None:
+            if isinstance(ev, p.NodeStarted):
+                control.emit("progress", {"phase": "execute", "node_id": ev.node_id,
+                                          "node_type": ev.node_type})
+            elif isinstance(ev, p.Progress):
+                control.emit("progress", {"phase": "execute", "node_id": ev.node_id,
+                                          "step": ev.value, "total": ev.total})
+            else:
+                control.emit("log", {"node_id": ev.node_id, "message": ev.text})
+
+        return runner.execute(job, on_event=on_event,
+                              should_interrupt=lambda: stop_reason() is not None)
+
+    @staticmethod
+    def _failure_from(outcome: p.Failed, reason: StopReason | None) -> RunFailure:
+        if outcome.kind is p.FailureKind.INTERRUPTED or (
+            reason is not None and outcome.kind is p.FailureKind.CHILD_DIED
+        ):
+            return _interrupted(reason or StopReason.CANCELED)
+        details = dict(outcome.details)
+        if outcome.exception_type:
+            details["exception_type"] = outcome.exception_type
+        return RunFailure(_FAILURE_CODES[outcome.kind], outcome.message,
+                          node_id=outcome.node_id, node_type=outcome.node_type, details=details)
+
+
+def _interrupted(reason: StopReason) -> RunInterrupted:
+    if reason is StopReason.TIMEOUT:
+        return RunInterrupted(ErrorCode.TIMEOUT, "the run exceeded its timeout_s")
+    if reason is StopReason.SHUTDOWN:
+        return RunInterrupted(ErrorCode.WORKER_LOST,
+                              "the worker shut down before the run finished", release=True)
+    return RunInterrupted(ErrorCode.CANCELED, "the run was canceled")

@@ -1,0 +1,116 @@
+"""``runflow-worker run``: one deployed workflow, once, locally (no Redis).
+
+Progress goes to stderr, the run record as JSON to stdout, outputs into ``--out``
+(``file://`` URLs). Exit 0 only when the run succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from worker.cli_inputs import load_deployed, load_inputs_json, parse_cli_inputs
+from worker.contract import RunStatus, effective_inputs, parse_message, record_for, utcnow
+from worker.errors import RunRejected
+from worker.pipeline import RunResult, StopReason
+from worker.report import terminal_record
+from worker.settings import Settings
+from worker.storage import LocalStorage
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``run`` on the CLI's subparsers."""
+    p = subparsers.add_parser("run", help="run a deployed workflow once, locally")
+    p.add_argument("deployed", type=Path, help="DEPLOYED.json (a workflow or a run message)")
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE",
+                   help="an input value, parsed per its declared type; @path is a local file")
+    p.add_argument("--inputs-json", type=Path, help="the run's `input` object as JSON")
+    p.add_argument("--out", type=Path, default=Path("runflow-out"),
+                   help="directory for the outputs (default: ./runflow-out)")
+    p.add_argument("--run-id", help="run id (default: a new one)")
+    p.add_argument("--timeout-s", type=float, help="stop the run after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=run_command)
+
+
+class _CliControl:
+    """Ctrl-C cancels the run; progress lines go to stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.canceled = threading.Event()
+        self.quiet = quiet
+        self._last_node: str | None = None
+
+    def stop_reason(self) -> StopReason | None:
+        return StopReason.CANCELED if self.canceled.is_set() else None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        if kind == "log":
+            print(f"  [{data.get('node_id')}] {data.get('message')}", file=sys.stderr)
+        elif "step" in data:
+            print(f"  node {data.get('node_id')}: step {data['step']}/{data['total']}",
+                  file=sys.stderr)
+        elif "node_type" in data:
+            print(f"node {data['node_id']} {data['node_type']}", file=sys.stderr)
+        elif "bytes" in data:
+            total = data.get("total")
+            print(f"  {data.get('field')}: {data['bytes']}/{total or '?'} bytes",
+                  file=sys.stderr)
+
+
+def build_message(args: argparse.Namespace) -> Any:
+    """The run message for ``args`` (RunRejected if the inputs are bad)."""
+    data = load_deployed(args.deployed)
+    data.setdefault("run_id", args.run_id or uuid.uuid4().hex)
+    data.setdefault("created_at", utcnow().isoformat())
+    if args.timeout_s is not None:
+        data["timeout_s"] = args.timeout_s
+    message = parse_message(data)
+    values: dict[str, Any] = dict(message.input)
+    if args.inputs_json is not None:
+        values.update(load_inputs_json(args.inputs_json))
+    if args.input:
+        defs, _ = effective_inputs(message.workflow)
+        values.update(parse_cli_inputs(defs, args.input))
+    return message.model_copy(update={"input": values})
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run once and print the record; exit code 0 only for a succeeded run."""
+    from worker.assembly import build_pipeline
+
+    started_at = utcnow()
+    picked_up = time.monotonic()
+    try:
+        message = build_message(args)
+    except RunRejected as exc:
+        record = {"id": args.run_id, "status": "failed", "error": exc.as_error()}
+        print(json.dumps(record, indent=2))
+        return 2
+    control = _CliControl(args.quiet)
+    previous = signal.signal(signal.SIGINT, lambda *_: control.canceled.set())
+    pipeline = build_pipeline(settings, storage=LocalStorage(args.out.resolve()),
+                              allow_local_files=True)
+    try:
+        result: RunResult = pipeline.execute(message, control, picked_up_monotonic=picked_up)
+    finally:
+        pipeline.close()
+        signal.signal(signal.SIGINT, previous)
+    record = terminal_record(
+        message, result, started_at=started_at, gpu_class=settings.gpu_class or "cpu",
+        gpu_seconds=time.monotonic() - picked_up, cold_start_s=result.cold_start_s,
+    )
+    print(record.model_dump_json(indent=2))
+    return 0 if record.status is RunStatus.SUCCEEDED else 1
+
+
+__all__ = ["add_parser", "run_command", "record_for"]
