@@ -2,7 +2,8 @@
 
 Nodes (``class_type``):
 - ``FakeSave``: writes ``inputs["text"]`` (or the value of a linked Runflow input) to
-  ``<output>/<prefix>_00001_.txt``; an OUTPUT node (``output_id`` makes it a Runflow output).
+  ``<output>/<prefix>_00001_.txt`` (``file:NAME`` / ``model:KEY`` read that input file or
+  model instead); an OUTPUT node (``output_id`` makes it a Runflow output).
 - ``FakeSleep``: sleeps ``seconds`` in small steps, reporting progress; honours Interrupt.
 - ``FakeBusy``: sleeps ``seconds`` ignoring interrupts (the runner must kill the child).
 - ``FakeCrash``: the child kills itself with ``signal`` (default SIGKILL).
@@ -103,11 +104,14 @@ def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.
         elif kind == "FakeSave":
             prefix = inputs.get("output_id") or "fake"
             text = _value(job.graph, inputs.get("text", ""))
+            data = str(text).encode()
             if isinstance(text, str) and text.startswith("file:"):
-                text = (Path(job.input_dir) / text[5:]).read_text()
+                data = (Path(job.input_dir) / text[5:]).read_bytes()
+            elif isinstance(text, str) and text.startswith("model:"):
+                data = (Path(job.models_dir or "") / text[6:]).read_bytes()
             copies = int(inputs.get("copies", 1))
             for i in range(copies):
                 rel = f"{prefix}_{i + 1:05d}_.txt"
-                (Path(job.output_dir) / rel).write_text(str(text))
+                (Path(job.output_dir) / rel).write_bytes(data)
                 outputs.append(p.OutputFile(node_id, kind, rel, inputs.get("output_id")))
     return p.Done(job.job_id, tuple(outputs), execute_s=time.monotonic() - start)
