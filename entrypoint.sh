@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Container entry point: records the boot time (billed as the first run's cold start) and
-# hands PID 1's signals to runflow-worker (tini forwards SIGTERM for the graceful drain).
+# Container entry point (PID 1 is tini, which forwards SIGTERM): make sure the cache volume
+# exists, then become runflow-worker so signals reach the daemon directly. The daemon reads
+# its own process age to bill the container's boot as the first run's cold start.
 set -euo pipefail
-export RUNFLOW_BOOT_EPOCH_S=${RUNFLOW_BOOT_EPOCH_S:-$(date +%s.%N)}
 mkdir -p "${RUNFLOW_CACHE_DIR:-/cache}"
 exec runflow-worker "$@"

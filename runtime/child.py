@@ -37,7 +37,7 @@ def main(conn: Any, config: dict[str, Any]) -> None:
 
         embedding = ComfyEmbedding(config)
         ready = embedding.init()
-    except BaseException as exc:  # report, then exit: the parent marks us DEFUNCT
+    except BaseException as exc:  # noqa: BLE001 - report, then exit: the parent marks us DEFUNCT
         send(p.InitFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
     # Objects alive after init live for the whole process: keep them out of every future
@@ -76,7 +76,7 @@ def main(conn: Any, config: dict[str, Any]) -> None:
             break
         try:
             outcome = embedding.execute(job, send)
-        except Exception as exc:  # a bug here must not kill a warm ComfyUI
+        except Exception as exc:  # noqa: BLE001 - a bug here must not kill a warm ComfyUI
             outcome = p.Failed(job.job_id, p.FailureKind.INTERNAL,
                                f"{type(exc).__name__}: {exc}",
                                details={"traceback": traceback.format_exc()[-4000:]})

@@ -111,9 +111,9 @@ class ComfyEmbedding:
         args.cpu = bool(cpu)
         args.base_directory = str(base_dir)
         args.disable_all_custom_nodes = False
-        import utils.extra_config  # noqa: F401  (before nodes: see module docstring)
         import folder_paths
         import server
+        import utils.extra_config  # noqa: F401  (before nodes: see module docstring)
 
         asyncio.set_event_loop(self.loop)
         self.server = _Server(self.loop)
@@ -263,7 +263,7 @@ class ComfyEmbedding:
                 continue
             try:
                 spec = cls.INPUT_TYPES()
-            except Exception:  # a node whose INPUT_TYPES fails is reported by validation
+            except Exception:  # noqa: BLE001, S112 - validation reports a broken INPUT_TYPES
                 continue
             declared = {**spec.get("required", {}), **spec.get("optional", {})}
             for name, value in (node.get("inputs") or {}).items():
@@ -298,7 +298,7 @@ class ComfyEmbedding:
             return p.Failed(job.job_id, bad.kind, bad.message, bad.node_id, bad.node_type)
         self._point_folders(job)
         self._forget_changed_models(job)
-        cuda = torch.cuda.is_available() and not self._mm.cpu_state == self._mm.CPUState.CPU
+        cuda = torch.cuda.is_available() and self._mm.cpu_state != self._mm.CPUState.CPU
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

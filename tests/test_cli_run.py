@@ -27,7 +27,7 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
            "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
            "PYTHONPATH": str(Path(__file__).parent.parent)}
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path)
+                          text=True, env=env, timeout=120, cwd=tmp_path, check=False)
 
 
 @pytest.fixture

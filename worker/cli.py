@@ -7,7 +7,7 @@ import sys
 
 from pydantic import ValidationError
 
-from worker import cache_cli, run_cli, serve_cli
+from worker import cache_cli, doctor_cli, run_cli, serve_cli
 from worker.settings import Settings
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     run_cli.add_parser(sub)
     cache_cli.add_parser(sub)
+    doctor_cli.add_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ instead of pydantic stopping at the first one.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -205,7 +205,7 @@ class RunRecord(_Model):
 
 def utcnow() -> datetime:
     """Timezone-aware now in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def record_for(message: RunMessage, status: RunStatus, **fields: Any) -> RunRecord:

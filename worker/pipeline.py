@@ -53,13 +53,15 @@ class RunControl(Protocol):
 class ModelStore(Protocol):
     """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
 
-    def ensure(self, sha256: str, sources: list[str], size: int | None = None, *,
-               progress: Callable[[int, int | None], None] | None = None,
-               cancel: Callable[[], bool] | None = None) -> Path: ...
+    def ensure_many(self, items: Any, *, max_parallel: int = 4,
+                    progress: Callable[[str, int, int | None], None] | None = None,
+                    cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
 
-    def link(self, sha256: str, dest: Path) -> None: ...
+    def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
 
-    def pin(self, digests: list[str]) -> Any: ...
+    def has(self, sha256: str) -> bool: ...
+
+    def pin(self, digests: Any) -> Any: ...
 
 
 @dataclass
@@ -102,6 +104,8 @@ class PipelineConfig:
     startup_timeout_s: float = 600.0
     keep_run_dirs: bool = False
     extra_custom_node_dirs: tuple[Path, ...] = ()
+    model_fetch_parallel: int = 4
+    """Downloads of one run's missing blobs at a time."""
 
 
 _FAILURE_CODES = {
@@ -278,37 +282,48 @@ class Pipeline:
     def _materialise_models(self, message: c.RunMessage, dirs: dict[str, Path],
                             control: RunControl,
                             stop_reason: Callable[[], StopReason | None]) -> None:
+        """Fetch the run's missing blobs in parallel, then link each at its exact path."""
         wf = message.workflow
-        wanted: list[tuple[str, Any, Path]] = [
-            (f"workflow.models.{key}", ref, dirs["models"] / key) for key, ref in wf.models.items()
-        ] + [
-            (f"workflow.resources.{key}", ref, dirs["input"] / key)
-            for key, ref in wf.resources.items()
-        ]
+        wanted: list[tuple[str, str, list[str], int | None, Path, Path]] = []
+        for key, ref in wf.models.items():
+            sources = [ref.url] if ref.url else []
+            wanted.append((f"workflow.models.{key}", ref.sha256.lower(), sources,
+                           ref.size_bytes, dirs["models"] / key, dirs["models"]))
+        for key, res in wf.resources.items():
+            sources = [res.url] if res.url else []
+            if res.asset_id:
+                sources.append(f"runflow://assets/{res.asset_id}")
+            wanted.append((f"workflow.resources.{key}", res.sha256.lower(), sources,
+                           res.size_bytes, dirs["input"] / key, dirs["input"]))
         if not wanted:
             return
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
+        from cache.blobs import BlobRequest
         from cache.errors import CacheError, FetchCanceled
 
-        for field_name, ref, dest in wanted:
-            sources = [ref.url] if ref.url else []
-            if getattr(ref, "asset_id", None):
-                sources.append(f"runflow://assets/{ref.asset_id}")
+        fields_of: dict[str, list[str]] = {}
+        for field_name, sha, *_ in wanted:
+            fields_of.setdefault(sha, []).append(field_name)
 
-            def progress(done: int, total: int | None, _f: str = field_name) -> None:
-                control.emit("progress", {"phase": "models", "field": _f,
-                                          "bytes": done, "total": total})
+        def progress(sha: str, done: int, total: int | None) -> None:
+            control.emit("progress", {"phase": "models", "sha256": sha,
+                                      "fields": fields_of[sha], "bytes": done, "total": total})
 
-            try:
-                self.blobs.ensure(ref.sha256.lower(), sources, ref.size_bytes,
-                                  progress=progress, cancel=lambda: stop_reason() is not None)
-                self.blobs.link(ref.sha256.lower(), dest)
-            except FetchCanceled as exc:
-                raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-            except CacheError as exc:
-                raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{field_name}: {exc}",
-                                 details={"fields": [field_name]}) from exc
+        try:
+            self.blobs.ensure_many(
+                [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
+                max_parallel=self.config.model_fetch_parallel, progress=progress,
+                cancel=lambda: stop_reason() is not None)
+            for field_name, sha, _, _, dest, base in wanted:
+                self.blobs.link(sha, dest, base=base)
+        except FetchCanceled as exc:
+            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+        except CacheError as exc:
+            missing = [f for f, sha, *_ in wanted if not self.blobs.has(sha)] or [
+                f for f, *_ in wanted]
+            raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
+                             details={"fields": missing}) from exc
 
     def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
                       input_dir: Path,

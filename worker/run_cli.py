@@ -113,4 +113,4 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if record.status is RunStatus.SUCCEEDED else 1
 
 
-__all__ = ["add_parser", "run_command", "record_for"]
+__all__ = ["add_parser", "record_for", "run_command"]

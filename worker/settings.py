@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,23 +29,11 @@ def _split_csv(value: object) -> object:
 CsvTuple = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
 
 
-class GpuClass(tuple):
-    """A rung of the GPU ladder: ``(name, vram_gib)``."""
+class GpuClass(NamedTuple):
+    """A rung of the GPU ladder."""
 
-    __slots__ = ()
-
-    def __new__(cls, name: str, vram_gib: float) -> "GpuClass":
-        return super().__new__(cls, (name, vram_gib))
-
-    @property
-    def name(self) -> str:
-        """The class name, e.g. ``l4``."""
-        return self[0]
-
-    @property
-    def vram_gib(self) -> float:
-        """The class's VRAM in GiB."""
-        return self[1]
+    name: str
+    vram_gib: float
 
 
 def parse_ladder(spec: str) -> tuple[GpuClass, ...]:
@@ -105,6 +93,10 @@ class Settings(BaseSettings):
     events_maxlen: int = Field(100_000, gt=0)
     """Approximate cap of the ``runflow:events`` stream."""
     log_level: str = "INFO"
+    model_mirrors: CsvTuple = ()
+    """Directories searched for blobs by sha256 before any URL (offline operation)."""
+    model_fetch_parallel: int = Field(4, ge=1, le=32)
+    """Downloads of one run's missing models at a time."""
     extra_custom_nodes: CsvTuple = ()
     """Directories of custom node packs loaded besides the checkout's ``custom_nodes/``."""
     origin_allow: CsvTuple = ()

@@ -11,9 +11,7 @@ sha256 in ``deployed.json`` -- are the same on every machine. Nothing is downloa
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -62,25 +60,27 @@ def main() -> int:
         print(args.out)
         return 0
     import json
+    import tempfile
+
+    from cache.blobs import BlobStore
+    from cache.sources import Sources
 
     deployed = json.loads((Path(__file__).parent / "deployed.json").read_text())
     (entry,) = deployed["models"].values()
+    digest = entry["sha256"]
     cache = Path(os.environ.get("RUNFLOW_CACHE_DIR", "~/.cache/runflow")).expanduser()
-    tmp = cache / "blobs" / "tmp-example-weights.safetensors"
-    write_weights(tmp)
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    if digest != entry["sha256"]:
-        tmp.unlink()
-        print(f"weights hash to {digest}, deployed.json expects {entry['sha256']}",
-              file=sys.stderr)
-        return 1
-    dest = cache / "blobs" / "sha256" / digest[:2] / digest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(tmp, dest)
-    dest.chmod(0o444)
-    print(f"stored {dest}")
+    with tempfile.TemporaryDirectory() as mirror:
+        # The store takes the file from a mirror directory (named by its digest): it hashes,
+        # verifies and publishes it exactly as it would a download.
+        write_weights(Path(mirror) / digest)
+        store = BlobStore(cache / "blobs", sources=Sources(mirror_dirs=[Path(mirror)]))
+        try:
+            path = store.ensure(digest)
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, exit 1
+            print(f"cannot store the weights: {exc}", file=sys.stderr)
+            return 1
+    print(f"stored {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,7 @@ class _RunflowInput:
     FUNCTION = "run"
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802 (ComfyUI's name)
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         """Widgets plus the optional typed ``value`` socket."""
         return {
             "required": {"input_id": ("STRING", {"default": cls.DEFAULT_ID})},
@@ -74,8 +74,7 @@ def output_relpath(value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("Runflow Output (File) needs a file path")
     path = value.strip()
-    if path.endswith(" [output]"):
-        path = path[: -len(" [output]")]
+    path = path.removesuffix(" [output]")
     why = file_reference_problem(path)
     if why:
         raise ValueError(f"Runflow Output (File) path {value!r} {why}")
@@ -108,7 +107,7 @@ class RunflowOutputImage(_RunflowOutput):
     RUNFLOW_TYPE = "IMAGE"
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         """``output_id``, the required IMAGE ``value``, optional ``output_name``."""
         return {"required": {
             "output_id": ("STRING", {"default": "image_output"}),
@@ -142,7 +141,7 @@ class RunflowOutputFile(_RunflowOutput):
     RUNFLOW_TYPE = "FILE"
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:  # noqa: N802
+    def INPUT_TYPES(cls) -> dict[str, Any]:
         """``output_id``, the required path ``value``, optional ``output_name``."""
         return {"required": {
             "output_id": ("STRING", {"default": "file_output"}),

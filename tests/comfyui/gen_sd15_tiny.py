@@ -15,15 +15,15 @@ import torch
 
 comfy_dir, models = sys.argv[1], sys.argv[2]
 sys.path.insert(0, comfy_dir)
-from comfy.cli_args import args  # noqa: E402
+from comfy.cli_args import args
 
 args.cpu = True
 args.base_directory = tempfile.mkdtemp()
-import comfy.ops  # noqa: E402
-import safetensors.torch  # noqa: E402
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
-from comfy.taesd.taesd import Decoder, Encoder  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+import comfy.ops
+import safetensors.torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.taesd.taesd import Decoder, Encoder
+from transformers import CLIPTextConfig, CLIPTextModel
 
 
 def save(state, rel):

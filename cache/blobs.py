@@ -1,0 +1,593 @@
+"""The content-addressed blob store for models and resources.
+
+Layout under ``root`` (``<cache>/blobs``)::
+
+    sha256/<first 2 hex>/<64 hex>   published blobs, read-only; mtime = last use
+    tmp/<64 hex>.<host>.<pid>.<random>.part   downloads in progress (see ``partials``)
+    locks/<64 hex>.lock             one download per digest across processes (filelock)
+    pins/<64 hex>.pin               blobs in use by runs (see ``pins``)
+    quarantine/<64 hex>.<time>      blobs that failed ``verify``
+
+A blob is fetched once per volume: ``ensure`` returns at once when the digest is present,
+whatever URL it is asked with; otherwise it takes the digest's lock, streams a source into a
+locked temporary file while hashing, checks the sha256, fsyncs, and publishes with
+``os.link`` (which fails rather than overwrite, so a blob is published once even if the lock
+does nothing). Eviction is LRU under a byte budget, by a last-use time the store records
+(the blob's mtime, set on ``ensure`` and ``link``), and skips pinned blobs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import filelock
+
+from cache.errors import (
+    BlobNotFound,
+    CacheError,
+    FetchCanceled,
+    FetchInterrupted,
+    FetchTimeout,
+    InsufficientDisk,
+    IntegrityError,
+    SourceUnavailable,
+    UnsafePath,
+    from_os_error,
+)
+from cache.fetcher import DEFAULT_MAX_BYTES
+from cache.hashing import sha256_file
+from cache.partials import Partial, Partials
+from cache.pins import Pins
+from cache.progress import Cancel, Progress
+from cache.sources import Sources
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+LOCK_POLL_S = 0.2
+DEFAULT_ORPHAN_MAX_AGE_S = 3600.0
+
+
+class Lock(Protocol):
+    """What the store needs of a lock (``filelock.FileLock`` fits)."""
+
+    def acquire(self, timeout: float = ...) -> object:
+        """Take the lock or raise ``filelock.Timeout`` after ``timeout`` seconds."""
+        ...
+
+    def release(self) -> None:
+        """Give the lock back."""
+        ...
+
+
+LockFactory = Callable[[str], Lock]
+ManyProgress = Callable[[str, int, int | None], None]
+
+
+def _file_lock(path: str) -> Lock:
+    return filelock.FileLock(path, mode=0o666)
+
+
+def check_digest(sha256: str) -> str:
+    """Return ``sha256`` in lower case; raise ``ValueError`` unless it is 64 hex digits."""
+    value = sha256.strip().lower()
+    if not _DIGEST.match(value):
+        raise ValueError("a sha256 digest is 64 hex digits")
+    return value
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A published blob: digest, path, size in bytes, last use (epoch seconds), pinned now."""
+
+    sha256: str
+    path: Path
+    size_bytes: int
+    last_used: float
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class BlobRequest:
+    """One blob a run needs: digest, the URLs it may come from, and its size if known."""
+
+    sha256: str
+    sources: Sequence[str] = ()
+    size: int | None = None
+
+
+@dataclass
+class GcResult:
+    """What a gc did: digests evicted, bytes freed, pinned blobs kept, bytes left in the store."""
+
+    evicted: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    kept_pinned: list[str] = field(default_factory=list)
+    total_bytes: int = 0
+    orphans_removed: int = 0
+
+
+@dataclass
+class VerifyResult:
+    """What a verify found: good digests, corrupt ones, and where corrupt blobs were moved."""
+
+    ok: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)
+    quarantined: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class StoreStats:
+    """Counters for metrics: ensure hits and misses, bytes downloaded."""
+
+    hits: int = 0
+    misses: int = 0
+    downloaded_bytes: int = 0
+
+
+class BlobStore:
+    """Content-addressed store at ``root`` (see the module docstring).
+
+    ``sources``: how URLs become bytes (mirrors, https, s3, assets). ``max_bytes``: the byte
+    budget (None: no budget). ``min_free_bytes``: disk space always left free.
+    ``lock_factory``: per-digest inter-process lock (``filelock`` by default).
+    ``orphan_max_age_s``: orphaned partial downloads older than this are removed when the store
+    opens; younger ones are kept so the next download of that digest resumes them.
+    ``max_blob_bytes``: largest single blob.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        sources: Sources | None = None,
+        max_bytes: int | None = None,
+        min_free_bytes: int = 0,
+        lock_factory: LockFactory = _file_lock,
+        orphan_max_age_s: float = DEFAULT_ORPHAN_MAX_AGE_S,
+        max_blob_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.root = Path(root)
+        self.sources = sources or Sources()
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.max_blob_bytes = max_blob_bytes
+        self.orphan_max_age_s = orphan_max_age_s
+        self.stats = StoreStats()
+        self._lock_factory = lock_factory
+        self._blobs_dir = self.root / "sha256"
+        self._locks_dir = self.root / "locks"
+        self._quarantine_dir = self.root / "quarantine"
+        for d in (self._blobs_dir, self._locks_dir, self._quarantine_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.pins = Pins(self.root / "pins")
+        self.partials = Partials(self.root / "tmp")
+        self._mutex = threading.Lock()
+        self._reserved_bytes = 0
+        self.partials.clean(min_age_s=orphan_max_age_s)
+
+    # -- lookup -----------------------------------------------------------------------------
+
+    def path_for(self, sha256: str) -> Path:
+        """Where the blob of ``sha256`` lives (whether or not it is present)."""
+        digest = check_digest(sha256)
+        return self._blobs_dir / digest[:2] / digest
+
+    def has(self, sha256: str) -> bool:
+        """Whether the blob is present."""
+        return self.path_for(sha256).is_file()
+
+    def pin(self, digests: Iterable[str]) -> AbstractContextManager[None]:
+        """Context manager: while it is open, no process on this volume evicts these blobs.
+
+        Pin the blobs of a run before ``ensure`` and keep the pin until the run is done.
+        """
+        return self.pins.pin(check_digest(d) for d in digests)
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    def ensure(
+        self,
+        sha256: str,
+        sources: Sequence[str] = (),
+        size: int | None = None,
+        *,
+        progress: Progress | None = None,
+        cancel: Cancel | None = None,
+    ) -> Path:
+        """Return the path of the blob, downloading it first if it is not present.
+
+        ``sources`` are URLs tried in order (after local mirrors) until one gives content with
+        this sha256; ``size`` (bytes, if known) is used for the disk check before download.
+        ``progress(done_bytes, total_bytes_or_None)``; ``cancel()`` true stops the download
+        with ``FetchCanceled``. Raises ``IntegrityError`` (content does not match),
+        ``InsufficientDisk``, ``SourceUnavailable`` or another ``FetchError``.
+        """
+        digest = check_digest(sha256)
+        final = self.path_for(digest)
+        with self.pins.pin([digest]):
+            if self._hit(final, progress):
+                return final
+            lock = self._lock_factory(str(self._locks_dir / f"{digest}.lock"))
+            self._acquire(lock, cancel)
+            try:
+                if self._hit(final, progress):
+                    return final
+                with self._mutex:
+                    self.stats.misses += 1
+                try:
+                    path = self._download(digest, final, sources, size, progress, cancel)
+                except OSError as exc:
+                    raise from_os_error(exc, f"storing sha256 {digest[:12]}...") from exc
+            finally:
+                lock.release()
+            if self.max_bytes is not None and self.total_bytes() > self.max_bytes:
+                self.gc()
+            return path
+
+    def ensure_many(
+        self,
+        items: Iterable[BlobRequest | tuple[str, Sequence[str]] | tuple[str, Sequence[str], int]],
+        *,
+        max_parallel: int = 4,
+        progress: ManyProgress | None = None,
+        cancel: Cancel | None = None,
+    ) -> dict[str, Path]:
+        """``ensure`` several blobs, at most ``max_parallel`` downloads at a time.
+
+        ``progress(sha256, done_bytes, total_bytes_or_None)``. The first failure cancels the
+        other downloads and is raised. Returns ``{sha256: path}``.
+        """
+        requests: dict[str, BlobRequest] = {}
+        for item in items:
+            req = item if isinstance(item, BlobRequest) else BlobRequest(*item)
+            digest = check_digest(req.sha256)
+            known = requests.get(digest)
+            urls = list(known.sources) if known else []
+            urls += [u for u in req.sources if u not in urls]
+            requests[digest] = BlobRequest(digest, urls, req.size or (known.size if known else None))
+        stop = threading.Event()
+
+        def stopped() -> bool:
+            return stop.is_set() or (cancel is not None and bool(cancel()))
+
+        def one(req: BlobRequest) -> Path:
+            report = (lambda d, t: progress(req.sha256, d, t)) if progress else None
+            return self.ensure(req.sha256, req.sources, req.size, progress=report, cancel=stopped)
+
+        results: dict[str, Path] = {}
+        first_error: BaseException | None = None
+        if not requests:
+            return results
+        with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests)))) as pool:
+            futures = {pool.submit(one, req): digest for digest, req in requests.items()}
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    stop.set()
+                    if first_error is None or isinstance(first_error, FetchCanceled):
+                        first_error = exc
+        if first_error is not None:
+            raise first_error
+        return results
+
+    def _hit(self, final: Path, progress: Progress | None) -> bool:
+        try:
+            size = final.stat().st_size
+        except FileNotFoundError:
+            return False
+        self._touch(final)
+        with self._mutex:
+            self.stats.hits += 1
+        if progress is not None:
+            progress(size, size)
+        return True
+
+    def _acquire(self, lock: Lock, cancel: Cancel | None) -> None:
+        # Waiting may last a whole download by another worker: poll so cancel still works.
+        while True:
+            try:
+                lock.acquire(timeout=LOCK_POLL_S)
+                return
+            except filelock.Timeout:
+                if cancel is not None and cancel():
+                    raise FetchCanceled("canceled while waiting for another download") from None
+
+    def _download(
+        self,
+        digest: str,
+        final: Path,
+        urls: Sequence[str],
+        size: int | None,
+        progress: Progress | None,
+        cancel: Cancel | None,
+    ) -> Path:
+        candidates = self.sources.for_digest(digest, urls)
+        if not candidates:
+            raise SourceUnavailable(f"no source for sha256 {digest[:12]}", reason="no_source")
+        partial = self.partials.claim(digest)
+        errors: list[CacheError] = []
+        reserved = 0
+        keep_partial = False
+
+        def before_body(remaining_bytes: int | None) -> None:
+            nonlocal reserved
+            self._release(reserved)  # replaced by what the source now says is to come
+            reserved = 0
+            reserved = self._reserve(remaining_bytes if remaining_bytes is not None else size,
+                                     keep=partial.path)
+
+        try:
+            if size is not None:
+                reserved = self._reserve(max(0, size - partial.size()), keep=partial.path)
+            for candidate in candidates:
+                if isinstance(candidate, CacheError):
+                    errors.append(candidate)
+                    continue
+                offset = partial.size()
+                try:
+                    result = candidate.fetch(
+                        partial.path, start_offset=offset, max_bytes=self.max_blob_bytes,
+                        progress=progress, cancel=cancel, before_body=before_body,
+                    )
+                    if result.sha256 != digest and offset > 0:
+                        # The kept bytes may be what is wrong: try this source once from zero.
+                        partial.truncate()
+                        result = candidate.fetch(
+                            partial.path, max_bytes=self.max_blob_bytes, progress=progress,
+                            cancel=cancel, before_body=before_body,
+                        )
+                except (FetchCanceled, InsufficientDisk):
+                    keep_partial = partial.size() > 0
+                    raise
+                except CacheError as exc:
+                    errors.append(exc)
+                    keep_partial = isinstance(exc, (FetchInterrupted, FetchTimeout))
+                    continue
+                finally:
+                    self._release(reserved)
+                    reserved = 0
+                if result.sha256 != digest:
+                    errors.append(IntegrityError(
+                        f"{candidate.label} gave sha256 {result.sha256[:12]}..., "
+                        f"expected {digest[:12]}..."
+                    ))
+                    partial.truncate()
+                    keep_partial = False
+                    continue
+                self._publish(partial, final)
+                with self._mutex:
+                    self.stats.downloaded_bytes += result.size
+                return final
+            raise _combine(digest, errors)
+        finally:
+            self._release(reserved)
+            if keep_partial and partial.path.exists():
+                partial.close()  # left unlocked: the next download of this digest resumes it
+            else:
+                partial.remove()
+
+    def _publish(self, partial: Partial, final: Path) -> None:
+        os.chmod(partial.path, 0o444)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # link, not rename: it refuses to replace an existing blob, so a digest is
+            # published once even when the download lock did not exclude another process.
+            os.link(partial.path, final)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if not final.exists():  # a filesystem without hard links
+                os.rename(partial.path, final)
+        _fsync_dir(final.parent)
+        self._touch(final)
+
+    # -- disk space and budget --------------------------------------------------------------
+
+    def _reserve(self, need_bytes: int | None, *, keep: Path | None = None) -> int:
+        """Make room for ``need_bytes`` more bytes (evicting if needed) and reserve them."""
+        if not need_bytes:
+            return 0
+        if self.max_bytes is not None and self.total_bytes() + need_bytes > self.max_bytes:
+            self.gc(max(0, self.max_bytes - need_bytes))
+        with self._mutex:
+            shortfall = need_bytes + self.min_free_bytes + self._reserved_bytes - self._free()
+        if shortfall > 0:
+            self.partials.clean(keep=keep)
+            self.gc(max(0, self.total_bytes() - shortfall))
+        with self._mutex:
+            free = self._free() - self.min_free_bytes - self._reserved_bytes
+            if free < need_bytes:
+                raise InsufficientDisk(
+                    f"insufficient disk for a {need_bytes}-byte download: "
+                    f"{max(free, 0)} bytes free after eviction"
+                )
+            self._reserved_bytes += need_bytes
+        return need_bytes
+
+    def _release(self, reserved_bytes: int) -> None:
+        if reserved_bytes:
+            with self._mutex:
+                self._reserved_bytes -= reserved_bytes
+
+    def _free(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    # -- listing, eviction, verification ---------------------------------------------------
+
+    def _scan(self) -> Iterator[tuple[str, Path, os.stat_result]]:
+        try:
+            shards = list(os.scandir(self._blobs_dir))
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard.path):
+                if _DIGEST.match(entry.name):
+                    try:
+                        yield entry.name, Path(entry.path), entry.stat()
+                    except FileNotFoundError:
+                        continue
+
+    def ls(self) -> list[BlobInfo]:
+        """Every blob, most recently used first."""
+        infos = [
+            BlobInfo(d, p, st.st_size, st.st_mtime, self.pins.is_pinned(d))
+            for d, p, st in self._scan()
+        ]
+        return sorted(infos, key=lambda i: i.last_used, reverse=True)
+
+    def total_bytes(self) -> int:
+        """Bytes held by published blobs."""
+        return sum(st.st_size for _d, _p, st in self._scan())
+
+    def gc(self, max_bytes: int | None = None) -> GcResult:
+        """Evict least recently used, unpinned blobs until the store holds at most
+        ``max_bytes`` (default: the store's budget); also remove old orphaned partials."""
+        budget = self.max_bytes if max_bytes is None else max_bytes
+        result = GcResult()
+        gc_lock = self._lock_factory(str(self._locks_dir / "gc.lock"))
+        gc_lock.acquire(timeout=-1)
+        try:
+            result.orphans_removed = self.partials.clean(min_age_s=self.orphan_max_age_s)
+            blobs = sorted(self._scan(), key=lambda item: item[2].st_mtime)
+            total = sum(st.st_size for _d, _p, st in blobs)
+            for digest, path, st in blobs:
+                if budget is None or total <= budget:
+                    break
+                with self.pins.evicting(digest) as free:
+                    if not free:
+                        result.kept_pinned.append(digest)
+                        continue
+                    path.unlink(missing_ok=True)
+                total -= st.st_size
+                result.evicted.append(digest)
+                result.freed_bytes += st.st_size
+            result.total_bytes = total
+        finally:
+            gc_lock.release()
+        return result
+
+    def verify(self, digests: Iterable[str] | None = None, *, quarantine: bool = True) -> VerifyResult:
+        """Re-hash blobs (all, or ``digests``); report corrupt ones and, unless pinned, move
+        them to ``quarantine/`` so the next ``ensure`` downloads them again."""
+        result = VerifyResult()
+        wanted = None if digests is None else {check_digest(d) for d in digests}
+        for digest, path, _st in sorted(self._scan()):
+            if wanted is not None and digest not in wanted:
+                continue
+            try:
+                actual = sha256_file(path)
+            except FileNotFoundError:
+                continue
+            if actual == digest:
+                result.ok.append(digest)
+                continue
+            result.corrupt.append(digest)
+            if quarantine:
+                with self.pins.evicting(digest) as free:
+                    if free:
+                        target = self._quarantine_dir / f"{digest}.{int(time.time())}"
+                        os.rename(path, target)
+                        result.quarantined.append(target)
+        return result
+
+    # -- linking ----------------------------------------------------------------------------
+
+    def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path:
+        """Make the blob appear at ``dest`` (parents created): a hard link on the same
+        filesystem, else a symbolic link; never a copy. An existing ``dest`` is replaced.
+
+        With ``base``, refuse (``UnsafePath``) a ``dest`` that is or resolves outside it.
+        """
+        blob = self.path_for(sha256)
+        if not blob.is_file():
+            raise BlobNotFound(f"sha256 {check_digest(sha256)[:12]}... is not in the store")
+        dest = Path(os.path.abspath(dest))
+        if base is not None:
+            Path(base).mkdir(parents=True, exist_ok=True)
+            base_real = os.path.realpath(base)
+            if not (_inside(str(dest), os.path.abspath(base)) or _inside(str(dest), base_real)):
+                raise UnsafePath(f"{dest.name} is outside the directory it must stay in")
+            # Check the deepest existing ancestor before creating anything: a symlinked
+            # directory on the way must not lead the new directories outside the base.
+            existing = dest.parent
+            while not os.path.lexists(existing):
+                existing = existing.parent
+            if not _inside(os.path.realpath(existing), base_real):
+                raise UnsafePath(f"{dest.name} resolves outside the directory it must stay in")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if base is not None and not _inside(os.path.realpath(dest.parent), base_real):
+                raise UnsafePath(f"{dest.name} resolves outside the directory it must stay in")
+            _place(blob, dest)
+        except OSError as exc:
+            raise from_os_error(exc, f"linking {dest.name}") from exc
+        self._touch(blob)
+        return dest
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # a blob owned by another user on a shared volume: LRU is best effort
+
+
+def _place(blob: Path, dest: Path) -> None:
+    """Put a hard link (else a symlink) to ``blob`` at ``dest``, replacing what is there."""
+    try:
+        if os.path.samefile(blob, dest):
+            return
+    except OSError:
+        pass  # dest does not exist (or is a broken link): create it
+    temp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.link")
+    temp.unlink(missing_ok=True)
+    try:
+        os.link(blob, temp)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        os.symlink(blob, temp)  # another filesystem (or links refused): point at the blob
+    os.replace(temp, dest)
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _combine(digest: str, errors: list[CacheError]) -> CacheError:
+    """The error for a failed ensure: the only error as is, else a summary of all."""
+    if len(errors) == 1:
+        return errors[0]
+    if errors and all(isinstance(e, IntegrityError) for e in errors):
+        return IntegrityError(f"no source gave sha256 {digest[:12]}...: "
+                              + "; ".join(str(e) for e in errors))
+    summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors) or "no source"
+    return SourceUnavailable(f"no source gave sha256 {digest[:12]}...: {summary}")

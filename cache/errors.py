@@ -1,0 +1,168 @@
+"""The exceptions of the ``cache`` package, and the redaction of URLs in their messages.
+
+Hierarchy::
+
+    CacheError                      any failure of this package; ``.reason`` is a short code
+    ├── FetchError                  getting bytes from somewhere failed
+    │   ├── URLRefused              the URL policy refused the URL (scheme, credentials,
+    │   │                           address); nothing was sent
+    │   ├── FetchConnectError       DNS, TCP or TLS failure before a response
+    │   ├── FetchTimeout            connect/read inactivity timeout or overall deadline
+    │   ├── FetchInterrupted        the connection dropped mid-body (resumable with Range)
+    │   ├── FetchTooLarge           the body exceeds the byte cap
+    │   ├── HTTPStatusError         the server answered a non-success status
+    │   ├── TooManyRedirects        more redirects than allowed
+    │   ├── FetchCanceled           the caller's ``cancel()`` said stop
+    │   └── SourceUnavailable       no source could provide the blob (object missing,
+    │                               bucket denied, mirror absent, every source failed)
+    ├── IntegrityError              content does not match its sha256
+    ├── InsufficientDisk            not enough free space, even after eviction
+    ├── BlobNotFound                the digest is not in the store
+    └── UnsafePath                  a link destination outside its base directory
+
+Foreign exceptions (httpcore, botocore, OSError) are translated where they enter this package
+with ``raise ... from exc``. Messages never contain URL credentials or query strings:
+presigned URLs carry their signature in the query, so every URL in a message goes through
+``redact_url`` first.
+"""
+
+from __future__ import annotations
+
+import errno
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without user info, query string or fragment (safe for logs and errors).
+
+    A query string is replaced by ``?...`` so a reader can tell one was there.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    text = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return text + "?..." if parts.query else text
+
+
+class CacheError(Exception):
+    """Base of every error raised by the ``cache`` package.
+
+    ``reason`` is a short stable code (e.g. ``"url_refused"``) for metrics and run errors; the
+    message is for people and never holds secrets.
+    """
+
+    reason = "cache_error"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class FetchError(CacheError):
+    """Getting bytes from a source failed."""
+
+    reason = "fetch_failed"
+
+
+class URLRefused(FetchError):
+    """The URL policy refused a URL; no connection was made."""
+
+    reason = "url_refused"
+
+
+class FetchConnectError(FetchError):
+    """Name resolution, TCP connect or TLS handshake failed."""
+
+    reason = "connect_failed"
+
+
+class FetchTimeout(FetchError):
+    """An inactivity timeout or the overall deadline expired."""
+
+    reason = "timeout"
+
+
+class FetchInterrupted(FetchError):
+    """The connection dropped before the whole body arrived; ``received_bytes`` were written."""
+
+    reason = "interrupted"
+
+    def __init__(self, message: str, *, received_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.received_bytes = received_bytes
+
+
+class FetchTooLarge(FetchError):
+    """The body is larger than the allowed number of bytes."""
+
+    reason = "too_large"
+
+
+class HTTPStatusError(FetchError):
+    """The server answered with a status that is not a success; ``status_code`` holds it."""
+
+    reason = "http_status"
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class TooManyRedirects(FetchError):
+    """The redirect chain is longer than allowed."""
+
+    reason = "too_many_redirects"
+
+
+class FetchCanceled(FetchError):
+    """The caller's cancel callable asked to stop."""
+
+    reason = "canceled"
+
+
+class SourceUnavailable(FetchError):
+    """No source could provide the content (missing object, denied bucket, every source failed)."""
+
+    reason = "source_unavailable"
+
+
+class IntegrityError(CacheError):
+    """Content does not match the sha256 it was asked for."""
+
+    reason = "integrity"
+
+
+class InsufficientDisk(CacheError):
+    """Not enough free disk space for a download, even after eviction."""
+
+    reason = "insufficient_disk"
+
+
+class BlobNotFound(CacheError):
+    """The digest is not present in the store."""
+
+    reason = "blob_not_found"
+
+
+class UnsafePath(CacheError):
+    """A link destination lies outside the directory it must stay in."""
+
+    reason = "unsafe_path"
+
+
+def from_os_error(exc: OSError, what: str) -> CacheError:
+    """The package error for an ``OSError`` met while doing ``what`` (a full disk becomes
+    ``InsufficientDisk``). Use as ``raise from_os_error(exc, "...") from exc``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientDisk(f"insufficient disk space while {what}")
+    return CacheError(f"{what} failed: {exc.strerror or exc}", reason="io_error")

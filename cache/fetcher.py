@@ -1,0 +1,568 @@
+"""The one HTTP client for URLs the worker did not choose: inputs, callbacks, models, resources.
+
+``Fetcher`` is built on ``httpcore`` with a network backend of its own:
+
+- every URL, and every redirect target, passes ``URLPolicy`` (https only, public addresses);
+- the connection goes to exactly the address the policy checked: the backend never resolves
+  the name again (DNS rebinding fails), while TLS still verifies the certificate for, and
+  sends SNI and ``Host`` with, the original host name;
+- size is capped (``max_bytes``), time too (connect/read inactivity ``timeout_s`` and an
+  overall ``deadline_s``), and a ``cancel()`` callable stops a transfer within ~0.1 s of
+  returning true, even while a read is blocked (a watchdog shuts the socket down);
+- ``fetch_to_file`` hashes while it writes, resumes with ``Range`` after a cut, and restarts
+  from byte 0 when the server ignores ``Range``.
+
+``cancel`` callables are called from a helper thread, about ten times a second.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import certifi
+import httpcore
+import httpx
+
+from cache.errors import (
+    FetchCanceled,
+    FetchConnectError,
+    FetchError,
+    FetchInterrupted,
+    FetchTimeout,
+    FetchTooLarge,
+    HTTPStatusError,
+    TooManyRedirects,
+    redact_url,
+)
+from cache.hashing import HashingFileWriter
+from cache.progress import Cancel, Progress, ProgressThrottle
+from cache.urlpolicy import ResolvedTarget, URLPolicy
+
+DEFAULT_MAX_BYTES = 50 * 2**30
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+WATCH_INTERVAL_S = 0.1
+USER_AGENT = "runflow-worker"
+# Headers that must not follow a redirect to another origin.
+_ORIGIN_BOUND_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """A body written to ``path``: its size in bytes, hex sha256, type and the URL it came from."""
+
+    path: Path
+    size: int
+    sha256: str
+    content_type: str | None
+    final_url: str
+
+
+def make_ssl_context(ca_bundle: Path | str | None = None) -> ssl.SSLContext:
+    """A verifying TLS context trusting the public roots plus ``ca_bundle`` (PEM), if given."""
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    if ca_bundle is not None:
+        ctx.load_verify_locations(cafile=str(ca_bundle))
+    return ctx
+
+
+class _Guard:
+    """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
+
+    def __init__(self, cancel: Cancel | None, deadline_at: float) -> None:
+        self._cancel = cancel
+        self.deadline_at = deadline_at
+        self.fired: str | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
+        self._thread.start()
+
+    def remaining_s(self) -> float:
+        """Seconds until the deadline (never below a small positive floor)."""
+        return max(0.001, self.deadline_at - time.monotonic())
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Remember the connection's socket, to shut it down if the guard fires."""
+        with self._lock:
+            self._sock = sock
+        if self.fired:
+            self._shutdown()
+
+    def check(self) -> None:
+        """Raise the guard's error if cancel or the deadline has fired."""
+        if self.fired is None and time.monotonic() >= self.deadline_at:
+            self.fired = "deadline"
+        if self.fired is not None:
+            raise self.error()
+
+    def error(self) -> FetchError:
+        """The error for the way the guard fired."""
+        if self.fired == "cancel":
+            return FetchCanceled("transfer canceled")
+        return FetchTimeout("overall deadline exceeded", reason="deadline")
+
+    def stop(self) -> None:
+        """End the watchdog."""
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            if self._cancel is not None:
+                try:
+                    canceled = bool(self._cancel())
+                except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
+                    canceled = False
+                if canceled:
+                    self.fired = "cancel"
+            if self.fired is None and time.monotonic() >= self.deadline_at:
+                self.fired = "deadline"
+            if self.fired is not None:
+                self._shutdown()
+                return
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return
+        try:
+            # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object
+            # under the reading thread's feet. A shut-down socket wakes a blocked recv at once.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _GuardedStream(httpcore.NetworkStream):
+    """A network stream registered with a guard, reading TLS records in larger batches."""
+
+    def __init__(self, inner: httpcore.NetworkStream, guard: _Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+        sock = inner.get_extra_info("socket")
+        self._ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
+        self._poll = select.poll()
+        if self._ssl_sock is not None:
+            self._poll.register(self._ssl_sock.fileno(), select.POLLIN)
+        guard.watch(sock)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        data = self._inner.read(max_bytes, timeout)
+        sock = self._ssl_sock
+        if sock is None or not data or len(data) >= max_bytes:
+            return data
+        # TLS returns at most one 16 KiB record per read, and each read costs a round through
+        # the HTTP parser. Taking the records that have already arrived along (checked with a
+        # zero-timeout poll, which leaves the socket's mode alone) makes those rounds several
+        # times fewer on large bodies.
+        parts = [data]
+        size = len(data)
+        try:
+            while size < max_bytes and (sock.pending() or self._poll.poll(0)):
+                more = sock.recv(max_bytes - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+        except OSError:
+            pass  # the next read reports it
+        return b"".join(parts)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._guard.watch(None)
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return _GuardedStream(tls, self._guard)
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class _PinnedBackend(httpcore.NetworkBackend):
+    """Connects only to the addresses the policy checked for the one origin it was made for."""
+
+    def __init__(self, resolved: ResolvedTarget, guard: _Guard, connect_timeout_s: float) -> None:
+        self._resolved = resolved
+        self._guard = guard
+        self._connect_timeout_s = connect_timeout_s
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: object = None,
+    ) -> httpcore.NetworkStream:
+        target = self._resolved.target
+        if host != target.host or port != target.port:
+            raise httpcore.ConnectError("connection to an unchecked origin refused")
+        error: Exception = httpcore.ConnectError("no address to connect to")
+        for address in self._resolved.addresses:
+            self._guard.check()
+            budget_s = min(self._connect_timeout_s, self._guard.remaining_s())
+            try:
+                stream = self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=budget_s,
+                    local_address=local_address,
+                    socket_options=socket_options,  # type: ignore[arg-type]
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+                continue
+            return _GuardedStream(stream, self._guard)
+        raise error
+
+    def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+def _translate(exc: Exception, *, shown: str, guard: _Guard, in_body: bool) -> FetchError:
+    """Map an httpcore exception to the package's errors."""
+    if guard.fired is not None:
+        return guard.error()
+    if isinstance(exc, httpcore.TimeoutException):
+        what = "connecting to" if isinstance(exc, httpcore.ConnectTimeout) else "reading"
+        return FetchTimeout(f"timed out {what} {shown}")
+    if isinstance(exc, httpcore.ConnectError):
+        cause = exc.__context__ or exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            return FetchConnectError(
+                f"TLS handshake with {shown} failed: {detail or 'ssl error'}", reason="tls_failed"
+            )
+        return FetchConnectError(f"cannot connect to {shown}")
+    if in_body and isinstance(exc, (httpcore.ReadError, httpcore.RemoteProtocolError)):
+        return FetchInterrupted(f"connection to {shown} dropped mid-body")
+    if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError)):
+        return FetchConnectError(f"connection to {shown} failed ({type(exc).__name__})")
+    return FetchError(f"request to {shown} failed ({type(exc).__name__})")
+
+
+class FetchResponse:
+    """A response being received: ``status_code``, ``headers``, the ``url`` it came from and its
+    body through ``iter_bytes`` / ``read``."""
+
+    def __init__(self, response: httpcore.Response, url: str, guard: _Guard) -> None:
+        self._response = response
+        self._guard = guard
+        self.url = url
+        self.status_code: int = response.status
+        self.headers = httpx.Headers(response.headers)
+
+    @property
+    def content_type(self) -> str | None:
+        """The ``Content-Type`` header, if any."""
+        return self.headers.get("content-type")
+
+    @property
+    def content_length(self) -> int | None:
+        """The ``Content-Length`` header as an int, or None when absent or malformed."""
+        value = self.headers.get("content-length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value)
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """Yield the body in pieces as they arrive; raise a ``FetchError`` on failure."""
+        shown = redact_url(self.url)
+        iterator = iter(self._response.iter_stream())
+        while True:
+            try:
+                chunk = next(iterator)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if isinstance(exc, FetchError):
+                    raise
+                raise _translate(exc, shown=shown, guard=self._guard, in_body=True) from exc
+            self._guard.check()
+            yield chunk
+
+    def read(self, max_bytes: int) -> bytes:
+        """Read the whole body; raise ``FetchTooLarge`` beyond ``max_bytes``."""
+        parts: list[bytes] = []
+        size = 0
+        for chunk in self.iter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchTooLarge(f"body of {redact_url(self.url)} exceeds {max_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+def _content_range_start(value: str | None) -> int | None:
+    """First byte of ``Content-Range: bytes a-b/n``, or None."""
+    if not value or not value.startswith("bytes "):
+        return None
+    first = value[len("bytes ") :].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else None
+
+
+class _RestartFromZero(Exception):
+    """The server cannot continue a partial download; start again without Range."""
+
+
+class Fetcher:
+    """Fetch caller-supplied URLs safely (see the module docstring).
+
+    ``timeout_s``: connect and read inactivity timeout of each request. ``deadline_s``: overall
+    limit of one ``open`` / ``fetch_to_file`` / ``post`` call, redirects and resumes included.
+    ``max_bytes``: default body cap. ``resume_attempts``: Range resumes after cuts.
+    """
+
+    def __init__(
+        self,
+        policy: URLPolicy,
+        *,
+        ca_bundle: Path | str | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float | None = None,
+        deadline_s: float = 6 * 3600.0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_redirects: int = 5,
+        resume_attempts: int = 5,
+    ) -> None:
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s if connect_timeout_s is not None else timeout_s
+        self.deadline_s = deadline_s
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
+        self.resume_attempts = resume_attempts
+        self._ssl_context = make_ssl_context(ca_bundle)
+
+    @contextmanager
+    def open(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        start: int = 0,
+        cancel: Cancel | None = None,
+        deadline_s: float | None = None,
+        follow_redirects: bool | None = None,
+    ) -> Iterator[FetchResponse]:
+        """Send one request (following up to ``max_redirects`` redirects for GET/HEAD) and yield
+        the response with its body unread. ``start`` > 0 asks for ``Range: bytes=start-``.
+
+        Any status is yielded; raising on errors is up to the caller. Raises ``URLRefused``
+        before connecting to a refused URL or redirect target.
+        """
+        method = method.upper()
+        follow = method in ("GET", "HEAD") if follow_redirects is None else follow_redirects
+        guard = _Guard(cancel, time.monotonic() + (deadline_s or self.deadline_s))
+        request_headers = dict(headers or {})
+        current = url
+        try:
+            for _hop in range(self.max_redirects + 1):
+                resolved = self.policy.check(current)
+                guard.check()
+                with self._send(resolved, method, request_headers, content, start, guard) as resp:
+                    location = resp.headers.get("location")
+                    if not (follow and resp.status_code in REDIRECT_STATUSES and location):
+                        yield resp
+                        return
+                nxt = urljoin(current, location)
+                if urlsplit(nxt).netloc.lower() != urlsplit(current).netloc.lower():
+                    request_headers = {
+                        k: v for k, v in request_headers.items()
+                        if k.lower() not in _ORIGIN_BOUND_HEADERS
+                    }
+                if resp.status_code == 303 and method != "HEAD":
+                    method, content = "GET", None
+                current = nxt
+            raise TooManyRedirects(
+                f"more than {self.max_redirects} redirects from {redact_url(url)}"
+            )
+        finally:
+            guard.stop()
+
+    @contextmanager
+    def _send(
+        self,
+        resolved: ResolvedTarget,
+        method: str,
+        headers: Mapping[str, str],
+        content: bytes | None,
+        start: int,
+        guard: _Guard,
+    ) -> Iterator[FetchResponse]:
+        target = resolved.target
+        shown = redact_url(target.url)
+        wire_headers: list[tuple[bytes, bytes]] = [
+            (b"Host", target.host_header.encode("ascii")),
+            (b"User-Agent", USER_AGENT.encode()),
+            # The bytes on the wire are the bytes hashed: no transfer compression.
+            (b"Accept-Encoding", b"identity"),
+        ]
+        for key, value in headers.items():
+            if key.lower() not in ("host", "range", "accept-encoding"):
+                wire_headers.append((key.encode("latin-1"), value.encode("latin-1")))
+        if start > 0:
+            wire_headers.append((b"Range", f"bytes={start}-".encode()))
+        timeout_s = min(self.timeout_s, guard.remaining_s())
+        timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
+        pool = httpcore.ConnectionPool(
+            ssl_context=self._ssl_context,
+            network_backend=_PinnedBackend(resolved, guard, self.connect_timeout_s),
+            max_connections=1,
+            retries=0,
+        )
+        wire_url = httpcore.URL(
+            scheme=b"https",
+            host=target.host.encode("ascii"),
+            port=target.port,
+            target=target.path.encode("ascii"),
+        )
+        with pool:
+            try:
+                stream = pool.stream(
+                    method, wire_url, headers=wire_headers, content=content,
+                    extensions={"timeout": timeouts},
+                )
+                response = stream.__enter__()
+            except FetchError:
+                raise
+            except Exception as exc:
+                raise _translate(exc, shown=shown, guard=guard, in_body=False) from exc
+            try:
+                yield FetchResponse(response, target.url, guard)
+            finally:
+                try:
+                    stream.__exit__(None, None, None)
+                except (httpcore.NetworkError, httpcore.ProtocolError, OSError):
+                    pass  # closing a half-read response; the connection is dropped anyway
+
+    def post(
+        self,
+        url: str,
+        content: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        cancel: Cancel | None = None,
+        deadline_s: float | None = None,
+    ) -> int:
+        """POST ``content`` to ``url`` (redirects not followed) and return the status code."""
+        with self.open(
+            url, method="POST", headers=headers, content=content,
+            cancel=cancel, deadline_s=deadline_s, follow_redirects=False,
+        ) as resp:
+            for _ in resp.iter_bytes():
+                pass
+            return resp.status_code
+
+    def fetch_to_file(
+        self,
+        url: str,
+        dest: Path,
+        *,
+        max_bytes: int | None = None,
+        cancel: Cancel | None = None,
+        progress: Progress | None = None,
+        start_offset: int = 0,
+        before_body: Callable[[int | None], None] | None = None,
+        deadline_s: float | None = None,
+        fsync: bool = True,
+    ) -> FetchResult:
+        """Download ``url`` into ``dest``, hashing in the same pass; return a FetchResult.
+
+        ``start_offset`` > 0 keeps that many bytes already in ``dest`` and asks for the rest
+        with ``Range`` (restarting from 0 if the server ignores it). A dropped connection is
+        resumed the same way, up to ``resume_attempts`` times. ``before_body(bytes_to_come)``
+        runs once the response headers are in, before the body is written (a disk-space
+        check). ``progress(done_bytes, total_bytes_or_None)`` is called at most ten times a
+        second. On failure ``dest`` keeps what arrived (for a later resume).
+        """
+        limit = max_bytes or self.max_bytes
+        deadline_at = time.monotonic() + (deadline_s or self.deadline_s)
+        throttle = ProgressThrottle(progress)
+        offset = start_offset
+        attempts_left = self.resume_attempts
+        while True:
+            remaining_s = deadline_at - time.monotonic()
+            if remaining_s <= 0:
+                raise FetchTimeout(f"overall deadline exceeded fetching {redact_url(url)}",
+                                   reason="deadline")
+            try:
+                return self._transfer(url, dest, offset, limit, cancel, throttle, before_body,
+                                      remaining_s, fsync)
+            except _RestartFromZero:
+                offset = 0
+            except FetchInterrupted:
+                if attempts_left <= 0:
+                    raise
+                attempts_left -= 1
+                offset = dest.stat().st_size if dest.exists() else 0
+
+    def _transfer(
+        self,
+        url: str,
+        dest: Path,
+        offset: int,
+        limit: int,
+        cancel: Cancel | None,
+        throttle: ProgressThrottle,
+        before_body: Callable[[int | None], None] | None,
+        deadline_s: float,
+        fsync: bool,
+    ) -> FetchResult:
+        shown = redact_url(url)
+        with self.open(url, start=offset, cancel=cancel, deadline_s=deadline_s) as resp:
+            status = resp.status_code
+            if offset > 0 and status == 206:
+                if _content_range_start(resp.headers.get("content-range")) != offset:
+                    raise _RestartFromZero()
+            elif offset > 0 and status == 416:
+                raise _RestartFromZero()
+            elif status == 200:
+                offset = 0  # Range ignored: the body is the whole file
+            elif not 200 <= status < 300 or status == 206:
+                raise HTTPStatusError(f"{shown} answered HTTP {status}", status_code=status)
+            length = resp.content_length
+            total = offset + length if length is not None else None
+            if total is not None and total > limit:
+                raise FetchTooLarge(f"{shown} is {total} bytes, over the {limit}-byte limit")
+            if before_body is not None:
+                before_body(length)
+            writer = HashingFileWriter(dest, start_offset=offset)
+            received = offset
+            try:
+                for chunk in resp.iter_bytes():
+                    received += len(chunk)
+                    if received > limit:
+                        raise FetchTooLarge(f"{shown} exceeds the {limit}-byte limit")
+                    writer.write(chunk)
+                    throttle(received, total)
+            except BaseException:
+                writer.abort()
+                raise
+            digest, size = writer.close(fsync=fsync)
+            throttle(size, total, final=True)
+            return FetchResult(dest, size, digest, resp.content_type, resp.url)

@@ -1,0 +1,96 @@
+"""``runflow-worker cache ls | verify | gc | pull`` through the command functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cache.blobs import BlobStore
+from tests.cache.helpers import make_body, sha256_hex
+from tests.support.https_server import HTTPSServer
+from worker import cache_cli
+from worker.settings import Settings
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = make_body(500_000)
+DIGEST = sha256_hex(BODY)
+
+
+def _run(argv: list[str], settings: Settings) -> int:
+    parser = argparse.ArgumentParser(prog="runflow-worker")
+    cache_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args, settings)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, ca_bundle: Path) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache", url_allow=("127.0.0.1/32",),
+                    ca_bundle=ca_bundle, cache_max_bytes=10 * 2**20, fetch_timeout_s=10)
+
+
+def test_pull_ls_verify_gc(
+    https_server: HTTPSServer, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    https_server.add("/m", BODY)
+    assert _run(["cache", "pull", DIGEST, https_server.url("/m"), "--size", str(len(BODY))],
+                settings) == 0
+    assert capsys.readouterr().out.strip() == str(settings.blobs_dir / "sha256" / DIGEST[:2] / DIGEST)
+
+    assert _run(["cache", "ls", "--json"], settings) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert row["sha256"] == DIGEST and row["size_bytes"] == len(BODY) and not row["pinned"]
+    assert _run(["cache", "ls"], settings) == 0
+    assert DIGEST in capsys.readouterr().out
+
+    assert _run(["cache", "verify"], settings) == 0
+    assert "1 ok, 0 corrupt" in capsys.readouterr().out
+    blob = BlobStore(settings.blobs_dir).path_for(DIGEST)
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"rot")
+    assert _run(["cache", "verify", "--no-quarantine"], settings) == 1
+    assert f"corrupt {DIGEST}" in capsys.readouterr().out
+    assert blob.exists()
+    assert _run(["cache", "verify", DIGEST], settings) == 1
+    assert "quarantined" in capsys.readouterr().out and not blob.exists()
+
+    assert _run(["cache", "pull", DIGEST, https_server.url("/m")], settings) == 0
+    capsys.readouterr()
+    assert _run(["cache", "gc", "--max-bytes", "0"], settings) == 0
+    assert f"evicted {DIGEST}" in capsys.readouterr().out
+    assert not blob.exists()
+
+
+def test_pull_failures(https_server: HTTPSServer, settings: Settings,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    https_server.add("/m", b"something else")
+    assert _run(["cache", "pull", DIGEST, https_server.url("/m")], settings) == 1
+    assert "sha256" in capsys.readouterr().err
+    assert _run(["cache", "pull", "not-a-digest", https_server.url("/m")], settings) == 2
+    assert _run(["cache", "pull", DIGEST, "http://example.com/x"], settings) == 1
+    assert "refused" in capsys.readouterr().err
+
+
+def test_builders(settings: Settings) -> None:
+    fetcher = cache_cli.build_fetcher(settings)
+    assert fetcher.timeout_s == 10
+    store = cache_cli.build_blob_store(settings, fetcher)
+    assert store.root == settings.blobs_dir and store.max_bytes == 10 * 2**20
+    assert store.sources.allow_s3
+    assert not cache_cli.build_sources(settings, fetcher).allow_s3  # caller URLs: no s3
+
+
+def test_console_script_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
+           "RUNFLOW_CACHE_MAX_BYTES": "1000"}
+    done = subprocess.run([sys.executable, "-m", "worker.cli", "cache", "gc"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "freed" in done.stdout

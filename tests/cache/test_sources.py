@@ -1,0 +1,126 @@
+"""Sources: S3 (moto server on loopback), runflow assets, local mirrors, file URLs."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+import pytest
+
+from cache.blobs import BlobStore
+from cache.errors import IntegrityError, SourceUnavailable, URLRefused
+from cache.fetcher import Fetcher
+from cache.sources import Sources
+from tests.cache.helpers import make_body, partial_files, sha256_hex
+
+pytestmark = pytest.mark.timeout(60)
+
+BODY = make_body(3 * 2**20 + 5)
+DIGEST = sha256_hex(BODY)
+
+
+@pytest.fixture
+def s3_client(moto_s3: str) -> Callable[[], object]:
+    def make() -> object:
+        return boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+
+    client = make()
+    client.create_bucket(Bucket="models")  # type: ignore[attr-defined]
+    client.create_bucket(Bucket="runflow-assets")  # type: ignore[attr-defined]
+    return make
+
+
+def test_s3_source(s3_client: Callable[[], object], tmp_path: Path) -> None:
+    s3_client().put_object(Bucket="models", Key="sd/v1.safetensors", Body=BODY)  # type: ignore[attr-defined]
+    store = BlobStore(tmp_path / "blobs", sources=Sources(s3_client=s3_client))
+    seen: list[tuple[int, int | None]] = []
+    path = store.ensure(DIGEST, ["s3://models/sd/v1.safetensors"],
+                        progress=lambda d, t: seen.append((d, t)))
+    assert path.read_bytes() == BODY
+    assert seen[-1] == (len(BODY), len(BODY))
+    assert partial_files(store) == []
+
+
+def test_s3_resume_from_a_partial(s3_client: Callable[[], object], tmp_path: Path) -> None:
+    s3_client().put_object(Bucket="models", Key="m", Body=BODY)  # type: ignore[attr-defined]
+    store = BlobStore(tmp_path / "blobs", sources=Sources(s3_client=s3_client))
+    orphan = store.partials.directory / f"{DIGEST}.host.1.deadbeef.part"
+    orphan.write_bytes(BODY[:1_000_000])
+    assert store.ensure(DIGEST, ["s3://models/m"]).read_bytes() == BODY
+
+
+def test_s3_missing_object_and_wrong_content(s3_client: Callable[[], object], tmp_path: Path) -> None:
+    s3_client().put_object(Bucket="models", Key="other", Body=b"not it")  # type: ignore[attr-defined]
+    store = BlobStore(tmp_path / "blobs", sources=Sources(s3_client=s3_client))
+    with pytest.raises(SourceUnavailable) as info:
+        store.ensure(DIGEST, ["s3://models/absent"])
+    assert info.value.reason == "not_found"
+    with pytest.raises(IntegrityError):
+        store.ensure(DIGEST, ["s3://models/other"])
+    assert store.ls() == [] and partial_files(store) == []
+
+
+def test_runflow_asset(s3_client: Callable[[], object], tmp_path: Path) -> None:
+    asset = uuid.uuid4()
+    s3_client().put_object(Bucket="runflow-assets", Key=f"assets/{asset}", Body=BODY)  # type: ignore[attr-defined]
+    sources = Sources(s3_client=s3_client, asset_bucket="runflow-assets")
+    store = BlobStore(tmp_path / "blobs", sources=sources)
+    assert store.ensure(DIGEST, [f"runflow://assets/{asset}"]).read_bytes() == BODY
+    assert sources.source_for(f"runflow://assets/{str(asset).upper()}").label == (
+        f"runflow://assets/{asset}"
+    )
+
+
+@pytest.mark.parametrize("url", ["runflow://assets/not-a-uuid", "runflow://assets/../secrets",
+                                 "runflow://other/123e4567-e89b-12d3-a456-426614174000",
+                                 "runflow://assets/123e4567-e89b-12d3-a456-426614174000/x"])
+def test_bad_asset_urls(url: str) -> None:
+    with pytest.raises(URLRefused):
+        Sources(asset_bucket="b").source_for(url)
+
+
+def test_asset_without_bucket() -> None:
+    with pytest.raises(SourceUnavailable):
+        Sources().source_for(f"runflow://assets/{uuid.uuid4()}")
+
+
+def test_mirror_directory_serves_offline(tmp_path: Path, no_connections: list[object]) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / DIGEST).write_bytes(BODY)
+    store = BlobStore(tmp_path / "blobs", sources=Sources(mirror_dirs=[tmp_path / "none", flat]))
+    assert store.ensure(DIGEST, ["https://unreachable.example/m"]).read_bytes() == BODY
+    assert no_connections == []
+    # Another store's layout works as a mirror too.
+    other = BlobStore(tmp_path / "blobs2", sources=Sources(mirror_dirs=[store.root]))
+    assert other.ensure(DIGEST).read_bytes() == BODY
+
+
+def test_corrupt_mirror_falls_back_to_the_url(
+    tmp_path: Path, https_server: object, fetcher: Fetcher
+) -> None:
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / DIGEST).write_bytes(b"corrupted mirror copy")
+    https_server.add("/m", BODY)  # type: ignore[attr-defined]
+    store = BlobStore(tmp_path / "blobs", sources=Sources(fetcher=fetcher, mirror_dirs=[mirror]))
+    assert store.ensure(DIGEST, [https_server.url("/m")]).read_bytes() == BODY  # type: ignore[attr-defined]
+
+
+def test_file_urls_only_when_allowed(tmp_path: Path) -> None:
+    src = tmp_path / "model file.bin"
+    src.write_bytes(BODY)
+    url = src.as_uri()
+    with pytest.raises(URLRefused):
+        BlobStore(tmp_path / "a", sources=Sources()).ensure(DIGEST, [url])
+    store = BlobStore(tmp_path / "b", sources=Sources(allow_file_urls=True))
+    assert store.ensure(DIGEST, [url]).read_bytes() == BODY
+
+
+def test_s3_can_be_disabled() -> None:
+    with pytest.raises(URLRefused):
+        Sources(allow_s3=False).source_for("s3://bucket/key")
+    with pytest.raises(URLRefused):
+        Sources().source_for("s3://bucket")

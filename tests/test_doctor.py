@@ -1,0 +1,34 @@
+"""``runflow-worker doctor`` reports each check and fails when one fails."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from worker.doctor_cli import doctor_command
+from worker.settings import Settings
+
+
+def test_doctor_reports_failures_without_secrets(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    checkout = tmp_path / "ComfyUI"
+    (checkout / "comfy").mkdir(parents=True)
+    (checkout / "nodes.py").write_text("")
+    settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=checkout, gpu_class="cpu",
+                        redis_url="redis://user:hunter2@127.0.0.1:1/0")
+    code = doctor_command(argparse.Namespace(json=True), settings)
+    out = capsys.readouterr().out
+    results = {r["check"]: r for r in json.loads(out)}
+    assert code == 1
+    assert results["redis"]["ok"] is False and "hunter2" not in out
+    assert results["comfyui"]["ok"] and results["storage"]["ok"] and results["cache"]["ok"]
+    assert "serves class cpu" in results["gpu"]["detail"]
+
+
+def test_doctor_missing_comfyui(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(cache_dir=tmp_path / "cache", gpu_class="cpu")
+    assert doctor_command(argparse.Namespace(json=False), settings) == 1
+    assert "FAIL comfyui  RuntimeError: RUNFLOW_COMFYUI_DIR is not set" in capsys.readouterr().out

@@ -1,0 +1,194 @@
+"""``runflow-worker cache``: inspect and maintain the model store; builders of the cache objects.
+
+- ``cache ls [--json]``: blobs, most recently used first, with size, last use and pins.
+- ``cache verify [SHA256 ...] [--no-quarantine]``: re-hash blobs; corrupt ones are moved to
+  quarantine (exit 1 when any is corrupt).
+- ``cache gc [--max-bytes N]``: evict least recently used, unpinned blobs down to the budget
+  (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume).
+- ``cache pull SHA256 URL [URL ...] [--size N]``: fetch a blob now, with a progress bar.
+
+``build_fetcher``, ``build_sources`` and ``build_blob_store`` are the one place the worker
+turns settings into cache objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cache.blobs import BlobStore, check_digest
+from cache.errors import CacheError
+from cache.fetcher import Fetcher
+from cache.sources import Sources
+from cache.urlpolicy import URLPolicy
+from worker.settings import Settings
+
+
+def build_fetcher(settings: Settings) -> Fetcher:
+    """The SSRF-safe fetcher configured from the settings (allowlist, CA bundle, limits)."""
+    return Fetcher(
+        URLPolicy(settings.url_allow),
+        ca_bundle=settings.ca_bundle,
+        timeout_s=settings.fetch_timeout_s,
+        max_bytes=settings.fetch_max_bytes,
+    )
+
+
+def _s3_client_factory(settings: Settings) -> Any:
+    endpoint_url = settings.s3_endpoint_url
+
+    def make() -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=endpoint_url)
+
+    return make
+
+
+def build_sources(
+    settings: Settings, fetcher: Fetcher | None = None, *, allow_s3: bool = False
+) -> Sources:
+    """Sources for URLs: https (through ``fetcher``), ``runflow://assets/<uuid>`` and, with
+    ``allow_s3`` (deployment-supplied URLs only, never caller-supplied), ``s3://``."""
+    return Sources(
+        fetcher=fetcher or build_fetcher(settings),
+        s3_client=_s3_client_factory(settings),
+        asset_bucket=settings.asset_bucket,
+        mirror_dirs=tuple(Path(d).expanduser() for d in settings.model_mirrors),
+        allow_s3=allow_s3,
+    )
+
+
+def build_blob_store(settings: Settings, fetcher: Fetcher | None = None) -> BlobStore:
+    """The model store at ``<cache>/blobs`` with the configured budget and sources."""
+    return BlobStore(
+        settings.blobs_dir,
+        sources=build_sources(settings, fetcher, allow_s3=True),
+        max_bytes=settings.effective_cache_max_bytes(),
+        max_blob_bytes=settings.fetch_max_bytes,
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``cache ls | verify | gc | pull`` on the CLI's subparsers."""
+    parser = subparsers.add_parser("cache", help="inspect and maintain the model store")
+    actions = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+
+    p = actions.add_parser("ls", help="list blobs, most recently used first")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = actions.add_parser("verify", help="re-hash blobs and quarantine corrupt ones")
+    p.add_argument("digests", nargs="*", metavar="SHA256", help="only these (default: all)")
+    p.add_argument("--no-quarantine", action="store_true", help="report only")
+
+    p = actions.add_parser("gc", help="evict least recently used blobs down to the budget")
+    p.add_argument("--max-bytes", type=int, metavar="N",
+                   help="budget for this run (default: RUNFLOW_CACHE_MAX_BYTES or 80%% of "
+                        "the volume)")
+
+    p = actions.add_parser("pull", help="fetch one blob into the store")
+    p.add_argument("sha256", metavar="SHA256")
+    p.add_argument("urls", nargs="+", metavar="URL", help="sources, tried in order")
+    p.add_argument("--size", type=int, metavar="BYTES", help="expected size (disk check)")
+
+    parser.set_defaults(func=run_cache_command)
+
+
+def run_cache_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a ``cache`` action; return the exit code (0 ok, 1 failed, 2 bad arguments)."""
+    try:
+        store = build_blob_store(settings)
+        action = args.cache_command
+        if action == "ls":
+            return _ls(store, as_json=args.json)
+        if action == "verify":
+            return _verify(store, args.digests, quarantine=not args.no_quarantine)
+        if action == "gc":
+            return _gc(store, args.max_bytes)
+        if action == "pull":
+            return _pull(store, args.sha256, args.urls, args.size)
+    except ValueError as exc:
+        print(f"runflow-worker cache: {exc}", file=sys.stderr)
+        return 2
+    except CacheError as exc:
+        print(f"runflow-worker cache: {exc}", file=sys.stderr)
+        return 1
+    print(f"runflow-worker cache: unknown action {args.cache_command!r}", file=sys.stderr)
+    return 2
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _ls(store: BlobStore, *, as_json: bool) -> int:
+    from rich.filesize import decimal
+
+    blobs = store.ls()
+    if as_json:
+        rows = [{"sha256": b.sha256, "size_bytes": b.size_bytes, "last_used": _iso(b.last_used),
+                 "pinned": b.pinned, "path": str(b.path)} for b in blobs]
+        print(json.dumps(rows, indent=2))
+        return 0
+    # Plain columns, one blob a line: full digests, easy to grep and cut.
+    print(f"{'SHA256':<64}  {'SIZE':>10}  {'LAST USED':<20}  PINNED")
+    for b in blobs:
+        pinned = "yes" if b.pinned else ""
+        print(f"{b.sha256}  {decimal(b.size_bytes):>10}  {_iso(b.last_used):<20}  {pinned}")
+    budget = f" of a {decimal(store.max_bytes)} budget" if store.max_bytes else ""
+    print(f"{len(blobs)} blobs, {decimal(sum(b.size_bytes for b in blobs))}{budget}")
+    return 0
+
+
+def _verify(store: BlobStore, digests: list[str], *, quarantine: bool) -> int:
+    result = store.verify(digests or None, quarantine=quarantine)
+    for digest in result.corrupt:
+        print(f"corrupt {digest}")
+    for path in result.quarantined:
+        print(f"quarantined {path}")
+    print(f"{len(result.ok)} ok, {len(result.corrupt)} corrupt")
+    return 1 if result.corrupt else 0
+
+
+def _gc(store: BlobStore, max_bytes: int | None) -> int:
+    from rich.filesize import decimal
+
+    result = store.gc(max_bytes)
+    for digest in result.evicted:
+        print(f"evicted {digest}")
+    kept = f", {len(result.kept_pinned)} pinned kept" if result.kept_pinned else ""
+    print(f"freed {decimal(result.freed_bytes)}; {decimal(result.total_bytes)} left{kept}")
+    return 0
+
+
+def _pull(store: BlobStore, sha256: str, urls: list[str], size: int | None) -> int:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    digest = check_digest(sha256)
+    columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task(digest[:12], total=size)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        with store.pin([digest]):
+            path = store.ensure(digest, urls, size, progress=progress)
+    print(path)
+    return 0
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)

@@ -1,0 +1,269 @@
+"""``runflow-worker serve``, ``submit`` and ``status``: the queue side of the command line.
+
+- ``serve [--burst] [--max-runs N] [--gpu-class C]``: the daemon (exit 0 on every stop).
+- ``submit DEPLOYED.json [--input K=V ...] [--wait]``: enqueue a run, print its id; with
+  ``--wait`` follow its events on stderr and print the final record; exit 0 only when it
+  succeeded.
+- ``status RUN_ID``: print the run record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from worker import keys
+from worker.contract import (
+    RunMessage,
+    RunRecord,
+    RunStatus,
+    check_message,
+    effective_inputs,
+    parse_message,
+    record_for,
+    utcnow,
+)
+from worker.errors import ConfigError, QueueError, RunRejected
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NO_LEASE_RENEWAL_ENV = "RUNFLOW_TEST_NO_LEASE_RENEWAL"
+"""Test hook: ``1`` makes ``serve`` never renew its lease (to prove reclaims work)."""
+WAIT_BLOCK_MS = 1000
+"""How long ``submit --wait`` blocks on the events stream before re-reading the record."""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``serve``, ``submit`` and ``status`` on the CLI's subparsers."""
+    p = subparsers.add_parser("serve", help="run queued runs from Redis (the daemon)")
+    p.add_argument("--burst", action="store_true",
+                   help="exit once the stream is empty (after reclaiming expired entries)")
+    p.add_argument("--max-runs", type=int, metavar="N", help="exit after N runs")
+    p.add_argument("--gpu-class", metavar="C", help="class to serve (default: detected)")
+    p.set_defaults(func=serve_command)
+
+    p = subparsers.add_parser("submit", help="enqueue a run of a deployed workflow")
+    p.add_argument("deployed", type=Path, help="DEPLOYED.json (a workflow or a run message)")
+    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE",
+                   help="an input value, parsed per its declared type")
+    p.add_argument("--inputs-json", type=Path, help="the run's `input` object as JSON")
+    p.add_argument("--gpu-class", metavar="C", help="stream to enqueue on (default: detected)")
+    p.add_argument("--wait", action="store_true",
+                   help="follow progress on stderr, print the final record on stdout")
+    p.add_argument("--run-id", help="run id (default: the message's, else a new one)")
+    p.add_argument("--timeout-s", type=float, help="the run's timeout_s")
+    p.add_argument("--callback-url", help="POST the terminal record here")
+    p.set_defaults(func=submit_command)
+
+    p = subparsers.add_parser("status", help="print a run record")
+    p.add_argument("run_id")
+    p.set_defaults(func=status_command)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _build_pipeline(settings: Settings, gpu_class: str) -> Any:
+    from worker.assembly import build_pipeline
+
+    return build_pipeline(settings, cpu=gpu_class == "cpu")
+
+
+def serve_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the daemon until it stops; 0 on every orderly stop, 2 on bad configuration."""
+    from worker.control import ShutdownState
+
+    # Before anything slow: a SIGTERM while the pipeline is being built is a stop request,
+    # not a kill.
+    shutdown = ShutdownState()
+    shutdown.install_signal_handlers(settings.grace_s)
+
+    from worker.callbacks import build_sender
+    from worker.daemon import Worker
+    from worker.gpu import resolve_gpu_class
+    from worker.logs import configure_logging
+    from worker.metrics import Metrics
+
+    configure_logging(settings.log_level)
+    try:
+        gpu_class = resolve_gpu_class(settings, args.gpu_class)
+    except ConfigError as exc:
+        print(f"runflow-worker serve: {exc}", file=sys.stderr)
+        return 2
+    if args.max_runs is not None and args.max_runs < 1:
+        print("runflow-worker serve: --max-runs must be at least 1", file=sys.stderr)
+        return 2
+    metrics = Metrics()
+    pipeline = _build_pipeline(settings, gpu_class)
+    callbacks = build_sender(settings, metrics)
+    worker = Worker(settings, pipeline, gpu_class=gpu_class, metrics=metrics,
+                    callbacks=callbacks, shutdown=shutdown,
+                    renew_leases=os.environ.get(NO_LEASE_RENEWAL_ENV) != "1")
+    try:
+        return worker.work(burst=args.burst, max_runs=args.max_runs)
+    finally:
+        pipeline.close()
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def build_submit_message(args: argparse.Namespace) -> RunMessage:
+    """The run message for ``submit`` (RunRejected when it breaks a SPEC §3 rule)."""
+    from worker.cli_inputs import load_deployed, load_inputs_json, parse_cli_inputs
+
+    data = load_deployed(args.deployed)
+    if args.run_id:
+        data["run_id"] = args.run_id
+    data.setdefault("run_id", uuid.uuid4().hex)
+    data["attempt"] = 1
+    data["created_at"] = utcnow().isoformat()
+    data.pop("billing", None)
+    if args.timeout_s is not None:
+        data["timeout_s"] = args.timeout_s
+    if args.callback_url:
+        data["callback_url"] = args.callback_url
+    message = parse_message(data)
+    values: dict[str, Any] = dict(message.input)
+    if args.inputs_json is not None:
+        values.update(load_inputs_json(args.inputs_json))
+    if args.input:
+        defs, _ = effective_inputs(message.workflow)
+        values.update(parse_cli_inputs(defs, args.input))
+    message = message.model_copy(update={"input": values})
+    check_message(message)
+    return message
+
+
+def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
+                    events_maxlen: int) -> str:
+    """Write the ``queued`` record and event, then XADD the message; return the entry id."""
+    from worker.queue import enqueue
+    from worker.records import status_event
+
+    record = record_for(message, RunStatus.QUEUED)
+    return enqueue(client, gpu_class, message.model_dump_json(), run_id=message.run_id,
+                   queued_record_json=record.to_json(),
+                   event_fields=status_event(message.run_id, message.attempt, "queued",
+                                             {"gpu_class": gpu_class}),
+                   events_maxlen=events_maxlen)
+
+
+def submit_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Enqueue a run; print its id, or with ``--wait`` its final record (0 iff succeeded)."""
+    from worker.gpu import resolve_gpu_class
+    from worker.queue import connect
+
+    try:
+        message = build_submit_message(args)
+        gpu_class = resolve_gpu_class(settings, args.gpu_class)
+    except RunRejected as exc:
+        print(json.dumps({"error": exc.as_error()}, indent=2), file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"runflow-worker submit: {exc}", file=sys.stderr)
+        return 2
+    client = connect(settings.redis_url, block_s=WAIT_BLOCK_MS / 1000)
+    try:
+        # The events cursor is taken before the XADD, so no event of this run is missed.
+        cursor = _events_tail(client) if args.wait else "$"
+        enqueue_message(client, message, gpu_class, events_maxlen=settings.events_maxlen)
+        if not args.wait:
+            print(message.run_id)
+            return 0
+        print(message.run_id, file=sys.stderr)
+        record = follow_run(client, message.run_id, cursor)
+    except QueueError as exc:
+        print(f"runflow-worker submit: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    print(record.model_dump_json(indent=2))
+    return 0 if record.status is RunStatus.SUCCEEDED else 1
+
+
+def _events_tail(client: Any) -> str:
+    from worker.queue import redis_errors
+
+    with redis_errors("reading the events stream"):
+        last = client.xrevrange(keys.EVENTS_STREAM, count=1)
+    return last[0][0] if last else "0-0"
+
+
+def follow_run(client: Any, run_id: str, cursor: str) -> RunRecord:
+    """Print the run's events on stderr until its record is terminal; return the record."""
+    from worker.queue import redis_errors
+
+    while True:
+        with redis_errors("following the run"):
+            reply = client.xread({keys.EVENTS_STREAM: cursor}, count=500, block=WAIT_BLOCK_MS)
+        check_record = not reply  # on a quiet stream too: events may have been trimmed
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                cursor = entry_id
+                if fields.get("run_id") != run_id:
+                    continue
+                _print_event(fields)
+                if fields.get("type") == "status" and fields.get("status") in (
+                        "succeeded", "failed", "canceled"):
+                    check_record = True
+        if not check_record:
+            continue
+        with redis_errors("reading the run record"):
+            raw = client.get(keys.run_record(run_id))
+        if raw:
+            record = RunRecord.model_validate_json(raw)
+            if record.status.terminal:
+                return record
+
+
+def _print_event(fields: dict[str, str]) -> None:
+    try:
+        data = json.loads(fields.get("data") or "{}")
+    except ValueError:
+        data = {}
+    kind = fields.get("type")
+    if kind == "status":
+        print(f"status: {fields.get('status')}", file=sys.stderr)
+    elif kind == "log":
+        print(f"  [{data.get('node_id')}] {data.get('message')}", file=sys.stderr)
+    elif "step" in data:
+        print(f"  node {data.get('node_id')}: step {data['step']}/{data.get('total')}",
+              file=sys.stderr)
+    elif "node_type" in data:
+        print(f"  node {data.get('node_id')} {data['node_type']}", file=sys.stderr)
+    elif "bytes" in data:
+        print(f"  {data.get('field')}: {data['bytes']}/{data.get('total') or '?'} bytes",
+              file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def status_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the record of ``RUN_ID`` as JSON; exit 1 when there is none."""
+    from worker.queue import connect, redis_errors
+
+    client = connect(settings.redis_url)
+    try:
+        with redis_errors("reading the run record"):
+            raw = client.get(keys.run_record(args.run_id))
+    except QueueError as exc:
+        print(f"runflow-worker status: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if not raw:
+        print(f"runflow-worker status: no record for run {args.run_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(json.loads(raw), indent=2))
+    return 0
