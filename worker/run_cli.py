@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.cli_inputs import load_deployed, load_inputs_json, parse_cli_inputs
+from worker.cli_progress import DownloadBars, describe_event
 from worker.contract import RunStatus, effective_inputs, parse_message, record_for, utcnow
 from worker.errors import RunRejected
 from worker.pipeline import RunResult, StopReason
@@ -46,7 +47,7 @@ class _CliControl:
     def __init__(self, quiet: bool) -> None:
         self.canceled = threading.Event()
         self.quiet = quiet
-        self._last_node: str | None = None
+        self.bars = DownloadBars()
 
     def stop_reason(self) -> StopReason | None:
         return StopReason.CANCELED if self.canceled.is_set() else None
@@ -54,17 +55,12 @@ class _CliControl:
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         if self.quiet:
             return
-        if kind == "log":
-            print(f"  [{data.get('node_id')}] {data.get('message')}", file=sys.stderr)
-        elif "step" in data:
-            print(f"  node {data.get('node_id')}: step {data['step']}/{data['total']}",
-                  file=sys.stderr)
-        elif "node_type" in data:
-            print(f"node {data['node_id']} {data['node_type']}", file=sys.stderr)
-        elif "bytes" in data:
-            total = data.get("total")
-            print(f"  {data.get('field')}: {data['bytes']}/{total or '?'} bytes",
-                  file=sys.stderr)
+        if data.get("phase") == "models" and "bytes" in data:
+            self.bars.update(data)
+            return
+        line = describe_event(kind, data)
+        if line is not None:
+            print(line, file=sys.stderr)
 
 
 def build_message(args: argparse.Namespace) -> Any:
@@ -103,6 +99,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         result: RunResult = pipeline.execute(message, control, picked_up_monotonic=picked_up)
     finally:
+        control.bars.close()
         pipeline.close()
         signal.signal(signal.SIGINT, previous)
     record = terminal_record(

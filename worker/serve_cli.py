@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 from worker import keys
+from worker.cli_progress import describe_event
 from worker.contract import (
     RunMessage,
     RunRecord,
@@ -34,7 +34,6 @@ from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NO_LEASE_RENEWAL_ENV = "RUNFLOW_TEST_NO_LEASE_RENEWAL"
 """Test hook: ``1`` makes ``serve`` never renew its lease (to prove reclaims work)."""
 WAIT_BLOCK_MS = 1000
 """How long ``submit --wait`` blocks on the events stream before re-reading the record."""
@@ -105,7 +104,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     callbacks = build_sender(settings, metrics)
     worker = Worker(settings, pipeline, gpu_class=gpu_class, metrics=metrics,
                     callbacks=callbacks, shutdown=shutdown,
-                    renew_leases=os.environ.get(NO_LEASE_RENEWAL_ENV) != "1")
+                    renew_leases=settings.lease_renewal)
     try:
         return worker.work(burst=args.burst, max_runs=args.max_runs)
     finally:
@@ -234,16 +233,10 @@ def _print_event(fields: dict[str, str]) -> None:
     kind = fields.get("type")
     if kind == "status":
         print(f"status: {fields.get('status')}", file=sys.stderr)
-    elif kind == "log":
-        print(f"  [{data.get('node_id')}] {data.get('message')}", file=sys.stderr)
-    elif "step" in data:
-        print(f"  node {data.get('node_id')}: step {data['step']}/{data.get('total')}",
-              file=sys.stderr)
-    elif "node_type" in data:
-        print(f"  node {data.get('node_id')} {data['node_type']}", file=sys.stderr)
-    elif "bytes" in data:
-        print(f"  {data.get('field')}: {data['bytes']}/{data.get('total') or '?'} bytes",
-              file=sys.stderr)
+        return
+    line = describe_event(kind, data)
+    if line is not None:
+        print(line, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- status

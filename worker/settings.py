@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     """Git origin prefixes accepted besides ``https://`` (e.g. an internal git server)."""
     runner_entry: str = "runtime.child:main"
     """``module:function`` run in the ComfyUI child (tests swap in a fake)."""
+    lease_renewal: bool = True
+    """Renew the lease of the running entry (only tests turn this off)."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """How long ComfyUI may take to import and load its nodes."""
 

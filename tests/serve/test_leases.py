@@ -69,7 +69,7 @@ def test_without_lease_renewal_the_run_is_reclaimed_exactly_once(r, spawn_worker
                                                                   tmp_path: Path) -> None:
     mark = tmp_path / "marks"
     submit(r, "unrenewed", graph(sleep_s=3, mark=mark, tag="unrenewed"))
-    frozen_lease = spawn_worker("--max-runs", "1", env={"RUNFLOW_TEST_NO_LEASE_RENEWAL": "1"})
+    frozen_lease = spawn_worker("--max-runs", "1", env={"RUNFLOW_LEASE_RENEWAL": "0"})
     wait_for(lambda: _running_on(r, "unrenewed"), 20, "the run to start")
     rescuer = spawn_worker()
     wait_for(lambda: is_terminal(r, "unrenewed"), 30, "the run to finish")
