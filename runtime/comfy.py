@@ -111,9 +111,14 @@ class ComfyEmbedding:
         args.cpu = bool(cpu)
         args.base_directory = str(base_dir)
         args.disable_all_custom_nodes = False
+        # isort: off
+        # The order is load-bearing (see the module docstring); never let a sorter touch it:
+        # ComfyUI's `utils` package must be imported before anything can shadow it with
+        # comfy/utils.py.
+        import utils.extra_config  # noqa: F401
         import folder_paths
         import server
-        import utils.extra_config  # noqa: F401  (before nodes: see module docstring)
+        # isort: on
 
         asyncio.set_event_loop(self.loop)
         self.server = _Server(self.loop)

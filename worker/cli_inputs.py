@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
-from worker.contract import InputDef, InputType
+from worker.contract import (
+    InputDef,
+    InputType,
+    RunMessage,
+    effective_inputs,
+    parse_message,
+    utcnow,
+)
 from worker.errors import ErrorCode, RunRejected, Violation
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -89,3 +98,30 @@ def load_inputs_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunRejected([Violation(ErrorCode.INVALID_INPUT, "input", "must be a JSON object")])
     return data
+
+
+def message_from_args(args: argparse.Namespace) -> RunMessage:
+    """A fresh run message (attempt 1, created now) from ``run``/``submit`` arguments.
+
+    ``--run-id`` wins, else the message's own ``run_id``, else a new one. ``--inputs-json``
+    and then ``--input`` values are laid over the message's ``input``. Raises RunRejected.
+    """
+    data = load_deployed(args.deployed)
+    if args.run_id:
+        data["run_id"] = args.run_id
+    data.setdefault("run_id", uuid.uuid4().hex)
+    data["attempt"] = 1
+    data["created_at"] = utcnow().isoformat()
+    data.pop("billing", None)
+    if args.timeout_s is not None:
+        data["timeout_s"] = args.timeout_s
+    if getattr(args, "callback_url", None):
+        data["callback_url"] = args.callback_url
+    message = parse_message(data)
+    values: dict[str, Any] = dict(message.input)
+    if args.inputs_json is not None:
+        values.update(load_inputs_json(args.inputs_json))
+    if args.input:
+        defs, _ = effective_inputs(message.workflow)
+        values.update(parse_cli_inputs(defs, args.input))
+    return message.model_copy(update={"input": values})

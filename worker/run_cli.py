@@ -12,13 +12,12 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from worker.cli_inputs import load_deployed, load_inputs_json, parse_cli_inputs
+from worker.cli_inputs import message_from_args
 from worker.cli_progress import DownloadBars, describe_event
-from worker.contract import RunStatus, effective_inputs, parse_message, record_for, utcnow
+from worker.contract import RunStatus, utcnow
 from worker.errors import RunRejected
 from worker.pipeline import RunResult, StopReason
 from worker.report import terminal_record
@@ -63,23 +62,6 @@ class _CliControl:
             print(line, file=sys.stderr)
 
 
-def build_message(args: argparse.Namespace) -> Any:
-    """The run message for ``args`` (RunRejected if the inputs are bad)."""
-    data = load_deployed(args.deployed)
-    data.setdefault("run_id", args.run_id or uuid.uuid4().hex)
-    data.setdefault("created_at", utcnow().isoformat())
-    if args.timeout_s is not None:
-        data["timeout_s"] = args.timeout_s
-    message = parse_message(data)
-    values: dict[str, Any] = dict(message.input)
-    if args.inputs_json is not None:
-        values.update(load_inputs_json(args.inputs_json))
-    if args.input:
-        defs, _ = effective_inputs(message.workflow)
-        values.update(parse_cli_inputs(defs, args.input))
-    return message.model_copy(update={"input": values})
-
-
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run once and print the record; exit code 0 only for a succeeded run."""
     from worker.assembly import build_pipeline
@@ -87,7 +69,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     started_at = utcnow()
     picked_up = time.monotonic()
     try:
-        message = build_message(args)
+        message = message_from_args(args)
     except RunRejected as exc:
         record = {"id": args.run_id, "status": "failed", "error": exc.as_error()}
         print(json.dumps(record, indent=2))
@@ -109,5 +91,3 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     print(record.model_dump_json(indent=2))
     return 0 if record.status is RunStatus.SUCCEEDED else 1
 
-
-__all__ = ["add_parser", "record_for", "run_command"]

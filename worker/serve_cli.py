@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,7 @@ from worker.contract import (
     RunRecord,
     RunStatus,
     check_message,
-    effective_inputs,
-    parse_message,
     record_for,
-    utcnow,
 )
 from worker.errors import ConfigError, QueueError, RunRejected
 from worker.settings import Settings
@@ -116,27 +112,9 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 
 def build_submit_message(args: argparse.Namespace) -> RunMessage:
     """The run message for ``submit`` (RunRejected when it breaks a SPEC §3 rule)."""
-    from worker.cli_inputs import load_deployed, load_inputs_json, parse_cli_inputs
+    from worker.cli_inputs import message_from_args
 
-    data = load_deployed(args.deployed)
-    if args.run_id:
-        data["run_id"] = args.run_id
-    data.setdefault("run_id", uuid.uuid4().hex)
-    data["attempt"] = 1
-    data["created_at"] = utcnow().isoformat()
-    data.pop("billing", None)
-    if args.timeout_s is not None:
-        data["timeout_s"] = args.timeout_s
-    if args.callback_url:
-        data["callback_url"] = args.callback_url
-    message = parse_message(data)
-    values: dict[str, Any] = dict(message.input)
-    if args.inputs_json is not None:
-        values.update(load_inputs_json(args.inputs_json))
-    if args.input:
-        defs, _ = effective_inputs(message.workflow)
-        values.update(parse_cli_inputs(defs, args.input))
-    message = message.model_copy(update={"input": values})
+    message = message_from_args(args)
     check_message(message)
     return message
 
