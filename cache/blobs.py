@@ -42,11 +42,11 @@ from cache.errors import (
     InsufficientDisk,
     IntegrityError,
     SourceUnavailable,
-    UnsafePath,
     from_os_error,
 )
 from cache.fetcher import DEFAULT_MAX_BYTES
 from cache.hashing import sha256_file
+from cache.links import link_into
 from cache.partials import Partial, Partials
 from cache.pins import Pins
 from cache.progress import Cancel, Progress
@@ -508,34 +508,12 @@ class BlobStore:
     # -- linking ----------------------------------------------------------------------------
 
     def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path:
-        """Make the blob appear at ``dest`` (parents created): a hard link on the same
-        filesystem, else a symbolic link; never a copy. An existing ``dest`` is replaced.
-
-        With ``base``, refuse (``UnsafePath``) a ``dest`` that is or resolves outside it.
-        """
+        """Make the blob appear at ``dest`` (see ``cache.links.link_into``): a hard link, else
+        a symbolic link, never a copy. With ``base``, refuse a ``dest`` outside it."""
         blob = self.path_for(sha256)
         if not blob.is_file():
             raise BlobNotFound(f"sha256 {check_digest(sha256)[:12]}... is not in the store")
-        dest = Path(os.path.abspath(dest))
-        if base is not None:
-            Path(base).mkdir(parents=True, exist_ok=True)
-            base_real = os.path.realpath(base)
-            if not (_inside(str(dest), os.path.abspath(base)) or _inside(str(dest), base_real)):
-                raise UnsafePath(f"{dest.name} is outside the directory it must stay in")
-            # Check the deepest existing ancestor before creating anything: a symlinked
-            # directory on the way must not lead the new directories outside the base.
-            existing = dest.parent
-            while not os.path.lexists(existing):
-                existing = existing.parent
-            if not _inside(os.path.realpath(existing), base_real):
-                raise UnsafePath(f"{dest.name} resolves outside the directory it must stay in")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if base is not None and not _inside(os.path.realpath(dest.parent), base_real):
-                raise UnsafePath(f"{dest.name} resolves outside the directory it must stay in")
-            _place(blob, dest)
-        except OSError as exc:
-            raise from_os_error(exc, f"linking {dest.name}") from exc
+        dest = link_into(blob, dest, base=base)
         self._touch(blob)
         return dest
 
@@ -545,28 +523,6 @@ class BlobStore:
             os.utime(path)
         except OSError:
             pass  # a blob owned by another user on a shared volume: LRU is best effort
-
-
-def _place(blob: Path, dest: Path) -> None:
-    """Put a hard link (else a symlink) to ``blob`` at ``dest``, replacing what is there."""
-    try:
-        if os.path.samefile(blob, dest):
-            return
-    except OSError:
-        pass  # dest does not exist (or is a broken link): create it
-    temp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.link")
-    temp.unlink(missing_ok=True)
-    try:
-        os.link(blob, temp)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        os.symlink(blob, temp)  # another filesystem (or links refused): point at the blob
-    os.replace(temp, dest)
-
-
-def _inside(path: str, base: str) -> bool:
-    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _fsync_dir(directory: Path) -> None:
