@@ -5,6 +5,7 @@ Hierarchy::
     RuntimeFailure
     ├── RunnerStateError     an operation not allowed in the runner's current state
     ├── RunnerStartFailed    the ComfyUI child could not start (import, init, died, timeout)
+    ├── RunnerStartCanceled  the start was interrupted (cancel, timeout, shutdown)
     └── ProtocolError        something outside the closed message set came over the pipe
 
 Job outcomes (node errors, OOM, interrupts, child death mid-job) are not exceptions: the
@@ -28,6 +29,10 @@ class RunnerStartFailed(RuntimeFailure):
     def __init__(self, message: str, traceback: str = "") -> None:
         super().__init__(message)
         self.traceback = traceback
+
+
+class RunnerStartCanceled(RuntimeFailure):
+    """The start was interrupted on the caller's request; the child was killed."""
 
 
 class ProtocolError(RuntimeFailure):

@@ -26,7 +26,12 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from runtime import protocol as p
-from runtime.errors import ProtocolError, RunnerStartFailed, RunnerStateError
+from runtime.errors import (
+    ProtocolError,
+    RunnerStartCanceled,
+    RunnerStartFailed,
+    RunnerStateError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +136,14 @@ class Runner:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> p.Ready:
-        """Spawn the child and wait until ComfyUI is initialised; raise RunnerStartFailed."""
+    def start(self, should_stop: Callable[[], bool] | None = None,
+              poll_s: float = 0.1) -> p.Ready:
+        """Spawn the child and wait until ComfyUI is initialised; raise RunnerStartFailed.
+
+        ``should_stop`` is polled every ``poll_s``: once true the half-started child is
+        killed and ``RunnerStartCanceled`` raised (a cancel must not wait for ComfyUI's
+        import, which takes seconds to minutes).
+        """
         self._require(RunnerState.NEW, RunnerState.DEFUNCT)
         if self.state is RunnerState.DEFUNCT:
             self.restarts += 1
@@ -163,7 +174,10 @@ class Runner:
                 raise RunnerStartFailed(
                     f"ComfyUI did not start within {self.config.startup_timeout_s:.0f} s"
                 )
-            msg = self._recv(timeout_s=remaining)
+            if should_stop is not None and should_stop():
+                self._kill("start canceled")
+                raise RunnerStartCanceled("ComfyUI start was interrupted")
+            msg = self._recv(timeout_s=min(remaining, poll_s))
             if msg is None:
                 continue
             if isinstance(msg, p.Ready):
@@ -311,7 +325,8 @@ class RunnerSupervisor:
         self.runner: Runner | None = None
         self.restarts = 0
 
-    def runner_for(self, config: RunnerConfig) -> Runner:
+    def runner_for(self, config: RunnerConfig,
+                   should_stop: Callable[[], bool] | None = None) -> Runner:
         """A READY runner for ``config``, starting or restarting the child as needed."""
         runner = self.runner
         if runner is not None and runner.config != config:
@@ -322,7 +337,7 @@ class RunnerSupervisor:
         if runner.state is RunnerState.DEFUNCT:
             self.restarts += 1
         if runner.state in (RunnerState.NEW, RunnerState.DEFUNCT):
-            runner.start()
+            runner.start(should_stop)
         return runner
 
     def close(self) -> None:

@@ -172,3 +172,19 @@ def _now():
     from worker.contract import utcnow
 
     return utcnow()
+
+
+def test_cancel_during_comfyui_start(tmp_path: Path) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry="tests.fakes.slow_start_child:main"),
+                  storage=LocalStorage(tmp_path / "store"))
+    control = Control()
+    threading.Timer(0.3, control.cancel.set).start()
+    t0 = time.monotonic()
+    try:
+        result = pl.execute(parse_message(message()), control)
+    finally:
+        pl.close()
+    assert result.status is RunStatus.CANCELED
+    assert time.monotonic() - t0 < 0.3 + 2.0
+    assert result.timings_ms["environment"] < 2300

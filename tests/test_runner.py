@@ -167,3 +167,16 @@ def test_supervisor_restarts_dead_and_switches_environment(tmp_path: Path) -> No
 def test_describe_exit() -> None:
     assert describe_exit(1) == "exit code 1"
     assert "SIGSEGV" in describe_exit(-11)
+
+
+def test_start_can_be_interrupted(tmp_path: Path) -> None:
+    from runtime.errors import RunnerStartCanceled
+
+    r = Runner(config(tmp_path, fake_init_delay_s="60"))
+    asked = threading.Event()
+    threading.Timer(0.3, asked.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(RunnerStartCanceled):
+        r.start(should_stop=asked.is_set)
+    assert time.monotonic() - t0 < 0.3 + 2.0
+    assert r.state is RunnerState.DEFUNCT and r.pid is None

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime import protocol as p
-from runtime.errors import RunnerStartFailed
+from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
 from runtime.runner import RunnerConfig, RunnerSupervisor
 from worker import contract as c
@@ -182,7 +182,7 @@ class Pipeline:
             for d in dirs.values():
                 d.mkdir()
             with phases.phase("environment"):
-                runner = self._runner(message, result)
+                runner = self._runner(message, result, stop_reason)
             self._check_stop(stop_reason)
             wf = message.workflow
             digests = [m.sha256.lower() for m in wf.models.values() if m.sha256] + [
@@ -236,7 +236,8 @@ class Pipeline:
         if reason is not None:
             raise _interrupted(reason)
 
-    def _runner(self, message: c.RunMessage, result: RunResult) -> Any:
+    def _runner(self, message: c.RunMessage, result: RunResult,
+                stop_reason: Callable[[], StopReason | None]) -> Any:
         if self.config.comfyui_dir is None:
             raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                              "no ComfyUI checkout: set RUNFLOW_COMFYUI_DIR")
@@ -255,7 +256,9 @@ class Pipeline:
             sup.runner.config != config)
         start = time.monotonic()
         try:
-            runner = sup.runner_for(config)
+            runner = sup.runner_for(config, should_stop=lambda: stop_reason() is not None)
+        except RunnerStartCanceled as exc:
+            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except RunnerStartFailed as exc:
             raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                              f"ComfyUI failed to start: {exc}",
