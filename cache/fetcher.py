@@ -44,7 +44,7 @@ from cache.errors import (
     redact_url,
 )
 from cache.hashing import HashingFileWriter
-from cache.progress import Cancel, Progress, ProgressThrottle
+from cache.progress import Cancel, Progress, ProgressThrottle, resume_after_cuts
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
 DEFAULT_MAX_BYTES = 50 * 2**30
@@ -503,23 +503,21 @@ class Fetcher:
         limit = max_bytes or self.max_bytes
         deadline_at = time.monotonic() + (deadline_s or self.deadline_s)
         throttle = ProgressThrottle(progress)
-        offset = start_offset
-        attempts_left = self.resume_attempts
-        while True:
-            remaining_s = deadline_at - time.monotonic()
-            if remaining_s <= 0:
-                raise FetchTimeout(f"overall deadline exceeded fetching {redact_url(url)}",
-                                   reason="deadline")
-            try:
-                return self._transfer(url, dest, offset, limit, cancel, throttle, before_body,
-                                      remaining_s, fsync)
-            except _RestartFromZero:
-                offset = 0
-            except FetchInterrupted:
-                if attempts_left <= 0:
-                    raise
-                attempts_left -= 1
-                offset = dest.stat().st_size if dest.exists() else 0
+
+        def attempt(offset: int) -> FetchResult:
+            while True:
+                remaining_s = deadline_at - time.monotonic()
+                if remaining_s <= 0:
+                    raise FetchTimeout(f"overall deadline exceeded fetching {redact_url(url)}",
+                                       reason="deadline")
+                try:
+                    return self._transfer(url, dest, offset, limit, cancel, throttle,
+                                          before_body, remaining_s, fsync)
+                except _RestartFromZero:
+                    offset = 0  # the server ignored Range: not a cut, no attempt used
+
+        return resume_after_cuts(attempt, dest, start_offset=start_offset,
+                                 attempts=self.resume_attempts)
 
     def _transfer(
         self,

@@ -1,4 +1,4 @@
-"""Rate-limited callbacks: progress reports and cancel checks during long transfers.
+"""Helpers of the download loops: rate-limited progress and cancel checks, resume after cuts.
 
 A transfer moves thousands of pieces a second; calling a progress callback (which may publish
 an event) or a cancel check (which may ask Redis) for each would cost more than the transfer.
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
-from cache.errors import FetchCanceled
+from cache.errors import FetchCanceled, FetchInterrupted
+
+T = TypeVar("T")
 
 Progress = Callable[[int, int | None], None]
 Cancel = Callable[[], bool]
@@ -55,3 +59,21 @@ class CancelCheck:
             self.canceled = bool(self._cancel())
         if self.canceled:
             raise FetchCanceled("transfer canceled")
+
+
+def resume_after_cuts(transfer: Callable[[int], T], dest: Path, *, start_offset: int,
+                      attempts: int) -> T:
+    """Call ``transfer(offset)`` until it completes, resuming after cuts.
+
+    A ``FetchInterrupted`` (connection dropped mid-body) is answered with another call from
+    the bytes ``dest`` already holds, up to ``attempts`` times; then it is raised.
+    """
+    offset = start_offset
+    while True:
+        try:
+            return transfer(offset)
+        except FetchInterrupted:
+            if attempts <= 0:
+                raise
+            attempts -= 1
+            offset = dest.stat().st_size if dest.exists() else 0

@@ -49,7 +49,13 @@ from cache.errors import (
 )
 from cache.fetcher import DEFAULT_MAX_BYTES, Fetcher, FetchResult
 from cache.hashing import HashingFileWriter
-from cache.progress import Cancel, CancelCheck, Progress, ProgressThrottle
+from cache.progress import (
+    Cancel,
+    CancelCheck,
+    Progress,
+    ProgressThrottle,
+    resume_after_cuts,
+)
 
 CHUNK_BYTES = 1 << 20
 RESUME_ATTEMPTS = 3
@@ -180,16 +186,10 @@ class S3Source:
         """Download the object into ``dest``, resuming after a cut up to RESUME_ATTEMPTS times."""
         checker = CancelCheck(cancel)
         throttle = ProgressThrottle(progress)
-        offset = start_offset
-        attempts_left = RESUME_ATTEMPTS
-        while True:
-            try:
-                return self._transfer(dest, offset, max_bytes, checker, throttle, before_body)
-            except FetchInterrupted:
-                if attempts_left <= 0:
-                    raise
-                attempts_left -= 1
-                offset = dest.stat().st_size if dest.exists() else 0
+        return resume_after_cuts(
+            lambda offset: self._transfer(dest, offset, max_bytes, checker, throttle,
+                                          before_body),
+            dest, start_offset=start_offset, attempts=RESUME_ATTEMPTS)
 
     def _transfer(
         self,
