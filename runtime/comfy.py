@@ -298,10 +298,11 @@ class ComfyEmbedding:
             cls = mappings.get(node.get("class_type"))
             if cls is not None and getattr(cls, "OUTPUT_NODE", False):
                 node.setdefault("inputs", {})[NONCE_INPUT] = job.job_id
+        # Folders first: INPUT_TYPES of loader nodes lists this run's files, not the last run's.
+        self._point_folders(job)
         bad = self._check_file_inputs(graph)
         if bad is not None:
             return p.Failed(job.job_id, bad.kind, bad.message, bad.node_id, bad.node_type)
-        self._point_folders(job)
         self._forget_changed_models(job)
         cuda = torch.cuda.is_available() and self._mm.cpu_state != self._mm.CPUState.CPU
         if cuda:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from cache.errors import URLRefused
+from cache.fetcher import Fetcher
 from worker.pipeline import Pipeline, PipelineConfig
 from worker.settings import Settings
 from worker.storage import Storage, open_storage
@@ -19,17 +21,17 @@ def build_storage(settings: Settings, storage_url: str | None = None) -> Storage
                         presign_ttl_s=settings.presign_ttl_s)
 
 
-def make_input_fetcher(settings: Settings, *, allow_local_files: bool = False):
+def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
+                       allow_local_files: bool = False):
     """The function that fetches one caller file (https, runflow assets, local files)."""
-    from worker.cache_cli import build_fetcher, build_sources
+    from worker.cache_cli import build_sources
 
-    fetcher = build_fetcher(settings)
     sources = build_sources(settings, fetcher)
 
     def fetch(url: str, dest: Path, *, max_bytes: int, cancel: Callable[[], bool]) -> None:
         if url.startswith("file://"):
             if not allow_local_files:  # the contract check refuses these before; defence
-                raise ValueError("local files are not accepted here")
+                raise URLRefused("local files are not accepted here")
             shutil.copyfile(unquote(urlsplit(url).path), dest)
             return
         sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel)
@@ -41,7 +43,7 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    allow_local_files: bool = False, child_entry: str | None = None,
                    cpu: bool | None = None) -> Pipeline:
     """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child)."""
-    from worker.cache_cli import build_blob_store
+    from worker.cache_cli import build_blob_store, build_fetcher
 
     config = PipelineConfig(
         work_dir=settings.cache_dir / "work",
@@ -56,9 +58,10 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
     )
+    fetcher = build_fetcher(settings)  # one connection policy for models and inputs
     return Pipeline(
         config,
         storage=storage or build_storage(settings),
-        blobs=build_blob_store(settings),
-        fetch_input=make_input_fetcher(settings, allow_local_files=allow_local_files),
+        blobs=build_blob_store(settings, fetcher),
+        fetch_input=make_input_fetcher(settings, fetcher, allow_local_files=allow_local_files),
     )
