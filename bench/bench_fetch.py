@@ -1,10 +1,13 @@
 """Benchmark: ``BlobStore.ensure`` against curl, over loopback TLS.
 
-Serves one file (1 GiB by default) with ``openssl s_server -WWW`` using a ``trustme``
-certificate on 127.0.0.1, then times, interleaved over several rounds:
+Serves one file (1 GiB by default, sent with its ``Content-Length`` as any file server does)
+with ``openssl s_server -HTTP`` using a ``trustme`` certificate on 127.0.0.1, then times, interleaved over several rounds:
 
-- ``BlobStore.ensure``: download + sha256 in the same pass + fsync + publish;
-- ``Fetcher.fetch_to_file`` without fsync: the same transfer and hash, to show the fsync cost;
+- ``BlobStore.ensure``: download + sha256 in the same pass + fsync + publish, written past
+  the page cache (``O_DIRECT``, the default);
+- ``BlobStore.ensure`` with direct I/O off: the same through the page cache;
+- ``Fetcher.fetch_to_file`` through the page cache without fsync: the same transfer and
+  hash, to show what durability costs;
 - ``curl -o FILE`` then ``sha256sum FILE``: the sequential baseline;
 - ``curl -o FILE`` then ``openssl dgst -sha256 FILE``: the same with a faster hasher;
 - ``curl -o FILE`` then ``sync FILE``: durable like the store, no hashing;
@@ -22,6 +25,7 @@ commands) as the median. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -56,24 +60,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def make_file(path: Path, size_bytes: int) -> None:
-    """Write ``size_bytes`` random bytes to ``path``."""
+def make_response_file(path: Path, size_bytes: int) -> str:
+    """Write a complete HTTP response with ``size_bytes`` random body bytes to ``path`` (what
+    ``openssl s_server -HTTP`` sends as it is); return the body's hex sha256."""
+    digest = hashlib.sha256()
     with path.open("wb") as f:
+        f.write(b"HTTP/1.0 200 ok\r\nContent-Type: application/octet-stream\r\n"
+                b"Content-Length: %d\r\n\r\n" % size_bytes)
         left = size_bytes
         while left:
-            n = min(CHUNK_BYTES, left)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file (hashlib)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
+            chunk = os.urandom(min(CHUNK_BYTES, left))
             digest.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
     return digest.hexdigest()
 
 
@@ -85,12 +84,12 @@ def free_port() -> int:
 
 
 def start_server(workdir: Path, ca: trustme.CA) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``openssl s_server -WWW`` serving ``workdir``; return it and its port."""
+    """Start ``openssl s_server -HTTP`` serving ``workdir``; return it and its port."""
     cert = ca.issue_cert("127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(workdir / "server.pem"))
     port = free_port()
     server = subprocess.Popen(
-        ["openssl", "s_server", "-WWW", "-quiet", "-accept", f"127.0.0.1:{port}",
+        ["openssl", "s_server", "-HTTP", "-quiet", "-accept", f"127.0.0.1:{port}",
          "-cert", "server.pem"],
         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -140,19 +139,19 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-fetch-", dir=args.dir))
     serve_dir = workdir / "srv"
     serve_dir.mkdir()
-    data = serve_dir / "data.bin"
     size_bytes = args.size_mib * 2**20
     print(f"writing {args.size_mib} MiB of random data ...", flush=True)
-    make_file(data, size_bytes)
-    digest = sha256_of(data)
+    digest = make_response_file(serve_dir / "data.http", size_bytes)
     ca = trustme.CA()
     ca_file = workdir / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     server, port = start_server(serve_dir, ca)
-    url = f"https://127.0.0.1:{port}/data.bin"
+    url = f"https://127.0.0.1:{port}/data.http"
     out = workdir / "out.bin"
     store_root = workdir / "store"
     fetcher = Fetcher(URLPolicy(["127.0.0.1/32"]), ca_bundle=ca_file, timeout_s=60)
+    buffered_fetcher = Fetcher(URLPolicy(["127.0.0.1/32"]), ca_bundle=ca_file, timeout_s=60,
+                               direct_io=False)
     curl = ["curl", "-sS", "--fail", "--cacert", str(ca_file), url]
 
     def reset() -> None:
@@ -160,13 +159,15 @@ def main() -> int:
         shutil.rmtree(store_root, ignore_errors=True)
         os.sync()
 
-    def run_store() -> None:
-        store = BlobStore(store_root, sources=Sources(fetcher=fetcher))
-        path = store.ensure(digest, [url], size_bytes)
-        assert path.stat().st_size == size_bytes
+    def run_store(via: Fetcher) -> Callable[[], None]:
+        def go() -> None:
+            store = BlobStore(store_root, sources=Sources(fetcher=via))
+            path = store.ensure(digest, [url], size_bytes)
+            assert path.stat().st_size == size_bytes
+        return go
 
     def run_fetch_no_fsync() -> None:
-        result = fetcher.fetch_to_file(url, out, fsync=False)
+        result = buffered_fetcher.fetch_to_file(url, out, fsync=False)
         assert result.sha256 == digest
 
     def run(cmd: list[str]) -> None:
@@ -181,8 +182,11 @@ def main() -> int:
         return go
 
     contenders: dict[str, tuple[Callable[[], None], bool]] = {
-        "BlobStore.ensure (hash in the same pass, fsync, publish)": (run_store, False),
-        "Fetcher.fetch_to_file (hash in the same pass, no fsync)": (run_fetch_no_fsync, False),
+        "BlobStore.ensure (hash in the same pass, O_DIRECT, fsync, publish)": (
+            run_store(fetcher), False),
+        "BlobStore.ensure, direct I/O off (through the page cache)": (
+            run_store(buffered_fetcher), False),
+        "Fetcher.fetch_to_file (page cache, no fsync)": (run_fetch_no_fsync, False),
         "curl -o FILE, then sha256sum FILE": (curl_then(["sha256sum"]), True),
         "curl -o FILE, then openssl dgst -sha256 FILE": (
             curl_then(["openssl", "dgst", "-sha256", "-r"]), True),

@@ -1,6 +1,6 @@
 """The one HTTP client for URLs the worker did not choose: inputs, callbacks, models, resources.
 
-``Fetcher`` is built on ``httpcore`` with a network backend of its own:
+``Fetcher`` is built on ``httpcore`` with a network backend of its own (``cache.transport``):
 
 - every URL, and every redirect target, passes ``URLPolicy`` (https only, public addresses);
 - the connection goes to exactly the address the policy checked: the backend never resolves
@@ -10,17 +10,17 @@
   overall ``deadline_s``), and a ``cancel()`` callable stops a transfer within ~0.1 s of
   returning true, even while a read is blocked (a watchdog shuts the socket down);
 - ``fetch_to_file`` hashes while it writes, resumes with ``Range`` after a cut, and restarts
-  from byte 0 when the server ignores ``Range``.
+  from byte 0 when the server ignores ``Range``. A body that is neither chunked nor encoded
+  is decrypted from the socket straight into the writer's buffers (``FetchResponse.readinto``),
+  without passing through the HTTP parser: on a fast link that parser's copies and per-piece
+  work, not the network, would set the pace.
 
 ``cancel`` callables are called from a helper thread, about ten times a second.
 """
 
 from __future__ import annotations
 
-import select
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -33,8 +33,6 @@ import httpcore
 import httpx
 
 from cache.errors import (
-    FetchCanceled,
-    FetchConnectError,
     FetchError,
     FetchInterrupted,
     FetchTimeout,
@@ -45,11 +43,11 @@ from cache.errors import (
 )
 from cache.hashing import HashingFileWriter
 from cache.progress import Cancel, Progress, ProgressThrottle, resume_after_cuts
+from cache.transport import Guard, GuardedStream, PinnedBackend, translate
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
 DEFAULT_MAX_BYTES = 50 * 2**30
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-WATCH_INTERVAL_S = 0.1
 USER_AGENT = "runflow-worker"
 # Headers that must not follow a redirect to another origin.
 _ORIGIN_BOUND_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -74,205 +72,38 @@ def make_ssl_context(ca_bundle: Path | str | None = None) -> ssl.SSLContext:
     return ctx
 
 
-class _Guard:
-    """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
-
-    def __init__(self, cancel: Cancel | None, deadline_at: float) -> None:
-        self._cancel = cancel
-        self.deadline_at = deadline_at
-        self.fired: str | None = None
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
-        self._thread.start()
-
-    def remaining_s(self) -> float:
-        """Seconds until the deadline (never below a small positive floor)."""
-        return max(0.001, self.deadline_at - time.monotonic())
-
-    def watch(self, sock: socket.socket | None) -> None:
-        """Remember the connection's socket, to shut it down if the guard fires."""
-        with self._lock:
-            self._sock = sock
-        if self.fired:
-            self._shutdown()
-
-    def check(self) -> None:
-        """Raise the guard's error if cancel or the deadline has fired."""
-        if self.fired is None and time.monotonic() >= self.deadline_at:
-            self.fired = "deadline"
-        if self.fired is not None:
-            raise self.error()
-
-    def error(self) -> FetchError:
-        """The error for the way the guard fired."""
-        if self.fired == "cancel":
-            return FetchCanceled("transfer canceled")
-        return FetchTimeout("overall deadline exceeded", reason="deadline")
-
-    def stop(self) -> None:
-        """End the watchdog."""
-        self._stop.set()
-        self._thread.join()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL_S):
-            if self._cancel is not None:
-                try:
-                    canceled = bool(self._cancel())
-                except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
-                    canceled = False
-                if canceled:
-                    self.fired = "cancel"
-            if self.fired is None and time.monotonic() >= self.deadline_at:
-                self.fired = "deadline"
-            if self.fired is not None:
-                self._shutdown()
-                return
-
-    def _shutdown(self) -> None:
-        with self._lock:
-            sock = self._sock
-        if sock is None:
-            return
-        try:
-            # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object
-            # under the reading thread's feet. A shut-down socket wakes a blocked recv at once.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-class _GuardedStream(httpcore.NetworkStream):
-    """A network stream registered with a guard, reading TLS records in larger batches."""
-
-    def __init__(self, inner: httpcore.NetworkStream, guard: _Guard) -> None:
-        self._inner = inner
-        self._guard = guard
-        sock = inner.get_extra_info("socket")
-        self._ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
-        self._poll = select.poll()
-        if self._ssl_sock is not None:
-            self._poll.register(self._ssl_sock.fileno(), select.POLLIN)
-        guard.watch(sock)
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        data = self._inner.read(max_bytes, timeout)
-        sock = self._ssl_sock
-        if sock is None or not data or len(data) >= max_bytes:
-            return data
-        # TLS returns at most one 16 KiB record per read, and each read costs a round through
-        # the HTTP parser. Taking the records that have already arrived along (checked with a
-        # zero-timeout poll, which leaves the socket's mode alone) makes those rounds several
-        # times fewer on large bodies.
-        parts = [data]
-        size = len(data)
-        try:
-            while size < max_bytes and (sock.pending() or self._poll.poll(0)):
-                more = sock.recv(max_bytes - size)
-                if not more:
-                    break
-                parts.append(more)
-                size += len(more)
-        except OSError:
-            pass  # the next read reports it
-        return b"".join(parts)
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
-
-    def close(self) -> None:
-        self._guard.watch(None)
-        self._inner.close()
-
-    def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
-        return _GuardedStream(tls, self._guard)
-
-    def get_extra_info(self, info: str) -> object:
-        return self._inner.get_extra_info(info)
-
-
-class _PinnedBackend(httpcore.NetworkBackend):
-    """Connects only to the addresses the policy checked for the one origin it was made for."""
-
-    def __init__(self, resolved: ResolvedTarget, guard: _Guard, connect_timeout_s: float) -> None:
-        self._resolved = resolved
-        self._guard = guard
-        self._connect_timeout_s = connect_timeout_s
-        self._inner = httpcore.SyncBackend()
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: object = None,
-    ) -> httpcore.NetworkStream:
-        target = self._resolved.target
-        if host != target.host or port != target.port:
-            raise httpcore.ConnectError("connection to an unchecked origin refused")
-        error: Exception = httpcore.ConnectError("no address to connect to")
-        for address in self._resolved.addresses:
-            self._guard.check()
-            budget_s = min(self._connect_timeout_s, self._guard.remaining_s())
-            try:
-                stream = self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=budget_s,
-                    local_address=local_address,
-                    socket_options=socket_options,  # type: ignore[arg-type]
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-                continue
-            return _GuardedStream(stream, self._guard)
-        raise error
-
-    def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not allowed")
-
-
-def _translate(exc: Exception, *, shown: str, guard: _Guard, in_body: bool) -> FetchError:
-    """Map an httpcore exception to the package's errors."""
-    if guard.fired is not None:
-        return guard.error()
-    if isinstance(exc, httpcore.TimeoutException):
-        what = "connecting to" if isinstance(exc, httpcore.ConnectTimeout) else "reading"
-        return FetchTimeout(f"timed out {what} {shown}")
-    if isinstance(exc, httpcore.ConnectError):
-        cause = exc.__context__ or exc.__cause__
-        if isinstance(cause, ssl.SSLError):
-            detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
-            return FetchConnectError(
-                f"TLS handshake with {shown} failed: {detail or 'ssl error'}", reason="tls_failed"
-            )
-        return FetchConnectError(f"cannot connect to {shown}")
-    if in_body and isinstance(exc, (httpcore.ReadError, httpcore.RemoteProtocolError)):
-        return FetchInterrupted(f"connection to {shown} dropped mid-body")
-    if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError)):
-        return FetchConnectError(f"connection to {shown} failed ({type(exc).__name__})")
-    return FetchError(f"request to {shown} failed ({type(exc).__name__})")
-
-
 class FetchResponse:
     """A response being received: ``status_code``, ``headers``, the ``url`` it came from and its
-    body through ``iter_bytes`` / ``read``."""
+    body through ``iter_bytes`` / ``read``, or ``readinto`` (use one or the other)."""
 
-    def __init__(self, response: httpcore.Response, url: str, guard: _Guard) -> None:
+    def __init__(
+        self,
+        response: httpcore.Response,
+        url: str,
+        guard: Guard,
+        *,
+        method: str = "GET",
+        read_timeout_s: float | None = None,
+    ) -> None:
         self._response = response
         self._guard = guard
+        self._read_timeout_s = read_timeout_s
         self.url = url
         self.status_code: int = response.status
         self.headers = httpx.Headers(response.headers)
+        stream = response.extensions.get("network_stream")
+        self._raw: GuardedStream | None = None
+        if isinstance(stream, GuardedStream):
+            stream.end_headers()
+            # A body that is neither chunked nor compressed is the bytes on the wire up to
+            # Content-Length (or to the end of the connection): readinto takes them from the
+            # socket itself, and the connection is dropped afterwards, as it always is here.
+            if (method != "HEAD" and self.status_code not in (204, 304)
+                    and "transfer-encoding" not in self.headers):
+                self._raw = stream
+        self._raw_left = self.content_length
+        self._chunks: Iterator[bytes] | None = None
+        self._leftover = memoryview(b"")
 
     @property
     def content_type(self) -> str | None:
@@ -299,7 +130,7 @@ class FetchResponse:
             except Exception as exc:
                 if isinstance(exc, FetchError):
                     raise
-                raise _translate(exc, shown=shown, guard=self._guard, in_body=True) from exc
+                raise translate(exc, shown=shown, guard=self._guard, in_body=True) from exc
             self._guard.check()
             yield chunk
 
@@ -313,6 +144,38 @@ class FetchResponse:
                 raise FetchTooLarge(f"body of {redact_url(self.url)} exceeds {max_bytes} bytes")
             parts.append(chunk)
         return b"".join(parts)
+
+    def readinto(self, view: memoryview) -> int:
+        """Read the next body bytes into ``view``: as many as have arrived, up to its length
+        (at least one; 0 once the body is over). Raise a ``FetchError`` on failure."""
+        if self._raw is None:
+            return self._readinto_from_chunks(view)
+        if self._raw_left is not None and self._raw_left < len(view):
+            view = view[: self._raw_left]
+        try:
+            got = self._raw.readinto(view, self._read_timeout_s) if view else 0
+        except Exception as exc:
+            raise translate(exc, shown=redact_url(self.url), guard=self._guard,
+                            in_body=True) from exc
+        self._guard.check()  # a shutdown by the watchdog also looks like the end of the stream
+        if self._raw_left is not None:
+            self._raw_left -= got
+            if got == 0 and self._raw_left > 0:
+                raise FetchInterrupted(f"connection to {redact_url(self.url)} dropped mid-body")
+        return got
+
+    def _readinto_from_chunks(self, view: memoryview) -> int:
+        if self._chunks is None:
+            self._chunks = self.iter_bytes()
+        while not self._leftover:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._leftover = memoryview(chunk)
+        n = min(len(view), len(self._leftover))
+        view[:n] = self._leftover[:n]
+        self._leftover = self._leftover[n:]
+        return n
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -333,6 +196,8 @@ class Fetcher:
     ``timeout_s``: connect and read inactivity timeout of each request. ``deadline_s``: overall
     limit of one ``open`` / ``fetch_to_file`` / ``post`` call, redirects and resumes included.
     ``max_bytes``: default body cap. ``resume_attempts``: Range resumes after cuts.
+    ``direct_io``: ``fetch_to_file`` writes large bodies past the page cache (see
+    ``cache.hashing``).
     """
 
     def __init__(
@@ -346,6 +211,7 @@ class Fetcher:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_redirects: int = 5,
         resume_attempts: int = 5,
+        direct_io: bool = True,
     ) -> None:
         self.policy = policy
         self.timeout_s = timeout_s
@@ -354,6 +220,7 @@ class Fetcher:
         self.max_bytes = max_bytes
         self.max_redirects = max_redirects
         self.resume_attempts = resume_attempts
+        self.direct_io = direct_io
         self._ssl_context = make_ssl_context(ca_bundle)
 
     @contextmanager
@@ -377,7 +244,7 @@ class Fetcher:
         """
         method = method.upper()
         follow = method in ("GET", "HEAD") if follow_redirects is None else follow_redirects
-        guard = _Guard(cancel, time.monotonic() + (deadline_s or self.deadline_s))
+        guard = Guard(cancel, time.monotonic() + (deadline_s or self.deadline_s))
         request_headers = dict(headers or {})
         current = url
         try:
@@ -412,7 +279,7 @@ class Fetcher:
         headers: Mapping[str, str],
         content: bytes | None,
         start: int,
-        guard: _Guard,
+        guard: Guard,
     ) -> Iterator[FetchResponse]:
         target = resolved.target
         shown = redact_url(target.url)
@@ -431,7 +298,7 @@ class Fetcher:
         timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         pool = httpcore.ConnectionPool(
             ssl_context=self._ssl_context,
-            network_backend=_PinnedBackend(resolved, guard, self.connect_timeout_s),
+            network_backend=PinnedBackend(resolved, guard, self.connect_timeout_s),
             max_connections=1,
             retries=0,
         )
@@ -451,9 +318,10 @@ class Fetcher:
             except FetchError:
                 raise
             except Exception as exc:
-                raise _translate(exc, shown=shown, guard=guard, in_body=False) from exc
+                raise translate(exc, shown=shown, guard=guard, in_body=False) from exc
             try:
-                yield FetchResponse(response, target.url, guard)
+                yield FetchResponse(response, target.url, guard, method=method,
+                                    read_timeout_s=timeout_s)
             finally:
                 try:
                     stream.__exit__(None, None, None)
@@ -549,15 +417,19 @@ class Fetcher:
                 raise FetchTooLarge(f"{shown} is {total} bytes, over the {limit}-byte limit")
             if before_body is not None:
                 before_body(length)
-            writer = HashingFileWriter(dest, start_offset=offset)
-            received = offset
+            writer = HashingFileWriter(dest, start_offset=offset, expected_bytes=length,
+                                       direct_io=self.direct_io)
             try:
-                for chunk in resp.iter_bytes():
-                    received += len(chunk)
-                    if received > limit:
+                while True:
+                    # Straight into the writer's batch buffer: decrypted once, copied never.
+                    space = writer.buffer()
+                    n = resp.readinto(space[: limit - writer.size + 1])
+                    if n == 0:
+                        break
+                    writer.commit(n)
+                    if writer.size > limit:
                         raise FetchTooLarge(f"{shown} exceeds the {limit}-byte limit")
-                    writer.write(chunk)
-                    throttle(received, total)
+                    throttle(writer.size, total)
             except BaseException:
                 writer.abort()
                 raise

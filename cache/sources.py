@@ -111,9 +111,10 @@ class HttpsSource:
 class FileSource:
     """A local file: a mirror entry, or a ``file://`` URL where those are allowed."""
 
-    def __init__(self, path: Path, label: str | None = None) -> None:
+    def __init__(self, path: Path, label: str | None = None, *, direct_io: bool = True) -> None:
         self.path = path
         self.label = label or f"mirror file {path.name}"
+        self._direct_io = direct_io
 
     def fetch(
         self,
@@ -142,7 +143,8 @@ class FileSource:
             offset = start_offset if 0 < start_offset <= total else 0
             if before_body is not None:
                 before_body(total - offset)
-            writer = HashingFileWriter(dest, start_offset=offset)
+            writer = HashingFileWriter(dest, start_offset=offset, expected_bytes=total - offset,
+                                       direct_io=self._direct_io)
             try:
                 src.seek(offset)
                 while chunk := src.read(CHUNK_BYTES):
@@ -167,11 +169,13 @@ class FileSource:
 class S3Source:
     """An object in an S3-compatible store, read with boto3 (``Range`` for resumes)."""
 
-    def __init__(self, bucket: str, key: str, client: Callable[[], Any], label: str | None = None):
+    def __init__(self, bucket: str, key: str, client: Callable[[], Any], label: str | None = None,
+                 *, direct_io: bool = True):
         self.bucket = bucket
         self.key = key
         self.label = label or f"s3://{bucket}/{key}"
         self._client = client
+        self._direct_io = direct_io
 
     def fetch(
         self,
@@ -222,7 +226,8 @@ class S3Source:
                 raise FetchTooLarge(f"{self.label} is {total} bytes, over {max_bytes}")
             if before_body is not None:
                 before_body(length)
-            writer = HashingFileWriter(dest, start_offset=offset)
+            writer = HashingFileWriter(dest, start_offset=offset, expected_bytes=length,
+                                       direct_io=self._direct_io)
             try:
                 for chunk in body.iter_chunks(CHUNK_BYTES):
                     checker.raise_if_canceled()
@@ -274,7 +279,8 @@ class Sources:
     ``fetcher``: for https URLs. ``s3_client``: a factory returning a boto3 S3 client (called
     once, lazily). ``asset_bucket``: bucket of ``runflow://assets/<uuid>``. ``mirror_dirs``:
     offline mirror directories. ``allow_file_urls``: accept ``file://`` URLs. ``allow_s3``:
-    accept ``s3://`` URLs.
+    accept ``s3://`` URLs. ``direct_io``: mirror and S3 copies write large files past the
+    page cache (https downloads follow their ``Fetcher``'s own setting).
     """
 
     def __init__(
@@ -286,8 +292,10 @@ class Sources:
         mirror_dirs: Sequence[Path] = (),
         allow_file_urls: bool = False,
         allow_s3: bool = True,
+        direct_io: bool = True,
     ) -> None:
         self.fetcher = fetcher
+        self.direct_io = direct_io
         self.asset_bucket = asset_bucket
         self.mirror_dirs = tuple(Path(d) for d in mirror_dirs)
         self.allow_file_urls = allow_file_urls
@@ -302,7 +310,7 @@ class Sources:
         for root in self.mirror_dirs:
             for candidate in (root / sha256, root / "sha256" / sha256[:2] / sha256):
                 if candidate.is_file():
-                    found.append(FileSource(candidate))
+                    found.append(FileSource(candidate, direct_io=self.direct_io))
                     break
         return found
 
@@ -319,20 +327,21 @@ class Sources:
             if not self.allow_s3:
                 raise URLRefused(f"refused {shown}: s3 URLs are not allowed here")
             bucket, key = _bucket_and_key(url)
-            return S3Source(bucket, key, self._s3)
+            return S3Source(bucket, key, self._s3, direct_io=self.direct_io)
         if scheme == "runflow":
             asset = _asset_id(url)
             if not self.asset_bucket:
                 raise SourceUnavailable(f"no asset bucket configured for {shown}")
             return S3Source(self.asset_bucket, f"assets/{asset}", self._s3,
-                            label=f"runflow://assets/{asset}")
+                            label=f"runflow://assets/{asset}", direct_io=self.direct_io)
         if scheme == "file":
             if not self.allow_file_urls:
                 raise URLRefused(f"refused {shown}: file URLs are not allowed")
             parts = urlsplit(url)
             if parts.netloc not in ("", "localhost"):
                 raise URLRefused(f"refused {shown}: file URL with a host")
-            return FileSource(Path(unquote(parts.path)), label=f"file {Path(parts.path).name}")
+            return FileSource(Path(unquote(parts.path)), label=f"file {Path(parts.path).name}",
+                              direct_io=self.direct_io)
         raise URLRefused(f"refused {shown}: unsupported scheme {scheme or '(none)'!r}")
 
     def fetch_to_file(

@@ -35,6 +35,7 @@ def build_fetcher(settings: Settings) -> Fetcher:
         ca_bundle=settings.ca_bundle,
         timeout_s=settings.fetch_timeout_s,
         max_bytes=settings.fetch_max_bytes,
+        direct_io=settings.cache_direct_io,
     )
 
 
@@ -60,6 +61,7 @@ def build_sources(
         asset_bucket=settings.asset_bucket,
         mirror_dirs=tuple(Path(d).expanduser() for d in settings.model_mirrors),
         allow_s3=allow_s3,
+        direct_io=settings.cache_direct_io,
     )
 
 

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     """Directories searched for blobs by sha256 before any URL (offline operation)."""
     model_fetch_parallel: int = Field(4, ge=1, le=32)
     """Downloads of one run's missing models at a time."""
+    cache_direct_io: bool = True
+    """Write downloads of 64 MiB and more past the page cache (``O_DIRECT``) where supported."""
     extra_custom_nodes: CsvTuple = ()
     """Directories of custom node packs loaded besides the checkout's ``custom_nodes/``."""
     origin_allow: CsvTuple = ()

@@ -190,17 +190,3 @@ def test_redirect_drops_credentials_for_another_origin(
         assert resp.url == https_server.url("/final", host="files.test")
     assert "Authorization" in https_server.requests_for("/hop")[0].headers
     assert "Authorization" not in https_server.requests_for("/final")[0].headers
-
-
-def test_hashing_writer_small_pieces_and_resume(tmp_path: Path) -> None:
-    from cache.hashing import HashingFileWriter
-
-    path = tmp_path / "f"
-    path.write_bytes(b"keep" + b"drop")
-    writer = HashingFileWriter(path, start_offset=4)
-    for _ in range(5000):  # many tiny pieces: more than one writev can take at once
-        writer.write(b"ab")
-    digest, size = writer.close()
-    expected = b"keep" + b"ab" * 5000
-    assert path.read_bytes() == expected
-    assert (digest, size) == (sha256_hex(expected), len(expected))

@@ -24,6 +24,9 @@ Modes (``Mode``):
   pieces: a server that is alive but too slow.
 - ``REDIRECT``: answers ``status`` (default 302) with ``Location: location``.
 - ``STATUS``: answers ``status`` with the body.
+- ``RAW``: sends the body as the whole response (status line, headers and all, as it is),
+  ``drip_bytes`` at a time if ``raw_pieces`` is set (each piece its own TLS record), then
+  closes the connection: for responses no well-behaved handler would produce.
 
 ``CountingListener`` is a plain TCP listener that only counts connections and bytes: point a
 refused URL at it to prove nothing was ever sent.
@@ -58,6 +61,7 @@ class Mode(enum.Enum):
     DRIP = "drip"
     REDIRECT = "redirect"
     STATUS = "status"
+    RAW = "raw"
 
 
 @dataclass
@@ -74,6 +78,8 @@ class Route:
     content_type: str = "application/octet-stream"
     ignore_range: bool = False
     """Answer 200 with the whole body whatever ``Range`` says (combines with any mode)."""
+    raw_pieces: bool = False
+    """``RAW`` mode: send the response ``drip_bytes`` at a time, without pauses."""
     hits: int = 0
     range_headers: list[str | None] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -170,6 +176,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", route.location or "/")
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if route.mode is Mode.RAW:
+            data = route.body if isinstance(route.body, bytes) else route.body.read_bytes()
+            step = route.drip_bytes if route.raw_pieces else max(1, len(data))
+            for offset in range(0, len(data), step):
+                self.wfile.write(data[offset : offset + step])
+                self.wfile.flush()
+            self.close_connection = True
             return
         if route.mode is Mode.STATUS:
             self._simple(route.status, route.body if isinstance(route.body, bytes) else b"")

@@ -1,0 +1,304 @@
+"""The fetcher's connection layer: connections only to checked addresses, guarded.
+
+- ``PinnedBackend`` (an ``httpcore`` network backend) connects only to the addresses the URL
+  policy returned for the one origin it was made for, never resolving the name again;
+- ``Guard`` holds one request's cancel callable and deadline; its watchdog thread shuts the
+  socket down when either fires, which wakes a read blocked on a silent server;
+- ``GuardedStream`` wraps each connection. While response headers are read it hands
+  ``httpcore`` nothing past the end of a header block, so the body's bytes stay in the stream
+  and ``readinto`` can decrypt them straight into the caller's buffer (the fast path of
+  ``Fetcher.fetch_to_file``); ``read`` serves everything else through ``httpcore``.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+
+import httpcore
+
+from cache.errors import (
+    FetchCanceled,
+    FetchConnectError,
+    FetchError,
+    FetchInterrupted,
+    FetchTimeout,
+)
+from cache.progress import Cancel
+from cache.urlpolicy import ResolvedTarget
+
+WATCH_INTERVAL_S = 0.1
+_HEADER_END = b"\r\n\r\n"
+
+class Guard:
+    """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
+
+    def __init__(self, cancel: Cancel | None, deadline_at: float) -> None:
+        self._cancel = cancel
+        self.deadline_at = deadline_at
+        self.fired: str | None = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
+        self._thread.start()
+
+    def remaining_s(self) -> float:
+        """Seconds until the deadline (never below a small positive floor)."""
+        return max(0.001, self.deadline_at - time.monotonic())
+
+    def watch(self, sock: socket.socket | None) -> None:
+        """Remember the connection's socket, to shut it down if the guard fires."""
+        with self._lock:
+            self._sock = sock
+        if self.fired:
+            self._shutdown()
+
+    def check(self) -> None:
+        """Raise the guard's error if cancel or the deadline has fired."""
+        if self.fired is None and time.monotonic() >= self.deadline_at:
+            self.fired = "deadline"
+        if self.fired is not None:
+            raise self.error()
+
+    def error(self) -> FetchError:
+        """The error for the way the guard fired."""
+        if self.fired == "cancel":
+            return FetchCanceled("transfer canceled")
+        return FetchTimeout("overall deadline exceeded", reason="deadline")
+
+    def stop(self) -> None:
+        """End the watchdog."""
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            if self._cancel is not None:
+                try:
+                    canceled = bool(self._cancel())
+                except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
+                    canceled = False
+                if canceled:
+                    self.fired = "cancel"
+            if self.fired is None and time.monotonic() >= self.deadline_at:
+                self.fired = "deadline"
+            if self.fired is not None:
+                self._shutdown()
+                return
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return
+        try:
+            # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object
+            # under the reading thread's feet. A shut-down socket wakes a blocked recv at once.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+
+
+class GuardedStream(httpcore.NetworkStream):
+    """A network stream registered with a guard (see the module docstring)."""
+
+    def __init__(self, inner: httpcore.NetworkStream, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+        sock = inner.get_extra_info("socket")
+        self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
+        self._ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
+        self._poll = select.poll()
+        if self._sock is not None:
+            self._poll.register(self._sock.fileno(), select.POLLIN)
+        self._pending = b""  # received, not yet handed out
+        self._in_headers = True
+        self._tail = b""  # the last bytes handed out in the header phase
+        guard.watch(sock)
+
+    def end_headers(self) -> None:
+        """The final response's headers are in: hand out data as it comes from now on."""
+        self._in_headers = False
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        else:
+            data = self._read_batch(max_bytes, timeout)
+        if self._in_headers and data:
+            data = self._stop_at_header_end(data)
+        return data
+
+    def readinto(self, view: memoryview, timeout: float | None) -> int:
+        """Read into ``view`` what has arrived: wait up to ``timeout`` for the first bytes, then
+        take whatever else is ready without waiting, up to ``len(view)``; 0 at end of stream.
+
+        Raises ``httpcore.ReadTimeout`` / ``httpcore.ReadError`` like ``read``.
+        """
+        if self._pending:
+            n = min(len(view), len(self._pending))
+            view[:n] = self._pending[:n]
+            self._pending = self._pending[n:]
+            return n
+        sock = self._sock
+        if sock is None:
+            data = self.read(len(view), timeout)
+            view[: len(data)] = data
+            return len(data)
+        try:
+            sock.settimeout(timeout)
+            got = sock.recv_into(view)
+            if got == 0:
+                return 0
+            # TLS hands out one record (16 KiB at most) per read. Taking the records already
+            # here in the same call, without waiting, keeps the caller's rounds per MiB few.
+            sock.settimeout(0.0)
+            try:
+                while got < len(view):
+                    n = sock.recv_into(view[got:])
+                    if n == 0:
+                        break
+                    got += n
+            except (ssl.SSLWantReadError, BlockingIOError):
+                pass
+            return got
+        except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
+            raise httpcore.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
+
+    def ready(self) -> bool:
+        """Whether a read would return data at once (already decrypted, or on the socket)."""
+        if self._pending:
+            return True
+        if self._ssl_sock is not None and self._ssl_sock.pending():
+            return True
+        # A zero-timeout poll leaves the socket's mode (and timeout) alone.
+        return self._sock is not None and bool(self._poll.poll(0))
+
+    def _read_batch(self, max_bytes: int, timeout: float | None) -> bytes:
+        data = self._inner.read(max_bytes, timeout)
+        sock = self._ssl_sock
+        if sock is None or not data or len(data) >= max_bytes:
+            return data
+        # TLS returns at most one 16 KiB record per read, and each read costs a round through
+        # the HTTP parser. Taking the records that have already arrived along makes those
+        # rounds several times fewer on large bodies.
+        parts = [data]
+        size = len(data)
+        try:
+            while size < max_bytes and self.ready():
+                more = sock.recv(max_bytes - size)
+                if not more:
+                    break
+                parts.append(more)
+                size += len(more)
+        except OSError:
+            pass  # the next read reports it
+        return b"".join(parts)
+
+    def _stop_at_header_end(self, data: bytes) -> bytes:
+        # A response's header block ends at the first blank line; what follows (body, or the
+        # next block after a 1xx response) waits in _pending for the next read.
+        seen = self._tail + data
+        found = seen.find(_HEADER_END)
+        if found < 0:
+            self._tail = seen[-(len(_HEADER_END) - 1) :]
+            return data
+        end = found + len(_HEADER_END) - len(self._tail)
+        self._pending = data[end:] + self._pending
+        self._tail = b""
+        return data[:end]
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, timeout)
+
+    def close(self) -> None:
+        self._guard.watch(None)
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return GuardedStream(tls, self._guard)
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """Connects only to the addresses the policy checked for the one origin it was made for."""
+
+    def __init__(self, resolved: ResolvedTarget, guard: Guard, connect_timeout_s: float) -> None:
+        self._resolved = resolved
+        self._guard = guard
+        self._connect_timeout_s = connect_timeout_s
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: object = None,
+    ) -> httpcore.NetworkStream:
+        target = self._resolved.target
+        if host != target.host or port != target.port:
+            raise httpcore.ConnectError("connection to an unchecked origin refused")
+        error: Exception = httpcore.ConnectError("no address to connect to")
+        for address in self._resolved.addresses:
+            self._guard.check()
+            budget_s = min(self._connect_timeout_s, self._guard.remaining_s())
+            try:
+                stream = self._inner.connect_tcp(
+                    str(address),
+                    port,
+                    timeout=budget_s,
+                    local_address=local_address,
+                    socket_options=socket_options,  # type: ignore[arg-type]
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+                continue
+            return GuardedStream(stream, self._guard)
+        raise error
+
+    def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+
+
+def translate(exc: Exception, *, shown: str, guard: Guard, in_body: bool) -> FetchError:
+    """Map an httpcore exception to the package's errors."""
+    if guard.fired is not None:
+        return guard.error()
+    if isinstance(exc, httpcore.TimeoutException):
+        what = "connecting to" if isinstance(exc, httpcore.ConnectTimeout) else "reading"
+        return FetchTimeout(f"timed out {what} {shown}")
+    if isinstance(exc, httpcore.ConnectError):
+        cause = exc.__context__ or exc.__cause__
+        if isinstance(cause, ssl.SSLError):
+            detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            return FetchConnectError(
+                f"TLS handshake with {shown} failed: {detail or 'ssl error'}", reason="tls_failed"
+            )
+        return FetchConnectError(f"cannot connect to {shown}")
+    if in_body and isinstance(exc, (httpcore.ReadError, httpcore.RemoteProtocolError)):
+        return FetchInterrupted(f"connection to {shown} dropped mid-body")
+    if isinstance(exc, (httpcore.NetworkError, httpcore.ProtocolError)):
+        return FetchConnectError(f"connection to {shown} failed ({type(exc).__name__})")
+    return FetchError(f"request to {shown} failed ({type(exc).__name__})")
+
+
