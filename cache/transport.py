@@ -165,8 +165,8 @@ class GuardedStream(httpcore.NetworkStream):
                     if n == 0:
                         break
                     got += n
-            except (ssl.SSLWantReadError, BlockingIOError):
-                pass
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                pass  # nothing more has arrived (or TLS must write first): the next call waits
             return got
         except TimeoutError as exc:  # socket.timeout is TimeoutError since 3.10
             raise httpcore.ReadTimeout(exc) from exc
