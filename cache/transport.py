@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 
 import httpcore
 
@@ -106,17 +107,14 @@ class Guard:
 
 
 class GuardedStream(httpcore.NetworkStream):
-    """A network stream registered with a guard (see the module docstring)."""
+    """A connected socket (plain or TLS) registered with a guard (see the module docstring)."""
 
-    def __init__(self, inner: httpcore.NetworkStream, guard: Guard) -> None:
-        self._inner = inner
+    def __init__(self, sock: socket.socket, guard: Guard) -> None:
+        self._sock = sock
         self._guard = guard
-        sock = inner.get_extra_info("socket")
-        self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
         self._ssl_sock = sock if isinstance(sock, ssl.SSLSocket) else None
         self._poll = select.poll()
-        if self._sock is not None:
-            self._poll.register(self._sock.fileno(), select.POLLIN)
+        self._poll.register(sock.fileno(), select.POLLIN)
         self._pending = b""  # received, not yet handed out
         self._in_headers = True
         self._tail = b""  # the last bytes handed out in the header phase
@@ -147,10 +145,6 @@ class GuardedStream(httpcore.NetworkStream):
             self._pending = self._pending[n:]
             return n
         sock = self._sock
-        if sock is None:
-            data = self.read(len(view), timeout)
-            view[: len(data)] = data
-            return len(data)
         try:
             sock.settimeout(timeout)
             got = sock.recv_into(view)
@@ -180,12 +174,17 @@ class GuardedStream(httpcore.NetworkStream):
         if self._ssl_sock is not None and self._ssl_sock.pending():
             return True
         # A zero-timeout poll leaves the socket's mode (and timeout) alone.
-        return self._sock is not None and bool(self._poll.poll(0))
+        return bool(self._poll.poll(0))
 
     def _read_batch(self, max_bytes: int, timeout: float | None) -> bytes:
-        data = self._inner.read(max_bytes, timeout)
-        sock = self._ssl_sock
-        if sock is None or not data or len(data) >= max_bytes:
+        try:
+            self._sock.settimeout(timeout)
+            data = self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(exc) from exc
+        if not data or len(data) >= max_bytes or self._ssl_sock is None:
             return data
         # TLS returns at most one 16 KiB record per read, and each read costs a round through
         # the HTTP parser. Taking the records that have already arrived along makes those
@@ -194,7 +193,7 @@ class GuardedStream(httpcore.NetworkStream):
         size = len(data)
         try:
             while size < max_bytes and self.ready():
-                more = sock.recv(max_bytes - size)
+                more = self._sock.recv(max_bytes - size)
                 if not more:
                     break
                 parts.append(more)
@@ -217,11 +216,19 @@ class GuardedStream(httpcore.NetworkStream):
         return data[:end]
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, timeout)
+        if not buffer:
+            return
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(exc) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(exc) from exc
 
     def close(self) -> None:
         self._guard.watch(None)
-        self._inner.close()
+        self._sock.close()
 
     def start_tls(
         self,
@@ -229,21 +236,48 @@ class GuardedStream(httpcore.NetworkStream):
         server_hostname: str | None = None,
         timeout: float | None = None,
     ) -> httpcore.NetworkStream:
-        tls = self._inner.start_tls(ssl_context, server_hostname, timeout)
+        self._sock.settimeout(timeout)
+        # The handshake runs after the TLS socket, which takes over the descriptor, is known
+        # to the guard: a cancel during a slow handshake shuts it down at once.
+        tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname,
+                                      do_handshake_on_connect=False)
+        self._guard.watch(tls)
+        try:
+            tls.do_handshake()
+        except TimeoutError as exc:
+            tls.close()
+            raise httpcore.ConnectTimeout(exc) from exc
+        except OSError as exc:  # ssl.SSLError included: translate() reads it as the cause
+            tls.close()
+            raise httpcore.ConnectError(exc) from exc
         return GuardedStream(tls, self._guard)
 
     def get_extra_info(self, info: str) -> object:
-        return self._inner.get_extra_info(info)
+        if info == "socket":
+            return self._sock
+        if info == "ssl_object":
+            return self._ssl_sock  # what httpcore asks for the negotiated ALPN protocol
+        if info == "client_addr":
+            return self._sock.getsockname()
+        if info == "server_addr":
+            return self._sock.getpeername()
+        if info == "is_readable":
+            return self.ready()
+        return None
 
 
 class PinnedBackend(httpcore.NetworkBackend):
-    """Connects only to the addresses the policy checked for the one origin it was made for."""
+    """Connects only to the addresses the policy checked for the one origin it was made for.
+
+    It connects the socket itself (rather than through ``httpcore.SyncBackend``) so that the
+    guard knows the socket from the start: a cancel during a slow TCP connect shuts it down
+    at once instead of waiting for the connect timeout.
+    """
 
     def __init__(self, resolved: ResolvedTarget, guard: Guard, connect_timeout_s: float) -> None:
         self._resolved = resolved
         self._guard = guard
         self._connect_timeout_s = connect_timeout_s
-        self._inner = httpcore.SyncBackend()
 
     def connect_tcp(
         self,
@@ -251,7 +285,7 @@ class PinnedBackend(httpcore.NetworkBackend):
         port: int,
         timeout: float | None = None,
         local_address: str | None = None,
-        socket_options: object = None,
+        socket_options: Iterable[tuple[int, int, int]] | None = None,
     ) -> httpcore.NetworkStream:
         target = self._resolved.target
         if host != target.host or port != target.port:
@@ -259,25 +293,32 @@ class PinnedBackend(httpcore.NetworkBackend):
         error: Exception = httpcore.ConnectError("no address to connect to")
         for address in self._resolved.addresses:
             self._guard.check()
-            budget_s = min(self._connect_timeout_s, self._guard.remaining_s())
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._guard.watch(sock)
             try:
-                stream = self._inner.connect_tcp(
-                    str(address),
-                    port,
-                    timeout=budget_s,
-                    local_address=local_address,
-                    socket_options=socket_options,  # type: ignore[arg-type]
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
+                sock.settimeout(min(self._connect_timeout_s, self._guard.remaining_s()))
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                sock.connect((str(address), port))
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except TimeoutError as exc:
+                sock.close()
+                error = httpcore.ConnectTimeout(f"connect timed out: {exc}")
                 continue
-            return GuardedStream(stream, self._guard)
+            except OSError as exc:
+                sock.close()
+                self._guard.check()  # shut down by the watchdog: canceled, not refused
+                error = httpcore.ConnectError(f"connect failed: {exc}")
+                continue
+            return GuardedStream(sock, self._guard)
+        self._guard.watch(None)
         raise error
 
     def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
         raise httpcore.ConnectError("unix sockets are not allowed")
-
-
 
 
 def translate(exc: Exception, *, shown: str, guard: Guard, in_body: bool) -> FetchError:

@@ -6,6 +6,7 @@ the headers; these answers are the ones where that could go wrong.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -88,42 +89,37 @@ def test_body_shorter_than_content_length_is_a_cut(
     assert https_server.routes["/short"].hits == fetcher.resume_attempts + 1
 
 
-class _Pieces:
-    """An inner network stream handing out fixed pieces, one per read."""
-
-    def __init__(self, pieces: list[bytes]) -> None:
-        self._pieces = list(pieces)
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._pieces.pop(0) if self._pieces else b""
-
-    def get_extra_info(self, info: str) -> object:
-        return None
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("split", [1, 2, 3, 4, 5, 17])
 def test_header_phase_stops_at_the_blank_line_wherever_reads_split(split: int) -> None:
-    wire = _head("HTTP/1.1 103 Early Hints") + _head("HTTP/1.1 200 OK", "A: b") + b"body\r\n\r\nrest"
-    pieces = [wire[i : i + split] for i in range(0, len(wire), split)]
+    hints, response, body = (_head("HTTP/1.1 103 Early Hints"), _head("HTTP/1.1 200 OK", "A: b"),
+                             b"body\r\n\r\nrest")
+    wire = hints + response + body
+    block_ends = (len(hints), len(hints) + len(response))
+    ours, theirs = socket.socketpair()
     guard = Guard(None, deadline_at=float("inf"))
     try:
-        stream = GuardedStream(_Pieces(pieces), guard)  # type: ignore[arg-type]
-        blocks: list[bytes] = [b""]
-        while not blocks[-1].endswith(b"\r\n\r\n") or len(blocks) < 2:
-            data = stream.read(65536)
-            assert data, "the stream ended inside the headers"
-            blocks[-1] += data
-            if blocks[-1].endswith(b"\r\n\r\n") and len(blocks) < 2:
-                blocks.append(b"")
-        assert blocks == [_head("HTTP/1.1 103 Early Hints"), _head("HTTP/1.1 200 OK", "A: b")]
+        stream = GuardedStream(ours, guard)
+        taken = 0
+        for start in range(0, len(wire), split):
+            theirs.sendall(wire[start : start + split])
+            if taken < block_ends[-1]:
+                data = stream.read(65536, timeout=5)
+                # No read reaches past the end of a header block.
+                assert not any(taken < end < taken + len(data) for end in block_ends)
+                taken += len(data)
+        while taken < block_ends[-1]:
+            data = stream.read(65536, timeout=5)
+            assert data and not any(taken < end < taken + len(data) for end in block_ends)
+            taken += len(data)
+        assert taken == block_ends[-1]
         stream.end_headers()
+        theirs.close()
         view = memoryview(bytearray(100))
-        body = b""
-        while n := stream.readinto(view, timeout=1):
-            body += view[:n].tobytes()
-        assert body == b"body\r\n\r\nrest"
+        received = b""
+        while n := stream.readinto(view, timeout=5):
+            received += view[:n].tobytes()
+        assert received == body
+        stream.close()
     finally:
         guard.stop()
+        theirs.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,33 @@ def test_redirect_drops_credentials_for_another_origin(
         assert resp.url == https_server.url("/final", host="files.test")
     assert "Authorization" in https_server.requests_for("/hop")[0].headers
     assert "Authorization" not in https_server.requests_for("/final")[0].headers
+
+
+def _cancel_on_third_poll() -> Callable[[], bool]:
+    """A cancel check that says yes on its third call (the watchdog polls ten times a second)."""
+    calls = iter(range(3))
+    return lambda: next(calls, None) is None
+
+
+@pytest.mark.parametrize("backlog", [0, 8], ids=["tcp-connect", "tls-handshake"])
+def test_cancel_interrupts_a_slow_connect_or_handshake(
+    ca_bundle: Path, tmp_path: Path, backlog: int
+) -> None:
+    # A listener that never accepts. With backlog 0 and one connection already queued, the
+    # kernel drops further SYNs, so a connect hangs; with room in the backlog the connect
+    # completes and the TLS handshake waits for a ServerHello that never comes.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(backlog)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)
+    fetcher = Fetcher(URLPolicy(LOOPBACK_ALLOW), ca_bundle=ca_bundle, timeout_s=30)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FetchCanceled):
+            fetcher.fetch_to_file(f"https://127.0.0.1:{port}/x", tmp_path / "out",
+                                  cancel=_cancel_on_third_poll())
+        assert time.monotonic() - started < 5  # not the 30 s connect / read timeout
+    finally:
+        queued.close()
+        listener.close()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
-import httpcore
 import pytest
 
 from cache.errors import FetchConnectError, URLRefused
@@ -135,11 +135,11 @@ def test_dns_rebinding_public_then_loopback(monkeypatch: pytest.MonkeyPatch, tmp
     def resolver(host: str, port: int) -> list[str]:
         return next(answers, ["127.0.0.1"])
 
-    def fake_connect(self: object, host: str, port: int, **kwargs: object) -> object:
-        attempts.append((host, port))
-        raise httpcore.ConnectError("intercepted by the test")
+    def fake_connect(self: socket.socket, address: tuple[str, int]) -> None:
+        attempts.append(address)
+        raise ConnectionRefusedError("intercepted by the test")
 
-    monkeypatch.setattr(httpcore.SyncBackend, "connect_tcp", fake_connect)
+    monkeypatch.setattr(socket.socket, "connect", fake_connect)
     fetcher = Fetcher(URLPolicy(resolver=resolver), timeout_s=5)
     with pytest.raises(FetchConnectError):
         fetcher.fetch_to_file("https://rebind.example/model.bin", tmp_path / "out")
