@@ -18,9 +18,12 @@ Hierarchy::
     ├── IntegrityError              content does not match its sha256
     ├── InsufficientDisk            not enough free space, even after eviction
     ├── BlobNotFound                the digest is not in the store
-    └── UnsafePath                  a link destination outside its base directory
+    ├── UnsafePath                  a link destination outside its base directory
+    ├── GitError                    a mirror fetch or checkout failed (commit not found, ...)
+    ├── EnvironmentBuildError       a custom node's requirements could not be installed
+    └── BuildCanceled               the caller's ``cancel()`` stopped an environment build
 
-Foreign exceptions (httpcore, botocore, OSError) are translated where they enter this package
+Foreign exceptions (httpcore, botocore, git, OSError) are translated where they enter this package
 with ``raise ... from exc``. Messages never contain URL credentials or query strings:
 presigned URLs carry their signature in the query, so every URL in a message goes through
 ``redact_url`` first.
@@ -158,6 +161,24 @@ class UnsafePath(CacheError):
     """A link destination lies outside the directory it must stay in."""
 
     reason = "unsafe_path"
+
+
+class GitError(CacheError):
+    """A git mirror could not provide a commit, or a checkout failed."""
+
+    reason = "git_failed"
+
+
+class EnvironmentBuildError(CacheError):
+    """An environment could not be prepared (requirements that cannot be installed)."""
+
+    reason = "environment_failed"
+
+
+class BuildCanceled(CacheError):
+    """The caller's ``cancel()`` stopped an environment build."""
+
+    reason = "canceled"
 
 
 def from_os_error(exc: OSError, what: str) -> CacheError:

@@ -28,7 +28,13 @@ def test_doctor_reports_failures_without_secrets(tmp_path: Path,
     assert "serves class cpu" in results["gpu"]["detail"]
 
 
-def test_doctor_missing_comfyui(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_without_a_baked_comfyui(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(cache_dir=tmp_path / "cache", gpu_class="cpu")
+    doctor_command(argparse.Namespace(json=False), settings)
+    out = capsys.readouterr().out
+    assert "pinned environment is built under" in out and "FAIL comfyui" not in out
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no git to build with
     assert doctor_command(argparse.Namespace(json=False), settings) == 1
-    assert "FAIL comfyui  RuntimeError: RUNFLOW_COMFYUI_DIR is not set" in capsys.readouterr().out
+    assert "FAIL comfyui  RuntimeError: RUNFLOW_COMFYUI_DIR is not set and git" in (
+        capsys.readouterr().out)

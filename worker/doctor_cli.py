@@ -42,12 +42,18 @@ def check_gpu(settings: Settings) -> str:
 
 
 def check_comfyui(settings: Settings) -> str:
-    """The baked ComfyUI checkout exists and its commit."""
+    """The baked ComfyUI checkout exists and its commit; without one, that environments can
+    be built (git is there)."""
     from runtime.comfy import git_commit
 
     path = settings.comfyui_dir
     if path is None:
-        raise RuntimeError("RUNFLOW_COMFYUI_DIR is not set")
+        git = shutil.which("git")
+        if git is None:
+            raise RuntimeError("RUNFLOW_COMFYUI_DIR is not set and git, needed to build "
+                               "the pinned environments, is not on the PATH")
+        return (f"no baked checkout: each run's pinned environment is built under "
+                f"{settings.cache_dir / 'envs'} (git at {git})")
     if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
         raise RuntimeError(f"{path} is not a ComfyUI checkout")
     return f"{path} at {git_commit(str(path)) or 'an unknown commit'}"

@@ -64,6 +64,12 @@ class ModelStore(Protocol):
     def pin(self, digests: Any) -> Any: ...
 
 
+class EnvironmentBuilder(Protocol):
+    """What the pipeline needs of ``cache.environments.Environments``."""
+
+    def prepare(self, spec: Any, *, cancel: Callable[[], bool] | None = None) -> Any: ...
+
+
 @dataclass
 class RunResult:
     """The outcome of one run, for the driver to record."""
@@ -140,12 +146,14 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, *, storage: Storage,
                  supervisor: RunnerSupervisor | None = None,
                  blobs: ModelStore | None = None,
-                 fetch_input: FileFetcher | None = None) -> None:
+                 fetch_input: FileFetcher | None = None,
+                 environments: EnvironmentBuilder | None = None) -> None:
         self.config = config
         self.storage = storage
         self.supervisor = supervisor or RunnerSupervisor()
         self.blobs = blobs
         self.fetch_input = fetch_input
+        self.environments = environments
 
     def close(self) -> None:
         """Stop the ComfyUI child."""
@@ -238,15 +246,21 @@ class Pipeline:
 
     def _runner(self, message: c.RunMessage, result: RunResult,
                 stop_reason: Callable[[], StopReason | None]) -> Any:
-        if self.config.comfyui_dir is None:
-            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                             "no ComfyUI checkout: set RUNFLOW_COMFYUI_DIR")
+        # RUNFLOW_COMFYUI_DIR overrides: every run uses that checkout. Without it, each run
+        # gets the environment its workflow pins, built once per environment key.
+        if self.config.comfyui_dir is not None:
+            comfyui_dir, env_key, sys_path = self.config.comfyui_dir, "baked", ()
+        else:
+            env = self._prepare_environment(message, stop_reason)
+            comfyui_dir, env_key = env.comfyui_dir, env.key
+            sys_path = tuple(str(p) for p in env.sys_path)
         config = RunnerConfig(
-            comfyui_dir=str(self.config.comfyui_dir),
+            comfyui_dir=str(comfyui_dir),
             base_dir=str(self.config.work_dir / "comfyui-base"),
-            env_key="baked",
-            custom_node_dirs=(str(self.config.comfyui_dir / "custom_nodes"),
+            env_key=env_key,
+            custom_node_dirs=(str(comfyui_dir / "custom_nodes"),
                               *(str(d) for d in self.config.extra_custom_node_dirs)),
+            extra_sys_path=sys_path,
             cpu=self.config.cpu,
             child_entry=self.config.child_entry,
             startup_timeout_s=self.config.startup_timeout_s,
@@ -271,9 +285,8 @@ class Pipeline:
             wanted = message.workflow.environment.comfyui.commit
             result.environment = {"comfyui_commit": actual, "env_key": config.env_key,
                                   "import_failures": list(runner.ready.import_failures)}
-            baked = self.config.comfyui_dir / "custom_nodes"
             for name in message.workflow.custom_nodes:
-                if not (baked / name).exists():
+                if not (comfyui_dir / "custom_nodes" / name).exists():
                     result.warnings.append(
                         f"custom node {name!r} is not in the baked ComfyUI checkout")
             if wanted and actual != wanted:
@@ -281,6 +294,31 @@ class Pipeline:
                     f"ComfyUI commit mismatch: the workflow was deployed with {wanted}, "
                     f"this worker runs {actual or 'an unknown commit'}")
         return runner
+
+    def _prepare_environment(self, message: c.RunMessage,
+                             stop_reason: Callable[[], StopReason | None]) -> Any:
+        """The prepared environment the workflow pins (built now if it is new)."""
+        if self.environments is None:
+            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                             "no ComfyUI checkout (RUNFLOW_COMFYUI_DIR) and no environment "
+                             "builder configured")
+        from cache.environments import EnvironmentSpec, NodePin
+        from cache.errors import BuildCanceled, CacheError
+
+        wf = message.workflow
+        comfy = wf.environment.comfyui
+        spec = EnvironmentSpec(
+            comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
+            custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
+                               for name, pin in wf.custom_nodes.items()))
+        try:
+            return self.environments.prepare(spec, cancel=lambda: stop_reason() is not None)
+        except BuildCanceled as exc:
+            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+        except CacheError as exc:
+            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                             f"building environment {spec.key} failed: {exc}",
+                             details={"env_key": spec.key}) from exc
 
     def _materialise_models(self, message: c.RunMessage, dirs: dict[str, Path],
                             control: RunControl,

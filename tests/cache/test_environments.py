@@ -1,0 +1,188 @@
+"""Environments built from git mirrors: ComfyUI and custom nodes at their commits, and the
+nodes' requirements installed without touching the image's packages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cache.environments import Environments, EnvironmentSpec, NodePin
+from cache.errors import BuildCanceled, EnvironmentBuildError, GitError
+from cache.git import GitMirrors
+from tests.cache.gitrepos import commit, git, make_repo, make_wheel
+
+pytestmark = pytest.mark.timeout(120)
+
+COMFY = "https://git.example/comfyanonymous/ComfyUI"
+NODE = "https://git.example/acme/ComfyUI-Foo"
+
+
+class Origins:
+    """Two local repositories standing in for ComfyUI and a custom node."""
+
+    def __init__(self, root: Path) -> None:
+        self.comfy = make_repo(root / "origins" / "ComfyUI")
+        self.comfy_v1 = commit(self.comfy, {"main.py": "VERSION = 1\n",
+                                            "custom_nodes/example_node.py.example": "#\n"})
+        self.comfy_v2 = commit(self.comfy, {"main.py": "VERSION = 2\n"})
+        self.node = make_repo(root / "origins" / "ComfyUI-Foo")
+        self.node_v1 = commit(self.node, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n",
+                                          "requirements.txt": "tinydep==1.0\npytest\n"})
+        self.wheels = root / "wheels"
+        make_wheel(self.wheels, "tinydep", "1.0", "VALUE = 'from the environment'\n")
+
+    def mirrors(self, root: Path) -> GitMirrors:
+        return GitMirrors(root / "cache" / "git", {COMFY: self.comfy, NODE: self.node})
+
+    def environments(self, root: Path, **kwargs: object) -> Environments:
+        return Environments(root / "cache" / "envs", self.mirrors(root),
+                            pip_index_url=None, pip_find_links=(str(self.wheels),),
+                            **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def origins(tmp_path: Path) -> Origins:
+    return Origins(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _offline_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nothing may come from a package index in tests: pip sees only --find-links.
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+
+
+def test_builds_checkouts_at_their_commits_and_installs_requirements(
+    origins: Origins, tmp_path: Path
+) -> None:
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1, (NodePin("ComfyUI-Foo", NODE,
+                                                             origins.node_v1),))
+    env = origins.environments(tmp_path).prepare(spec)
+    assert (env.comfyui_dir / "main.py").read_text() == "VERSION = 1\n"
+    assert git(env.comfyui_dir, "rev-parse", "HEAD") == origins.comfy_v1
+    node = env.custom_nodes_dir / "ComfyUI-Foo"
+    assert git(node, "rev-parse", "HEAD") == origins.node_v1
+    assert (env.root / "READY").read_text() == spec.key
+    # The new requirement is importable from the environment's path; pytest, which the
+    # image already has, was not installed again.
+    code = "import tinydep, pytest, sys; print(tinydep.VALUE); print(pytest.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": ":".join(map(str, env.sys_path))}, check=True,
+                         timeout=60).stdout.splitlines()
+    assert out[0] == "from the environment"
+    assert not out[1].startswith(str(env.root))
+    installed = [p.name for path in env.sys_path if path.exists() for p in path.iterdir()]
+    assert "tinydep" in installed
+    assert not any(name.lower().startswith("pytest") for name in installed)
+
+
+def test_ready_environment_is_reused_without_git(origins: Origins, tmp_path: Path) -> None:
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1)
+    first = origins.environments(tmp_path).prepare(spec)
+    # No origin reachable any more: a prepared environment needs none.
+    offline = Environments(tmp_path / "cache" / "envs",
+                           GitMirrors(tmp_path / "cache" / "git", {}))
+    assert offline.prepare(spec) == first
+
+
+def test_another_commit_is_another_environment(origins: Origins, tmp_path: Path) -> None:
+    envs = origins.environments(tmp_path)
+    one = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    two = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v2))
+    assert one.key != two.key
+    assert (one.comfyui_dir / "main.py").read_text() == "VERSION = 1\n"
+    assert (two.comfyui_dir / "main.py").read_text() == "VERSION = 2\n"
+    assert len(list((tmp_path / "cache" / "git").glob("ComfyUI-*.git"))) == 1
+
+
+def test_key_ignores_node_order_and_commit_case() -> None:
+    a, b = NodePin("A", NODE, "a" * 40), NodePin("B", NODE + "-b", "b" * 40)
+    one = EnvironmentSpec(COMFY, "c" * 40, (a, b), python="3.11.7", torch="2.13.0")
+    two = EnvironmentSpec(COMFY, "C" * 40, (b, a), python="3.11.7", torch="2.13.0")
+    assert one.key == two.key
+    assert EnvironmentSpec(COMFY, "c" * 40, (a, b), python="3.11.7", torch="2.14.0").key != one.key
+
+
+def test_requirement_against_an_installed_version_fails_the_build(
+    origins: Origins, tmp_path: Path
+) -> None:
+    bad = commit(origins.node, {"requirements.txt": "pytest<1\n"}, "pin an old pytest")
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1, (NodePin("ComfyUI-Foo", NODE, bad),))
+    with pytest.raises(EnvironmentBuildError, match="ComfyUI-Foo"):
+        origins.environments(tmp_path).prepare(spec)
+    assert not (tmp_path / "cache" / "envs" / spec.key).exists()
+
+
+def test_unknown_commit_is_a_git_error(origins: Origins, tmp_path: Path) -> None:
+    with pytest.raises(GitError, match="not found"):
+        origins.environments(tmp_path).prepare(EnvironmentSpec(COMFY, "0" * 40))
+
+
+def test_commit_not_on_any_branch_tip_is_found(origins: Origins, tmp_path: Path) -> None:
+    # v1 is an ancestor of main's tip: a full fetch has it even where fetch-by-SHA is refused.
+    git(origins.comfy, "config", "uploadpack.allowAnySHA1InWant", "false")
+    env = origins.environments(tmp_path).prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    assert (env.comfyui_dir / "main.py").read_text() == "VERSION = 1\n"
+
+
+def test_half_built_environment_is_rebuilt(origins: Origins, tmp_path: Path) -> None:
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1)
+    leftover = tmp_path / "cache" / "envs" / spec.key
+    (leftover / "ComfyUI").mkdir(parents=True)
+    (leftover / "ComfyUI" / "junk").write_text("from a build that died")
+    env = origins.environments(tmp_path).prepare(spec)
+    assert not (env.comfyui_dir / "junk").exists()
+    assert (env.comfyui_dir / "main.py").exists()
+
+
+def test_cancel_stops_a_build(origins: Origins, tmp_path: Path) -> None:
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1)
+    with pytest.raises(BuildCanceled):
+        origins.environments(tmp_path).prepare(spec, cancel=lambda: True)
+    assert not (tmp_path / "cache" / "envs" / spec.key).exists()
+
+
+def test_concurrent_builds_of_one_key_build_once(origins: Origins, tmp_path: Path) -> None:
+    spec = EnvironmentSpec(COMFY, origins.comfy_v2)
+    results: list[object] = []
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            results.append(origins.environments(tmp_path).prepare(spec))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 4 and all(r == results[0] for r in results)
+    worktrees = git(origins.mirrors(tmp_path).mirror_path(COMFY), "worktree", "list")
+    assert worktrees.count(str(tmp_path / "cache" / "envs")) == 1
+
+
+def test_cancel_stops_a_running_command_and_its_children(tmp_path: Path) -> None:
+    from cache.commands import run_command
+
+    marker = tmp_path / "grandchild-survived"
+    script = f"sleep 30 & wait; touch {marker}"
+    polls = iter(range(3))
+    started = time.monotonic()
+    with pytest.raises(BuildCanceled):
+        run_command(["sh", "-c", script], cancel=lambda: next(polls, None) is None)
+    assert time.monotonic() - started < 5
+    assert not marker.exists()
+
+
+def test_command_timeout(tmp_path: Path) -> None:
+    from cache.commands import run_command
+
+    with pytest.raises(TimeoutError):
+        run_command(["sleep", "30"], timeout_s=0.3)

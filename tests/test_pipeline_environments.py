@@ -1,0 +1,118 @@
+"""Runs without a baked ComfyUI checkout: each gets the environment its workflow pins."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cache.commands import run_command
+from cache.environments import Environments, EnvironmentSpec, NodePin
+from cache.git import GitMirrors
+from tests.cache.gitrepos import commit, make_repo
+from tests.factories import message, workflow
+from tests.test_pipeline import FAKE, Control
+from worker.contract import RunStatus, parse_message
+from worker.errors import ErrorCode
+from worker.pipeline import Pipeline, PipelineConfig
+from worker.storage import LocalStorage
+
+pytestmark = pytest.mark.timeout(120)
+
+COMFY = "https://git.example/comfyanonymous/ComfyUI"
+NODE = "https://git.example/acme/ComfyUI-Foo"
+
+
+@pytest.fixture
+def origins(tmp_path: Path) -> dict[str, Any]:
+    comfy = make_repo(tmp_path / "origins" / "ComfyUI")
+    node = make_repo(tmp_path / "origins" / "ComfyUI-Foo")
+    return {
+        "comfy": comfy, "node": node,
+        "v1": commit(comfy, {"main.py": "1\n"}), "v2": commit(comfy, {"main.py": "2\n"}),
+        "node_v1": commit(node, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"}),
+    }
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path, origins: dict[str, Any]):
+    envs = Environments(tmp_path / "cache" / "envs",
+                        GitMirrors(tmp_path / "cache" / "git",
+                                   {COMFY: origins["comfy"], NODE: origins["node"]}))
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                 child_entry=FAKE),
+                  storage=LocalStorage(tmp_path / "store"), environments=envs)
+    yield pl
+    pl.close()
+
+
+def _message(comfy_commit: str, nodes: dict[str, Any] | None = None, run_id: str = "env-1"):
+    wf = workflow()
+    wf["environment"]["comfyui"] = {"origin": COMFY, "commit": comfy_commit, "dirty": False}
+    wf["custom_nodes"] = nodes or {}
+    return parse_message(message(wf=wf, run_id=run_id))
+
+
+def test_run_gets_its_pinned_environment_and_reuses_it(
+    pipeline: Pipeline, origins: dict[str, Any], tmp_path: Path
+) -> None:
+    nodes = {"ComfyUI-Foo": {"origin": NODE, "commit": origins["node_v1"], "dirty": False}}
+    result = pipeline.execute(_message(origins["v1"], nodes), Control())
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    key = EnvironmentSpec(COMFY, origins["v1"],
+                          (NodePin("ComfyUI-Foo", NODE, origins["node_v1"]),)).key
+    assert result.environment["env_key"] == key
+    runner = pipeline.supervisor.runner
+    env_dir = tmp_path / "cache" / "envs" / key
+    assert runner.config.comfyui_dir == str(env_dir / "ComfyUI")
+    assert (env_dir / "ComfyUI" / "custom_nodes" / "ComfyUI-Foo" / "__init__.py").exists()
+    assert not any("custom node" in w for w in result.warnings)
+    again = pipeline.execute(_message(origins["v1"], nodes, run_id="env-2"), Control())
+    assert again.status is RunStatus.SUCCEEDED
+    assert pipeline.supervisor.runner is runner  # same environment: the warm child stays
+    assert again.cold_start_s == 0
+
+
+def test_another_pin_switches_environment(pipeline: Pipeline, origins: dict[str, Any]) -> None:
+    first = pipeline.execute(_message(origins["v1"]), Control())
+    runner = pipeline.supervisor.runner
+    second = pipeline.execute(_message(origins["v2"], run_id="env-2"), Control())
+    assert first.status is second.status is RunStatus.SUCCEEDED
+    assert first.environment["env_key"] != second.environment["env_key"]
+    assert pipeline.supervisor.runner is not runner
+    assert pipeline.supervisor.runner.config.comfyui_dir.endswith("/ComfyUI")
+    assert second.cold_start_s > 0
+
+
+def test_unbuildable_environment_fails_the_run(pipeline: Pipeline) -> None:
+    result = pipeline.execute(_message("1" * 40), Control())
+    assert result.status is RunStatus.FAILED
+    assert result.failure.code is ErrorCode.ENVIRONMENT_FAILED
+    assert "not found" in result.failure.message
+    assert result.failure.details["env_key"] == EnvironmentSpec(COMFY, "1" * 40).key
+
+
+class _SlowBuilder:
+    """An environment build that runs a long command (as pip or git fetch may)."""
+
+    def prepare(self, spec: Any, *, cancel: Any = None) -> Any:
+        run_command(["sleep", "30"], cancel=cancel)
+        raise AssertionError("not canceled")
+
+
+def test_cancel_during_the_build(tmp_path: Path, origins: dict[str, Any]) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                 child_entry=FAKE),
+                  storage=LocalStorage(tmp_path / "store"), environments=_SlowBuilder())
+    control = Control()
+    threading.Timer(0.3, control.cancel.set).start()
+    started = time.monotonic()
+    try:
+        result = pl.execute(_message(origins["v1"]), control)
+    finally:
+        pl.close()
+    assert result.status is RunStatus.CANCELED
+    assert time.monotonic() - started < 0.3 + 2.0
