@@ -189,8 +189,12 @@ class Environments:
             for name in ("purelib", "platlib"):
                 path = Path(sysconfig.get_path(name, vars={"base": str(prefix),
                                                             "platbase": str(prefix)}))
-                if path not in paths:
+                if path.is_dir() and path not in paths:
                     paths.append(path)
+            if not paths:
+                # pip's install scheme can differ from sysconfig's default one (distribution
+                # Pythons patch theirs): take whatever site directory pip created.
+                paths = sorted(p for p in prefix.glob("**/python3*/*-packages") if p.is_dir())
         return Environment(key, env_dir, env_dir / "ComfyUI", tuple(paths))
 
 
