@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from cache.errors import FetchConnectError
 from tests.factories import message, workflow
 from worker.contract import RunStatus, parse_message
 from worker.errors import ErrorCode
@@ -188,3 +189,53 @@ def test_cancel_during_comfyui_start(tmp_path: Path) -> None:
     assert result.status is RunStatus.CANCELED
     assert time.monotonic() - t0 < 0.3 + 2.0
     assert result.timings_ms["environment"] < 2300
+
+
+def test_comfyui_starts_while_inputs_download(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child's start waits for a gate that only the input download opens: run one after
+    # the other, the start would time out; run side by side, the run succeeds.
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("RUNFLOW_TEST_START_GATE", str(gate))
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+        gate.touch()
+        _fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry="tests.fakes.gated_start_child:main",
+                                 startup_timeout_s=20, allow_local_files=True),
+                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    src = tmp_path / "note.txt"
+    src.write_text("downloaded while ComfyUI started")
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/doc/note.txt",
+                                                         "output_id": "copy"}}}
+    try:
+        result = run(pl, message(graph, input={"doc": src.as_uri()}))
+    finally:
+        pl.close()
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert result.cold_start_s > 0
+    assert set(result.timings_ms) >= {"environment", "inputs", "execute"}
+
+
+def test_failed_download_waits_for_the_start(tmp_path: Path) -> None:
+    # A run whose input cannot be fetched ends only once ComfyUI's start is over, and leaves
+    # the child warm for the next run.
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+        raise FetchConnectError("cannot connect to the input's host")
+
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry=FAKE, allow_local_files=True),
+                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": "x", "output_id": "copy"}}}
+    try:
+        failed = run(pl, message(graph, input={"doc": (tmp_path / "x").as_uri()}))
+        assert failed.failure.code is ErrorCode.INPUT_FETCH_FAILED
+        assert pl.supervisor.runner is not None and pl.supervisor.runner.state.value == "ready"
+        ok = run(pl, message(run_id="after", input={"prompt": "warm"}))
+        assert ok.status is RunStatus.SUCCEEDED and ok.cold_start_s == 0
+    finally:
+        pl.close()

@@ -1,5 +1,8 @@
 """One run, phase by phase: validate, environment, models, inputs, execute, upload.
 
+The environment phase (building the pinned environment, starting ComfyUI in it) runs on its
+own thread at the same time as the models and inputs phases; execute waits for all three.
+
 The pipeline knows nothing of Redis: its driver (the ``run`` CLI or the ``serve`` daemon)
 passes a ``RunControl`` (why to stop, where events go) and gets a ``RunResult`` back. A
 run never raises out of ``execute``: every outcome is a result with one status.
@@ -12,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -154,9 +158,12 @@ class Pipeline:
         self.blobs = blobs
         self.fetch_input = fetch_input
         self.environments = environments
+        self._starter = futures.ThreadPoolExecutor(max_workers=1,
+                                                   thread_name_prefix="environment")
 
     def close(self) -> None:
         """Stop the ComfyUI child."""
+        self._starter.shutdown(wait=True)
         self.supervisor.close()
 
     # ------------------------------------------------------------------ run
@@ -189,25 +196,34 @@ class Pipeline:
             dirs = {name: run_dir / name for name in ("input", "output", "temp", "models")}
             for d in dirs.values():
                 d.mkdir()
-            with phases.phase("environment"):
-                runner = self._runner(message, result, stop_reason)
-            self._check_stop(stop_reason)
-            wf = message.workflow
-            digests = [m.sha256.lower() for m in wf.models.values() if m.sha256] + [
-                r.sha256.lower() for r in wf.resources.values() if r.sha256
-            ]
-            pin = self.blobs.pin(digests) if self.blobs is not None and digests else nullcontext()
-            with pin:
-                with phases.phase("models"):
-                    self._materialise_models(message, dirs, control, stop_reason)
-                self._check_stop(stop_reason)
-                with phases.phase("inputs"):
-                    values = c.resolved_values(message, defs)
-                    files = self._fetch_inputs(defs, values, dirs["input"], stop_reason)
-                    graph = inject_inputs(wf.workflow_json, values, files)
-                self._check_stop(stop_reason)
-                with phases.phase("execute"):
-                    outcome = self._run_graph(runner, message, graph, dirs, control, stop_reason)
+            # The environment (building it, starting ComfyUI in it: seconds to minutes on a
+            # cold worker) is prepared on its own thread while models and inputs download.
+            # It is always waited for, also when a download fails, so no start ever runs
+            # into the next run.
+            starting = self._starter.submit(self._prepare_runner, message, result,
+                                            stop_reason, phases)
+            try:
+                wf = message.workflow
+                digests = [m.sha256.lower() for m in wf.models.values() if m.sha256] + [
+                    r.sha256.lower() for r in wf.resources.values() if r.sha256
+                ]
+                pin = (self.blobs.pin(digests) if self.blobs is not None and digests
+                       else nullcontext())
+                with pin:
+                    with phases.phase("models"):
+                        self._materialise_models(message, dirs, control, stop_reason)
+                    self._check_stop(stop_reason)
+                    with phases.phase("inputs"):
+                        values = c.resolved_values(message, defs)
+                        files = self._fetch_inputs(defs, values, dirs["input"], stop_reason)
+                        graph = inject_inputs(wf.workflow_json, values, files)
+                    runner = starting.result()
+                    self._check_stop(stop_reason)
+                    with phases.phase("execute"):
+                        outcome = self._run_graph(runner, message, graph, dirs, control,
+                                                  stop_reason)
+            finally:
+                futures.wait([starting])
             result.peak_vram_bytes = outcome.peak_vram_bytes
             if isinstance(outcome, p.Failed):
                 raise self._failure_from(outcome, stop_reason())
@@ -237,6 +253,11 @@ class Pipeline:
         return result
 
     # ------------------------------------------------------------------ phases
+
+    def _prepare_runner(self, message: c.RunMessage, result: RunResult,
+                        stop_reason: Callable[[], StopReason | None], phases: _Phases) -> Any:
+        with phases.phase("environment"):
+            return self._runner(message, result, stop_reason)
 
     @staticmethod
     def _check_stop(stop_reason: Callable[[], StopReason | None]) -> None:
