@@ -46,6 +46,7 @@ from worker.records import (
     EventPublisher,
     Finalised,
     RecordStore,
+    event_json,
     promotion_for,
     unparseable_record,
 )
@@ -315,8 +316,14 @@ class Worker:
 
     def release_run(self, delivery: Delivery, message: RunMessage, token: int) -> None:
         """Leave an interrupted run pending so another worker takes it at once."""
+        # The record goes back to ``queued`` (billing as the message carries it: a released
+        # attempt is not billed) so that nobody reads a run no worker holds as ``running``.
+        queued = record_for(message, RunStatus.QUEUED, billing=message.billing).to_json()
+        event = event_json({"released": True, "worker": self.consumer})
         try:
-            released = self.queue.release(delivery, message.run_id, token)
+            released = self.queue.release(
+                delivery, message.run_id, token,
+                queued=(queued, message.attempt, event, self.settings.events_maxlen))
         except QueueError as exc:
             released = False
             log.warning("could not release run %s (%s); it is reclaimed after the lease",

@@ -133,11 +133,18 @@ return {state, redis.call('EXISTS', KEYS[3])}
 # Give a pending entry back without acking it: still pending (so not lost), its idle time
 # set to the lease so any worker's XAUTOCLAIM takes it at once, and its delivery counter
 # set back so a shutdown does not count against max_deliveries.
+# The release and the record's return to ``queued`` (with its status event) happen together,
+# and only while this pickup still holds the fence.
 _RELEASE_LUA = """
 local f = redis.call('GET', KEYS[1])
 if f ~= false and f ~= ARGV[1] then return 0 end
 redis.pcall('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'IDLE', ARGV[5],
             'RETRYCOUNT', ARGV[6], 'JUSTID')
+if ARGV[7] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[7])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
+             'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
+end
 return 1
 """
 
@@ -237,10 +244,13 @@ class RunQueue:
                                                          "event": "fence_restored"})
         return LeaseTick(held=int(state) != 0, canceled=bool(int(canceled)))
 
-    def release(self, delivery: Delivery, run_id: str | None, token: int | None) -> bool:
+    def release(self, delivery: Delivery, run_id: str | None, token: int | None, *,
+                queued: tuple[str, int, str, int] | None = None) -> bool:
         """Leave the entry pending for another worker at once; False if fenced out.
 
         Without a token (an entry read but never started) the release is not fenced.
+        ``queued`` = (record JSON, attempt, event data JSON, events maxlen) also puts the
+        run's record back to ``queued`` with a status event, in the same fenced step.
         """
         retry_count = max(0, delivery.deliveries - 1)
         with redis_errors("releasing the entry"):
@@ -249,10 +259,12 @@ class RunQueue:
                                    [delivery.entry_id], idle=self.lease_ms,
                                    retrycount=retry_count, justid=True)
                 return True
+            record_json, attempt, event_data, events_maxlen = queued or ("", 0, "", 0)
             done = self._release(
-                keys=[keys.fence(run_id), delivery.stream],
+                keys=[keys.fence(run_id), delivery.stream, keys.run_record(run_id),
+                      keys.EVENTS_STREAM],
                 args=[token, self.group, self.consumer, delivery.entry_id, self.lease_ms,
-                      retry_count],
+                      retry_count, record_json, events_maxlen, run_id, attempt, event_data],
             )
         return bool(int(done))
 

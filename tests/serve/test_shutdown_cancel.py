@@ -50,9 +50,12 @@ def test_sigterm_beyond_grace_releases_the_run_for_another_worker(r, spawn_worke
     wait_for(lambda: _progress_seen(r, "long"), 20, "the run to be executing")
     w.signal(signal.SIGTERM)
     assert w.wait(20) == 0
-    # Not failed, not acked: pending, and immediately claimable despite the 30 s lease.
-    assert status_of(r, "long") == "running"
+    # Not failed, not acked: pending, immediately claimable despite the 30 s lease, and
+    # recorded as waiting in the queue again.
+    assert status_of(r, "long") == "queued"
     assert not terminal_events(r, "long")
+    assert [e["status"] for e in events(r, "long") if e["type"] == "status"][-2:] == [
+        "running", "queued"]
     assert _pending(r) == 1
     detail = r.xpending_range(keys.runs_stream("cpu"), keys.CONSUMER_GROUP, "-", "+", 1)[0]
     assert detail["times_delivered"] == 0  # the release does not count as a lost delivery
@@ -75,7 +78,7 @@ def test_second_sigterm_stops_at_once_and_leaves_the_run_pending(r, spawn_worker
     w.signal(signal.SIGTERM)
     assert w.wait(20) == 0
     assert time.monotonic() - started < 5
-    assert status_of(r, "long") == "running" and _pending(r) == 1
+    assert status_of(r, "long") == "queued" and _pending(r) == 1
 
 
 @pytest.mark.timeout(60)
