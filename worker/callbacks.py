@@ -1,11 +1,18 @@
 """Run callbacks: the terminal record POSTed to ``callback_url``, signed per Standard Webhooks.
 
 The body is the terminal record without ``billing``. Headers ``webhook-id`` (stable across
-retries of one run attempt), ``webhook-timestamp`` and ``webhook-signature`` come from the
-``standardwebhooks`` library with the operator's ``RUNFLOW_WEBHOOK_SECRET``. Failed
-deliveries (network error, non-2xx) are retried with doubling backoff, up to
-``RUNFLOW_CALLBACK_ATTEMPTS`` deliveries in all. Everything happens on background threads
-fed by a delay queue, so neither a failing nor a slow receiver ever delays the next run.
+retries of one run attempt: ``msg_<run_id>_<attempt>``, so a receiver can drop duplicates),
+``webhook-timestamp`` and ``webhook-signature`` come from the ``standardwebhooks`` library
+with the operator's ``RUNFLOW_WEBHOOK_SECRET``.
+
+Callbacks survive the worker. The job (URL, body) is queued in Redis in the same script
+that writes the terminal record (``runflow:callback:<id>`` plus its due time in the sorted
+set ``runflow:callbacks``), so a run with a terminal record always has its callback queued.
+Every worker's delivery threads take due jobs: a job is claimed by moving its due time past
+the longest delivery, delivered, then deleted on a 2xx; a failure (network error, non-2xx)
+reschedules it with doubling backoff, up to ``RUNFLOW_CALLBACK_ATTEMPTS`` deliveries in all.
+A worker killed mid-delivery leaves the job to come due again for any worker: delivery is
+at least once. Neither a failing nor a slow receiver ever delays the next run.
 
 Callback URLs get the same SSRF policy as input URLs: the project's ``cache.fetcher``
 (https only, public addresses unless ``RUNFLOW_URL_ALLOW``, no DNS rebinding, no
@@ -14,22 +21,22 @@ redirects). A refused URL is not retried. URLs are never logged with their query
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
+import redis
 from standardwebhooks import Webhook
 
+from worker import keys
 from worker.contract import RunRecord
 from worker.logs import redact
 from worker.metrics import Metrics
+from worker.records import CallbackJob
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,24 @@ DELIVERY_THREADS = 4
 """Concurrent deliveries: one stalled receiver leaves the others flowing."""
 DELIVERY_DEADLINE_S = 60.0
 """Longest single delivery attempt, connect to last response byte."""
+CLAIM_S = DELIVERY_DEADLINE_S + 30.0
+"""How long a claimed job is hidden from other workers (beyond any delivery attempt)."""
+POLL_S = 0.5
+"""How often idle delivery threads look for due jobs (a terminal write wakes them at once)."""
+
+# KEYS: due set, job. ARGV: job id, now ms, claimed-until ms. The job's fields, or nil when
+# it is not due (another worker claimed it) or gone (delivered meanwhile).
+_CLAIM_LUA = """
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not s or tonumber(s) > tonumber(ARGV[2]) then return false end
+local h = redis.call('HGETALL', KEYS[2])
+if #h == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return false
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return h
+"""
 
 
 class Poster(Protocol):
@@ -73,19 +98,9 @@ def callback_payload(record: RunRecord) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-@dataclass(order=True)
-class _Delivery:
-    due: float
-    seq: int
-    url: str = ""
-    msg_id: str = ""
-    payload: str = ""
-    run_id: str = ""
-    attempt: int = 0
-
-
 class CallbackSender:
-    """Delivers signed callbacks from background threads with retries and backoff."""
+    """Delivers the callback jobs queued in Redis, from background threads (see the module
+    docstring). ``attach`` gives it the worker's Redis client and starts the threads."""
 
     def __init__(self, poster: Poster, secret: str, *, attempts: int, backoff_s: float,
                  metrics: Metrics | None = None, threads: int = DELIVERY_THREADS) -> None:
@@ -95,127 +110,179 @@ class CallbackSender:
         self.backoff_s = backoff_s
         self.metrics = metrics
         self.delivered = 0
-        """Callbacks acknowledged with a 2xx."""
+        """Callbacks acknowledged with a 2xx by this sender."""
         self.failed = 0
-        """Callbacks given up after every attempt (or refused by the URL policy)."""
-        self._heap: list[_Delivery] = []
-        self._seq = itertools.count()
+        """Callbacks this sender gave up (after every attempt, or refused by the URL policy)."""
+        self._client: redis.Redis | None = None
+        self._claim: Any = None
         self._busy = 0
+        self._woken = False
         self._closed = False
         self._cond = threading.Condition()
         self._threads = [threading.Thread(target=self._run, name=f"runflow-callback-{i}",
                                           daemon=True) for i in range(threads)]
+
+    def attach(self, client: redis.Redis) -> None:
+        """Deliver jobs from ``client``'s Redis (the worker's connection); starts the threads."""
+        if self._client is not None:
+            return
+        self._client = client
+        self._claim = client.register_script(_CLAIM_LUA)
         for t in self._threads:
             t.start()
 
-    def submit(self, url: str, record: RunRecord) -> None:
-        """Queue the callback of a terminal ``record`` (returns at once)."""
-        item = _Delivery(due=time.monotonic(), seq=next(self._seq), url=url,
-                         msg_id=f"msg_{record.id}_{record.attempt}",
-                         payload=callback_payload(record), run_id=record.id)
+    @staticmethod
+    def job_for(url: str, record: RunRecord) -> CallbackJob:
+        """The job to queue with ``record``'s terminal write, due at once."""
+        return CallbackJob(f"msg_{record.id}_{record.attempt}", url, callback_payload(record),
+                           _now_ms())
+
+    def wake(self) -> None:
+        """Look for due jobs now (a terminal write just queued one)."""
         with self._cond:
-            if self._closed:
-                return
-            heapq.heappush(self._heap, item)
-            self._cond.notify()
+            self._woken = True
+            self._cond.notify_all()
 
     def pending(self) -> int:
-        """Callbacks queued, waiting for a retry or in flight."""
-        with self._cond:
-            return len(self._heap) + self._busy
+        """Callback jobs queued in Redis (for any worker), in flight included."""
+        if self._client is None:
+            return 0
+        return int(self._client.zcard(keys.CALLBACKS_DUE))
 
     def close(self, timeout_s: float = 10.0) -> int:
-        """Wait up to ``timeout_s`` for pending deliveries, then stop; return those left."""
+        """Deliver for up to ``timeout_s`` what comes due meanwhile, then stop; return the jobs
+        left queued (other workers deliver them)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
+        while self._client is not None and time.monotonic() < deadline:
+            due_by_ms = _now_ms() + int((deadline - time.monotonic()) * 1000)
+            try:
+                coming = int(self._client.zcount(keys.CALLBACKS_DUE, "-inf", due_by_ms))
+            except redis.RedisError:
+                break
+            with self._cond:
+                if not coming and not self._busy:
+                    break
+                self._woken = True
+                self._cond.notify_all()
+                self._cond.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         with self._cond:
-            self._cond.wait_for(lambda: not self._heap and not self._busy,
-                                timeout=max(0.0, deadline - time.monotonic()))
-            left = len(self._heap) + self._busy
             self._closed = True
-            self._heap.clear()
             self._cond.notify_all()
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout=DELIVERY_DEADLINE_S)
+        try:
+            left = self.pending()
+        except redis.RedisError:
+            left = 0
         if left:
-            log.warning("%d callbacks not delivered before exit", left,
-                        extra={"event": "callbacks_dropped", "count": left})
+            log.info("%d callbacks left queued for other workers", left,
+                     extra={"event": "callbacks_left", "count": left})
         return left
 
     # ------------------------------------------------------------------ threads
 
-    def _next(self) -> _Delivery | None:
-        with self._cond:
-            while True:
-                if self._closed:
-                    return None
-                if self._heap:
-                    wait_s = self._heap[0].due - time.monotonic()
-                    if wait_s <= 0:
-                        self._busy += 1
-                        return heapq.heappop(self._heap)
-                    self._cond.wait(timeout=wait_s)
-                else:
-                    self._cond.wait()
-
     def _run(self) -> None:
-        while (item := self._next()) is not None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
             try:
-                self._attempt(item)
+                job = self._claim_due()
+            except redis.RedisError as exc:
+                log.warning("cannot read callback jobs: %s", exc,
+                            extra={"event": "callback_queue_unavailable"})
+                job = None
+            if job is None:
+                with self._cond:
+                    if not self._woken and not self._closed:
+                        self._cond.wait(timeout=POLL_S)
+                    self._woken = False
+                continue
+            with self._cond:
+                self._busy += 1
+            try:
+                self._attempt(*job)
             except Exception:  # a delivery thread must never die
-                log.exception("callback delivery crashed", extra={"run_id": item.run_id})
+                log.exception("callback delivery crashed", extra={"run_id": job[1].get("run_id")})
             finally:
                 with self._cond:
                     self._busy -= 1
                     self._cond.notify_all()
 
-    def _attempt(self, item: _Delivery) -> None:
-        item.attempt += 1
+    def _claim_due(self) -> tuple[str, dict[str, str]] | None:
+        assert self._client is not None
+        now = _now_ms()
+        for job_id in self._client.zrangebyscore(keys.CALLBACKS_DUE, "-inf", now, start=0,
+                                                 num=len(self._threads)):
+            fields = self._claim(keys=[keys.CALLBACKS_DUE, keys.callback_job(job_id)],
+                                 args=[job_id, now, now + int(CLAIM_S * 1000)])
+            if fields:
+                return job_id, dict(zip(fields[::2], fields[1::2], strict=True))
+        return None
+
+    def _attempt(self, job_id: str, job: dict[str, str]) -> None:
+        tries = int(job.get("tries") or 0) + 1
+        url, payload, run_id = job.get("url", ""), job.get("payload", ""), job.get("run_id")
         # Whole seconds: the signed timestamp and the header must be the same number.
         now = datetime.fromtimestamp(int(time.time()), UTC)
         headers = {
             "content-type": "application/json",
-            "webhook-id": item.msg_id,
+            "webhook-id": job_id,
             "webhook-timestamp": str(int(now.timestamp())),
-            "webhook-signature": self.webhook.sign(item.msg_id, now, item.payload),
+            "webhook-signature": self.webhook.sign(job_id, now, payload),
         }
-        extra = {"run_id": item.run_id, "event": "callback", "attempt_no": item.attempt,
-                 "url": redact(item.url)}
+        extra = {"run_id": run_id, "event": "callback", "attempt_no": tries,
+                 "url": redact(url)}
         try:
-            status = self.poster.post(item.url, item.payload.encode(), headers,
+            status = self.poster.post(url, payload.encode(), headers,
                                       deadline_s=DELIVERY_DEADLINE_S)
             problem = None if 200 <= status < 300 else f"HTTP {status}"
         except Exception as exc:  # noqa: BLE001 - any failure is a failed delivery
             if _refused(exc):
-                self._count("refused")
+                self._finish(job_id, "refused")
                 log.error("callback URL refused by the URL policy: %s", exc, extra=extra)
-                with self._cond:
-                    self.failed += 1
                 return
             problem = f"{type(exc).__name__}: {exc}"
         if problem is None:
-            self._count("delivered")
-            with self._cond:
-                self.delivered += 1
+            self._finish(job_id, "delivered")
             log.info("callback delivered", extra={**extra, "status_code": status})
             return
-        if item.attempt >= self.attempts:
-            self._count("failed")
-            with self._cond:
-                self.failed += 1
-            log.error("callback failed after %d attempts: %s", item.attempt, problem,
-                      extra=extra)
+        if tries >= self.attempts:
+            self._finish(job_id, "failed")
+            log.error("callback failed after %d attempts: %s", tries, problem, extra=extra)
             return
         self._count("retry")
-        delay_s = self.backoff_s * (2 ** (item.attempt - 1))
+        delay_s = self.backoff_s * (2 ** (tries - 1))
         log.warning("callback attempt failed (%s); retrying in %.1f s", problem, delay_s,
                     extra=extra)
-        item.due = time.monotonic() + delay_s
+        assert self._client is not None
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.callback_job(job_id), "tries", tries)
+            pipe.zadd(keys.CALLBACKS_DUE, {job_id: _now_ms() + int(delay_s * 1000)})
+            pipe.execute()
+
+    def _finish(self, job_id: str, outcome: str) -> None:
+        """Remove a job that needs no more deliveries and count how it ended."""
+        assert self._client is not None
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.CALLBACKS_DUE, job_id)
+            pipe.delete(keys.callback_job(job_id))
+            pipe.execute()
+        self._count(outcome)
         with self._cond:
-            if not self._closed:
-                heapq.heappush(self._heap, item)
-                self._cond.notify()
+            if outcome == "delivered":
+                self.delivered += 1
+            else:
+                self.failed += 1
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.callbacks.labels(outcome).inc()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def build_sender(settings: Settings, metrics: Metrics | None = None) -> CallbackSender | None:

@@ -42,6 +42,7 @@ from worker.pipeline import Pipeline, RunResult
 from worker.queue import Backoff, Delivery, GroupMissing, RedisUnavailable, RunQueue, connect
 from worker.records import (
     Begin,
+    CallbackJob,
     DeadLetter,
     EventPublisher,
     Finalised,
@@ -99,6 +100,8 @@ class Worker:
         self.records = RecordStore(self.client, events_maxlen=settings.events_maxlen)
         self.metrics = metrics or Metrics()
         self.callbacks = callbacks
+        if callbacks is not None:
+            callbacks.attach(self.client)
         self.shutdown = shutdown or ShutdownState()
         self.publisher = EventPublisher(self.records)
         self.keeper = LeaseKeeper(self.queue, lease_s=settings.lease_s, renew=renew_leases)
@@ -310,8 +313,11 @@ class Worker:
             written_record = record
             event_data = {"error": record.error and record.error.get("code"),
                           "duration_ms": record.duration_ms, "worker": self.consumer}
+        job = None if promotion is not None else self._callback_job(message.callback_url,
+                                                                    record)
         outcome = self._retry_terminal_write(message.run_id, lambda: self.records.finalise(
-            delivery, token, written_record, event_data=event_data, promotion=promotion))
+            delivery, token, written_record, event_data=event_data, promotion=promotion,
+            callback=job))
         self._after_finalise(message, record, outcome, promoted_to=target)
 
     def release_run(self, delivery: Delivery, message: RunMessage, token: int) -> None:
@@ -351,7 +357,8 @@ class Worker:
         outcome = self._retry_terminal_write(message.run_id, lambda: self.records.finalise(
             delivery, token, record, event_data={"error": ErrorCode.WORKER_LOST.value,
                                                  "dead_letter": True},
-            dead_letter=DeadLetter(reason="max_deliveries")))
+            dead_letter=DeadLetter(reason="max_deliveries"),
+            callback=self._callback_job(message.callback_url, record)))
         if outcome is Finalised.WRITTEN:
             self.metrics.dead_letters.inc()
             log.error("run %s dead-lettered after %d deliveries", message.run_id,
@@ -378,8 +385,9 @@ class Worker:
         if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
             return
         outcome = self._retry_terminal_write(run_id, lambda: self.records.finalise(
-            delivery, token, record, event_data={"error": exc.code.value}))
-        self._after_finalise(None, record, outcome, callback_url=callback_url)
+            delivery, token, record, event_data={"error": exc.code.value},
+            callback=self._callback_job(callback_url, record)))
+        self._after_finalise(None, record, outcome)
 
     # ------------------------------------------------------------------ helpers
 
@@ -413,10 +421,15 @@ class Worker:
                                 extra={"run_id": run_id, "event": "finalise_retry"})
                 self.shutdown.sleep(backoff.next_delay_s(), until_cold=True)
 
+    def _callback_job(self, url: str | None, record: RunRecord) -> CallbackJob | None:
+        """The callback to queue with ``record``'s terminal write (None: nothing to send)."""
+        if not url or self.callbacks is None:
+            return None
+        return self.callbacks.job_for(url, record)
+
     def _after_finalise(self, message: RunMessage | None, record: RunRecord,
-                        outcome: Finalised | None, *, promoted_to: str | None = None,
-                        callback_url: str | None = None) -> None:
-        """Metrics, the log line and the callback of a terminal write."""
+                        outcome: Finalised | None, *, promoted_to: str | None = None) -> None:
+        """Metrics, the log line and the callback's first delivery after a terminal write."""
         extra = {"run_id": record.id, "attempt": record.attempt}
         if outcome is Finalised.FENCED:
             self.metrics.fenced_writes.inc()
@@ -447,9 +460,8 @@ class Worker:
                  extra={**extra, "event": "run_finished", "status": record.status.value,
                         "error_code": code or None, "duration_ms": record.duration_ms,
                         "timings_ms": record.timings_ms})
-        url = message.callback_url if message is not None else callback_url
-        if url and self.callbacks is not None:
-            self.callbacks.submit(url, record)
+        if self.callbacks is not None:
+            self.callbacks.wake()  # its job was queued with the record: deliver it now
 
     def _observe_cache(self) -> None:
         """Feed the blob store's hit and miss counters into the metrics."""

@@ -36,6 +36,9 @@ SOURCE_ID_FIELD = "entry_id"
 DELIVERIES_FIELD = "deliveries"
 """Extra field of a dead-letter entry: how many times it was delivered."""
 
+CALLBACKS_DUE = PREFIX + "callbacks"
+"""Sorted set of pending callback jobs, scored by when their next delivery is due (epoch ms)."""
+
 FENCE_TTL_S = 7 * 24 * 3600
 """Lifetime of a fencing counter after its last use (far beyond any lease or run)."""
 
@@ -58,6 +61,11 @@ def cancel_flag(run_id: str) -> str:
 def fence(run_id: str) -> str:
     """The fencing counter ``runflow:fence:<run_id>``: incremented at every pickup."""
     return f"{PREFIX}fence:{run_id}"
+
+
+def callback_job(job_id: str) -> str:
+    """A pending callback ``runflow:callback:<job_id>`` (hash: url, payload, run_id, tries)."""
+    return f"{PREFIX}callback:{job_id}"
 
 
 def consumer_name(hostname: str, pid: int, nonce: str) -> str:

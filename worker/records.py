@@ -76,10 +76,12 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[6],
 return {{'running', token}}
 """
 
-# KEYS: record, fence, stream, events, aux stream (dead letters / promotion target)
+# KEYS: record, fence, stream, events, aux stream (dead letters / promotion target),
+#       callbacks due set, callback job
 # ARGV: 1 token, 2 group, 3 entry_id, 4 run_id, 5 event attempt, 6 record, 7 status,
 #       8 event_data, 9 events_maxlen, 10 fence_ttl_s, 11 mode ('final'|'dead'|'promote'),
-#       12 aux run payload, 13 dead reason, 14 deliveries
+#       12 aux run payload, 13 dead reason, 14 deliveries, 15 callback job id ('' = none),
+#       16 callback url, 17 callback payload, 18 callback due (epoch ms)
 _FINALISE_LUA = f"""
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[1] then return 0 end
@@ -105,6 +107,11 @@ end
 redis.call('SET', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
            'attempt', ARGV[5], 'type', 'status', 'status', ARGV[7], 'data', ARGV[8])
+if ARGV[15] ~= '' then
+  redis.call('HSET', KEYS[7], 'url', ARGV[16], 'payload', ARGV[17], 'run_id', ARGV[4],
+             'tries', 0)
+  redis.call('ZADD', KEYS[6], ARGV[18], ARGV[15])
+end
 redis.pcall('XACK', KEYS[3], ARGV[2], ARGV[3])
 redis.pcall('XDEL', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[10])
@@ -155,6 +162,17 @@ class DeadLetter:
     """Copy the entry to the dead-letter stream in the same step as the terminal write."""
 
     reason: str
+
+
+@dataclass(frozen=True)
+class CallbackJob:
+    """A callback to queue with the terminal record: its id (the ``webhook-id``), URL, body
+    and when it is first due (epoch ms)."""
+
+    job_id: str
+    url: str
+    payload: str
+    due_ms: int
 
 
 @dataclass(frozen=True)
@@ -254,22 +272,26 @@ class RecordStore:
 
     def finalise(self, delivery: Delivery, token: int, record: RunRecord, *,
                  event_data: dict[str, Any], dead_letter: DeadLetter | None = None,
-                 promotion: Promotion | None = None) -> Finalised:
-        """Write ``record`` + its status event (+ dead letter / re-enqueue) and ack, atomically."""
+                 promotion: Promotion | None = None,
+                 callback: CallbackJob | None = None) -> Finalised:
+        """Write ``record`` + its status event (+ dead letter / re-enqueue, + the callback
+        job) and ack, atomically: a written terminal record always has its callback queued."""
         mode, aux_stream, aux_payload, reason = "final", delivery.stream, "", ""
         if dead_letter is not None:
             mode, aux_stream = "dead", keys.DEAD_LETTER_STREAM
             aux_payload, reason = delivery.payload or "", dead_letter.reason
         elif promotion is not None:
             mode, aux_stream, aux_payload = "promote", promotion.stream, promotion.message_json
+        job = callback or CallbackJob("", "", "", 0)
         with redis_errors("writing the run record"):
             done = self._finalise(
                 keys=[keys.run_record(record.id), keys.fence(record.id), delivery.stream,
-                      keys.EVENTS_STREAM, aux_stream],
+                      keys.EVENTS_STREAM, aux_stream, keys.CALLBACKS_DUE,
+                      keys.callback_job(job.job_id or record.id)],
                 args=[token, self.group, delivery.entry_id, record.id, record.attempt,
                       record.to_json(), record.status.value, event_json(event_data),
                       self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
-                      delivery.deliveries],
+                      delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms],
             )
         return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(int(done),
                                                               Finalised.ALREADY_TERMINAL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 
 from tests.serve.conftest import graph, is_terminal, record, submit, wait_for
 from tests.support.https_server import HTTPSServer, Mode
+from worker import keys
 from worker.callbacks import CallbackSender, build_poster
 from worker.settings import Settings
 
@@ -136,3 +138,30 @@ def test_failing_receiver_is_given_up_after_the_configured_attempts(r, inprocess
     inprocess_worker(callbacks=sender)
     wait_for(lambda: sender.failed == 1, 20, "the sender to give up")
     assert route.hits == 3 and sender.delivered == 0
+
+
+@pytest.mark.timeout(90)
+def test_callback_survives_a_killed_worker(r, spawn_worker, inprocess_worker,
+                                           receiver) -> None:
+    # The first worker writes the terminal record (the job is queued with it), fails one
+    # delivery and is killed before its retry; another worker delivers the callback.
+    route = FlakyRoute(failures=1)
+    receiver.routes["/later"] = route
+    submit(r, "orphan", callback_url=receiver.url("/later"))
+    first = spawn_worker(env={"RUNFLOW_WEBHOOK_SECRET": SECRET,
+                              "RUNFLOW_URL_ALLOW": "127.0.0.1/32",
+                              "RUNFLOW_CA_BUNDLE": str(receiver.ca_file),
+                              "RUNFLOW_CALLBACK_BACKOFF_S": "3"})
+    job = keys.callback_job("msg_orphan_1")
+    wait_for(lambda: r.hget(job, "tries") == "1", 30, "the first delivery to fail")
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    assert is_terminal(r, "orphan") and route.hits == 1
+    assert r.zcard(keys.CALLBACKS_DUE) == 1  # still queued: nothing lost with the worker
+    sender = _sender(receiver)
+    inprocess_worker(callbacks=sender)
+    wait_for(lambda: sender.delivered == 1, 30, "the other worker's delivery")
+    assert route.hits == 2
+    assert r.zcard(keys.CALLBACKS_DUE) == 0 and not r.exists(job)
+    ids = {req.headers.get("webhook-id") for req in receiver.requests_for("/later")}
+    assert ids == {"msg_orphan_1"}
