@@ -7,8 +7,9 @@ custom node's name, origin and commit, plus the Python and torch versions of thi
     <key>/ComfyUI/                         worktree of ComfyUI at its commit
     <key>/ComfyUI/custom_nodes/<name>/     worktree of each custom node at its commit
     <key>/python/                          pip --prefix of the nodes' requirements
-    <key>/environment.json                 the spec it was built from
-    <key>/READY                            written last: the environment is complete
+    <key>/environment.json                 the spec it was built from, and its size
+    <key>/READY                            written last: the environment is complete; its
+                                           mtime is the environment's last use
 
 Custom nodes sit inside the checkout's ``custom_nodes/``, exactly where a creator's local
 ComfyUI has them (some nodes find files relative to that place).
@@ -22,6 +23,12 @@ the prefix's site-packages on the ComfyUI child's ``sys.path``.
 
 Building takes a lock per key, so workers sharing the volume build an environment once; a
 build that died half-way (no ``READY``) is removed and redone.
+
+Eviction: whoever runs ComfyUI in an environment holds ``pin(key)`` (a shared lock of
+``cache.pins``, held by any process on the volume) for as long as it does. ``gc`` removes the
+least recently used unpinned environments beyond ``max_count``, and unpinned directories of
+builds that died; ``prepare`` runs it after each new build. An environment is removed by
+renaming it out of the way first, so it never looks complete half-deleted.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ import platform
 import shutil
 import sys
 import sysconfig
+import time
+import uuid
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +53,7 @@ from filelock import FileLock
 from cache.commands import run_command
 from cache.errors import EnvironmentBuildError
 from cache.git import GitMirrors
+from cache.pins import Pins
 from cache.progress import Cancel
 
 PIP_TIMEOUT_S = 1800.0
@@ -94,8 +105,37 @@ class Environment:
         return self.comfyui_dir / "custom_nodes"
 
 
+@dataclass(frozen=True)
+class EnvironmentInfo:
+    """A directory under the environments' root, as ``ls`` reports it."""
+
+    key: str
+    path: Path
+    ready: bool
+    """False for a build in progress, or one that died."""
+    last_used: float
+    """Epoch seconds of the last ``prepare`` (of the directory's creation if never ready)."""
+    size_bytes: int | None
+    """Bytes the build left (the mirrors' shared objects not counted); None if unknown."""
+    pinned: bool
+
+
+@dataclass
+class EnvironmentGcResult:
+    """What a gc did: environments evicted, dead builds removed, pinned ones kept."""
+
+    evicted: list[str] = field(default_factory=list)
+    removed_incomplete: list[str] = field(default_factory=list)
+    kept_pinned: list[str] = field(default_factory=list)
+    remaining: int = 0
+
+
 class Environments:
-    """Prepares environments under ``root`` from git mirrors and the package index."""
+    """Prepares environments under ``root`` from git mirrors and the package index.
+
+    ``max_count``: environments kept after a build (least recently used, unpinned ones go
+    first); 0 keeps them all.
+    """
 
     def __init__(
         self,
@@ -105,12 +145,22 @@ class Environments:
         pip_index_url: str | None = None,
         pip_find_links: Sequence[str] = (),
         python: str = sys.executable,
+        max_count: int = 0,
     ) -> None:
         self.root = Path(root)
         self.git = git
         self.pip_index_url = pip_index_url
         self.pip_find_links = tuple(pip_find_links)
         self.python = python
+        self.max_count = max_count
+        self.pins = Pins(self.root / "pins")
+
+    def pin(self, key: str) -> AbstractContextManager[None]:
+        """Keep the environment ``key`` from eviction for the duration of the block.
+
+        Take it before ``prepare`` and hold it for as long as ComfyUI runs in the environment.
+        """
+        return self.pins.pin([key])
 
     def prepare(self, spec: EnvironmentSpec, *, cancel: Cancel | None = None) -> Environment:
         """Return the environment for ``spec``, building it first if needed.
@@ -120,20 +170,99 @@ class Environments:
         """
         key = spec.key
         env_dir = self.root / key
-        if (env_dir / "READY").exists():
-            return self._describe(key, env_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / f"{key}.lock")):
-            if (env_dir / "READY").exists():  # another worker built it meanwhile
+        # Pinned while checked or built, so a gc of another process cannot remove it
+        # in between; the caller's own pin keeps it afterwards.
+        with self.pin(key):
+            if self._touch_ready(env_dir):
                 return self._describe(key, env_dir)
-            if env_dir.exists():
-                shutil.rmtree(env_dir)  # a build that died half-way
-            try:
-                self._build(spec, env_dir, cancel)
-            except BaseException:
-                shutil.rmtree(env_dir, ignore_errors=True)
-                raise
+            with FileLock(str(self.root / f"{key}.lock")):
+                if self._touch_ready(env_dir):  # another worker built it meanwhile
+                    return self._describe(key, env_dir)
+                if env_dir.exists():
+                    shutil.rmtree(env_dir)  # a build that died half-way
+                try:
+                    self._build(spec, env_dir, cancel)
+                except BaseException:
+                    shutil.rmtree(env_dir, ignore_errors=True)
+                    raise
+            if self.max_count:
+                self.gc(self.max_count)
         return self._describe(key, env_dir)
+
+    def ls(self) -> list[EnvironmentInfo]:
+        """Every environment directory, most recently used first."""
+        infos = []
+        for path in self._env_dirs():
+            ready = path / "READY"
+            try:
+                last_used = (ready if ready.exists() else path).stat().st_mtime
+            except FileNotFoundError:
+                continue  # evicted meanwhile
+            infos.append(EnvironmentInfo(path.name, path, ready.exists(), last_used,
+                                         _recorded_size(path), self.pins.is_pinned(path.name)))
+        infos.sort(key=lambda i: i.last_used, reverse=True)
+        return infos
+
+    def gc(self, max_count: int | None = None) -> EnvironmentGcResult:
+        """Keep at most ``max_count`` (default ``self.max_count``; 0: all) complete
+        environments, evicting the least recently used unpinned ones, and remove unpinned
+        directories of builds that died half-way."""
+        limit = self.max_count if max_count is None else max_count
+        result = EnvironmentGcResult()
+        ready = []
+        for info in self.ls():
+            if info.ready:
+                ready.append(info)
+            elif self._evict(info.key):
+                result.removed_incomplete.append(info.key)
+        excess = len(ready) - limit if limit else 0
+        for info in reversed(ready):  # least recently used first
+            if excess <= 0:
+                break
+            if self._evict(info.key):
+                result.evicted.append(info.key)
+                excess -= 1
+            else:
+                result.kept_pinned.append(info.key)
+        if result.evicted or result.removed_incomplete:
+            self.git.prune_worktrees()
+        result.remaining = len(ready) - len(result.evicted)
+        return result
+
+    def _evict(self, key: str) -> bool:
+        """Remove the environment ``key`` unless pinned; True if it was removed."""
+        with self.pins.evicting(key) as free:
+            if not free:
+                return False
+            env_dir = self.root / key
+            # Out of the way first (atomic): nothing half-deleted ever looks ready.
+            doomed = self.root / f".evicted-{key}-{uuid.uuid4().hex[:8]}"
+            try:
+                env_dir.rename(doomed)
+            except FileNotFoundError:
+                return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
+    def _env_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = []
+        for path in self.root.iterdir():
+            if path.name.startswith(".evicted-") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # a gc that died mid-delete
+            elif len(path.name) == _KEY_HEX and path.is_dir():
+                dirs.append(path)
+        return dirs
+
+    @staticmethod
+    def _touch_ready(env_dir: Path) -> bool:
+        """Mark the environment used now; False if it is not complete."""
+        try:
+            os.utime(env_dir / "READY")
+        except FileNotFoundError:
+            return False
+        return True
 
     def _build(self, spec: EnvironmentSpec, env_dir: Path, cancel: Cancel | None) -> None:
         env_dir.mkdir(parents=True)
@@ -152,7 +281,9 @@ class Environments:
                 requirements.append(node_dir / "requirements.txt")
         if requirements:
             self._install(requirements, env_dir, cancel)
-        (env_dir / "environment.json").write_text(json.dumps(asdict(spec), indent=2))
+        record = {"key": spec.key, "spec": asdict(spec), "size_bytes": _tree_bytes(env_dir),
+                  "built_at": time.time()}
+        (env_dir / "environment.json").write_text(json.dumps(record, indent=2))
         ready = env_dir / "READY.tmp"
         ready.write_text(spec.key)
         os.replace(ready, env_dir / "READY")
@@ -196,6 +327,26 @@ class Environments:
                 # Pythons patch theirs): take whatever site directory pip created.
                 paths = sorted(p for p in prefix.glob("**/python3*/*-packages") if p.is_dir())
         return Environment(key, env_dir, env_dir / "ComfyUI", tuple(paths))
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``, links not followed."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _recorded_size(env_dir: Path) -> int | None:
+    try:
+        size = json.loads((env_dir / "environment.json").read_text()).get("size_bytes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) else None
 
 
 def _installed_version(name: str) -> str | None:

@@ -15,8 +15,10 @@ The source of an origin is the origin itself, or the local repository ``local`` 
 (``GIT_ALLOW_PROTOCOL``: ``https`` for an https origin, ``file`` for a local path), git never
 prompts for credentials, and a per-mirror file lock lets several workers share one volume.
 
-Commands run through ``cache.commands.run_command`` (the git CLI, as GitPython would run it)
-because a run's cancel must stop a long fetch within a second.
+Commands run the git CLI through ``cache.commands.run_command`` rather than GitPython: a
+run's cancel must stop a long fetch within a second, process group included, and GitPython
+(itself a wrapper around the same CLI) offers a timeout but no cancel. It is therefore not a
+dependency.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ class GitMirrors:
             self._git(mirror, "worktree", "prune", cancel=cancel)
             self._git(mirror, "worktree", "add", "--quiet", "--detach", "--force", str(dest),
                       commit.lower(), cancel=cancel)
+
+    def prune_worktrees(self) -> None:
+        """Forget worktrees whose directories were deleted (evicted environments), in every
+        mirror. A mirror that cannot be pruned is left as it is."""
+        if not self.root.is_dir():
+            return
+        for mirror in sorted(self.root.glob("*.git")):
+            if not (mirror / "HEAD").exists():
+                continue
+            try:
+                with FileLock(str(mirror) + ".lock"):
+                    self._git(mirror, "worktree", "prune", check=False)
+            except GitError:
+                continue  # pruned again before the mirror's next checkout
 
     # ------------------------------------------------------------------ helpers
 

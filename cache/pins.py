@@ -1,9 +1,10 @@
-"""Pins: blobs in use by a run, visible to every process on the volume.
+"""Pins: cache entries in use, visible to every process on the volume.
 
-A pin is a shared ``flock`` on ``<pins>/<sha256>.pin``, held for as long as the run uses the
-blob. Eviction takes an exclusive, non-blocking ``flock`` on the same file and skips the blob
-when that fails, so a blob pinned by any process (another worker container on the same
-volume included) is never deleted. The kernel drops the locks of a process that dies, so a
+The blob store pins blobs by digest for as long as a run uses them; the environments pin an
+environment by key for as long as a ComfyUI child runs in it. A pin is a shared ``flock`` on
+``<pins>/<name>.pin``. Eviction takes an exclusive, non-blocking ``flock`` on the same file
+and skips the entry when that fails, so an entry pinned by any process (another worker
+container on the same volume included) is never deleted. The kernel drops the locks of a process that dies, so a
 crashed worker leaves no stale pins. Pin files are tiny and are kept: deleting a lock file
 that another process may be opening at that moment would let two holders lock different
 files of one name.
@@ -25,21 +26,21 @@ class Pins:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
-        """The pin file of a digest."""
-        return self.directory / f"{sha256}.pin"
+    def path(self, name: str) -> Path:
+        """The pin file of an entry (a blob's digest, an environment's key)."""
+        return self.directory / f"{name}.pin"
 
     @contextmanager
-    def pin(self, digests: Iterable[str]) -> Iterator[None]:
-        """Hold a shared pin on each digest for the duration of the block.
+    def pin(self, names: Iterable[str]) -> Iterator[None]:
+        """Hold a shared pin on each entry for the duration of the block.
 
-        Blocks briefly if a gc is deleting one of these blobs at this moment; the caller then
-        finds it missing and downloads it again.
+        Blocks briefly if a gc is deleting one of these entries at this moment; the caller
+        then finds it missing and makes it again.
         """
         fds: list[int] = []
         try:
-            for sha256 in sorted(set(digests)):
-                fd = self._open(sha256)
+            for name in sorted(set(names)):
+                fd = self._open(name)
                 fds.append(fd)
                 fcntl.flock(fd, fcntl.LOCK_SH)
             yield
@@ -48,9 +49,9 @@ class Pins:
                 os.close(fd)
 
     @contextmanager
-    def evicting(self, sha256: str) -> Iterator[bool]:
-        """Try to take the exclusive eviction lock; yield True if held (nobody pins the blob)."""
-        fd = self._open(sha256)
+    def evicting(self, name: str) -> Iterator[bool]:
+        """Try to take the exclusive eviction lock; yield True if held (nobody pins the entry)."""
+        fd = self._open(name)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -61,14 +62,14 @@ class Pins:
         finally:
             os.close(fd)
 
-    def is_pinned(self, sha256: str) -> bool:
-        """Whether some process (this one included) pins the digest right now."""
-        if not self.path(sha256).exists():
+    def is_pinned(self, name: str) -> bool:
+        """Whether some process (this one included) pins the entry right now."""
+        if not self.path(name).exists():
             return False
-        with self.evicting(sha256) as free:
+        with self.evicting(name) as free:
             return not free
 
-    def _open(self, sha256: str) -> int:
+    def _open(self, name: str) -> int:
         # 0o666 so workers running as different users on one volume can share pins.
-        fd = os.open(self.path(sha256), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o666)
         return fd

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,9 @@ def test_unbuildable_environment_fails_the_run(pipeline: Pipeline) -> None:
 class _SlowBuilder:
     """An environment build that runs a long command (as pip or git fetch may)."""
 
+    def pin(self, key: str) -> Any:
+        return nullcontext()
+
     def prepare(self, spec: Any, *, cancel: Any = None) -> Any:
         run_command(["sleep", "30"], cancel=cancel)
         raise AssertionError("not canceled")
@@ -116,3 +121,37 @@ def test_cancel_during_the_build(tmp_path: Path, origins: dict[str, Any]) -> Non
         pl.close()
     assert result.status is RunStatus.CANCELED
     assert time.monotonic() - started < 0.3 + 2.0
+
+
+def test_the_warm_environment_is_pinned_until_the_child_leaves_it(
+    tmp_path: Path, origins: dict[str, Any]
+) -> None:
+    def environments() -> Environments:  # this worker's, or another's on the same volume
+        return Environments(tmp_path / "cache" / "envs",
+                            GitMirrors(tmp_path / "cache" / "git", {COMFY: origins["comfy"]}))
+
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                 child_entry=FAKE),
+                  storage=LocalStorage(tmp_path / "store"), environments=environments())
+    other = environments()
+    try:
+        first = pl.execute(_message(origins["v1"]), Control())
+        assert first.status is RunStatus.SUCCEEDED, first.failure
+        one = first.environment["env_key"]
+        two = other.prepare(EnvironmentSpec(COMFY, origins["v2"])).key
+        stamp = time.time() - 3600  # make the one in use the least recently used
+        os.utime(tmp_path / "cache" / "envs" / one / "READY", (stamp, stamp))
+        # Another worker's gc keeps the environment the warm child runs in.
+        result = other.gc(max_count=1)
+        assert result.kept_pinned == [one] and result.evicted == [two]
+        assert (tmp_path / "cache" / "envs" / one / "READY").exists()
+
+        second = pl.execute(_message(origins["v2"], run_id="env-2"), Control())
+        assert second.status is RunStatus.SUCCEEDED, second.failure
+        assert second.environment["env_key"] == two  # built again after the gc took it
+        # The child left the first environment: it is a candidate now; the second is not.
+        assert {i.key: i.pinned for i in other.ls()} == {one: False, two: True}
+        assert other.gc(max_count=1).evicted == [one]
+    finally:
+        pl.close()
+    assert not any(i.pinned for i in other.ls())  # closing the worker lets go of all

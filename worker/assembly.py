@@ -7,10 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from cache.environments import Environments
 from cache.errors import URLRefused
 from cache.fetcher import Fetcher
-from cache.git import GitMirrors
 from worker.pipeline import Pipeline, PipelineConfig
 from worker.settings import Settings
 from worker.storage import Storage, open_storage
@@ -45,7 +43,7 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    allow_local_files: bool = False, child_entry: str | None = None,
                    cpu: bool | None = None) -> Pipeline:
     """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child)."""
-    from worker.cache_cli import build_blob_store, build_fetcher
+    from worker.cache_cli import build_blob_store, build_environments, build_fetcher
 
     config = PipelineConfig(
         work_dir=settings.cache_dir / "work",
@@ -67,14 +65,4 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         blobs=build_blob_store(settings, fetcher),
         fetch_input=make_input_fetcher(settings, fetcher, allow_local_files=allow_local_files),
         environments=build_environments(settings),
-    )
-
-
-def build_environments(settings: Settings) -> Environments:
-    """The environment builder: git mirrors and environments under the cache directory."""
-    return Environments(
-        settings.cache_dir / "envs",
-        GitMirrors(settings.cache_dir / "git", settings.git_mirror_map()),
-        pip_index_url=settings.pip_index_url,
-        pip_find_links=settings.pip_find_links,
     )

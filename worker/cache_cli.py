@@ -3,12 +3,14 @@
 - ``cache ls [--json]``: blobs, most recently used first, with size, last use and pins.
 - ``cache verify [SHA256 ...] [--no-quarantine]``: re-hash blobs; corrupt ones are moved to
   quarantine (exit 1 when any is corrupt).
-- ``cache gc [--max-bytes N]``: evict least recently used, unpinned blobs down to the budget
-  (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume).
+- ``cache gc [--max-bytes N] [--max-envs N]``: evict least recently used, unpinned blobs down
+  to the budget (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume), and unused prepared
+  environments beyond ``RUNFLOW_ENV_MAX_COUNT``.
+- ``cache envs [--json]``: prepared environments, most recently used first.
 - ``cache pull SHA256 URL [URL ...] [--size N]``: fetch a blob now, with a progress bar.
 
-``build_fetcher``, ``build_sources`` and ``build_blob_store`` are the one place the worker
-turns settings into cache objects.
+``build_fetcher``, ``build_sources``, ``build_blob_store`` and ``build_environments`` are the
+one place the worker turns settings into cache objects.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from cache.blobs import BlobStore, check_digest
+from cache.environments import Environments
 from cache.errors import CacheError
 from cache.fetcher import Fetcher
+from cache.git import GitMirrors
 from cache.sources import Sources
 from cache.urlpolicy import URLPolicy
 from worker.settings import Settings
@@ -75,6 +79,17 @@ def build_blob_store(settings: Settings, fetcher: Fetcher | None = None) -> Blob
     )
 
 
+def build_environments(settings: Settings) -> Environments:
+    """The environment builder: git mirrors and environments under the cache directory."""
+    return Environments(
+        settings.cache_dir / "envs",
+        GitMirrors(settings.cache_dir / "git", settings.git_mirror_map()),
+        pip_index_url=settings.pip_index_url,
+        pip_find_links=settings.pip_find_links,
+        max_count=settings.env_max_count,
+    )
+
+
 def add_parser(subparsers: Any) -> None:
     """Register ``cache ls | verify | gc | pull`` on the CLI's subparsers."""
     parser = subparsers.add_parser("cache", help="inspect and maintain the model store")
@@ -87,10 +102,16 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("digests", nargs="*", metavar="SHA256", help="only these (default: all)")
     p.add_argument("--no-quarantine", action="store_true", help="report only")
 
-    p = actions.add_parser("gc", help="evict least recently used blobs down to the budget")
+    p = actions.add_parser("gc", help="evict least recently used blobs down to the budget "
+                                      "and unused environments beyond their count")
     p.add_argument("--max-bytes", type=int, metavar="N",
                    help="budget for this run (default: RUNFLOW_CACHE_MAX_BYTES or 80%% of "
                         "the volume)")
+    p.add_argument("--max-envs", type=int, metavar="N",
+                   help="environments kept (default: RUNFLOW_ENV_MAX_COUNT; 0 keeps all)")
+
+    p = actions.add_parser("envs", help="list prepared environments, most recently used first")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = actions.add_parser("pull", help="fetch one blob into the store")
     p.add_argument("sha256", metavar="SHA256")
@@ -110,7 +131,9 @@ def run_cache_command(args: argparse.Namespace, settings: Settings) -> int:
         if action == "verify":
             return _verify(store, args.digests, quarantine=not args.no_quarantine)
         if action == "gc":
-            return _gc(store, args.max_bytes)
+            return _gc(store, args.max_bytes, build_environments(settings), args.max_envs)
+        if action == "envs":
+            return _envs(build_environments(settings), as_json=args.json)
         if action == "pull":
             return _pull(store, args.sha256, args.urls, args.size)
     except ValueError as exc:
@@ -156,14 +179,45 @@ def _verify(store: BlobStore, digests: list[str], *, quarantine: bool) -> int:
     return 1 if result.corrupt else 0
 
 
-def _gc(store: BlobStore, max_bytes: int | None) -> int:
+def _gc(store: BlobStore, max_bytes: int | None, envs: Environments,
+        max_envs: int | None) -> int:
     from rich.filesize import decimal
 
+    if max_envs is not None and max_envs < 0:
+        raise ValueError("--max-envs must be 0 or more")
     result = store.gc(max_bytes)
     for digest in result.evicted:
         print(f"evicted {digest}")
     kept = f", {len(result.kept_pinned)} pinned kept" if result.kept_pinned else ""
     print(f"freed {decimal(result.freed_bytes)}; {decimal(result.total_bytes)} left{kept}")
+    env_result = envs.gc(max_envs)
+    for key in env_result.evicted:
+        print(f"evicted environment {key}")
+    for key in env_result.removed_incomplete:
+        print(f"removed incomplete environment {key}")
+    kept = f", {len(env_result.kept_pinned)} in use kept" if env_result.kept_pinned else ""
+    print(f"{env_result.remaining} environments left{kept}")
+    return 0
+
+
+def _envs(envs: Environments, *, as_json: bool) -> int:
+    from rich.filesize import decimal
+
+    infos = envs.ls()
+    if as_json:
+        rows = [{"key": i.key, "ready": i.ready, "last_used": _iso(i.last_used),
+                 "size_bytes": i.size_bytes, "pinned": i.pinned, "path": str(i.path)}
+                for i in infos]
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'KEY':<24}  {'SIZE':>10}  {'LAST USED':<20}  STATE")
+    for i in infos:
+        size = decimal(i.size_bytes) if i.size_bytes is not None else "?"
+        state = ("in use" if i.pinned else "ready") if i.ready else (
+            "building" if i.pinned else "incomplete")
+        print(f"{i.key:<24}  {size:>10}  {_iso(i.last_used):<20}  {state}")
+    limit = f" (keeping {envs.max_count})" if envs.max_count else ""
+    print(f"{len(infos)} environments{limit}")
     return 0
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -72,6 +72,8 @@ class EnvironmentBuilder(Protocol):
     """What the pipeline needs of ``cache.environments.Environments``."""
 
     def prepare(self, spec: Any, *, cancel: Callable[[], bool] | None = None) -> Any: ...
+
+    def pin(self, key: str) -> Any: ...
 
 
 @dataclass
@@ -160,11 +162,15 @@ class Pipeline:
         self.environments = environments
         self._starter = futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="environment")
+        # Pins of the environments this worker uses (by key): the warm child's, and the
+        # one being prepared, so no gc on the volume removes them meanwhile.
+        self._env_pins: dict[str, ExitStack] = {}
 
     def close(self) -> None:
-        """Stop the ComfyUI child."""
+        """Stop the ComfyUI child and let its environment go."""
         self._starter.shutdown(wait=True)
         self.supervisor.close()
+        self._unpin_environments(keep=None)
 
     # ------------------------------------------------------------------ run
 
@@ -293,11 +299,15 @@ class Pipeline:
         try:
             runner = sup.runner_for(config, should_stop=lambda: stop_reason() is not None)
         except RunnerStartCanceled as exc:
+            self._unpin_environments(keep=None)
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except RunnerStartFailed as exc:
+            self._unpin_environments(keep=None)
             raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                              f"ComfyUI failed to start: {exc}",
                              details={"traceback": exc.traceback[-4000:]}) from exc
+        # The previous environment's child is gone now: its pin can go too.
+        self._unpin_environments(keep=env_key)
         if cold:
             result.cold_start_s = time.monotonic() - start
         if runner.ready is not None:
@@ -332,14 +342,36 @@ class Pipeline:
             comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
             custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
                                for name, pin in wf.custom_nodes.items()))
+        self._pin_environment(spec.key)
         try:
             return self.environments.prepare(spec, cancel=lambda: stop_reason() is not None)
-        except BuildCanceled as exc:
-            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except CacheError as exc:
-            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                             f"building environment {spec.key} failed: {exc}",
-                             details={"env_key": spec.key}) from exc
+        except BaseException as exc:
+            self._unpin_environments(keep=self._warm_env_key())
+            if isinstance(exc, BuildCanceled):
+                raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+            if isinstance(exc, CacheError):
+                raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                                 f"building environment {spec.key} failed: {exc}",
+                                 details={"env_key": spec.key}) from exc
+            raise
+
+    def _pin_environment(self, key: str) -> None:
+        if key in self._env_pins or self.environments is None:
+            return
+        stack = ExitStack()
+        stack.enter_context(self.environments.pin(key))
+        self._env_pins[key] = stack
+
+    def _unpin_environments(self, keep: str | None) -> None:
+        """Release the pins of every environment but ``keep``."""
+        for key in [k for k in self._env_pins if k != keep]:
+            self._env_pins.pop(key).close()
+
+    def _warm_env_key(self) -> str | None:
+        runner = self.supervisor.runner
+        if runner is None or runner.state.value in ("new", "defunct"):
+            return None
+        return runner.config.env_key
 
     def _materialise_models(self, message: c.RunMessage, dirs: dict[str, Path],
                             control: RunControl,

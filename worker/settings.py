@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     """Downloads of one run's missing models at a time."""
     cache_direct_io: bool = True
     """Write downloads of 64 MiB and more past the page cache (``O_DIRECT``) where supported."""
+    env_max_count: int = Field(10, ge=0)
+    """Prepared environments kept on the volume (least recently used, unused ones evicted
+    after each new build); 0 keeps them all."""
     extra_custom_nodes: CsvTuple = ()
     """Directories of custom node packs loaded besides the checkout's ``custom_nodes/``."""
     origin_allow: CsvTuple = ()

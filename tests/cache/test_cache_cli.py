@@ -1,4 +1,4 @@
-"""``runflow-worker cache ls | verify | gc | pull`` through the command functions."""
+"""``runflow-worker cache ls | verify | gc | pull | envs`` through the command functions."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from cache.blobs import BlobStore
+from cache.environments import EnvironmentSpec
+from tests.cache.gitrepos import commit, make_repo
 from tests.cache.helpers import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer
 from worker import cache_cli
@@ -94,3 +97,35 @@ def test_console_script_smoke(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert "freed" in done.stdout
+
+
+def test_envs_and_gc_of_environments(
+    tmp_path: Path, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    origin = "https://git.example/comfyanonymous/ComfyUI"
+    repo = make_repo(tmp_path / "origins" / "ComfyUI")
+    v1, v2 = commit(repo, {"main.py": "1\n"}), commit(repo, {"main.py": "2\n"})
+    settings = settings.model_copy(update={"git_mirrors": (f"{origin}={repo}",),
+                                           "env_max_count": 5})
+    envs = cache_cli.build_environments(settings)
+    assert envs.root == settings.cache_dir / "envs" and envs.max_count == 5
+    old = envs.prepare(EnvironmentSpec(origin, v1))
+    new = envs.prepare(EnvironmentSpec(origin, v2))
+    stamp = time.time() - 3600
+    os.utime(old.root / "READY", (stamp, stamp))
+
+    assert _run(["cache", "envs", "--json"], settings) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in rows] == [new.key, old.key]
+    assert all(r["ready"] and not r["pinned"] and r["size_bytes"] > 0 for r in rows)
+    with envs.pin(new.key):
+        assert _run(["cache", "envs"], settings) == 0
+        table = capsys.readouterr().out
+    assert f"{new.key}" in table and "in use" in table and "2 environments (keeping 5)" in table
+
+    assert _run(["cache", "gc"], settings) == 0  # within RUNFLOW_ENV_MAX_COUNT
+    assert "2 environments left" in capsys.readouterr().out
+    assert _run(["cache", "gc", "--max-envs", "1"], settings) == 0
+    assert f"evicted environment {old.key}" in capsys.readouterr().out
+    assert not old.root.exists() and new.root.exists()
+    assert _run(["cache", "gc", "--max-envs", "-1"], settings) == 2

@@ -3,6 +3,7 @@ nodes' requirements installed without touching the image's packages."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -186,3 +187,112 @@ def test_command_timeout(tmp_path: Path) -> None:
 
     with pytest.raises(TimeoutError):
         run_command(["sleep", "30"], timeout_s=0.3)
+
+
+# ---------------------------------------------------------------------------- eviction
+
+
+def _age(env_root: Path, seconds_ago: float) -> None:
+    """Make an environment look last used ``seconds_ago``."""
+    stamp = time.time() - seconds_ago
+    os.utime(env_root / "READY", (stamp, stamp))
+
+
+def test_gc_keeps_the_most_recently_used_and_forgets_their_worktrees(
+    origins: Origins, tmp_path: Path
+) -> None:
+    envs = origins.environments(tmp_path)
+    old = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    new = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v2))
+    _age(old.root, 3600)
+    listed = envs.ls()
+    assert [i.key for i in listed] == [new.key, old.key]
+    assert all(i.ready and not i.pinned and i.size_bytes for i in listed)
+
+    result = envs.gc(max_count=1)
+    assert result.evicted == [old.key] and result.remaining == 1
+    assert not old.root.exists() and (new.root / "READY").exists()
+    worktrees = git(origins.mirrors(tmp_path).mirror_path(COMFY), "worktree", "list")
+    assert str(old.root) not in worktrees and str(new.root) in worktrees
+    assert not list((tmp_path / "cache" / "envs").glob(".evicted-*"))
+    # Evicted is not lost: the next run pinning it builds it again.
+    again = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    assert (again.comfyui_dir / "main.py").read_text() == "VERSION = 1\n"
+
+
+def test_a_pinned_environment_is_never_evicted(origins: Origins, tmp_path: Path) -> None:
+    envs = origins.environments(tmp_path)
+    used = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    other = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v2))
+    _age(used.root, 3600)  # the least recently used, but a ComfyUI child runs in it
+    with envs.pin(used.key):
+        assert {i.key: i.pinned for i in envs.ls()} == {used.key: True, other.key: False}
+        result = envs.gc(max_count=1)
+        assert result.kept_pinned == [used.key]
+        assert result.evicted == [other.key]
+        assert (used.root / "READY").exists()
+    assert envs.gc(max_count=1).evicted == []  # one left: within the count
+
+
+def test_prepare_evicts_beyond_max_count_after_a_build(origins: Origins, tmp_path: Path) -> None:
+    envs = origins.environments(tmp_path, max_count=1)
+    first = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v1))
+    second = envs.prepare(EnvironmentSpec(COMFY, origins.comfy_v2))
+    assert not first.root.exists()
+    assert [i.key for i in envs.ls()] == [second.key]
+
+
+def test_gc_removes_dead_builds_but_not_running_ones(origins: Origins, tmp_path: Path) -> None:
+    envs = origins.environments(tmp_path)
+    dead = tmp_path / "cache" / "envs" / ("a" * 24)
+    (dead / "ComfyUI").mkdir(parents=True)
+    building = tmp_path / "cache" / "envs" / ("b" * 24)
+    (building / "ComfyUI").mkdir(parents=True)
+    with envs.pin("b" * 24):  # a build holds its pin while it runs
+        states = {i.key: (i.ready, i.pinned) for i in envs.ls()}
+        assert states == {"a" * 24: (False, False), "b" * 24: (False, True)}
+        result = envs.gc(max_count=5)
+    assert result.removed_incomplete == ["a" * 24]
+    assert not dead.exists() and building.exists()
+
+
+def test_a_gc_racing_prepares_never_removes_a_pinned_environment(
+    origins: Origins, tmp_path: Path
+) -> None:
+    specs = [EnvironmentSpec(COMFY, origins.comfy_v1), EnvironmentSpec(COMFY, origins.comfy_v2)]
+    envs = origins.environments(tmp_path)
+    stop = threading.Event()
+    evicted: list[str] = []
+    errors: list[BaseException] = []
+    rounds = threading.Condition()
+    done = [0]
+
+    def collect() -> None:  # another worker's gc, over and over
+        other = origins.environments(tmp_path)
+        try:
+            while not stop.is_set():
+                evicted.extend(other.gc(max_count=1).evicted)
+                with rounds:
+                    done[0] += 1
+                    rounds.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    gc_thread = threading.Thread(target=collect)
+    gc_thread.start()
+    missing = []
+    try:
+        for spec in specs * 6:
+            with envs.pin(spec.key):
+                env = envs.prepare(spec)  # rebuilt if the gc took it while unpinned
+                _age(env.root, 3600)  # the first candidate, were it not pinned
+                with rounds:  # let the gc run a whole round while this one is in use
+                    target = done[0] + 2
+                    assert rounds.wait_for(lambda t=target: done[0] >= t or errors, timeout=30)
+                if not (env.comfyui_dir / "main.py").is_file():
+                    missing.append(spec.key)
+    finally:
+        stop.set()
+        gc_thread.join()
+    assert errors == [] and missing == []
+    assert evicted  # the gc did remove the environment not in use, again and again
