@@ -20,6 +20,8 @@ Hierarchy::
     ├── BlobNotFound                the digest is not in the store
     ├── UnsafePath                  a link destination outside its base directory
     ├── GitError                    a mirror fetch or checkout failed (commit not found, ...)
+    │   └── OriginRefused           the URL policy refused a git origin (or where it
+    │                               redirects); git was not run
     ├── EnvironmentBuildError       a custom node's requirements could not be installed
     └── BuildCanceled               the caller's ``cancel()`` stopped an environment build
 
@@ -167,6 +169,12 @@ class GitError(CacheError):
     """A git mirror could not provide a commit, or a checkout failed."""
 
     reason = "git_failed"
+
+
+class OriginRefused(GitError):
+    """The URL policy refused a git origin, or the place it redirects to; git never ran."""
+
+    reason = "origin_refused"
 
 
 class EnvironmentBuildError(CacheError):

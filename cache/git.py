@@ -15,6 +15,13 @@ The source of an origin is the origin itself, or the local repository ``local`` 
 (``GIT_ALLOW_PROTOCOL``: ``https`` for an https origin, ``file`` for a local path), git never
 prompts for credentials, and a per-mirror file lock lets several workers share one volume.
 
+An https origin is a URL a deployment supplies, so it gets the fetcher's SSRF policy before
+git runs: ``<origin>/info/refs?service=git-upload-pack`` (git's first request) is asked
+through ``cache.fetcher.Fetcher``, which refuses internal addresses and re-checks every
+redirect (a renamed GitHub repository redirects); git is then pointed at where that request
+ended, its host pinned to the addresses the policy checked (``http.curloptResolve``, so a
+DNS answer that changes in between cannot send it elsewhere) and with redirects off.
+
 Commands run the git CLI through ``cache.commands.run_command`` rather than GitPython: a
 run's cancel must stop a long fetch within a second, process group included, and GitPython
 (itself a wrapper around the same CLI) offers a timeout but no cancel. It is therefore not a
@@ -30,23 +37,44 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import certifi
 from filelock import FileLock
 
 from cache.commands import CommandResult, run_command
-from cache.errors import GitError, redact_url
+from cache.errors import (
+    BuildCanceled,
+    FetchCanceled,
+    FetchError,
+    GitError,
+    OriginRefused,
+    URLRefused,
+    redact_url,
+)
+from cache.fetcher import Fetcher
 from cache.progress import Cancel
+from cache.urlpolicy import URLPolicy
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 FETCH_TIMEOUT_S = 1800.0
 LOCAL_TIMEOUT_S = 300.0
 
 
-class GitMirrors:
-    """Bare mirrors under ``root``; ``local`` maps origins to local repositories."""
+_PROBE = "/info/refs"
 
-    def __init__(self, root: Path, local: Mapping[str, Path | str] | None = None) -> None:
+
+class GitMirrors:
+    """Bare mirrors under ``root``; ``local`` maps origins to local repositories.
+
+    ``fetcher``: checks https origins (the SSRF policy; default: the policy without an
+    allowlist). ``ca_bundle``: extra CA certificates git trusts, as the fetcher does.
+    """
+
+    def __init__(self, root: Path, local: Mapping[str, Path | str] | None = None, *,
+                 fetcher: Fetcher | None = None, ca_bundle: Path | None = None) -> None:
         self.root = Path(root)
         self.local = {_normal(o): Path(p) for o, p in (local or {}).items()}
+        self._fetcher = fetcher
+        self.ca_bundle = Path(ca_bundle) if ca_bundle is not None else None
 
     def mirror_path(self, origin: str) -> Path:
         """Where the bare mirror of ``origin`` lives."""
@@ -70,13 +98,21 @@ class GitMirrors:
             source, protocol = self._source(origin)
             shown = redact_url(origin)
             env = {"GIT_ALLOW_PROTOCOL": protocol}
+            config: list[str] = []
+            if protocol == "https":
+                source, config = self._checked_https(source, cancel)
+                if self.ca_bundle is not None:
+                    # The variable, not http.sslCAInfo: a GIT_SSL_CAINFO already in the
+                    # environment would win over the setting.
+                    env["GIT_SSL_CAINFO"] = str(self._ca_file())
             shallow = self._git(mirror, "fetch", "--quiet", "--no-tags", "--depth", "1",
-                                source, commit, cancel=cancel, env=env, check=False)
+                                source, commit, cancel=cancel, env=env, config=config,
+                                check=False)
             if shallow.returncode != 0 or not self._has_commit(mirror, commit):
                 unshallow = ["--unshallow"] if (mirror / "shallow").exists() else []
                 full = self._git(mirror, "fetch", "--quiet", *unshallow, source,
                                  "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*",
-                                 cancel=cancel, env=env, check=False)
+                                 cancel=cancel, env=env, config=config, check=False)
                 if not self._has_commit(mirror, commit):
                     detail = full.error_tail or shallow.error_tail
                     raise GitError(f"commit {commit} not found at {shown}"
@@ -121,15 +157,65 @@ class GitMirrors:
                            "local mirror (RUNFLOW_GIT_MIRRORS)")
         return origin, scheme
 
+    @property
+    def fetcher(self) -> Fetcher:
+        """The fetcher whose policy https origins pass (built on first use)."""
+        if self._fetcher is None:
+            self._fetcher = Fetcher(URLPolicy(), ca_bundle=self.ca_bundle)
+        return self._fetcher
+
+    def _checked_https(self, origin: str, cancel: Cancel | None) -> tuple[str, list[str]]:
+        """Where git should fetch ``origin`` from, and the ``-c`` settings that hold it to the
+        addresses the URL policy checked. Raises ``OriginRefused`` for a refused origin or
+        redirect, ``GitError`` when the origin does not answer as a git server."""
+        shown = redact_url(origin)
+        probe = origin.rstrip("/") + _PROBE + "?service=git-upload-pack"
+        try:
+            with self.fetcher.open(probe, cancel=cancel) as response:
+                final, status = response.url, response.status_code
+            base = final.split("?", 1)[0]
+            base = base[: -len(_PROBE)] if base.endswith(_PROBE) else origin
+            resolved = self.fetcher.policy.check(base)
+        except FetchCanceled as exc:
+            raise BuildCanceled(f"fetching {shown} canceled") from exc
+        except URLRefused as exc:
+            raise OriginRefused(f"git origin {shown}: {exc}") from exc
+        except FetchError as exc:
+            raise GitError(f"cannot reach git origin {shown}: {exc}") from exc
+        if status >= 400:
+            raise GitError(f"git origin {shown} answered HTTP {status}")
+        config = ["http.followRedirects=false"]
+        target = resolved.target
+        if target.address is None:
+            addresses = ",".join(f"[{a}]" if a.version == 6 else str(a)
+                                 for a in resolved.addresses)
+            config.append(f"http.curloptResolve={target.host}:{target.port}:{addresses}")
+        return base, config
+
+    def _ca_file(self) -> Path:
+        """The public CAs plus ``ca_bundle``: git's CA file replaces its default set, where
+        the fetcher's bundle adds to it."""
+        assert self.ca_bundle is not None
+        combined = self.root / "ca-bundle.pem"
+        text = Path(certifi.where()).read_text() + "\n" + self.ca_bundle.read_text()
+        if not combined.exists() or combined.read_text() != text:
+            tmp = combined.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, combined)
+        return combined
+
     def _has_commit(self, mirror: Path, commit: str) -> bool:
         found = self._git(mirror, "cat-file", "-e", f"{commit}^{{commit}}", check=False)
         return found.returncode == 0
 
     def _git(self, repo: Path | None, *args: str, cancel: Cancel | None = None,
-             env: Mapping[str, str] | None = None, check: bool = True) -> CommandResult:
+             env: Mapping[str, str] | None = None, config: list[str] | None = None,
+             check: bool = True) -> CommandResult:
         full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "true",
                     **(env or {})}
-        cmd = ["git", *(["--git-dir", str(repo)] if repo is not None else []), *args]
+        settings = [arg for item in config or () for arg in ("-c", item)]
+        cmd = ["git", *settings, *(["--git-dir", str(repo)] if repo is not None else []),
+               *args]
         timeout_s = FETCH_TIMEOUT_S if args[0] == "fetch" else LOCAL_TIMEOUT_S
         try:
             result = run_command(cmd, env=full_env, cancel=cancel, timeout_s=timeout_s)

@@ -13,6 +13,7 @@ import pytest
 
 from cache.commands import run_command
 from cache.environments import Environments, EnvironmentSpec, NodePin
+from cache.errors import OriginRefused
 from cache.git import GitMirrors
 from tests.cache.gitrepos import commit, make_repo
 from tests.factories import message, workflow
@@ -155,3 +156,29 @@ def test_the_warm_environment_is_pinned_until_the_child_leaves_it(
     finally:
         pl.close()
     assert not any(i.pinned for i in other.ls())  # closing the worker lets go of all
+
+
+class _RefusingBuilder:
+    """An environment whose origin the URL policy refuses (e.g. it resolves to 10.0.0.5)."""
+
+    def pin(self, key: str) -> Any:
+        return nullcontext()
+
+    def prepare(self, spec: Any, *, cancel: Any = None) -> Any:
+        raise OriginRefused(f"git origin {spec.comfyui_origin}: refused: internal address")
+
+
+def test_a_refused_origin_fails_the_run_as_forbidden(
+    tmp_path: Path, origins: dict[str, Any]
+) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                 child_entry=FAKE),
+                  storage=LocalStorage(tmp_path / "store"), environments=_RefusingBuilder())
+    try:
+        result = pl.execute(_message(origins["v1"]), Control())
+    finally:
+        pl.close()
+    assert result.status is RunStatus.FAILED
+    assert result.failure.code is ErrorCode.FORBIDDEN_ORIGIN
+    assert "internal address" in result.failure.message
+    assert result.failure.details["env_key"] == EnvironmentSpec(COMFY, origins["v1"]).key

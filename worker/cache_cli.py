@@ -83,7 +83,8 @@ def build_environments(settings: Settings) -> Environments:
     """The environment builder: git mirrors and environments under the cache directory."""
     return Environments(
         settings.cache_dir / "envs",
-        GitMirrors(settings.cache_dir / "git", settings.git_mirror_map()),
+        GitMirrors(settings.cache_dir / "git", settings.git_mirror_map(),
+                   fetcher=build_fetcher(settings), ca_bundle=settings.ca_bundle),
         pip_index_url=settings.pip_index_url,
         pip_find_links=settings.pip_find_links,
         max_count=settings.env_max_count,

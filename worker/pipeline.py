@@ -334,7 +334,7 @@ class Pipeline:
                              "no ComfyUI checkout (RUNFLOW_COMFYUI_DIR) and no environment "
                              "builder configured")
         from cache.environments import EnvironmentSpec, NodePin
-        from cache.errors import BuildCanceled, CacheError
+        from cache.errors import BuildCanceled, CacheError, OriginRefused
 
         wf = message.workflow
         comfy = wf.environment.comfyui
@@ -349,6 +349,10 @@ class Pipeline:
             self._unpin_environments(keep=self._warm_env_key())
             if isinstance(exc, BuildCanceled):
                 raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+            if isinstance(exc, OriginRefused):
+                raise RunFailure(ErrorCode.FORBIDDEN_ORIGIN,
+                                 f"building environment {spec.key} failed: {exc}",
+                                 details={"env_key": spec.key}) from exc
             if isinstance(exc, CacheError):
                 raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                                  f"building environment {spec.key} failed: {exc}",
