@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import certifi
 from filelock import FileLock
@@ -57,6 +57,7 @@ from cache.urlpolicy import URLPolicy
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 FETCH_TIMEOUT_S = 1800.0
 LOCAL_TIMEOUT_S = 300.0
+MAX_SUBMODULE_DEPTH = 4
 
 
 _PROBE = "/info/refs"
@@ -121,8 +122,9 @@ class GitMirrors:
         return mirror
 
     def checkout(self, origin: str, commit: str, dest: Path, *,
-                 cancel: Cancel | None = None) -> None:
-        """Check ``commit`` of ``origin`` out at ``dest`` (a detached worktree)."""
+                 cancel: Cancel | None = None, _depth: int = 0) -> None:
+        """Check ``commit`` of ``origin`` out at ``dest`` (a detached worktree), with its git
+        submodules at the commits it records (as ``git clone --recursive`` would)."""
         mirror = self.ensure_commit(origin, commit, cancel=cancel)
         with FileLock(str(mirror) + ".lock"):
             # A worktree whose directory was deleted (an abandoned build) still holds its
@@ -130,6 +132,49 @@ class GitMirrors:
             self._git(mirror, "worktree", "prune", cancel=cancel)
             self._git(mirror, "worktree", "add", "--quiet", "--detach", "--force", str(dest),
                       commit.lower(), cancel=cancel)
+        if (dest / ".gitmodules").is_file():
+            if _depth >= MAX_SUBMODULE_DEPTH:
+                raise GitError(f"submodules of {redact_url(origin)} nest deeper than "
+                               f"{MAX_SUBMODULE_DEPTH} levels")
+            for path, url, sub_commit in self._submodules(mirror, commit, dest, cancel):
+                target = dest / path
+                if not target.resolve().is_relative_to(dest.resolve()):
+                    raise GitError(f"submodule path {path!r} leads out of the checkout")
+                if url.startswith(("./", "../")):
+                    url = urljoin(origin.rstrip("/") + "/", url)
+                # Each submodule is an origin of its own (its own mirror, the same URL
+                # policy), and like every origin it must be https unless mapped to a local
+                # mirror: a .gitmodules naming file:// or ssh:// could read the worker's disk.
+                if _normal(url) not in self.local and urlsplit(url).scheme.lower() != "https":
+                    raise OriginRefused(f"submodule {path!r} of {redact_url(origin)}: origin "
+                                        f"{redact_url(url)} is not https")
+                if target.is_dir() and not any(target.iterdir()):
+                    target.rmdir()  # the empty placeholder git leaves for a submodule
+                self.checkout(url, sub_commit, target, cancel=cancel, _depth=_depth + 1)
+
+    def _submodules(self, mirror: Path, commit: str, dest: Path,
+                    cancel: Cancel | None) -> list[tuple[str, str, str]]:
+        """``(path, url, commit)`` of each submodule the checkout at ``dest`` records."""
+        listed = self._git(None, "config", "--file", str(dest / ".gitmodules"),
+                           "--get-regexp", r"^submodule\..*\.(path|url)$", cancel=cancel,
+                           check=False)
+        paths: dict[str, str] = {}
+        urls: dict[str, str] = {}
+        for line in listed.stdout.splitlines():
+            key, _, value = line.partition(" ")
+            name, _, field = key[len("submodule."):].rpartition(".")
+            (paths if field == "path" else urls)[name] = value.strip()
+        found = []
+        for name, path in sorted(paths.items()):
+            rel = Path(path)
+            if rel.is_absolute() or ".." in rel.parts or name not in urls:
+                raise GitError(f"submodule {name!r} has an unusable path or no url")
+            tree = self._git(mirror, "ls-tree", commit.lower(), "--", path, cancel=cancel)
+            parts = tree.stdout.split()
+            if len(parts) < 3 or parts[1] != "commit":
+                continue  # listed in .gitmodules but not recorded at this commit
+            found.append((path, urls[name], parts[2]))
+        return found
 
     def prune_worktrees(self) -> None:
         """Forget worktrees whose directories were deleted (evicted environments), in every

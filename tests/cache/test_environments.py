@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cache.environments import Environments, EnvironmentSpec, NodePin
-from cache.errors import BuildCanceled, EnvironmentBuildError, GitError
+from cache.errors import BuildCanceled, EnvironmentBuildError, GitError, OriginRefused
 from cache.git import GitMirrors
 from tests.cache.gitrepos import commit, git, make_repo, make_wheel
 
@@ -296,3 +296,49 @@ def test_a_gc_racing_prepares_never_removes_a_pinned_environment(
         gc_thread.join()
     assert errors == [] and missing == []
     assert evicted  # the gc did remove the environment not in use, again and again
+
+
+# ---------------------------------------------------------------------------- submodules
+
+SUB = "https://git.example/acme/ComfyUI-Sub"
+
+
+def _node_with_submodule(root: Path, url: str) -> tuple[Path, str, Path, str]:
+    """A node repository recording a submodule at ``vendor/sub`` (``url`` in .gitmodules);
+    returns the node repo, its commit, the submodule repo and the commit recorded."""
+    sub = make_repo(root / "origins" / "ComfyUI-Sub")
+    recorded = commit(sub, {"lib.py": "RECORDED = True\n"})
+    commit(sub, {"lib.py": "RECORDED = False\n"})  # newer, but not what the node records
+    node = make_repo(root / "origins" / "ComfyUI-Bar")
+    (node / ".gitmodules").write_text(
+        f'[submodule "sub"]\n\tpath = vendor/sub\n\turl = {url}\n')
+    (node / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
+    git(node, "add", ".gitmodules", "__init__.py")
+    # The gitlink alone, as `git submodule add` records it (without cloning anything).
+    git(node, "update-index", "--add", "--cacheinfo", f"160000,{recorded},vendor/sub")
+    git(node, "commit", "--quiet", "-m", "add submodule")
+    return node, git(node, "rev-parse", "HEAD"), sub, recorded
+
+
+def test_submodules_are_checked_out_at_the_recorded_commits(tmp_path: Path) -> None:
+    comfy = make_repo(tmp_path / "origins" / "ComfyUI")
+    comfy_v1 = commit(comfy, {"main.py": "VERSION = 1\n"})
+    node_origin = "https://git.example/acme/ComfyUI-Bar"
+    node, node_commit, sub, recorded = _node_with_submodule(tmp_path, "../ComfyUI-Sub.git")
+    mirrors = GitMirrors(tmp_path / "cache" / "git",
+                         {COMFY: comfy, node_origin: node, SUB: sub})
+    envs = Environments(tmp_path / "cache" / "envs", mirrors)
+    env = envs.prepare(EnvironmentSpec(COMFY, comfy_v1,
+                                       (NodePin("ComfyUI-Bar", node_origin, node_commit),)))
+    checkout = env.custom_nodes_dir / "ComfyUI-Bar" / "vendor" / "sub"
+    assert (checkout / "lib.py").read_text() == "RECORDED = True\n"
+    assert git(checkout, "rev-parse", "HEAD") == recorded
+
+
+@pytest.mark.parametrize("url", ["file:///etc", "ssh://git.internal/repo.git"])
+def test_a_submodule_outside_https_is_refused(tmp_path: Path, url: str) -> None:
+    node_origin = "https://git.example/acme/ComfyUI-Bar"
+    node, node_commit, _, _ = _node_with_submodule(tmp_path, url)
+    mirrors = GitMirrors(tmp_path / "cache" / "git", {node_origin: node})
+    with pytest.raises(OriginRefused, match="not https"):
+        mirrors.checkout(node_origin, node_commit, tmp_path / "checkout")
