@@ -210,6 +210,8 @@ class Environments:
         limit = self.max_count if max_count is None else max_count
         result = EnvironmentGcResult()
         ready = []
+        for leftover in self.root.glob(".evicted-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a gc that died mid-delete
         for info in self.ls():
             if info.ready:
                 ready.append(info)
@@ -249,9 +251,7 @@ class Environments:
             return []
         dirs = []
         for path in self.root.iterdir():
-            if path.name.startswith(".evicted-") and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)  # a gc that died mid-delete
-            elif len(path.name) == _KEY_HEX and path.is_dir():
+            if len(path.name) == _KEY_HEX and path.is_dir():
                 dirs.append(path)
         return dirs
 

@@ -58,11 +58,11 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
     )
-    fetcher = build_fetcher(settings)  # one connection policy for models and inputs
+    fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
     return Pipeline(
         config,
         storage=storage or build_storage(settings),
         blobs=build_blob_store(settings, fetcher),
         fetch_input=make_input_fetcher(settings, fetcher, allow_local_files=allow_local_files),
-        environments=build_environments(settings),
+        environments=build_environments(settings, fetcher),
     )

@@ -79,12 +79,13 @@ def build_blob_store(settings: Settings, fetcher: Fetcher | None = None) -> Blob
     )
 
 
-def build_environments(settings: Settings) -> Environments:
-    """The environment builder: git mirrors and environments under the cache directory."""
+def build_environments(settings: Settings, fetcher: Fetcher | None = None) -> Environments:
+    """The environment builder: git mirrors and environments under the cache directory; git
+    origins are checked by ``fetcher``'s URL policy."""
     return Environments(
         settings.cache_dir / "envs",
         GitMirrors(settings.cache_dir / "git", settings.git_mirror_map(),
-                   fetcher=build_fetcher(settings), ca_bundle=settings.ca_bundle),
+                   fetcher=fetcher or build_fetcher(settings), ca_bundle=settings.ca_bundle),
         pip_index_url=settings.pip_index_url,
         pip_find_links=settings.pip_find_links,
         max_count=settings.env_max_count,
