@@ -28,7 +28,9 @@ Eviction: whoever runs ComfyUI in an environment holds ``pin(key)`` (a shared lo
 ``cache.pins``, held by any process on the volume) for as long as it does. ``gc`` removes the
 least recently used unpinned environments beyond ``max_count``, and unpinned directories of
 builds that died; ``prepare`` runs it after each new build. An environment is removed by
-renaming it out of the way first, so it never looks complete half-deleted.
+renaming it out of the way first, so it never looks complete half-deleted. The same gc then
+removes the git mirrors that no environment left on the volume checks out from
+(``GitMirrors.gc``).
 """
 
 from __future__ import annotations
@@ -122,12 +124,14 @@ class EnvironmentInfo:
 
 @dataclass
 class EnvironmentGcResult:
-    """What a gc did: environments evicted, dead builds removed, pinned ones kept."""
+    """What a gc did: environments evicted, dead builds removed, pinned ones kept, mirrors
+    no environment uses removed."""
 
     evicted: list[str] = field(default_factory=list)
     removed_incomplete: list[str] = field(default_factory=list)
     kept_pinned: list[str] = field(default_factory=list)
     remaining: int = 0
+    mirrors_removed: list[str] = field(default_factory=list)
 
 
 class Environments:
@@ -206,7 +210,8 @@ class Environments:
     def gc(self, max_count: int | None = None) -> EnvironmentGcResult:
         """Keep at most ``max_count`` (default ``self.max_count``; 0: all) complete
         environments, evicting the least recently used unpinned ones, and remove unpinned
-        directories of builds that died half-way."""
+        directories of builds that died half-way; then remove the git mirrors that no
+        remaining environment checks out from."""
         limit = self.max_count if max_count is None else max_count
         result = EnvironmentGcResult()
         ready = []
@@ -226,8 +231,7 @@ class Environments:
                 excess -= 1
             else:
                 result.kept_pinned.append(info.key)
-        if result.evicted or result.removed_incomplete:
-            self.git.prune_worktrees()
+        result.mirrors_removed = self.git.gc()
         result.remaining = len(ready) - len(result.evicted)
         return result
 

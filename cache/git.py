@@ -9,6 +9,9 @@
 - ``checkout(origin, commit, dest)``: a detached worktree of the mirror at the commit: a real
   checkout (``git rev-parse HEAD`` works in it, as ComfyUI and custom nodes expect) that
   shares the mirror's objects instead of copying them.
+- ``gc()``: remove the mirrors no checkout uses any more (their environments were evicted),
+  so the mirrors' disk use follows the environments kept instead of growing with every
+  origin and commit ever fetched. A removed mirror is fetched again when a build needs it.
 
 The source of an origin is the origin itself, or the local repository ``local`` maps it to
 (``RUNFLOW_GIT_MIRRORS``, offline operation). Only that source's transport is allowed
@@ -33,12 +36,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import certifi
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from cache.commands import CommandResult, run_command
 from cache.errors import (
@@ -85,53 +90,61 @@ class GitMirrors:
 
     def ensure_commit(self, origin: str, commit: str, *, cancel: Cancel | None = None) -> Path:
         """Make sure the mirror of ``origin`` has ``commit``; return the mirror's path."""
-        commit = commit.lower()
-        if not HEX40.match(commit):
-            raise GitError(f"{commit!r} is not a 40-hex commit")
+        commit = _checked_commit(commit)
         mirror = self.mirror_path(origin)
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(mirror) + ".lock"):
-            if not (mirror / "HEAD").exists():
-                self._git(None, "init", "--quiet", "--bare", str(mirror), cancel=cancel)
-                self._git(mirror, "config", "gc.auto", "0", cancel=cancel)
-            if self._has_commit(mirror, commit):
-                return mirror
-            source, protocol = self._source(origin)
-            shown = redact_url(origin)
-            env = {"GIT_ALLOW_PROTOCOL": protocol}
-            config: list[str] = []
-            if protocol == "https":
-                source, config = self._checked_https(source, cancel)
-                if self.ca_bundle is not None:
-                    # The variable, not http.sslCAInfo: a GIT_SSL_CAINFO already in the
-                    # environment would win over the setting.
-                    env["GIT_SSL_CAINFO"] = str(self._ca_file())
-            shallow = self._git(mirror, "fetch", "--quiet", "--no-tags", "--depth", "1",
-                                source, commit, cancel=cancel, env=env, config=config,
-                                check=False)
-            if shallow.returncode != 0 or not self._has_commit(mirror, commit):
-                unshallow = ["--unshallow"] if (mirror / "shallow").exists() else []
-                full = self._git(mirror, "fetch", "--quiet", *unshallow, source,
-                                 "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*",
-                                 cancel=cancel, env=env, config=config, check=False)
-                if not self._has_commit(mirror, commit):
-                    detail = full.error_tail or shallow.error_tail
-                    raise GitError(f"commit {commit} not found at {shown}"
-                                   + (f": {detail}" if detail else ""))
-            self._git(mirror, "update-ref", f"refs/runflow/{commit}", commit, cancel=cancel)
+            self._ensure_locked(mirror, origin, commit, cancel)
         return mirror
+
+    def _ensure_locked(self, mirror: Path, origin: str, commit: str,
+                       cancel: Cancel | None) -> None:
+        """``ensure_commit``'s work, with the mirror's lock held by the caller."""
+        if not (mirror / "HEAD").exists():
+            self._git(None, "init", "--quiet", "--bare", str(mirror), cancel=cancel)
+            self._git(mirror, "config", "gc.auto", "0", cancel=cancel)
+        if self._has_commit(mirror, commit):
+            return
+        source, protocol = self._source(origin)
+        shown = redact_url(origin)
+        env = {"GIT_ALLOW_PROTOCOL": protocol}
+        config: list[str] = []
+        if protocol == "https":
+            source, config = self._checked_https(source, cancel)
+            if self.ca_bundle is not None:
+                # The variable, not http.sslCAInfo: a GIT_SSL_CAINFO already in the
+                # environment would win over the setting.
+                env["GIT_SSL_CAINFO"] = str(self._ca_file())
+        shallow = self._git(mirror, "fetch", "--quiet", "--no-tags", "--depth", "1",
+                            source, commit, cancel=cancel, env=env, config=config,
+                            check=False)
+        if shallow.returncode != 0 or not self._has_commit(mirror, commit):
+            unshallow = ["--unshallow"] if (mirror / "shallow").exists() else []
+            full = self._git(mirror, "fetch", "--quiet", *unshallow, source,
+                             "+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*",
+                             cancel=cancel, env=env, config=config, check=False)
+            if not self._has_commit(mirror, commit):
+                detail = full.error_tail or shallow.error_tail
+                raise GitError(f"commit {commit} not found at {shown}"
+                               + (f": {detail}" if detail else ""))
+        self._git(mirror, "update-ref", f"refs/runflow/{commit}", commit, cancel=cancel)
 
     def checkout(self, origin: str, commit: str, dest: Path, *,
                  cancel: Cancel | None = None, _depth: int = 0) -> None:
         """Check ``commit`` of ``origin`` out at ``dest`` (a detached worktree), with its git
         submodules at the commits it records (as ``git clone --recursive`` would)."""
-        mirror = self.ensure_commit(origin, commit, cancel=cancel)
+        commit = _checked_commit(commit)
+        mirror = self.mirror_path(origin)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # One hold of the lock from the fetch to the new worktree: in between, the mirror
+        # would have no worktree of this build yet, and a gc could remove it as unused.
         with FileLock(str(mirror) + ".lock"):
+            self._ensure_locked(mirror, origin, commit, cancel)
             # A worktree whose directory was deleted (an abandoned build) still holds its
             # name in the mirror until pruned.
             self._git(mirror, "worktree", "prune", cancel=cancel)
             self._git(mirror, "worktree", "add", "--quiet", "--detach", "--force", str(dest),
-                      commit.lower(), cancel=cancel)
+                      commit, cancel=cancel)
         if (dest / ".gitmodules").is_file():
             if _depth >= MAX_SUBMODULE_DEPTH:
                 raise GitError(f"submodules of {redact_url(origin)} nest deeper than "
@@ -176,19 +189,34 @@ class GitMirrors:
             found.append((path, urls[name], parts[2]))
         return found
 
-    def prune_worktrees(self) -> None:
-        """Forget worktrees whose directories were deleted (evicted environments), in every
-        mirror. A mirror that cannot be pruned is left as it is."""
+    def gc(self) -> list[str]:
+        """Remove every mirror that no checkout uses any more; return their directory names.
+
+        Worktrees whose directories are gone (evicted environments) are forgotten first; a
+        mirror left with none, or one whose creation died before it was initialised, is
+        renamed out of the way and deleted. A mirror whose lock is held (a fetch or checkout
+        in progress, in any process) is left for a later gc.
+        """
+        removed: list[str] = []
         if not self.root.is_dir():
-            return
+            return removed
+        for leftover in self.root.glob(".evicted-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # a gc that died mid-delete
         for mirror in sorted(self.root.glob("*.git")):
-            if not (mirror / "HEAD").exists():
-                continue
+            doomed = self.root / f".evicted-{mirror.name}-{uuid.uuid4().hex[:8]}"
             try:
-                with FileLock(str(mirror) + ".lock"):
-                    self._git(mirror, "worktree", "prune", check=False)
-            except GitError:
-                continue  # pruned again before the mirror's next checkout
+                with FileLock(str(mirror) + ".lock", timeout=0):
+                    if (mirror / "HEAD").exists():
+                        self._git(mirror, "worktree", "prune")
+                        worktrees = mirror / "worktrees"
+                        if worktrees.is_dir() and any(worktrees.iterdir()):
+                            continue
+                    mirror.rename(doomed)
+            except (Timeout, GitError, FileNotFoundError):
+                continue  # in use, or gone meanwhile: a later gc looks again
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(mirror.name)
+        return removed
 
     # ------------------------------------------------------------------ helpers
 
@@ -271,6 +299,14 @@ class GitMirrors:
         if check and result.returncode != 0:
             raise GitError(f"git {args[0]} failed: {result.error_tail}")
         return result
+
+
+def _checked_commit(commit: str) -> str:
+    """``commit`` in lower case; ``GitError`` unless it is 40 hex digits."""
+    commit = commit.lower()
+    if not HEX40.match(commit):
+        raise GitError(f"{commit!r} is not a 40-hex commit")
+    return commit
 
 
 def _normal(origin: str) -> str:

@@ -5,7 +5,8 @@
   quarantine (exit 1 when any is corrupt).
 - ``cache gc [--max-bytes N] [--max-envs N]``: evict least recently used, unpinned blobs down
   to the budget (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume), and unused prepared
-  environments beyond ``RUNFLOW_ENV_MAX_COUNT``.
+  environments beyond ``RUNFLOW_ENV_MAX_COUNT``, then the git mirrors no environment left
+  uses.
 - ``cache envs [--json]``: prepared environments, most recently used first.
 - ``cache pull SHA256 URL [URL ...] [--size N]``: fetch a blob now, with a progress bar.
 
@@ -197,6 +198,8 @@ def _gc(store: BlobStore, max_bytes: int | None, envs: Environments,
         print(f"evicted environment {key}")
     for key in env_result.removed_incomplete:
         print(f"removed incomplete environment {key}")
+    for name in env_result.mirrors_removed:
+        print(f"removed git mirror {name} (no environment uses it)")
     kept = f", {len(env_result.kept_pinned)} in use kept" if env_result.kept_pinned else ""
     print(f"{env_result.remaining} environments left{kept}")
     return 0

@@ -105,8 +105,11 @@ def test_envs_and_gc_of_environments(
     origin = "https://git.example/comfyanonymous/ComfyUI"
     repo = make_repo(tmp_path / "origins" / "ComfyUI")
     v1, v2 = commit(repo, {"main.py": "1\n"}), commit(repo, {"main.py": "2\n"})
-    settings = settings.model_copy(update={"git_mirrors": (f"{origin}={repo}",),
-                                           "env_max_count": 5})
+    node_origin = "https://git.example/acme/ComfyUI-Foo"
+    node = make_repo(tmp_path / "origins" / "ComfyUI-Foo")
+    node_v1 = commit(node, {"__init__.py": "\n"})
+    settings = settings.model_copy(update={
+        "git_mirrors": (f"{origin}={repo}", f"{node_origin}={node}"), "env_max_count": 5})
     envs = cache_cli.build_environments(settings)
     assert envs.root == settings.cache_dir / "envs" and envs.max_count == 5
     old = envs.prepare(EnvironmentSpec(origin, v1))
@@ -123,8 +126,12 @@ def test_envs_and_gc_of_environments(
         table = capsys.readouterr().out
     assert f"{new.key}" in table and "in use" in table and "2 environments (keeping 5)" in table
 
+    unused = envs.git.ensure_commit(node_origin, node_v1)  # fetched by a build that failed
     assert _run(["cache", "gc"], settings) == 0  # within RUNFLOW_ENV_MAX_COUNT
-    assert "2 environments left" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 environments left" in out
+    assert f"removed git mirror {unused.name} (no environment uses it)" in out
+    assert not unused.exists() and envs.git.mirror_path(origin).is_dir()
     assert _run(["cache", "gc", "--max-envs", "1"], settings) == 0
     assert f"evicted environment {old.key}" in capsys.readouterr().out
     assert not old.root.exists() and new.root.exists()

@@ -16,6 +16,7 @@ from cache.environments import Environments, EnvironmentSpec, NodePin
 from cache.errors import BuildCanceled, EnvironmentBuildError, GitError, OriginRefused
 from cache.git import GitMirrors
 from tests.cache.gitrepos import commit, git, make_repo, make_wheel
+from tests.cache.helpers import RepeatedGc
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -261,41 +262,18 @@ def test_a_gc_racing_prepares_never_removes_a_pinned_environment(
 ) -> None:
     specs = [EnvironmentSpec(COMFY, origins.comfy_v1), EnvironmentSpec(COMFY, origins.comfy_v2)]
     envs = origins.environments(tmp_path)
-    stop = threading.Event()
-    evicted: list[str] = []
-    errors: list[BaseException] = []
-    rounds = threading.Condition()
-    done = [0]
-
-    def collect() -> None:  # another worker's gc, over and over
-        other = origins.environments(tmp_path)
-        try:
-            while not stop.is_set():
-                evicted.extend(other.gc(max_count=1).evicted)
-                with rounds:
-                    done[0] += 1
-                    rounds.notify_all()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    gc_thread = threading.Thread(target=collect)
-    gc_thread.start()
+    other = origins.environments(tmp_path)  # another worker's, gc-ing over and over
     missing = []
-    try:
+    with RepeatedGc(lambda: other.gc(max_count=1).evicted) as gc:
         for spec in specs * 6:
             with envs.pin(spec.key):
                 env = envs.prepare(spec)  # rebuilt if the gc took it while unpinned
                 _age(env.root, 3600)  # the first candidate, were it not pinned
-                with rounds:  # let the gc run a whole round while this one is in use
-                    target = done[0] + 2
-                    assert rounds.wait_for(lambda t=target: done[0] >= t or errors, timeout=30)
+                gc.wait_rounds()  # whole rounds while this one is in use
                 if not (env.comfyui_dir / "main.py").is_file():
                     missing.append(spec.key)
-    finally:
-        stop.set()
-        gc_thread.join()
-    assert errors == [] and missing == []
-    assert evicted  # the gc did remove the environment not in use, again and again
+    assert missing == []
+    assert gc.results  # the gc did remove the environment not in use, again and again
 
 
 # ---------------------------------------------------------------------------- submodules

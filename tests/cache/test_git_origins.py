@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import OriginRefused
+from cache.errors import GitError, OriginRefused
 from cache.fetcher import Fetcher
 from cache.git import GitMirrors
 from cache.urlpolicy import URLPolicy
@@ -95,3 +95,22 @@ def test_a_redirect_to_an_internal_address_is_refused(
     with pytest.raises(OriginRefused, match="refused"):
         mirrors.ensure_commit(https_server.url("/evil/Node.git", host=NAME), served["first"])
     assert [r.path.split("?")[0] for r in https_server.requests] == ["/evil/Node.git/info/refs"]
+
+
+def test_git_does_not_follow_a_redirect_the_policy_did_not_see(
+    https_server: HTTPSServer, served: dict[str, str], tmp_path: Path, ca_bundle: Path
+) -> None:
+    # The origin answers the policy's probe, then redirects git's own request: a server
+    # (or DNS answer) that changes between the check and git. Following it would work, the
+    # repository is served there too, but git must not follow what nobody checked.
+    refs = "/acme/Node.git/info/refs"
+    for path, route in list(https_server.routes.items()):
+        https_server.add(path.replace("/acme/", "/moved/", 1), route.body)
+    https_server.add(refs, https_server.routes[refs].body, redirect_after_hits=1,
+                     location=https_server.url("/moved/Node.git/info/refs", host=NAME))
+    mirrors = _mirrors(tmp_path, ca_bundle, (NAME,))
+    with pytest.raises(GitError, match="not found"):
+        mirrors.checkout(https_server.url("/acme/Node.git", host=NAME), served["first"],
+                         tmp_path / "checkout")
+    assert len(https_server.requests_for(refs)) >= 2  # the probe, then git itself
+    assert not any(r.path.startswith("/moved/") for r in https_server.requests)

@@ -31,6 +31,7 @@ class FlakyRoute:
 
     mode = Mode.STATUS
     body = b"ok"
+    redirect_after_hits = None
 
     def __init__(self, failures: int) -> None:
         self.failures = failures

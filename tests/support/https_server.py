@@ -80,6 +80,9 @@ class Route:
     """Answer 200 with the whole body whatever ``Range`` says (combines with any mode)."""
     raw_pieces: bool = False
     """``RAW`` mode: send the response ``drip_bytes`` at a time, without pauses."""
+    redirect_after_hits: int | None = None
+    """Answer the first N requests as the mode says, every later one with a redirect to
+    ``location`` (a server that answers one client's request differently from the next)."""
     hits: int = 0
     range_headers: list[str | None] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -170,8 +173,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with owner._lock:
             route.hits += 1
             first_hit = route.hits == 1
+            redirect_now = (route.redirect_after_hits is not None
+                            and route.hits > route.redirect_after_hits)
             route.range_headers.append(self.headers.get("Range"))
-        if route.mode is Mode.REDIRECT:
+        if route.mode is Mode.REDIRECT or redirect_now:
             self.send_response(route.status if route.status != 200 else 302)
             self.send_header("Location", route.location or "/")
             self.send_header("Content-Length", "0")
