@@ -21,6 +21,12 @@ and the rest of the image never change); a requirement only a different version 
 installed package would satisfy fails the build with pip's explanation. The runner puts
 the prefix's site-packages on the ComfyUI child's ``sys.path``.
 
+Install scripts: a custom node's ``install.py`` is then run as ComfyUI-Manager runs it
+(``python install.py`` in the node's directory), so an endpoint gets what the creator's local
+install got. The pip it starts is held to the same prefix and constraints by pip's own
+variables (``PIP_PREFIX``, ``PIP_CONSTRAINT``), and it inherits none of the worker's
+credentials. A script that fails fails the build.
+
 Building takes a lock per key, so workers sharing the volume build an environment once; a
 build that died half-way (no ``READY``) is removed and redone.
 
@@ -36,6 +42,7 @@ removes the git mirrors that no environment left on the volume checks out from
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -59,7 +66,16 @@ from cache.pins import Pins
 from cache.progress import Cancel
 
 PIP_TIMEOUT_S = 1800.0
+INSTALL_SCRIPT_TIMEOUT_S = 1800.0
 _KEY_HEX = 24
+# Part of every key: what a build does with the same spec (2: install.py scripts run), so
+# environments built by an older worker are not taken for ones built the current way.
+_BUILD_FORMAT = 2
+# What an install.py inherits of the worker's environment: locale, paths, proxies and pip's
+# own settings, not the worker's credentials (Redis, S3, cloud).
+_SCRIPT_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
+                     "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                     "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "CUDA_HOME", "CUDA_PATH")
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class EnvironmentSpec:
     def key(self) -> str:
         """Hex digest naming the environment (custom node order does not matter)."""
         data = asdict(self)
+        data["build_format"] = _BUILD_FORMAT
         data["comfyui_commit"] = self.comfyui_commit.lower()
         data["custom_nodes"] = sorted(
             [n.name, n.origin, n.commit.lower()] for n in self.custom_nodes)
@@ -273,6 +290,7 @@ class Environments:
         comfy = env_dir / "ComfyUI"
         self.git.checkout(spec.comfyui_origin, spec.comfyui_commit, comfy, cancel=cancel)
         requirements: list[Path] = []
+        scripts: list[Path] = []
         for pin in sorted(spec.custom_nodes, key=lambda n: n.name):
             if not pin.name or pin.name in (".", "..") or "/" in pin.name or "\\" in pin.name:
                 raise EnvironmentBuildError(f"custom node name {pin.name!r} is not a "
@@ -283,8 +301,17 @@ class Environments:
             self.git.checkout(pin.origin, pin.commit, node_dir, cancel=cancel)
             if (node_dir / "requirements.txt").is_file():
                 requirements.append(node_dir / "requirements.txt")
+            if (node_dir / "install.py").is_file():
+                scripts.append(node_dir / "install.py")
+        image = _installed_packages()
+        constraints = env_dir / "constraints.txt"
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version in image))
         if requirements:
-            self._install(requirements, env_dir, cancel)
+            self._install(requirements, env_dir, constraints, cancel)
+        for script in scripts:  # after every requirement, as ComfyUI-Manager runs them
+            self._run_install_script(script, env_dir, constraints, cancel)
+        if requirements or scripts:
+            _check_image_unchanged(image, scripts)
         record = {"key": spec.key, "spec": asdict(spec), "size_bytes": _tree_bytes(env_dir),
                   "built_at": time.time()}
         (env_dir / "environment.json").write_text(json.dumps(record, indent=2))
@@ -292,10 +319,8 @@ class Environments:
         ready.write_text(spec.key)
         os.replace(ready, env_dir / "READY")
 
-    def _install(self, requirements: list[Path], env_dir: Path, cancel: Cancel | None) -> None:
-        constraints = env_dir / "constraints.txt"
-        constraints.write_text("".join(f"{name}=={version}\n"
-                                       for name, version in _installed_packages()))
+    def _install(self, requirements: list[Path], env_dir: Path, constraints: Path,
+                 cancel: Cancel | None) -> None:
         args = [self.python, "-m", "pip", "install", "--prefix", str(env_dir / "python"),
                 "--no-input", "--disable-pip-version-check", "--no-warn-script-location",
                 "--constraint", str(constraints)]
@@ -317,20 +342,64 @@ class Environments:
                 f"installing the requirements of {names} failed (packages of the image are "
                 f"kept at their installed versions): {result.error_tail}")
 
-    def _describe(self, key: str, env_dir: Path) -> Environment:
+    def _run_install_script(self, script: Path, env_dir: Path, constraints: Path,
+                            cancel: Cancel | None) -> None:
+        """Run a custom node's ``install.py`` as ComfyUI-Manager does (``python install.py``
+        in the node's directory), with every pip it starts held to the environment's prefix
+        and constraints through pip's own ``PIP_*`` variables."""
+        node = script.parent.name
         prefix = env_dir / "python"
-        paths: list[Path] = []
-        if prefix.exists():
-            for name in ("purelib", "platlib"):
-                path = Path(sysconfig.get_path(name, vars={"base": str(prefix),
-                                                            "platbase": str(prefix)}))
-                if path.is_dir() and path not in paths:
-                    paths.append(path)
-            if not paths:
-                # pip's install scheme can differ from sysconfig's default one (distribution
-                # Pythons patch theirs): take whatever site directory pip created.
-                paths = sorted(p for p in prefix.glob("**/python3*/*-packages") if p.is_dir())
-        return Environment(key, env_dir, env_dir / "ComfyUI", tuple(paths))
+        site = [str(p) for p in _site_dirs(prefix, existing_only=False)]
+        env = {name: os.environ[name] for name in _SCRIPT_ENV_NAMES if name in os.environ}
+        env.update({name: value for name, value in os.environ.items()
+                    if name.startswith("PIP_")})
+        env.update({
+            "PYTHONPATH": os.pathsep.join(site),  # what the nodes' requirements installed
+            "PYTHONNOUSERSITE": "1",
+            "PIP_PREFIX": str(prefix),
+            "PIP_CONSTRAINT": str(constraints),
+            "PIP_NO_INPUT": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "PIP_NO_WARN_SCRIPT_LOCATION": "1",
+            "COMFYUI_PATH": str(env_dir / "ComfyUI"),
+        })
+        if self.pip_index_url:
+            env["PIP_INDEX_URL"] = self.pip_index_url
+        if self.pip_find_links:
+            env["PIP_FIND_LINKS"] = " ".join(self.pip_find_links)
+        try:
+            result = run_command([self.python, script.name], cwd=script.parent, env=env,
+                                 cancel=cancel, timeout_s=INSTALL_SCRIPT_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise EnvironmentBuildError(f"install.py of {node} timed out") from exc
+        except OSError as exc:
+            raise EnvironmentBuildError(f"cannot run install.py of {node}: {exc}") from exc
+        if result.returncode != 0:
+            raise EnvironmentBuildError(
+                f"install.py of {node} failed with exit code {result.returncode} (packages "
+                f"of the image are kept at their installed versions): {result.error_tail}")
+
+    def _describe(self, key: str, env_dir: Path) -> Environment:
+        return Environment(key, env_dir, env_dir / "ComfyUI",
+                           _site_dirs(env_dir / "python", existing_only=True))
+
+
+def _site_dirs(prefix: Path, *, existing_only: bool) -> tuple[Path, ...]:
+    """The site-packages directories of the pip prefix ``prefix``: those that exist, or with
+    ``existing_only=False`` also those pip would create there."""
+    paths: list[Path] = []
+    for name in ("purelib", "platlib"):
+        path = Path(sysconfig.get_path(name, vars={"base": str(prefix),
+                                                    "platbase": str(prefix)}))
+        if path not in paths and (path.is_dir() or not existing_only):
+            paths.append(path)
+    # pip's install scheme can differ from sysconfig's default one (distribution Pythons
+    # patch theirs): add whatever site directory pip created.
+    if prefix.exists():
+        for path in sorted(prefix.glob("**/python3*/*-packages")):
+            if path.is_dir() and path not in paths:
+                paths.append(path)
+    return tuple(paths)
 
 
 def _tree_bytes(root: Path) -> int:
@@ -358,6 +427,31 @@ def _installed_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _check_image_unchanged(before: list[tuple[str, str]], scripts: list[Path]) -> None:
+    """Raise ``EnvironmentBuildError`` if the image's own packages differ from ``before``.
+
+    Constraints keep pip from replacing them, but a script can still run ``pip install
+    --force-reinstall`` or ``pip uninstall`` where the worker may write the image's
+    site-packages; a build that did so fails loudly instead of leaving every environment on
+    a silently changed image.
+    """
+    importlib.invalidate_caches()
+    now = dict(_installed_packages())
+    changes = []
+    for name, version in before:
+        if name not in now:
+            changes.append(f"{name} {version} removed")
+        elif now[name] != version:
+            changes.append(f"{name} {version} -> {now[name]}")
+    if changes:
+        ran = ", ".join(f"install.py of {p.parent.name}" for p in scripts)
+        raise EnvironmentBuildError(
+            "the build changed packages of the image (" + "; ".join(changes) + ")"
+            + (f" while running {ran}" if ran else "")
+            + ": the worker's image needs repair, and its site-packages should not be "
+              "writable by the worker")
 
 
 def _installed_packages() -> list[tuple[str, str]]:
