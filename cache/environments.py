@@ -21,11 +21,12 @@ and the rest of the image never change); a requirement only a different version 
 installed package would satisfy fails the build with pip's explanation. The runner puts
 the prefix's site-packages on the ComfyUI child's ``sys.path``.
 
-Install scripts: a custom node's ``install.py`` is then run as ComfyUI-Manager runs it
-(``python install.py`` in the node's directory), so an endpoint gets what the creator's local
-install got. The pip it starts is held to the same prefix and constraints by pip's own
+Install scripts (``EnvironmentSpec.install_scripts``, off by default): a custom node's
+``install.py`` is then run as ComfyUI-Manager runs it (``python install.py`` in the node's
+directory). The pip it starts is held to the same prefix and constraints by pip's own
 variables (``PIP_PREFIX``, ``PIP_CONSTRAINT``), and it inherits none of the worker's
-credentials. A script that fails fails the build.
+credentials. A script that fails fails the build. Either way, a build that changed the
+image's own packages fails.
 
 Building takes a lock per key, so workers sharing the volume build an environment once; a
 build that died half-way (no ``READY``) is removed and redone.
@@ -68,9 +69,6 @@ from cache.progress import Cancel
 PIP_TIMEOUT_S = 1800.0
 INSTALL_SCRIPT_TIMEOUT_S = 1800.0
 _KEY_HEX = 24
-# Part of every key: what a build does with the same spec (2: install.py scripts run), so
-# environments built by an older worker are not taken for ones built the current way.
-_BUILD_FORMAT = 2
 # What an install.py inherits of the worker's environment: locale, paths, proxies and pip's
 # own settings, not the worker's credentials (Redis, S3, cloud).
 _SCRIPT_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
@@ -96,12 +94,18 @@ class EnvironmentSpec:
     custom_nodes: tuple[NodePin, ...] = ()
     python: str = field(default_factory=platform.python_version)
     torch: str | None = field(default_factory=lambda: _installed_version("torch"))
+    install_scripts: bool = False
+    """Run the custom nodes' ``install.py`` after their requirements (an operator's choice,
+    ``RUNFLOW_RUN_INSTALL_SCRIPTS``)."""
 
     @property
     def key(self) -> str:
         """Hex digest naming the environment (custom node order does not matter)."""
         data = asdict(self)
-        data["build_format"] = _BUILD_FORMAT
+        if data.pop("install_scripts"):
+            # In the key only when on: environments built without scripts keep the keys
+            # they had before the option existed, and the two kinds never share a directory.
+            data["install_scripts"] = True
         data["comfyui_commit"] = self.comfyui_commit.lower()
         data["custom_nodes"] = sorted(
             [n.name, n.origin, n.commit.lower()] for n in self.custom_nodes)
@@ -301,7 +305,7 @@ class Environments:
             self.git.checkout(pin.origin, pin.commit, node_dir, cancel=cancel)
             if (node_dir / "requirements.txt").is_file():
                 requirements.append(node_dir / "requirements.txt")
-            if (node_dir / "install.py").is_file():
+            if spec.install_scripts and (node_dir / "install.py").is_file():
                 scripts.append(node_dir / "install.py")
         image = _installed_packages()
         constraints = env_dir / "constraints.txt"

@@ -182,3 +182,26 @@ def test_a_refused_origin_fails_the_run_as_forbidden(
     assert result.failure.code is ErrorCode.FORBIDDEN_ORIGIN
     assert "internal address" in result.failure.message
     assert result.failure.details["env_key"] == EnvironmentSpec(COMFY, origins["v1"]).key
+
+
+def test_install_scripts_run_when_the_operator_turns_them_on(
+    tmp_path: Path, origins: dict[str, Any]
+) -> None:
+    with_script = commit(origins["node"], {"install.py": "open('ran.txt', 'w').close()\n"})
+    nodes = {"ComfyUI-Foo": {"origin": NODE, "commit": with_script, "dirty": False}}
+    envs = Environments(tmp_path / "cache" / "envs",
+                        GitMirrors(tmp_path / "cache" / "git",
+                                   {COMFY: origins["comfy"], NODE: origins["node"]}))
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                 child_entry=FAKE, run_install_scripts=True),
+                  storage=LocalStorage(tmp_path / "store"), environments=envs)
+    try:
+        result = pl.execute(_message(origins["v1"], nodes), Control())
+    finally:
+        pl.close()
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    key = EnvironmentSpec(COMFY, origins["v1"], (NodePin("ComfyUI-Foo", NODE, with_script),),
+                          install_scripts=True).key
+    assert result.environment["env_key"] == key
+    node_dir = tmp_path / "cache" / "envs" / key / "ComfyUI" / "custom_nodes" / "ComfyUI-Foo"
+    assert (node_dir / "ran.txt").exists()

@@ -55,6 +55,7 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         child_entry=child_entry or settings.runner_entry,
         startup_timeout_s=settings.startup_timeout_s,
         model_fetch_parallel=settings.model_fetch_parallel,
+        run_install_scripts=settings.run_install_scripts,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
     )

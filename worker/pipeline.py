@@ -118,6 +118,8 @@ class PipelineConfig:
     extra_custom_node_dirs: tuple[Path, ...] = ()
     model_fetch_parallel: int = 4
     """Downloads of one run's missing blobs at a time."""
+    run_install_scripts: bool = False
+    """Environments run their custom nodes' ``install.py`` (part of the environment key)."""
 
 
 _FAILURE_CODES = {
@@ -341,7 +343,8 @@ class Pipeline:
         spec = EnvironmentSpec(
             comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
             custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
-                               for name, pin in wf.custom_nodes.items()))
+                               for name, pin in wf.custom_nodes.items()),
+            install_scripts=self.config.run_install_scripts)
         self._pin_environment(spec.key)
         try:
             return self.environments.prepare(spec, cancel=lambda: stop_reason() is not None)

@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     env_max_count: int = Field(10, ge=0)
     """Prepared environments kept on the volume (least recently used, unused ones evicted
     after each new build); 0 keeps them all."""
+    run_install_scripts: bool = False
+    """Run custom nodes' ``install.py`` after their requirements, as ComfyUI-Manager does."""
     extra_custom_nodes: CsvTuple = ()
     """Directories of custom node packs loaded besides the checkout's ``custom_nodes/``."""
     origin_allow: CsvTuple = ()

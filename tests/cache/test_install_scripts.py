@@ -3,6 +3,7 @@ held to the environment's prefix and the image's versions, and without the worke
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from cache import environments
 from cache.environments import Environments, EnvironmentSpec, NodePin
 from cache.errors import BuildCanceled, EnvironmentBuildError
 from cache.git import GitMirrors
@@ -45,10 +45,10 @@ class Setup:
                                             {COMFY: self.comfy, NODE: self.node}),
                                  pip_index_url=None, pip_find_links=(str(self.wheels),))
 
-    def spec(self, files: dict[str, str]) -> EnvironmentSpec:
+    def spec(self, files: dict[str, str], install_scripts: bool = True) -> EnvironmentSpec:
         node_commit = commit(self.node, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n", **files})
-        return EnvironmentSpec(COMFY, self.comfy_v1,
-                               (NodePin("ComfyUI-Foo", NODE, node_commit),))
+        return EnvironmentSpec(COMFY, self.comfy_v1, (NodePin("ComfyUI-Foo", NODE, node_commit),),
+                               install_scripts=install_scripts)
 
 
 @pytest.fixture
@@ -102,12 +102,18 @@ def test_cancel_stops_an_install_script(setup: Setup, tmp_path: Path) -> None:
     assert not (setup.envs.root / spec.key).exists()
 
 
-def test_the_key_changes_with_the_build_format(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Environments built before install scripts ran are not reused as if they had them.
-    spec = EnvironmentSpec(COMFY, "c" * 40, python="3.11.7", torch="2.13.0")
-    before = spec.key
-    monkeypatch.setattr(environments, "_BUILD_FORMAT", environments._BUILD_FORMAT + 1)
-    assert spec.key != before
+def test_scripts_run_only_when_the_operator_turns_them_on(setup: Setup) -> None:
+    env = setup.envs.prepare(setup.spec({"install.py": RECORDING_SCRIPT}, install_scripts=False))
+    node = env.custom_nodes_dir / "ComfyUI-Foo"
+    assert (node / "install.py").is_file() and not (node / "seen.txt").exists()
+
+
+def test_the_option_is_in_the_key_only_when_on() -> None:
+    spec = EnvironmentSpec(COMFY, "c" * 40, (NodePin("A", NODE, "a" * 40),),
+                           python="3.11.7", torch="2.13.0")
+    # The key this spec had before the option existed: volumes keep their environments.
+    assert spec.key == "8019fe4a40319a74c616c23d"
+    assert dataclasses.replace(spec, install_scripts=True).key != spec.key
 
 
 def test_a_script_that_changes_the_image_fails_the_build(
