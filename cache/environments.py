@@ -63,6 +63,7 @@ from filelock import FileLock
 from cache.commands import run_command
 from cache.errors import EnvironmentBuildError
 from cache.git import GitMirrors
+from cache.packages import installed_versions
 from cache.pins import Pins
 from cache.progress import Cancel
 
@@ -459,10 +460,5 @@ def _check_image_unchanged(before: list[tuple[str, str]], scripts: list[Path]) -
 
 
 def _installed_packages() -> list[tuple[str, str]]:
-    """``(name, version)`` of every distribution this interpreter has installed."""
-    seen: dict[str, str] = {}
-    for dist in importlib.metadata.distributions():
-        name = dist.metadata.get("Name")
-        if name and dist.version and name.lower() not in seen:
-            seen[name.lower()] = dist.version
-    return sorted(seen.items())
+    """``(canonical name, version)`` of every distribution this interpreter has installed."""
+    return sorted(installed_versions().items())

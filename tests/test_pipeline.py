@@ -169,6 +169,28 @@ def test_commit_mismatch_is_a_warning(pipeline: Pipeline) -> None:
     assert json.dumps(result.environment)
 
 
+def test_deployed_package_versions_are_compared(pipeline: Pipeline) -> None:
+    import importlib.metadata
+
+    pytest_here = importlib.metadata.version("pytest")
+    pydantic_here = importlib.metadata.version("pydantic")
+    wf = workflow()
+    wf["environment"]["packages"] = [
+        {"name": "PyTest", "version": "0.0.1"},  # another version: reported, under its name
+        {"name": "pydantic", "version": pydantic_here},  # the same: not reported
+        {"name": "not-installed-anywhere", "version": "1.0"},  # not here: left out
+    ]
+    result = run(pipeline, message(wf=wf))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert result.environment["package_differences"] == [
+        {"name": "PyTest", "deployed": "0.0.1", "here": pytest_here}]
+    (warning,) = [w for w in result.warnings if "deploying machine" in w]
+    assert f"PyTest 0.0.1 -> {pytest_here}" in warning
+    assert "pydantic" not in warning and "not-installed" not in warning
+    # Without a package list nothing is compared.
+    assert "package_differences" not in run(pipeline, message()).environment
+
+
 def _now():
     from worker.contract import utcnow
 

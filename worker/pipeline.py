@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ from worker.outputs import store_outputs
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
+# The record lists at most this many; the warning names the first ten.
+MAX_PACKAGE_DIFFERENCES = 200
 
 
 class StopReason(StrEnum):
@@ -167,6 +170,8 @@ class Pipeline:
         # Pins of the environments this worker uses (by key): the warm child's, and the
         # one being prepared, so no gc on the volume removes them meanwhile.
         self._env_pins: dict[str, ExitStack] = {}
+        # The packages of the warm child's environment, read once per environment.
+        self._installed: tuple[RunnerConfig, dict[str, str]] | None = None
 
     def close(self) -> None:
         """Stop the ComfyUI child and let its environment go."""
@@ -326,7 +331,32 @@ class Pipeline:
                 result.warnings.append(
                     f"ComfyUI commit mismatch: the workflow was deployed with {wanted}, "
                     f"this worker runs {actual or 'an unknown commit'}")
+        if message.workflow.environment.packages:
+            self._note_package_differences(message, config, result)
         return runner
+
+    def _note_package_differences(self, message: c.RunMessage, config: RunnerConfig,
+                                  result: RunResult) -> None:
+        """Record the deployed packages the run's environment has at other versions."""
+        from cache.packages import installed_versions, package_differences
+
+        if self._installed is None or self._installed[0] != config:
+            # The child imports from the environment's directories first, then the image's.
+            self._installed = (config, installed_versions(
+                [*config.extra_sys_path, *sys.path]))
+        differences = package_differences(
+            ((pin.name, pin.version) for pin in message.workflow.environment.packages),
+            self._installed[1])
+        if not differences:
+            return
+        result.environment["package_differences"] = [
+            {"name": d.name, "deployed": d.deployed, "here": d.here}
+            for d in differences[:MAX_PACKAGE_DIFFERENCES]]
+        shown = ", ".join(f"{d.name} {d.deployed} -> {d.here}" for d in differences[:10])
+        more = f" and {len(differences) - 10} more" if len(differences) > 10 else ""
+        result.warnings.append(
+            f"packages at other versions than on the deploying machine (deployed -> here): "
+            f"{shown}{more}")
 
     def _prepare_environment(self, message: c.RunMessage,
                              stop_reason: Callable[[], StopReason | None]) -> Any:

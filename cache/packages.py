@@ -1,0 +1,68 @@
+"""The Python packages an environment provides, and where they differ from a deployment's.
+
+The deploy plugin records the versions installed on the creator's machine
+(``workflow.environment.packages``). The worker does not install them: the environment key
+leaves them out (SPEC section 5), and the image's packages are what every run gets. When a
+workflow behaves differently on the worker than it did locally, a different version of a
+package it uses is the usual suspect; ``package_differences`` lists those, for the record.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+
+@dataclass(frozen=True)
+class PackageDifference:
+    """A package installed both on the deploying machine and here, at other versions."""
+
+    name: str
+    deployed: str
+    here: str
+
+
+def installed_versions(paths: Sequence[str] | None = None) -> dict[str, str]:
+    """Canonical name -> version of every distribution on ``paths`` (``sys.path`` when None).
+
+    Where a package is installed in two places, the first on the path wins, as it does for
+    an import.
+    """
+    found: dict[str, str] = {}
+    dists = (importlib.metadata.distributions() if paths is None
+             else importlib.metadata.distributions(path=list(paths)))
+    for dist in dists:
+        name = dist.metadata.get("Name")
+        if name and dist.version:
+            found.setdefault(canonicalize_name(name), dist.version)
+    return found
+
+
+def package_differences(deployed: Iterable[tuple[str, str | None]],
+                        installed: Mapping[str, str]) -> list[PackageDifference]:
+    """The deployed packages installed here at another version, sorted by name.
+
+    ``installed`` is what ``installed_versions`` returns. Versions are compared as PEP 440
+    versions (``2.1`` equals ``2.1.0``; a local label such as ``+cu124`` counts), and as
+    strings where either is not one. Packages not installed here, and entries without a
+    version, are left out: a creator's machine holds many packages no workflow imports, and
+    a custom node that misses one fails to import, which the record reports already.
+    """
+    differences: dict[str, PackageDifference] = {}
+    for name, version in deployed:
+        here = installed.get(canonicalize_name(name))
+        if version and here is not None and not _same_version(version, here):
+            differences.setdefault(canonicalize_name(name),
+                                   PackageDifference(name, version, here))
+    return sorted(differences.values(), key=lambda d: canonicalize_name(d.name))
+
+
+def _same_version(a: str, b: str) -> bool:
+    try:
+        return Version(a) == Version(b)
+    except InvalidVersion:
+        return a.strip() == b.strip()
