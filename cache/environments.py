@@ -14,9 +14,9 @@ custom node's name, origin and commit, plus the Python and torch versions of thi
 Custom nodes sit inside the checkout's ``custom_nodes/``, exactly where a creator's local
 ComfyUI has them (some nodes find files relative to that place).
 
-Requirements: every custom node's ``requirements.txt`` is installed in one ``pip install
---prefix`` with a constraints file pinning every package of this interpreter to its
-installed version. Packages already installed are left alone (torch, torchvision, xformers
+Requirements: ComfyUI's ``requirements.txt`` (less the packages only its HTTP server uses)
+and every custom node's are installed in one ``pip install --prefix`` with a constraints
+file pinning every package of this interpreter to its installed version. Packages already installed are left alone (torch, torchvision, xformers
 and the rest of the image never change); a requirement only a different version of an
 installed package would satisfy fails the build with pip's explanation. The runner puts
 the prefix's site-packages on the ComfyUI child's ``sys.path``.
@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from cache.commands import run_command
 from cache.errors import EnvironmentBuildError
@@ -70,6 +72,10 @@ from cache.progress import Cancel
 PIP_TIMEOUT_S = 1800.0
 INSTALL_SCRIPT_TIMEOUT_S = 1800.0
 _KEY_HEX = 24
+# Packages in ComfyUI's requirements.txt that only its HTTP server uses (scripts/install.sh
+# and Dockerfile.cuda leave the same ones out of the image).
+COMFYUI_SERVER_PACKAGES = frozenset({"comfyui-frontend-package", "comfyui-workflow-templates",
+                                     "comfyui-embedded-docs", "alembic", "sqlalchemy"})
 # What an install.py inherits of the worker's environment: locale, paths, proxies and pip's
 # own settings, not the worker's credentials (Redis, S3, cloud).
 _SCRIPT_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
@@ -294,7 +300,13 @@ class Environments:
         env_dir.mkdir(parents=True)
         comfy = env_dir / "ComfyUI"
         self.git.checkout(spec.comfyui_origin, spec.comfyui_commit, comfy, cancel=cancel)
-        requirements: list[Path] = []
+        requirements: list[tuple[str, Path]] = []
+        if (comfy / "requirements.txt").is_file():
+            # Another ComfyUI commit than the image's may need packages the image lacks.
+            embedded = env_dir / "comfyui-requirements.txt"
+            embedded.write_text(_without_server_packages(
+                (comfy / "requirements.txt").read_text(errors="replace")))
+            requirements.append(("ComfyUI", embedded))
         scripts: list[Path] = []
         for pin in sorted(spec.custom_nodes, key=lambda n: n.name):
             if not pin.name or pin.name in (".", "..") or "/" in pin.name or "\\" in pin.name:
@@ -305,7 +317,7 @@ class Environments:
                 shutil.rmtree(node_dir)
             self.git.checkout(pin.origin, pin.commit, node_dir, cancel=cancel)
             if (node_dir / "requirements.txt").is_file():
-                requirements.append(node_dir / "requirements.txt")
+                requirements.append((pin.name, node_dir / "requirements.txt"))
             if spec.install_scripts and (node_dir / "install.py").is_file():
                 scripts.append(node_dir / "install.py")
         image = _installed_packages()
@@ -324,12 +336,12 @@ class Environments:
         ready.write_text(spec.key)
         os.replace(ready, env_dir / "READY")
 
-    def _install(self, requirements: list[Path], env_dir: Path, constraints: Path,
+    def _install(self, requirements: list[tuple[str, Path]], env_dir: Path, constraints: Path,
                  cancel: Cancel | None) -> None:
         args = [self.python, "-m", "pip", "install", "--prefix", str(env_dir / "python"),
                 "--no-input", "--disable-pip-version-check", "--no-warn-script-location",
                 "--constraint", str(constraints)]
-        for path in requirements:
+        for _, path in requirements:
             args += ["--requirement", str(path)]
         if self.pip_index_url:
             args += ["--index-url", self.pip_index_url]
@@ -338,11 +350,11 @@ class Environments:
         try:
             result = run_command(args, cwd=env_dir, cancel=cancel, timeout_s=PIP_TIMEOUT_S)
         except TimeoutError as exc:
-            raise EnvironmentBuildError("installing custom node requirements timed out") from exc
+            raise EnvironmentBuildError("installing the requirements timed out") from exc
         except OSError as exc:
             raise EnvironmentBuildError(f"cannot run pip: {exc}") from exc
         if result.returncode != 0:
-            names = ", ".join(p.parent.name for p in requirements)
+            names = ", ".join(name for name, _ in requirements)
             raise EnvironmentBuildError(
                 f"installing the requirements of {names} failed (packages of the image are "
                 f"kept at their installed versions): {result.error_tail}")
@@ -387,6 +399,21 @@ class Environments:
     def _describe(self, key: str, env_dir: Path) -> Environment:
         return Environment(key, env_dir, env_dir / "ComfyUI",
                            _site_dirs(env_dir / "python", existing_only=True))
+
+
+def _without_server_packages(requirements: str) -> str:
+    """ComfyUI's ``requirements.txt`` without the packages only its HTTP server uses (the
+    frontend, templates and docs packages, the database stack): the worker embeds ComfyUI
+    and never starts that server. Lines that are not plain requirements stay as they are."""
+    kept = []
+    for line in requirements.splitlines():
+        try:
+            name = canonicalize_name(Requirement(line.split("#", 1)[0].strip()).name)
+        except InvalidRequirement:
+            name = ""
+        if name not in COMFYUI_SERVER_PACKAGES:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 def _site_dirs(prefix: Path, *, existing_only: bool) -> tuple[Path, ...]:

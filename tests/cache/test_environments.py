@@ -119,6 +119,26 @@ def test_requirement_against_an_installed_version_fails_the_build(
     assert not (tmp_path / "cache" / "envs" / spec.key).exists()
 
 
+def test_comfyui_requirements_are_installed_less_its_server_packages(
+    origins: Origins, tmp_path: Path
+) -> None:
+    # A ComfyUI commit that needs a package the image lacks. Its server-only packages are
+    # not on the offline index: the build succeeds only if they are left out.
+    needs = commit(origins.comfy, {"requirements.txt": (
+        "comfyui-frontend-package==1.27.10\nComfyUI_Workflow-Templates==0.1.95\n"
+        "pytest\ntinydep==1.0  # new in this commit\nSQLAlchemy\nalembic\n")},
+        "ComfyUI needs tinydep")
+    env = origins.environments(tmp_path).prepare(EnvironmentSpec(COMFY, needs))
+    out = subprocess.run([sys.executable, "-c", "import tinydep; print(tinydep.VALUE)"],
+                         capture_output=True, text=True, check=True, timeout=60,
+                         env={"PYTHONPATH": ":".join(map(str, env.sys_path))}).stdout
+    assert out.strip() == "from the environment"
+
+    clash = commit(origins.comfy, {"requirements.txt": "pytest<1\n"}, "ComfyUI pins old pytest")
+    with pytest.raises(EnvironmentBuildError, match="requirements of ComfyUI failed"):
+        origins.environments(tmp_path).prepare(EnvironmentSpec(COMFY, clash))
+
+
 def test_unknown_commit_is_a_git_error(origins: Origins, tmp_path: Path) -> None:
     with pytest.raises(GitError, match="not found"):
         origins.environments(tmp_path).prepare(EnvironmentSpec(COMFY, "0" * 40))
