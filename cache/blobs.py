@@ -52,7 +52,7 @@ from cache.pins import Pins
 from cache.progress import Cancel, Progress
 from cache.sources import Sources
 
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 LOCK_POLL_S = 0.2
 DEFAULT_ORPHAN_MAX_AGE_S = 3600.0
 
@@ -80,7 +80,7 @@ def _file_lock(path: str) -> Lock:
 def check_digest(sha256: str) -> str:
     """Return ``sha256`` in lower case; raise ``ValueError`` unless it is 64 hex digits."""
     value = sha256.strip().lower()
-    if not _DIGEST.match(value):
+    if not _DIGEST.fullmatch(value):
         raise ValueError("a sha256 digest is 64 hex digits")
     return value
 
@@ -436,7 +436,7 @@ class BlobStore:
             if not shard.is_dir():
                 continue
             for entry in os.scandir(shard.path):
-                if _DIGEST.match(entry.name):
+                if _DIGEST.fullmatch(entry.name):
                     try:
                         yield entry.name, Path(entry.path), entry.stat()
                     except FileNotFoundError:

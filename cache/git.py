@@ -59,7 +59,7 @@ from cache.fetcher import Fetcher
 from cache.progress import Cancel
 from cache.urlpolicy import URLPolicy
 
-HEX40 = re.compile(r"^[0-9a-f]{40}$")
+HEX40 = re.compile(r"[0-9a-f]{40}")
 FETCH_TIMEOUT_S = 1800.0
 LOCAL_TIMEOUT_S = 300.0
 MAX_SUBMODULE_DEPTH = 4
@@ -304,7 +304,7 @@ class GitMirrors:
 def _checked_commit(commit: str) -> str:
     """``commit`` in lower case; ``GitError`` unless it is 40 hex digits."""
     commit = commit.lower()
-    if not HEX40.match(commit):
+    if not HEX40.fullmatch(commit):
         raise GitError(f"{commit!r} is not a 40-hex commit")
     return commit
 

@@ -44,6 +44,8 @@ KNOWN_FILE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 _ANNOTATION = re.compile(r"\s*\[(output|temp|input)\]\s*$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_SEGMENT_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,16 @@ class InputNode:
 
 
 def is_link(value: Any) -> bool:
-    """True when an input value is a link ``[node_id, output_index]``."""
+    """True when ComfyUI takes an input value for a link ``[node_id, output_index]``.
+
+    Its rule exactly (``comfy_execution.graph_utils.is_link``): a string node id and a
+    number (``["3", 0.0]`` is a link too, ``[3, 0]`` is a literal list).
+    """
     return (
         isinstance(value, list)
         and len(value) == 2
-        and isinstance(value[0], (str, int))
-        and not isinstance(value[0], bool)
-        and isinstance(value[1], int)
-        and not isinstance(value[1], bool)
+        and isinstance(value[0], str)
+        and isinstance(value[1], (int, float))
     )
 
 
@@ -91,6 +95,38 @@ def file_reference_problem(value: str) -> str | None:
     return None
 
 
+def path_segment_problem(value: str) -> str | None:
+    """Why ``value`` cannot be one segment of a storage key or file path, else None.
+
+    Output ids (and node ids, the default output labels) become a segment of the object
+    key ``runs/<run_id>/<output_id>/<filename>``: one that holds a slash or is ``..`` would
+    place a run's files among another run's.
+    """
+    if not value:
+        return "is empty"
+    if value in (".", ".."):
+        return f"is {value!r}"
+    if "/" in value or "\\" in value:
+        return "contains a slash"
+    if _CONTROL.search(value):
+        return "contains a control character"
+    if len(value) > MAX_SEGMENT_CHARS:
+        return f"is longer than {MAX_SEGMENT_CHARS} characters"
+    return None
+
+
+def _class_and_inputs(node: Any) -> tuple[str | None, dict[str, Any]]:
+    """A node's ``class_type`` (None unless a string) and ``inputs`` (empty unless a dict):
+    the node-level helpers below must not trip over a malformed node, which
+    ``structure_problems`` reports."""
+    if not isinstance(node, dict):
+        return None, {}
+    class_type = node.get("class_type")
+    inputs = node.get("inputs")
+    return (class_type if isinstance(class_type, str) else None,
+            inputs if isinstance(inputs, dict) else {})
+
+
 def structure_problems(graph: Any) -> list[GraphProblem]:
     """Problems of shape: not a dict of nodes, bad nodes, links to missing nodes."""
     if not isinstance(graph, dict) or not graph:
@@ -98,6 +134,9 @@ def structure_problems(graph: Any) -> list[GraphProblem]:
     problems: list[GraphProblem] = []
     for node_id, node in graph.items():
         where = f"workflow.workflow_json.{node_id}"
+        why = path_segment_problem(str(node_id))
+        if why:
+            problems.append(GraphProblem(where, f"node id {why}", str(node_id)))
         if not isinstance(node, dict):
             problems.append(GraphProblem(where, "node must be an object", node_id))
             continue
@@ -137,29 +176,38 @@ def input_nodes(graph: dict[str, Any]) -> list[InputNode]:
     """Every Runflow Input node with its ``input_id`` (nodes without one are skipped)."""
     found: list[InputNode] = []
     for node_id, node in graph.items():
-        if not isinstance(node, dict):
-            continue
-        kind = INPUT_CLASS_TYPES.get(node.get("class_type"))  # type: ignore[arg-type]
+        class_type, inputs = _class_and_inputs(node)
+        kind = INPUT_CLASS_TYPES.get(class_type or "")
         if kind is None:
             continue
-        input_id = (node.get("inputs") or {}).get("input_id")
+        input_id = inputs.get("input_id")
         if isinstance(input_id, str) and input_id:
             found.append(InputNode(str(node_id), input_id, kind))
     return found
 
 
 def input_node_problems(graph: dict[str, Any]) -> list[GraphProblem]:
-    """Input nodes without an ``input_id``, and one ``input_id`` declared with two types."""
+    """Input nodes without an ``input_id``, one ``input_id`` declared with two types, and
+    Runflow Output nodes whose ``output_id`` is not a literal path segment."""
     problems: list[GraphProblem] = []
     for node_id, node in graph.items():
-        if isinstance(node, dict) and node.get("class_type") in INPUT_CLASS_TYPES:
-            input_id = (node.get("inputs") or {}).get("input_id")
+        class_type, inputs = _class_and_inputs(node)
+        if class_type in INPUT_CLASS_TYPES:
+            input_id = inputs.get("input_id")
             if not isinstance(input_id, str) or not input_id:
                 problems.append(
                     GraphProblem(f"workflow.workflow_json.{node_id}.inputs.input_id",
                                  "Runflow Input node without an input_id",
-                                 str(node_id), node["class_type"])
+                                 str(node_id), class_type)
                 )
+        elif class_type in OUTPUT_CLASS_TYPES and "output_id" in inputs:
+            output_id = inputs["output_id"]
+            why = ("must be a string, not a link" if not isinstance(output_id, str)
+                   else path_segment_problem(output_id) if output_id else None)
+            if why:
+                problems.append(
+                    GraphProblem(f"workflow.workflow_json.{node_id}.inputs.output_id",
+                                 f"output_id {why}", str(node_id), class_type))
     types: dict[str, dict[str, list[str]]] = {}
     for node in input_nodes(graph):
         types.setdefault(node.input_id, {}).setdefault(node.type, []).append(node.node_id)
@@ -185,8 +233,9 @@ def output_nodes(graph: dict[str, Any]) -> dict[str, str]:
     """``node_id -> output_id`` of the Runflow Output nodes (default: the node id)."""
     out: dict[str, str] = {}
     for node_id, node in graph.items():
-        if isinstance(node, dict) and node.get("class_type") in OUTPUT_CLASS_TYPES:
-            output_id = (node.get("inputs") or {}).get("output_id")
+        class_type, inputs = _class_and_inputs(node)
+        if class_type in OUTPUT_CLASS_TYPES:
+            output_id = inputs.get("output_id")
             out[str(node_id)] = output_id if isinstance(output_id, str) and output_id else str(
                 node_id
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.factories import SHA, message, workflow
@@ -190,12 +192,120 @@ def test_bad_run_id_and_callback() -> None:
     assert fields == {"run_id", "callback_url"}
 
 
-def test_effective_inputs_union_of_declared_and_graph() -> None:
+def test_effective_inputs_are_the_graphs_completed_by_declarations() -> None:
     wf = parse_message(message(wf=workflow(inputs=[
-        {"input_id": "extra", "type": "STRING", "default": "d"}]))).workflow
+        {"input_id": "prompt", "type": "STRING", "default": "d"},
+        {"input_id": "gone", "type": "IMAGE", "required": True}]))).workflow
     defs, problems = effective_inputs(wf)
     assert problems == []
-    assert defs["extra"].default == "d" and defs["prompt"].required
+    assert defs["prompt"].default == "d"
+    # A declaration whose node is not in the graph declares nothing: it is not required,
+    # and a caller value for it is refused as undeclared.
+    assert "gone" not in defs
+    err = reject(message(wf=workflow(inputs=[{"input_id": "gone", "type": "STRING"}]),
+                         input={"prompt": "x", "gone": "y"}))
+    assert err.code is ErrorCode.INVALID_INPUT
+    assert [v["field"] for v in err.details["violations"]] == ["input.gone"]
+
+
+def test_json_types_only_no_coercion_and_finite_numbers() -> None:
+    graph = dict(ALL_TYPES_GRAPH)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        err = reject(message(wf=workflow(graph), input={**GOOD_INPUT, "f": value}))
+        assert [v["field"] for v in err.details["violations"]] == ["input.f"]
+    err = reject(message(wf=workflow(graph, inputs=[
+        {"input_id": "f", "type": "FLOAT", "default": float("nan")}]), input=GOOD_INPUT))
+    assert [v["field"] for v in err.details["violations"]] == ["workflow.inputs[0].default"]
+    # NaN / Infinity in the JSON text itself (not JSON, though Python's parser takes them).
+    raw = parse_message_json(json.dumps(message(wf=workflow(graph), input=GOOD_INPUT)))
+    assert raw.timeout_s == 1800.0
+    text = json.dumps(message(wf=workflow(graph), input={**GOOD_INPUT, "f": 1.5}))
+    with pytest.raises(RunRejected) as info:
+        check_message(parse_message_json(text.replace("1.5", "NaN")))
+    assert info.value.details["violations"][0]["field"] == "input.f"
+    for bad in ({"attempt": "2"}, {"timeout_s": True}, {"timeout_s": float("inf")},
+                {"timeout_s": "60"}):
+        with pytest.raises(RunRejected) as info:
+            parse_message({**message(), **bad})
+        assert info.value.details["violations"][0]["field"] == next(iter(bad))
+    with pytest.raises(RunRejected):
+        parse_message(message(wf=workflow(inputs=[
+            {"input_id": "prompt", "type": "STRING", "required": "yes"}])))
+    assert parse_message({**message(), "timeout_s": None}).timeout_s == 1800.0
+
+
+def test_values_with_a_trailing_newline_are_refused() -> None:
+    wf = workflow(models={"checkpoints/a.safetensors": {"sha256": SHA + "\n"}},
+                  custom_nodes={"N": {"origin": "https://github.com/x/N", "commit": "a" * 40 + "\n"}})
+    err = reject(message(wf=wf, run_id="run-1\n", input={"prompt": "x"}))
+    fields = {v["field"]: v["code"] for v in err.details["violations"]}
+    assert fields == {"run_id": "INVALID_INPUT",
+                      "workflow.custom_nodes.N.commit": "UNPINNED_CUSTOM_NODE",
+                      "workflow.models.checkpoints/a.safetensors.sha256": "INVALID_SHA"}
+
+
+def test_mistyped_pins_get_their_rule_codes_and_every_violation_is_named() -> None:
+    wf = workflow(models={"a.safetensors": {"sha256": 123}},
+                  custom_nodes={"N": {"origin": ["x"], "commit": 1234}})
+    err = reject(message(wf=wf, input={"prompt": 5, "zzz": 1}))
+    fields = {v["field"]: v["code"] for v in err.details["violations"]}
+    assert fields == {"workflow.models.a.safetensors.sha256": "INVALID_SHA",
+                      "workflow.custom_nodes.N.commit": "UNPINNED_CUSTOM_NODE",
+                      "workflow.custom_nodes.N.origin": "FORBIDDEN_ORIGIN",
+                      "input.prompt": "INVALID_INPUT", "input.zzz": "INVALID_INPUT"}
+
+
+def test_model_and_resource_keys_name_files_outside_the_callers_folder() -> None:
+    for key in (".", "a/.", "checkpoints/", "a//b"):
+        err = reject(message(wf=workflow(models={key: {"sha256": SHA}})))
+        assert err.details["violations"][0]["field"] == f"workflow.models.{key}"
+    err = reject(message(wf=workflow(resources={
+        "runflow_inputs/doc/m.safetensors": {"sha256": SHA, "url": "https://h/m"}})))
+    (violation,) = err.details["violations"]
+    assert violation["code"] == "INVALID_WORKFLOW" and "callers" in violation["message"]
+    check_message(parse_message(message(wf=workflow(resources={
+        "masks/runflow_inputs.png": {"sha256": SHA, "url": "https://h/m.png"}}))))
+
+
+@pytest.mark.parametrize("node", [
+    {"class_type": ["RunflowInputString"], "inputs": {"input_id": "x"}},
+    {"class_type": {"a": 1}, "inputs": {}},
+    {"class_type": "RunflowInputString", "inputs": ["input_id", "x"]},
+    {"class_type": "RunflowInputImage", "inputs": "x"},
+    {"class_type": "RunflowOutputImage", "inputs": ["output_id"]},
+])
+def test_malformed_nodes_are_invalid_workflow_not_a_crash(node: dict) -> None:
+    err = reject(message({**workflow()["workflow_json"], "9": node}))
+    assert err.code is ErrorCode.INVALID_WORKFLOW
+    assert all(v["field"].startswith("workflow.workflow_json.9") for v in
+               err.details["violations"])
+
+
+@pytest.mark.parametrize("output_id", ["../victim-run/hero", "a/b", "..", "a\\b", ["1", 0],
+                                       "x" * 129, "tab\there"])
+def test_output_ids_are_one_path_segment(output_id: object) -> None:
+    graph = {**workflow()["workflow_json"],
+             "3": {"class_type": "RunflowOutputImage", "inputs": {"images": ["1", 0],
+                                                                  "output_id": output_id}}}
+    err = reject(message(graph))
+    assert [v["field"] for v in err.details["violations"]] == [
+        "workflow.workflow_json.3.inputs.output_id"]
+
+
+def test_links_by_comfyuis_rule_must_reach_a_node() -> None:
+    graph = {**workflow()["workflow_json"],
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["99", 0.0],
+                                                         "size": [3, 0]}}}
+    err = reject(message(graph))
+    assert [v["field"] for v in err.details["violations"]] == [
+        "workflow.workflow_json.3.inputs.images"]
+
+
+def test_node_ids_are_one_path_segment() -> None:
+    graph = {**workflow()["workflow_json"],
+             "../x": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}}
+    err = reject(message(graph))
+    assert [v["field"] for v in err.details["violations"]] == ["workflow.workflow_json.../x"]
 
 
 def test_record_round_trip() -> None:

@@ -103,6 +103,67 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
 def test_safe_filename() -> None:
     assert safe_filename("https://h/a/b/..%2F..%2Fetc%2Fpasswd", "x") == "etc_passwd"
     assert safe_filename("https://h/", "fallback") == "fallback"
+    assert safe_filename("https://h/", "../../x.txt") == "x.txt"
+    assert safe_filename("https://h/..", "..") == "input"
+
+
+def test_input_ids_never_climb_out_nor_share_a_folder(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    png_a, png_b = tmp_path / "a.png", tmp_path / "b.png"
+    png_a.write_bytes(image_bytes("PNG", (1, 1)))
+    Image.new("RGB", (2, 2), (0, 0, 255)).save(png_b)
+    (src / "d" / "planted").write_text("caller's bytes")
+    absolute = str(tmp_path / "absolute")
+    ids = {"../../../../planted.txt": InputType.FILE, "..": InputType.FILE,
+           absolute: InputType.FILE, "a b": InputType.IMAGE, "a_b": InputType.IMAGE}
+    defs = {i: InputDef(input_id=i, type=t) for i, t in ids.items()}
+    # URLs ending in "/" leave no name of their own: the fallback must be harmless too.
+    values = {i: (src / "d").as_uri() + "/" for i, t in ids.items() if t is InputType.FILE}
+    values |= {"a b": png_a.as_uri(), "a_b": png_b.as_uri()}
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+        path = Path(unquote(urlsplit(url).path))
+        shutil.copyfile(path / "planted" if path.is_dir() else path, dest)
+
+    input_dir = tmp_path / "run" / "input"
+    files = materialise_inputs(defs, values, input_dir, fetch, max_bytes=10**6,
+                               max_pixels=10**6, cancel=lambda: False)
+    for rel in files.values():
+        assert (input_dir / rel).resolve().is_relative_to(input_dir / "runflow_inputs")
+    assert len({Path(rel).parent for rel in files.values()}) == len(ids)
+    assert sorted(p.name for p in tmp_path.rglob("planted*")) == ["planted"]  # the source only
+    assert not Path(absolute).exists()
+    with Image.open(input_dir / files["a b"]) as one, Image.open(input_dir / files["a_b"]) as two:
+        assert one.size == (1, 1) and two.size == (2, 2)
+    assert files["a_b"] == "runflow_inputs/a_b/a_b.png"  # plain ids keep readable names
+
+
+def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Path) -> None:
+    # Whatever stands where an input lands (say a hard link to a shared blob) keeps its bytes.
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"shared model bytes")
+    input_dir = tmp_path / "input"
+    (input_dir / "runflow_inputs" / "doc").mkdir(parents=True)
+    (input_dir / "runflow_inputs" / "doc" / "m.bin").hardlink_to(blob)
+    src = tmp_path / "m.bin"
+    src.write_bytes(b"EVIL")
+    files = materialise_inputs({"doc": InputDef(input_id="doc", type=InputType.FILE)},
+                               {"doc": src.as_uri()}, input_dir, _copy_fetch, max_bytes=10**6,
+                               max_pixels=10**6, cancel=lambda: False)
+    assert (input_dir / files["doc"]).read_bytes() == b"EVIL"
+    assert blob.read_bytes() == b"shared model bytes"
+    assert [p.name for p in (input_dir / "runflow_inputs" / "doc").iterdir()] == ["m.bin"]
+
+
+def test_multi_picture_jpeg_is_a_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "phone.jpg"
+    first = Image.new("RGB", (8, 6), (1, 2, 3))
+    first.save(path, format="MPO", save_all=True,
+               append_images=[Image.new("RGB", (8, 6), (4, 5, 6))])
+    with Image.open(path) as im:
+        assert im.format == "MPO"  # what Pillow calls it
+    assert check_image(path, max_pixels=10_000, field="input.img") == ".jpg"
 
 
 def test_output_selection_rule() -> None:

@@ -52,4 +52,6 @@ def test_graph_helpers() -> None:
     assert derived_input_types(GRAPH)["img"] == "IMAGE"
     assert output_nodes(GRAPH) == {"9": "hero"}
     assert next_node_id({"1": {}, "abc": {}, "7": {}}) == "8"
-    assert not is_link(["a", True]) and not is_link([1, 2, 3]) and is_link(["3", 0])
+    # ComfyUI's own rule: a string node id and a number.
+    assert is_link(["3", 0]) and is_link(["3", 0.0]) and is_link(["a", True])
+    assert not is_link([3, 0]) and not is_link([1, 2, 3]) and not is_link(["3", "0"])

@@ -7,24 +7,36 @@ instead of pydantic stopping at the first one.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from runtime import graph as graphs
 from worker.errors import ErrorCode, RunRejected, Violation
 
-HEX40 = re.compile(r"^[0-9a-f]{40}$")
-HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HEX40 = re.compile(r"[0-9a-f]{40}")
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ASSET_URL = re.compile(
-    r"^runflow://assets/[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
-    r"[0-9a-fA-F]{12}$"
+    r"runflow://assets/[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?"
+    r"[0-9a-fA-F]{12}"
 )
+DEFAULT_TIMEOUT_S = 1800.0
+INPUTS_SUBDIR = "runflow_inputs"
+"""Folder of the run's input directory that holds the callers' files."""
+
+
+def _default_when_null(value: Any) -> Any:
+    return DEFAULT_TIMEOUT_S if value is None else value
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and HEX64.fullmatch(value) is not None
 
 
 class _Model(BaseModel):
@@ -32,10 +44,11 @@ class _Model(BaseModel):
 
 
 class GitPin(_Model):
-    """A pinned git checkout as the deploy plugin writes it."""
+    """A pinned git checkout as the deploy plugin writes it (``origin`` and ``commit`` are
+    judged by ``check_message``, which gives their own error codes: any JSON value parses)."""
 
-    origin: str | None = None
-    commit: str | None = None
+    origin: Any = None
+    commit: Any = None
     dirty: bool = False
 
 
@@ -54,9 +67,10 @@ class Environment(_Model):
 
 
 class ModelRef(_Model):
-    """A model file, addressed by content, materialised at its key under ``models/``."""
+    """A model file, addressed by content, materialised at its key under ``models/``
+    (``sha256`` is judged by ``check_message``: any JSON value parses)."""
 
-    sha256: str | None = None
+    sha256: Any = None
     url: str | None = None
     size_bytes: int | None = Field(None, ge=0)
 
@@ -66,7 +80,7 @@ class ResourceRef(_Model):
 
     asset_id: str | None = None
     url: str | None = None
-    sha256: str | None = None
+    sha256: Any = None
     mime_type: str | None = None
     size_bytes: int | None = Field(None, ge=0)
 
@@ -88,7 +102,7 @@ class InputDef(_Model):
     input_id: str
     type: InputType
     default: Any = None
-    required: bool = False
+    required: bool = Field(False, strict=True)
 
 
 class DeployedWorkflow(_Model):
@@ -131,14 +145,16 @@ class RunMessage(_Model):
     """One run as it travels on the queue (SPEC section 3)."""
 
     run_id: str
-    attempt: int = Field(1, ge=1)
+    attempt: int = Field(1, ge=1, strict=True)
     created_at: datetime | None = None
     workflow: DeployedWorkflow
     input: dict[str, Any] = Field(default_factory=dict)
     callback_url: str | None = None
     client_ref: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
-    timeout_s: float | None = Field(1800.0, gt=0)
+    # null means the default; NaN and infinities are no JSON numbers and are refused.
+    timeout_s: Annotated[float, BeforeValidator(_default_when_null)] = Field(
+        DEFAULT_TIMEOUT_S, gt=0, strict=True, allow_inf_nan=False)
     billing: Billing = Field(default_factory=Billing)
 
 
@@ -267,7 +283,7 @@ def parse_message_json(raw: str | bytes) -> RunMessage:
 
 def url_problem(url: str, *, allow_local_files: bool = False) -> str | None:
     """Why a caller-supplied file URL is refused, or None (https, runflow assets)."""
-    if ASSET_URL.match(url):
+    if ASSET_URL.fullmatch(url):
         return None
     try:
         parts = urlsplit(url)
@@ -295,12 +311,12 @@ def _pin_violations(
     where: str, pin: GitPin, allowed_origins: tuple[str, ...]
 ) -> list[Violation]:
     out: list[Violation] = []
-    if not pin.commit or not HEX40.match(pin.commit):
+    if not isinstance(pin.commit, str) or not HEX40.fullmatch(pin.commit):
         out.append(Violation(ErrorCode.UNPINNED_CUSTOM_NODE, f"{where}.commit",
                              "must be a 40-hex git commit"))
     if not pin.origin:
         out.append(Violation(ErrorCode.FORBIDDEN_ORIGIN, f"{where}.origin", "is missing"))
-    elif not _origin_allowed(pin.origin, allowed_origins):
+    elif not isinstance(pin.origin, str) or not _origin_allowed(pin.origin, allowed_origins):
         out.append(Violation(ErrorCode.FORBIDDEN_ORIGIN, f"{where}.origin",
                              "must be an https:// origin"))
     return out
@@ -310,6 +326,8 @@ def _relative_key_violation(where: str, key: str) -> Violation | None:
     why = graphs.file_reference_problem(key)
     if why is None and not key.strip("/\\"):
         why = "is empty"
+    elif why is None and any(part in ("", ".") for part in re.split(r"[\\/]", key)):
+        why = "must name a file (no '.' or empty parts, no trailing slash)"
     if why:
         return Violation(ErrorCode.INVALID_WORKFLOW, where, f"path {why}")
     return None
@@ -322,6 +340,10 @@ def effective_inputs(workflow: DeployedWorkflow) -> tuple[dict[str, InputDef], l
     derived = graphs.derived_input_types(graph)
     defs: dict[str, InputDef] = {}
     for i, d in enumerate(workflow.inputs or []):
+        if d.input_id not in derived:
+            # A definition whose node is gone from the graph declares nothing: a caller
+            # value for it is refused as undeclared (SPEC section 3: declared by the graph).
+            continue
         if d.input_id in defs:
             problems.append(Violation(ErrorCode.INVALID_WORKFLOW, f"workflow.inputs[{i}]",
                                       f"input_id {d.input_id!r} declared twice"))
@@ -348,6 +370,8 @@ def _type_problem(kind: InputType, value: Any, allow_local_files: bool) -> str |
         return None if ok else "must be an integer"
     if kind is InputType.FLOAT:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):  # NaN and infinities are no JSON numbers
+            return "must be a finite number"
         return None if ok else "must be a number"
     if kind is InputType.BOOLEAN:
         return None if isinstance(value, bool) else "must be a boolean"
@@ -369,7 +393,7 @@ def check_message(
     """
     wf = message.workflow
     violations: list[Violation] = []
-    if not RUN_ID.match(message.run_id):
+    if not RUN_ID.fullmatch(message.run_id):
         violations.append(Violation(ErrorCode.INVALID_INPUT, "run_id",
                                     "must be 1-128 characters of A-Z a-z 0-9 . _ -"))
     violations += _pin_violations("workflow.environment.comfyui", wf.environment.comfyui,
@@ -377,18 +401,23 @@ def check_message(
     for name, pin in wf.custom_nodes.items():
         violations += _pin_violations(f"workflow.custom_nodes.{name}", pin, allowed_origins)
     for key, model in wf.models.items():
-        if not model.sha256 or not HEX64.match(model.sha256):
+        if not _is_sha256(model.sha256):
             violations.append(Violation(ErrorCode.INVALID_SHA, f"workflow.models.{key}.sha256",
                                         "must be 64 hex characters"))
         bad = _relative_key_violation(f"workflow.models.{key}", key)
         if bad:
             violations.append(bad)
     for key, res in wf.resources.items():
-        if not res.sha256 or not HEX64.match(res.sha256):
+        if not _is_sha256(res.sha256):
             violations.append(Violation(ErrorCode.INVALID_SHA,
                                         f"workflow.resources.{key}.sha256",
                                         "must be 64 hex characters"))
         bad = _relative_key_violation(f"workflow.resources.{key}", key)
+        if bad is None and re.split(r"[\\/]", key)[0] == INPUTS_SUBDIR:
+            # That folder holds the callers' files: a resource there could be replaced by
+            # one, or replace one.
+            bad = Violation(ErrorCode.INVALID_WORKFLOW, f"workflow.resources.{key}",
+                            f"path must not be under {INPUTS_SUBDIR}/ (the callers' files)")
         if bad:
             violations.append(bad)
 

@@ -8,7 +8,10 @@ caller unchecked.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +20,15 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
-from worker.contract import InputDef, InputType
+from worker.contract import INPUTS_SUBDIR, InputDef, InputType
 from worker.errors import ErrorCode, RunFailure
 
-IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
-INPUTS_SUBDIR = "runflow_inputs"
+# MPO (a JPEG with more pictures after the first, as phone cameras write) is a JPEG to
+# every reader; ComfyUI's LoadImage takes its first picture.
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+_OPENERS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's JPEG opener also reads MPO
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class FileFetcher(Protocol):
@@ -34,10 +40,25 @@ class FileFetcher(Protocol):
 
 
 def safe_filename(url: str, fallback: str) -> str:
-    """A harmless basename derived from a URL's path (or ``fallback``)."""
-    name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
-    name = _SAFE.sub("_", name).strip("._")[:100]
-    return name or fallback
+    """A harmless basename derived from a URL's path (or ``fallback``, made harmless too)."""
+    for candidate in (unquote(urlsplit(url).path.rsplit("/", 1)[-1]), fallback):
+        name = _SAFE.sub("_", candidate).strip("._")[:100]
+        if name:
+            return name
+    return "input"
+
+
+def input_folder(input_id: str) -> str:
+    """The folder (under ``runflow_inputs/``) of one input's file.
+
+    A plain ``input_id`` (letters, digits, ``._-``, starting with a letter or digit) is its
+    own folder. Any other gets a name made from it and its hash, starting with ``_`` so it
+    can never equal a plain one: two ids never share a folder, and none can climb out.
+    """
+    if _PLAIN.fullmatch(input_id):
+        return input_id
+    digest = hashlib.sha256(input_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"_{_SAFE.sub('_', input_id).strip('._')[:40]}-{digest}"
 
 
 def check_image(path: Path, *, max_pixels: int, field: str) -> str:
@@ -46,7 +67,7 @@ def check_image(path: Path, *, max_pixels: int, field: str) -> str:
         with warnings.catch_warnings():
             # Pillow's own bomb warning is replaced by our explicit limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(IMAGE_FORMATS)) as im:
+            with Image.open(path, formats=_OPENERS) as im:
                 fmt = im.format or ""
                 width, height = im.size
                 frames = getattr(im, "n_frames", 1) or 1
@@ -87,14 +108,18 @@ def materialise_inputs(
             continue
         url = values[input_id]
         field = f"input.{input_id}"
-        folder = input_dir / INPUTS_SUBDIR / _SAFE.sub("_", input_id)
+        name = input_folder(input_id)
+        folder = input_dir / INPUTS_SUBDIR / name
         folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / safe_filename(url, input_id)
-        fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        dest = folder / safe_filename(url, "file")
         if d.type is InputType.IMAGE:
-            ext = check_image(dest, max_pixels=max_pixels, field=field)
-            final = dest.with_name(f"{_SAFE.sub('_', input_id)}{ext}")
-            dest.rename(final)
-            dest = final
+            dest = folder / name  # its extension comes from its content, below
+        # Fetched to a name of its own, then renamed into place: whatever already stands at
+        # the final path (a link to a shared blob, say) is replaced, never written through.
+        part = folder / f".{uuid.uuid4().hex}.part"
+        fetch(url, part, max_bytes=max_bytes, cancel=cancel)
+        if d.type is InputType.IMAGE:
+            dest = dest.with_name(name + check_image(part, max_pixels=max_pixels, field=field))
+        os.replace(part, dest)
         files[input_id] = dest.relative_to(input_dir).as_posix()
     return files
