@@ -94,8 +94,10 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
     input_dir = tmp_path / "input"
     files = materialise_inputs(defs, values, input_dir, _copy_fetch, max_bytes=10**6,
                                max_pixels=10**6, cancel=lambda: False)
-    assert files["img"] == "runflow_inputs/img/img.png"
-    assert files["doc"] == "runflow_inputs/doc/notes_rm_-rf.txt"
+    png_digest = hashlib.sha256((src / "photo.jpeg").read_bytes()).hexdigest()[:16]
+    doc_digest = hashlib.sha256(b"hello").hexdigest()[:16]
+    assert files["img"] == f"runflow_inputs/img/{png_digest}/img.png"
+    assert files["doc"] == f"runflow_inputs/doc/{doc_digest}/notes_rm_-rf.txt"
     assert (input_dir / files["doc"]).read_text() == "hello"
     assert "s" not in files
 
@@ -131,12 +133,13 @@ def test_input_ids_never_climb_out_nor_share_a_folder(tmp_path: Path) -> None:
                                max_pixels=10**6, cancel=lambda: False)
     for rel in files.values():
         assert (input_dir / rel).resolve().is_relative_to(input_dir / "runflow_inputs")
-    assert len({Path(rel).parent for rel in files.values()}) == len(ids)
+    assert len({Path(rel).parts[1] for rel in files.values()}) == len(ids)
     assert sorted(p.name for p in tmp_path.rglob("planted*")) == ["planted"]  # the source only
     assert not Path(absolute).exists()
     with Image.open(input_dir / files["a b"]) as one, Image.open(input_dir / files["a_b"]) as two:
         assert one.size == (1, 1) and two.size == (2, 2)
-    assert files["a_b"] == "runflow_inputs/a_b/a_b.png"  # plain ids keep readable names
+    folder, _, name = files["a_b"].split("/")[1:]
+    assert (folder, name) == ("a_b", "a_b.png")  # plain ids keep readable names
 
 
 def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Path) -> None:
@@ -144,16 +147,19 @@ def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Pat
     blob = tmp_path / "blob"
     blob.write_bytes(b"shared model bytes")
     input_dir = tmp_path / "input"
-    (input_dir / "runflow_inputs" / "doc").mkdir(parents=True)
-    (input_dir / "runflow_inputs" / "doc" / "m.bin").hardlink_to(blob)
+    final = input_dir / "runflow_inputs" / "doc" / hashlib.sha256(b"EVIL").hexdigest()[:16]
+    final.mkdir(parents=True)
+    (final / "m.bin").hardlink_to(blob)
     src = tmp_path / "m.bin"
     src.write_bytes(b"EVIL")
     files = materialise_inputs({"doc": InputDef(input_id="doc", type=InputType.FILE)},
                                {"doc": src.as_uri()}, input_dir, _copy_fetch, max_bytes=10**6,
                                max_pixels=10**6, cancel=lambda: False)
+    assert input_dir / files["doc"] == final / "m.bin"
     assert (input_dir / files["doc"]).read_bytes() == b"EVIL"
     assert blob.read_bytes() == b"shared model bytes"
-    assert [p.name for p in (input_dir / "runflow_inputs" / "doc").iterdir()] == ["m.bin"]
+    assert [p.name for p in (input_dir / "runflow_inputs" / "doc").rglob("*")] == [
+        final.name, "m.bin"]  # no temporary file left
 
 
 def test_multi_picture_jpeg_is_a_jpeg(tmp_path: Path) -> None:

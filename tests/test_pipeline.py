@@ -73,7 +73,7 @@ def test_local_file_input(pipeline: Pipeline, tmp_path: Path) -> None:
     src = tmp_path / "note.txt"
     src.write_text("from a file")
     graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
-             "2": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/doc/note.txt",
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
                                                          "output_id": "copy"}}}
     result = run(pipeline, message(graph, input={"doc": src.as_uri()}))
     assert result.status is RunStatus.SUCCEEDED, result.failure
@@ -169,6 +169,23 @@ def test_commit_mismatch_is_a_warning(pipeline: Pipeline) -> None:
     assert json.dumps(result.environment)
 
 
+def test_the_path_of_a_file_input_names_its_content(pipeline: Pipeline, tmp_path: Path) -> None:
+    # ComfyUI caches a node's outputs by its inputs: the path the graph gets for a caller's
+    # file must change with the bytes (the fake child echoes the path it got).
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "path"}}}
+    paths = []
+    for i, body in enumerate(["alice's notes", "bob's notes", "alice's notes"]):
+        src = tmp_path / str(i) / "notes.txt"  # one file name for all three
+        src.parent.mkdir()
+        src.write_text(body)
+        result = run(pipeline, message(graph, input={"doc": src.as_uri()}, run_id=f"path-{i}"))
+        assert result.status is RunStatus.SUCCEEDED, result.failure
+        paths.append(Path(unquote(urlsplit(result.output.outputs[0].url).path)).read_text())
+    assert paths[0] != paths[1] and paths[0] == paths[2]
+    assert all(p.startswith("runflow_inputs/doc/") and p.endswith("/notes.txt") for p in paths)
+
+
 def test_deployed_package_versions_are_compared(pipeline: Pipeline) -> None:
     import importlib.metadata
 
@@ -231,7 +248,7 @@ def test_comfyui_starts_while_inputs_download(tmp_path: Path,
     src = tmp_path / "note.txt"
     src.write_text("downloaded while ComfyUI started")
     graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
-             "2": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/doc/note.txt",
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
                                                          "output_id": "copy"}}}
     try:
         result = run(pl, message(graph, input={"doc": src.as_uri()}))

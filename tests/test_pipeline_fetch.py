@@ -22,9 +22,9 @@ from worker.storage import LocalStorage
 GRAPH = {
     "1": {"class_type": "RunflowInputImage", "inputs": {"input_id": "image"}},
     "2": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
-    "3": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/doc/doc.txt",
+    "3": {"class_type": "FakeSave", "inputs": {"text": ["2", 0], "read": True,
                                                "output_id": "doc"}},
-    "4": {"class_type": "FakeSave", "inputs": {"text": "file:runflow_inputs/image/image.png",
+    "4": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
                                                "output_id": "img"}},
 }
 

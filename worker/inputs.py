@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from PIL import Image
 
+from cache.hashing import sha256_file
 from worker.contract import INPUTS_SUBDIR, InputDef, InputType
 from worker.errors import ErrorCode, RunFailure
 
@@ -29,6 +30,8 @@ IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", 
 _OPENERS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's JPEG opener also reads MPO
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+CONTENT_HEX = 16
+"""Hex digits of a caller file's sha256 in its path (``<folder>/<digest>/<name>``)."""
 
 
 class FileFetcher(Protocol):
@@ -111,15 +114,18 @@ def materialise_inputs(
         name = input_folder(input_id)
         folder = input_dir / INPUTS_SUBDIR / name
         folder.mkdir(parents=True, exist_ok=True)
-        dest = folder / safe_filename(url, "file")
-        if d.type is InputType.IMAGE:
-            dest = folder / name  # its extension comes from its content, below
         # Fetched to a name of its own, then renamed into place: whatever already stands at
         # the final path (a link to a shared blob, say) is replaced, never written through.
         part = folder / f".{uuid.uuid4().hex}.part"
         fetch(url, part, max_bytes=max_bytes, cancel=cancel)
+        filename = safe_filename(url, "file")
         if d.type is InputType.IMAGE:
-            dest = dest.with_name(name + check_image(part, max_pixels=max_pixels, field=field))
+            filename = name + check_image(part, max_pixels=max_pixels, field=field)
+        # The path names the content: ComfyUI caches a node's outputs by its inputs, so a
+        # node reading a path that held another caller's bytes in an earlier run of the warm
+        # child would be served that run's result.
+        dest = folder / sha256_file(part)[:CONTENT_HEX] / filename
+        dest.parent.mkdir(exist_ok=True)
         os.replace(part, dest)
         files[input_id] = dest.relative_to(input_dir).as_posix()
     return files

@@ -102,6 +102,28 @@ def test_outputs_are_fresh_on_every_run(pipeline, tmp_path: Path) -> None:
     assert url_path(again.output.outputs[0].url).exists()
 
 
+def test_a_callers_file_never_reaches_the_next_run_through_the_cache(pipeline,
+                                                                     tmp_path: Path) -> None:
+    # The same graph and caption, and files of one name with other bytes: the node reading
+    # the file must run again rather than hand the second caller the first one's result.
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "caption"}},
+             "2": {"class_type": "RunflowInputFile", "inputs": {"input_id": "notes"}},
+             "3": {"class_type": "RunflowTestWriteText", "inputs": {"text": ["1", 0],
+                                                                    "file": ["2", 0]}},
+             "4": {"class_type": "RunflowOutputFile", "inputs": {
+                 "output_id": "note", "output_name": "", "value": ["3", 0]}}}
+    texts = []
+    for who in ("alice", "bob"):
+        notes = tmp_path / who / "notes.txt"
+        notes.parent.mkdir()
+        notes.write_text(f"{who}'s private notes")
+        result = run(pipeline, graph, {"caption": "same", "notes": notes.as_uri()},
+                     run_id=f"cache-{who}")
+        assert result.status is RunStatus.SUCCEEDED, result.failure
+        texts.append(url_path(result.output.outputs[0].url).read_text())
+    assert texts == ["same\nalice's private notes", "same\nbob's private notes"]
+
+
 def test_no_runflow_output_falls_back_to_output_nodes(pipeline, tmp_path: Path) -> None:
     graph = img_graph({"9": {"class_type": "SaveImage", "inputs": {
         "images": ["1", 0], "filename_prefix": "plain"}}})

@@ -3,14 +3,15 @@
 Nodes (``class_type``):
 - ``FakeSave``: writes ``inputs["text"]`` (or the value of a linked Runflow input) to
   ``<output>/<prefix>_00001_.txt`` (``file:NAME`` / ``model:KEY`` read that input file or
-  model instead); an OUTPUT node (``output_id`` makes it a Runflow output).
+  model instead, as does ``read: true`` with a linked input's file); an OUTPUT node
+  (``output_id`` makes it a Runflow output).
 - ``FakeSleep``: sleeps ``seconds`` in small steps, reporting progress; honours Interrupt.
 - ``FakeBusy``: sleeps ``seconds`` ignoring interrupts (the runner must kill the child).
 - ``FakeCrash``: the child kills itself with ``signal`` (default SIGKILL).
 - ``FakeError`` / ``FakeOOM``: raise a node error / an out-of-memory failure.
 - ``FakeUnknown``: validation error (unknown node type).
-Runflow Input nodes pass their value through. The config key ``fake_init_fail`` makes
-initialisation fail; ``fake_init_delay_s`` delays Ready.
+Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
+config key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s`` delays Ready.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main(conn: Any, config: dict[str, Any]) -> None:
 def _value(graph: dict[str, Any], v: Any) -> Any:
     if isinstance(v, list) and len(v) == 2 and str(v[0]) in graph:
         src = graph[str(v[0])]
+        if src.get("class_type") == "LoadImage":
+            return src["inputs"].get("image")
         return _value(graph, src["inputs"].get("value"))
     return v
 
@@ -107,6 +110,8 @@ def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.
             data = str(text).encode()
             if isinstance(text, str) and text.startswith("file:"):
                 data = (Path(job.input_dir) / text[5:]).read_bytes()
+            elif isinstance(text, str) and inputs.get("read"):
+                data = (Path(job.input_dir) / text).read_bytes()
             elif isinstance(text, str) and text.startswith("model:"):
                 data = (Path(job.models_dir or "") / text[6:]).read_bytes()
             copies = int(inputs.get("copies", 1))
