@@ -64,7 +64,7 @@ def test_success_outputs_and_isolation(pipeline: Pipeline) -> None:
                                       "execute", "upload"}
     assert result.gpu_work
     # Run directories are removed after the outputs are stored.
-    assert list((pipeline.config.work_dir).glob("ok-1-*")) == []
+    assert list(pipeline.config.work_dir.rglob("ok-1-*")) == []
     second = run(pipeline, message(run_id="ok-2", input={"prompt": "second"}))
     assert Path(unquote(urlsplit(second.output.outputs[0].url).path)).read_text() == "second"
 

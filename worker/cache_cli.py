@@ -6,7 +6,7 @@
 - ``cache gc [--max-bytes N] [--max-envs N]``: evict least recently used, unpinned blobs down
   to the budget (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume), and unused prepared
   environments beyond ``RUNFLOW_ENV_MAX_COUNT``, then the git mirrors no environment left
-  uses.
+  uses; also the run directories of workers that were killed mid-run.
 - ``cache envs [--json]``: prepared environments, most recently used first.
 - ``cache pull SHA256 URL [URL ...] [--size N]``: fetch a blob now, with a progress bar.
 
@@ -30,6 +30,7 @@ from cache.fetcher import Fetcher
 from cache.git import GitMirrors
 from cache.sources import Sources
 from cache.urlpolicy import URLPolicy
+from worker.rundirs import WORK_SUBDIR, remove_abandoned_run_dirs
 from worker.settings import Settings
 
 
@@ -134,6 +135,8 @@ def run_cache_command(args: argparse.Namespace, settings: Settings) -> int:
         if action == "verify":
             return _verify(store, args.digests, quarantine=not args.no_quarantine)
         if action == "gc":
+            for name in remove_abandoned_run_dirs(settings.cache_dir / WORK_SUBDIR):
+                print(f"removed run directories of a worker that is gone ({name})")
             return _gc(store, args.max_bytes, build_environments(settings), args.max_envs)
         if action == "envs":
             return _envs(build_environments(settings), as_json=args.json)

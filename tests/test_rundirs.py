@@ -1,0 +1,62 @@
+"""Run directories: removed after each run, and after a worker killed mid-run by the next."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.rundirs import RunDirs, remove_abandoned_run_dirs
+
+pytestmark = pytest.mark.timeout(60)
+
+# A worker process that claims a run directory, says where, then waits to be killed.
+HOLDER = """
+import sys
+from pathlib import Path
+from worker.rundirs import RunDirs
+run_dir = RunDirs(Path(sys.argv[1])).create("victim")
+(run_dir / "secret.txt").write_text("left behind")
+print(run_dir, flush=True)
+sys.stdin.read()
+"""
+
+
+def start_holder(work: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(work)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_a_killed_workers_run_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc, victim = start_holder(work)
+    try:
+        assert victim.is_dir() and victim.parent.parent == work
+        # Alive: another pipeline on the volume leaves it alone.
+        assert remove_abandoned_run_dirs(work) == []
+        mine = RunDirs(work)
+        run_dir = mine.create("next")
+        assert victim.is_dir() and run_dir.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    # Killed: its lock is gone, and the next sweep (a start, or `cache gc`) removes it.
+    assert remove_abandoned_run_dirs(work) == [victim.parent.name]
+    assert not victim.parent.exists()
+    assert not victim.parent.with_suffix(".lock").exists()
+    assert run_dir.is_dir()  # the live pipeline's directory stays
+    mine.close()
+    assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_a_new_pipeline_sweeps_when_it_first_creates(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc, victim = start_holder(work)
+    proc.kill()
+    proc.wait()
+    RunDirs(work).create("after-restart")
+    assert not victim.exists()
