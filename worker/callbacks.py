@@ -151,7 +151,12 @@ class CallbackSender:
 
     def close(self, timeout_s: float = 10.0) -> int:
         """Deliver for up to ``timeout_s`` what comes due meanwhile, then stop; return the jobs
-        left queued (other workers deliver them)."""
+        left queued (other workers deliver them).
+
+        Never waits past ``timeout_s``, not even for a delivery in flight: its job is still in
+        Redis (claimed jobs stay in the due set, hidden for ``CLAIM_S``; only a 2xx, a refusal
+        or the last attempt deletes them), so it comes due again for any worker.
+        """
         deadline = time.monotonic() + max(0.0, timeout_s)
         while self._client is not None and time.monotonic() < deadline:
             due_by_ms = _now_ms() + int((deadline - time.monotonic()) * 1000)
@@ -170,7 +175,9 @@ class CallbackSender:
             self._cond.notify_all()
         for t in self._threads:
             if t.is_alive():
-                t.join(timeout=DELIVERY_DEADLINE_S)
+                # Bounded by the time left (0 on a cold stop): a stalled receiver may hold a
+                # thread for DELIVERY_DEADLINE_S, and the threads are daemons.
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
         try:
             left = self.pending()
         except redis.RedisError:

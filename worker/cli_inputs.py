@@ -103,13 +103,23 @@ def load_inputs_json(path: Path) -> dict[str, Any]:
 def message_from_args(args: argparse.Namespace) -> RunMessage:
     """A fresh run message (attempt 1, created now) from ``run``/``submit`` arguments.
 
-    ``--run-id`` wins, else the message's own ``run_id``, else a new one. ``--inputs-json``
-    and then ``--input`` values are laid over the message's ``input``. Raises RunRejected.
+    The message's own ``run_id`` is kept (SPEC §2); ``--run-id`` names a message that has
+    none (a different one is refused: INVALID_INPUT on ``run_id``); else a new id is made.
+    ``--inputs-json`` and then ``--input`` values are laid over the message's ``input``.
+    Raises RunRejected.
     """
     data = load_deployed(args.deployed)
+    own = data.get("run_id")
     if args.run_id:
+        if own not in (None, "") and own != args.run_id:
+            raise RunRejected([Violation(
+                ErrorCode.INVALID_INPUT, "run_id",
+                f"--run-id {args.run_id!r} differs from the message's run_id {own!r}; "
+                "the message's run_id is kept, so give --run-id only for a message without "
+                "one")])
         data["run_id"] = args.run_id
-    data.setdefault("run_id", uuid.uuid4().hex)
+    elif own in (None, ""):
+        data["run_id"] = uuid.uuid4().hex
     data["attempt"] = 1
     data["created_at"] = utcnow().isoformat()
     data.pop("billing", None)

@@ -275,6 +275,10 @@ def parse_message_json(raw: str | bytes) -> RunMessage:
             raise RunRejected(
                 [Violation(ErrorCode.INVALID_INPUT, "message", f"not JSON: {exc}")]
             ) from exc
+        except RecursionError as exc:
+            raise RunRejected(
+                [Violation(ErrorCode.INVALID_INPUT, "message", "nested too deeply")]
+            ) from exc
         return parse_message(data)
 
 

@@ -32,7 +32,7 @@ import redis
 
 from worker import keys
 from worker.callbacks import CallbackSender
-from worker.contract import RunMessage, RunRecord, RunStatus, parse_message_json, record_for, utcnow
+from worker.contract import RunMessage, RunRecord, RunStatus, record_for, utcnow
 from worker.control import LeaseKeeper, ServeControl, ShutdownState
 from worker.errors import ErrorCode, QueueError, RunFailure, RunInterrupted, RunRejected
 from worker.gpu import next_larger_class
@@ -49,9 +49,9 @@ from worker.records import (
     RecordStore,
     event_json,
     promotion_for,
-    unparseable_record,
 )
 from worker.report import terminal_record
+from worker.salvage import parse_delivery, unparseable_record, unreadable
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -214,9 +214,15 @@ class Worker:
             if reclaimed is not None:
                 return reclaimed
         wait_s = min(MAX_BLOCK_S, max(0.0, self._next_reclaim - now))
-        if self.settings.idle_exit_s:
-            wait_s = min(wait_s, max(0.0, idle_since + self.settings.idle_exit_s - now))
-        return self.queue.read_new(block_ms=max(1, int(wait_s * 1000)))
+        idle_exit_s = self.settings.idle_exit_s
+        if idle_exit_s:
+            wait_s = min(wait_s, max(0.0, idle_since + idle_exit_s - now))
+        delivery = self.queue.read_new(block_ms=max(1, int(wait_s * 1000)))
+        if delivery is None and idle_exit_s and time.monotonic() - idle_since >= idle_exit_s:
+            # About to exit "with nothing queued": a run released back by a stopping worker
+            # (or left by a dead one) is queued too, though only a reclaim sees it.
+            delivery = self.queue.reclaim_expired()
+        return delivery
 
     # ------------------------------------------------------------------ one run
 
@@ -230,14 +236,17 @@ class Worker:
                 self.metrics.reclaims.inc()
             queue_ms = max(0, int(time.time() * 1000) - delivery.enqueued_unix_ms)
             self.metrics.queue_wait_seconds.observe(queue_ms / 1000)
-            try:
-                message = parse_message_json(delivery.payload or "")
-            except RunRejected as exc:
-                self.reject_unparseable_run(delivery, exc, started_at, queue_ms)
+            over_limit = delivery.deliveries > self.settings.max_deliveries
+            message, rejection = parse_delivery(delivery.payload)
+            if message is None:
+                # Over the limit too: the earlier deliveries crashed on it, so it is both
+                # finalised and copied to the dead letters.
+                self.reject_unparseable_run(delivery, rejection, started_at, queue_ms,
+                                            dead_letter=over_limit)
                 return
             extra = {"run_id": message.run_id, "attempt": message.attempt,
                      "entry_id": delivery.entry_id, "deliveries": delivery.deliveries}
-            if delivery.deliveries > self.settings.max_deliveries:
+            if over_limit:
                 self.dead_letter_run(delivery, message, started_at, queue_ms)
                 return
             running = record_for(message, RunStatus.RUNNING, started_at=started_at,
@@ -367,12 +376,17 @@ class Worker:
                              "event": "run_dead_lettered", "entry_id": delivery.entry_id})
         self._after_finalise(message, record, outcome)
 
-    def reject_unparseable_run(self, delivery: Delivery, exc: RunRejected,
-                               started_at: datetime, queue_ms: int) -> None:
-        """Fail an entry whose message does not parse (or dead-letter it without a run id)."""
-        record, callback_url = unparseable_record(delivery.payload, exc,
-                                                  gpu_class=self.gpu_class,
-                                                  started_at=started_at, queue_ms=queue_ms)
+    def reject_unparseable_run(self, delivery: Delivery, exc: RunRejected | None,
+                               started_at: datetime, queue_ms: int, *,
+                               dead_letter: bool = False) -> None:
+        """Fail an entry whose message does not parse (or dead-letter it without a run id).
+
+        With ``dead_letter`` the entry is also copied to the dead letters, in the same step.
+        """
+        exc = exc or unreadable(None)
+        record, callback_url = unparseable_record(
+            delivery.payload, exc, gpu_class=self.gpu_class, started_at=started_at,
+            queue_ms=queue_ms, read_record=self.records.read)
         if record is None:
             self.queue.dead_letter_unidentified(delivery, reason=f"unparseable: {exc.message}"[:500])
             self.metrics.dead_letters.inc()
@@ -386,7 +400,10 @@ class Worker:
             return
         outcome = self._retry_terminal_write(run_id, lambda: self.records.finalise(
             delivery, token, record, event_data={"error": exc.code.value},
+            dead_letter=DeadLetter(reason="max_deliveries") if dead_letter else None,
             callback=self._callback_job(callback_url, record)))
+        if outcome is Finalised.WRITTEN and dead_letter:
+            self.metrics.dead_letters.inc()
         self._after_finalise(None, record, outcome)
 
     # ------------------------------------------------------------------ helpers

@@ -2,20 +2,27 @@
 
 Files of Runflow Output nodes are labelled by their ``output_id`` (a batch gives several
 entries with one ``output_id``). A graph without Runflow Output nodes returns the files of
-its other output nodes, labelled by node id.
+its other output nodes, labelled by node id. Keys are ``runs/<run_id>/<output_id>/<file>``,
+each part one safe path segment (``object_key``), so no run writes into another's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import mimetypes
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 
 from runtime.protocol import OutputFile
 from worker.contract import OutputEntry
 from worker.errors import ErrorCode, RunFailure, StorageError
-from worker.storage import Storage
+from worker.storage import ShouldStop, Storage, UploadCanceled
+
+log = logging.getLogger(__name__)
+MAX_SEGMENT_CHARS = 255
+"""Longest output_id or file name in a key (a file name's limit on most file systems)."""
 
 _EXTRA_TYPES = {".webp": "image/webp", ".glb": "model/gltf-binary", ".safetensors":
                 "application/octet-stream", ".flac": "audio/flac", ".webm": "video/webm"}
@@ -48,14 +55,50 @@ def select_outputs(files: Sequence[OutputFile]) -> list[tuple[str, OutputFile]]:
     return out
 
 
+def is_safe_segment(name: str) -> bool:
+    """True when ``name`` is one path segment that is safe in an object key and on disk:
+    not empty, not ``.`` or ``..``, no slash or backslash, no control character, at most
+    ``MAX_SEGMENT_CHARS`` characters."""
+    return (0 < len(name) <= MAX_SEGMENT_CHARS and name not in (".", "..")
+            and not any(c in "/\\" or ord(c) < 32 or c == "\x7f" for c in name))
+
+
+def object_key(run_id: str, output_id: str, filename: str) -> str:
+    """``runs/<run_id>/<output_id>/<filename>``; UPLOAD_FAILED unless each part is one safe
+    segment and the key stays under ``runs/<run_id>/`` once normalised.
+
+    Defence in depth: the run message checks refuse such ids before any GPU work, but a key
+    that escaped its run's folder would overwrite another run's outputs.
+    """
+    for what, part in (("run id", run_id), ("output_id", output_id), ("file name", filename)):
+        if not is_safe_segment(part):
+            raise RunFailure(ErrorCode.UPLOAD_FAILED,
+                             f"refusing to store an output: its {what} {part!r} is not a "
+                             "single safe path segment")
+    key = f"runs/{run_id}/{output_id}/{filename}"
+    if posixpath.normpath(key) != key or not key.startswith(f"runs/{run_id}/"):
+        raise RunFailure(ErrorCode.UPLOAD_FAILED,
+                         f"refusing to store an output at {key!r}: outside runs/{run_id}/")
+    return key
+
+
 def store_outputs(
-    files: Sequence[OutputFile], output_dir: Path, run_id: str, storage: Storage
+    files: Sequence[OutputFile], output_dir: Path, run_id: str, storage: Storage, *,
+    should_stop: ShouldStop | None = None, written: list[str] | None = None,
 ) -> list[OutputEntry]:
-    """Hash and upload the selected files; UPLOAD_FAILED if storage refuses one."""
+    """Hash and upload the selected files; UPLOAD_FAILED if storage refuses one.
+
+    ``should_stop`` is checked before each file and polled during each transfer; once it
+    returns True the upload ends with ``UploadCanceled``. The key of every object that may
+    have been written is appended to ``written`` (for ``discard_outputs`` when the run does
+    not succeed after all).
+    """
     root = output_dir.resolve()
     entries: list[OutputEntry] = []
     used_keys: set[str] = set()
     for output_id, f in select_outputs(files):
+        if should_stop is not None and should_stop():
+            raise UploadCanceled("the run was stopped during the upload")
         path = (root / f.relpath).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise RunFailure(
@@ -65,16 +108,19 @@ def store_outputs(
                 node_id=f.node_id, node_type=f.node_type,
             )
         filename = path.name
-        key = f"runs/{run_id}/{output_id}/{filename}"
+        key = object_key(run_id, output_id, filename)
         n = 1
         while key in used_keys:  # two subfolders holding one name
             n += 1
-            key = f"runs/{run_id}/{output_id}/{path.stem}_{n}{path.suffix}"
+            key = object_key(run_id, output_id, f"{path.stem}_{n}{path.suffix}")
         used_keys.add(key)
         digest = sha256_of(path)
         content_type = content_type_of(filename)
+        if written is not None:
+            written.append(key)
         try:
-            storage.put(path, key, content_type=content_type, sha256=digest)
+            storage.put(path, key, content_type=content_type, sha256=digest,
+                        should_stop=should_stop)
             url = storage.url_for(key)
         except StorageError as exc:
             raise RunFailure(ErrorCode.UPLOAD_FAILED, str(exc)) from exc
@@ -84,3 +130,13 @@ def store_outputs(
             size_bytes=path.stat().st_size, sha256=digest, node_id=f.node_id,
         ))
     return entries
+
+
+def discard_outputs(storage: Storage, keys: Sequence[str], *, run_id: str) -> None:
+    """Delete the objects of a run that did not succeed, best-effort (failures logged)."""
+    for key in keys:
+        try:
+            storage.delete(key)
+        except StorageError as exc:
+            log.warning("could not delete output %s of run %s: %s", key, run_id, exc,
+                        extra={"run_id": run_id, "event": "output_delete_failed"})

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker import keys
-from worker.errors import QueueError
+from worker.errors import QueueError, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ CONNECT_TIMEOUT_S = 2.0
 """TCP connect timeout to Redis."""
 COMMAND_TIMEOUT_S = 10.0
 """Socket timeout of one command, beyond any BLOCK time we ask for."""
+MAX_RECLAIM_CALLS = 100_000
+"""Safety bound of one reclaim scan (each ``XAUTOCLAIM`` call looks at 10 pending entries)."""
 
 
 class RedisUnavailable(QueueError):
@@ -40,6 +42,15 @@ class RedisUnavailable(QueueError):
 
 class GroupMissing(QueueError):
     """The stream or its consumer group vanished (a Redis restart without persistence)."""
+
+
+class RunExists(WorkerError):
+    """``enqueue`` refused: the run id already has a record (queued, running or terminal)."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} already exists (status {status}); not enqueued again")
+        self.run_id = run_id
+        self.status = status
 
 
 @contextmanager
@@ -170,6 +181,7 @@ class RunQueue:
         self.group = keys.CONSUMER_GROUP
         self.consumer = consumer
         self.lease_ms = max(1, int(lease_s * 1000))
+        # Where the next reclaim scan resumes (the pending list is scanned round-robin).
         self._reclaim_cursor = "0-0"
         self._lease_tick = client.register_script(_LEASE_TICK_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -204,10 +216,14 @@ class RunQueue:
     def reclaim_expired(self) -> Delivery | None:
         """Take over one entry whose holder let its lease expire, or None.
 
-        Scans the whole pending list with a cursor (``XAUTOCLAIM`` looks at a bounded window
-        per call), so an expired entry behind many live ones is still found.
+        Scans the pending list with a cursor (``XAUTOCLAIM`` looks at a bounded window per
+        call), resuming where the previous scan stopped and wrapping around once, so None
+        means no entry of the whole list had expired: an expired entry behind many live ones,
+        or before the saved cursor, is still found (``serve --burst`` relies on it).
         """
-        for _ in range(1000):
+        start = self._reclaim_cursor
+        wrapped = start == "0-0"
+        for _ in range(MAX_RECLAIM_CALLS):
             with redis_errors("reclaiming expired entries"):
                 reply = self.client.xautoclaim(self.stream, self.group, self.consumer,
                                                self.lease_ms, self._reclaim_cursor, count=1)
@@ -219,7 +235,10 @@ class RunQueue:
                 return Delivery(self.stream, entry_id, fields.get(keys.RUN_FIELD),
                                 deliveries=self.delivery_count(entry_id), reclaimed=True)
             if cursor == "0-0":
-                return None
+                if wrapped:
+                    return None
+                # The scan began mid-list: the entries before ``start`` are still unseen.
+                wrapped = True
         return None
 
     def delivery_count(self, entry_id: str) -> int:
@@ -284,17 +303,41 @@ class RunQueue:
             pipe.execute()
 
 
+# Write the ``queued`` record and its status event, then add the run to its stream: refused
+# (nothing written) when the run id already has a record, whatever its status, so that a
+# retried or repeated enqueue never runs a run twice nor overwrites its outcome.
+# KEYS: record, events, run stream. ARGV: record JSON, events maxlen, message JSON,
+# event fields (name, value)*.  Returns {'queued', entry id} or {'exists', status}.
+_ENQUEUE_LUA = f"""
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  local s = 'unreadable'
+  if ok and type(rec) == 'table' and type(rec['status']) == 'string' then s = rec['status'] end
+  return {{'exists', s}}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
+return {{'queued', redis.call('XADD', KEYS[3], '*', '{keys.RUN_FIELD}', ARGV[3])}}
+"""
+
+
 def enqueue(client: redis.Redis, gpu_class: str, message_json: str, *, run_id: str,
             queued_record_json: str, event_fields: dict[str, Any], events_maxlen: int) -> str:
     """Write the ``queued`` record and its event, then add the run to its class's stream.
 
-    One MULTI, in that order: a worker that sees the entry always finds the record.
+    One script, in that order: a worker that sees the entry always finds the record.
+    Raises ``RunExists`` (nothing written) when ``run_id`` already has a record: a run id
+    is enqueued once (a queued or running run is not enqueued twice either).
     Returns the entry id.
     """
-    with redis_errors("enqueueing the run"), client.pipeline(transaction=True) as pipe:
-        pipe.set(keys.run_record(run_id), queued_record_json)
-        pipe.xadd(keys.EVENTS_STREAM, event_fields, maxlen=events_maxlen,
-                  approximate=True)
-        pipe.xadd(keys.runs_stream(gpu_class), {keys.RUN_FIELD: message_json})
-        replies = pipe.execute()
-    return str(replies[-1])
+    fields: list[Any] = []
+    for name, value in event_fields.items():
+        fields.extend((name, value))
+    with redis_errors("enqueueing the run"):
+        verdict, value = client.register_script(_ENQUEUE_LUA)(
+            keys=[keys.run_record(run_id), keys.EVENTS_STREAM, keys.runs_stream(gpu_class)],
+            args=[queued_record_json, events_maxlen, message_json, *fields])
+    if verdict != "queued":
+        raise RunExists(run_id, str(value))
+    return str(value)

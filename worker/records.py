@@ -20,7 +20,6 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -28,16 +27,11 @@ import redis
 
 from worker import keys
 from worker.contract import (
-    RUN_ID,
-    AttemptBilling,
-    Billing,
     RunMessage,
     RunRecord,
     RunStatus,
     record_for,
-    utcnow,
 )
-from worker.errors import RunRejected
 from worker.queue import Delivery, redis_errors
 
 log = logging.getLogger(__name__)
@@ -198,40 +192,12 @@ def promotion_for(message: RunMessage, record: RunRecord, stream: str
                   ) -> tuple[Promotion, RunRecord]:
     """The OOM re-enqueue of ``message`` (next attempt, this attempt's billing carried) on
     ``stream``, and the ``queued`` record written instead of a terminal one."""
+    # The whole billing (the sum too): the next attempt's records start from it (SPEC §7:
+    # billing.gpu_seconds is the sum over attempts).
     nxt = message.model_copy(update={"attempt": message.attempt + 1,
-                                     "billing": Billing(attempts=record.billing.attempts)})
+                                     "billing": record.billing.model_copy(deep=True)})
     queued = record_for(nxt, RunStatus.QUEUED, billing=record.billing, warnings=record.warnings)
     return Promotion(stream, nxt.model_dump_json()), queued
-
-
-def unparseable_record(payload: str | None, exc: RunRejected, *, gpu_class: str,
-                       started_at: datetime, queue_ms: int) -> tuple[RunRecord | None, str | None]:
-    """The ``failed`` record of an entry whose message does not parse, and its callback URL.
-
-    The run id, attempt and callback URL are read best-effort from the raw JSON; without a
-    usable run id there can be no record (None: the entry goes to the dead letters).
-    """
-    try:
-        data = json.loads(payload or "")
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return None, None
-    run_id = data.get("run_id")
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
-        return None, None
-    attempt = data.get("attempt")
-    attempt = attempt if isinstance(attempt, int) and attempt >= 1 else 1
-    url = data.get("callback_url")
-    finished_at = utcnow()
-    record = RunRecord(
-        id=run_id, status=RunStatus.FAILED, attempt=attempt, started_at=started_at,
-        finished_at=finished_at,
-        duration_ms=max(0, round((finished_at - started_at).total_seconds() * 1000)),
-        error=exc.as_error(), timings_ms={"queue": queue_ms},
-        billing=Billing(attempts=[AttemptBilling(attempt=attempt, gpu_class=gpu_class,
-                                                 outcome=RunStatus.FAILED.value)]))
-    return record, url if isinstance(url, str) else None
 
 
 class RecordStore:

@@ -3,7 +3,7 @@
 - ``serve [--burst] [--max-runs N] [--gpu-class C]``: the daemon (exit 0 on every stop).
 - ``submit DEPLOYED.json [--input K=V ...] [--wait]``: enqueue a run, print its id; with
   ``--wait`` follow its events on stderr and print the final record; exit 0 only when it
-  succeeded.
+  succeeded. A run id that already has a record is refused (exit 2, nothing enqueued).
 - ``status RUN_ID``: print the run record.
 """
 
@@ -121,7 +121,9 @@ def build_submit_message(args: argparse.Namespace) -> RunMessage:
 
 def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
                     events_maxlen: int) -> str:
-    """Write the ``queued`` record and event, then XADD the message; return the entry id."""
+    """Write the ``queued`` record and event, then XADD the message; return the entry id.
+
+    Raises ``worker.queue.RunExists`` (nothing written) when the run id has a record."""
     from worker.queue import enqueue
     from worker.records import status_event
 
@@ -134,9 +136,14 @@ def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
 
 
 def submit_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Enqueue a run; print its id, or with ``--wait`` its final record (0 iff succeeded)."""
+    """Enqueue a run; print its id, or with ``--wait`` its final record (0 iff succeeded).
+
+    Exit 2 when nothing was enqueued because of what was asked (a SPEC §3 violation, a bad
+    argument, a run id that already has a record), 1 on a Redis error or a run that did not
+    succeed.
+    """
     from worker.gpu import resolve_gpu_class
-    from worker.queue import connect
+    from worker.queue import RunExists, connect
 
     try:
         message = build_submit_message(args)
@@ -157,6 +164,9 @@ def submit_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         print(message.run_id, file=sys.stderr)
         record = follow_run(client, message.run_id, cursor)
+    except RunExists as exc:
+        print(f"runflow-worker submit: {exc}", file=sys.stderr)
+        return 2
     except QueueError as exc:
         print(f"runflow-worker submit: {exc}", file=sys.stderr)
         return 1

@@ -145,6 +145,18 @@ def submit(client: redis.Redis, run_id: str, g: dict[str, Any] | None = None, *,
     return run_id
 
 
+def run_cli(argv: list[str], redis_url: str, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``runflow-worker ARGV`` in this process against ``redis_url``: (code, out, err)."""
+    from worker.cli import main
+
+    monkeypatch.setenv("RUNFLOW_REDIS_URL", redis_url)
+    monkeypatch.setenv("RUNFLOW_GPU_CLASS", "cpu")
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def record(client: redis.Redis, run_id: str) -> dict[str, Any] | None:
     """The run record as a dict, or None."""
     raw = client.get(keys.run_record(run_id))
@@ -299,7 +311,7 @@ class InProcessWorker:
 @pytest.fixture
 def inprocess_worker(tmp_path: Path, redis_server: RedisServer
                      ) -> Iterator[Callable[..., InProcessWorker]]:
-    """Start ``Worker`` threads with settings overrides; stopped at teardown."""
+    """Start ``Worker`` threads with settings overrides (and a ``storage``); stopped at teardown."""
     from worker.daemon import Worker
     from worker.pipeline import Pipeline, PipelineConfig
     from worker.settings import Settings
@@ -308,7 +320,8 @@ def inprocess_worker(tmp_path: Path, redis_server: RedisServer
     started: list[InProcessWorker] = []
 
     def start(*, burst: bool = False, callbacks: Any = None, http_port: int = 0,
-              gpu_class: str = "cpu", **overrides: Any) -> InProcessWorker:
+              gpu_class: str = "cpu", storage: Any = None,
+              **overrides: Any) -> InProcessWorker:
         fields: dict[str, Any] = {"redis_url": redis_server.url, "lease_s": 1.0,
                                   "grace_s": 5.0, "idle_exit_s": 0.0, "http_port": 0,
                                   "cache_dir": tmp_path / "cache"}
@@ -318,7 +331,7 @@ def inprocess_worker(tmp_path: Path, redis_server: RedisServer
         comfy.mkdir(exist_ok=True)
         pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy,
                                            cpu=True, child_entry=CHILD_ENTRY),
-                            storage=LocalStorage(tmp_path / "outputs"), blobs=None,
+                            storage=storage or LocalStorage(tmp_path / "outputs"), blobs=None,
                             fetch_input=None)
         w = InProcessWorker(Worker(settings, pipeline, gpu_class=gpu_class,
                                    callbacks=callbacks, http_port=http_port), burst=burst)

@@ -166,3 +166,24 @@ def test_callback_survives_a_killed_worker(r, spawn_worker, inprocess_worker,
     assert r.zcard(keys.CALLBACKS_DUE) == 0 and not r.exists(job)
     ids = {req.headers.get("webhook-id") for req in receiver.requests_for("/later")}
     assert ids == {"msg_orphan_1"}
+
+
+@pytest.mark.timeout(60)
+def test_stalled_delivery_does_not_hold_the_exit_past_the_grace(r, inprocess_worker,
+                                                                receiver) -> None:
+    route = receiver.add("/stall", b"late body", mode=Mode.STALL, cut_at=0)
+    sender = _sender(receiver)
+    submit(r, "held", callback_url=receiver.url("/stall"))
+    w = inprocess_worker(callbacks=sender, grace_s=1.0)
+    wait_for(lambda: is_terminal(r, "held"), 20, "the outcome")
+    wait_for(route.stalled.is_set, 20, "the delivery to hang in the receiver")
+    try:
+        w.worker.shutdown.request_warm(1.0)  # SIGTERM with RUNFLOW_GRACE_S=1
+        # Without a bound the join waits out the 60 s delivery deadline.
+        w.thread.join(10)
+        assert not w.thread.is_alive() and w.exit_code == 0
+        # Nothing lost: the claimed job is still queued, due again for any worker.
+        assert r.zcard(keys.CALLBACKS_DUE) == 1 and r.exists(keys.callback_job("msg_held_1"))
+        assert sender.delivered == 0 and sender.failed == 0
+    finally:
+        route.release()

@@ -17,6 +17,7 @@ from tests.serve.conftest import (
     graph,
     is_terminal,
     record,
+    run_cli,
     submit,
     wait_for,
 )
@@ -57,6 +58,29 @@ def test_oom_is_promoted_up_the_ladder_then_fails_at_the_top(r, inprocess_worker
         (1, "cpu"), (2, "t4")]
     assert rec["billing"]["gpu_seconds"] == pytest.approx(
         sum(a["gpu_seconds"] for a in rec["billing"]["attempts"]), abs=0.002)
+
+
+@pytest.mark.timeout(60)
+def test_next_attempt_after_promotion_carries_the_billed_sum(r, inprocess_worker) -> None:
+    # FakeSleep before FakeOOM: attempt 2 is visibly running before it fails too.
+    submit(r, "sum", graph(sleep_s=1.5, extra=OOM))
+    w = inprocess_worker(burst=True, gpu_ladder="cpu:0,t4:16")
+    w.thread.join(30)
+    [(_, fields)] = r.xrange(keys.runs_stream("t4"))
+    carried = json.loads(fields["run"])["billing"]
+    first = carried["attempts"][0]["gpu_seconds"]
+    assert first > 0 and carried["gpu_seconds"] == first
+    assert record(r, "sum")["billing"]["gpu_seconds"] == first  # the queued record
+
+    def running_record() -> dict | None:
+        rec = record(r, "sum")
+        return rec if rec["status"] == "running" else None
+
+    inprocess_worker(gpu_ladder="cpu:0,t4:16", gpu_class="t4")
+    running = wait_for(running_record, 20, "attempt 2 to run")
+    assert running["attempt"] == 2
+    assert running["billing"]["gpu_seconds"] == first
+    assert [a["attempt"] for a in running["billing"]["attempts"]] == [1]
 
 
 @pytest.mark.timeout(60)
@@ -148,22 +172,12 @@ def _deployed(tmp_path: Path, **wf_overrides) -> Path:
     return path
 
 
-def _cli(argv: list[str], redis_url: str, monkeypatch, capsys) -> tuple[int, str, str]:
-    from worker.cli import main
-
-    monkeypatch.setenv("RUNFLOW_REDIS_URL", redis_url)
-    monkeypatch.setenv("RUNFLOW_GPU_CLASS", "cpu")
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.timeout(60)
 def test_submit_prints_the_run_id_and_status_prints_the_record(
         r, redis_server, tmp_path: Path, monkeypatch, capsys) -> None:
     inputs = tmp_path / "inputs.json"
     inputs.write_text(json.dumps({"prompt": "from a file"}))
-    code, out, _ = _cli(["submit", str(_deployed(tmp_path)), "--inputs-json", str(inputs),
+    code, out, _ = run_cli(["submit", str(_deployed(tmp_path)), "--inputs-json", str(inputs),
                          "--run-id", "cli-1", "--timeout-s", "60"], redis_server.url,
                         monkeypatch, capsys)
     assert code == 0 and out.strip() == "cli-1"
@@ -173,9 +187,9 @@ def test_submit_prints_the_run_id_and_status_prints_the_record(
     message = json.loads(fields["run"])
     assert message["run_id"] == "cli-1" and message["input"] == {"prompt": "from a file"}
     assert message["timeout_s"] == 60
-    code, out, _ = _cli(["status", "cli-1"], redis_server.url, monkeypatch, capsys)
+    code, out, _ = run_cli(["status", "cli-1"], redis_server.url, monkeypatch, capsys)
     assert code == 0 and json.loads(out)["status"] == "queued"
-    code, _, err = _cli(["status", "missing"], redis_server.url, monkeypatch, capsys)
+    code, _, err = run_cli(["status", "missing"], redis_server.url, monkeypatch, capsys)
     assert code == 1 and "no record" in err
 
 
@@ -184,9 +198,9 @@ def test_submit_keeps_the_message_run_id_and_rejects_bad_inputs(
         r, redis_server, tmp_path: Path, monkeypatch, capsys) -> None:
     whole = tmp_path / "message.json"
     whole.write_text(json.dumps(factories.message(graph(), run_id="from-message")))
-    code, out, _ = _cli(["submit", str(whole)], redis_server.url, monkeypatch, capsys)
+    code, out, _ = run_cli(["submit", str(whole)], redis_server.url, monkeypatch, capsys)
     assert code == 0 and out.strip() == "from-message"
-    code, out, err = _cli(["submit", str(_deployed(tmp_path)), "--input", "nope=1"],
+    code, out, err = run_cli(["submit", str(_deployed(tmp_path)), "--input", "nope=1"],
                           redis_server.url, monkeypatch, capsys)
     assert code == 2 and "INVALID_INPUT" in err
     assert r.xlen(keys.runs_stream("cpu")) == 1
@@ -196,7 +210,7 @@ def test_submit_keeps_the_message_run_id_and_rejects_bad_inputs(
 def test_submit_wait_follows_the_run_and_exits_by_status(
         r, redis_server, inprocess_worker, tmp_path: Path, monkeypatch, capsys) -> None:
     inprocess_worker()
-    code, out, err = _cli(["submit", str(_deployed(tmp_path)), "--input", "prompt=hi",
+    code, out, err = run_cli(["submit", str(_deployed(tmp_path)), "--input", "prompt=hi",
                            "--wait", "--run-id", "waited"], redis_server.url, monkeypatch,
                           capsys)
     assert code == 0
@@ -205,7 +219,7 @@ def test_submit_wait_follows_the_run_and_exits_by_status(
     failing = tmp_path / "failing.json"
     failing.write_text(json.dumps(factories.workflow(graph(extra={
         "8": {"class_type": "FakeError", "inputs": {}}}))))
-    code, out, _ = _cli(["submit", str(failing), "--input", "prompt=x", "--wait"],
+    code, out, _ = run_cli(["submit", str(failing), "--input", "prompt=x", "--wait"],
                         redis_server.url, monkeypatch, capsys)
     assert code == 1 and json.loads(out)["error"]["code"] == "NODE_ERROR"
 

@@ -1,0 +1,122 @@
+"""Reclaim scans: resumed from the saved cursor, they wrap around the pending list once, so
+``serve --burst`` never exits while an expired entry is left (SPEC §2)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.serve.conftest import CHILD_ENTRY, InProcessWorker, graph, is_terminal, submit
+from worker import keys
+from worker.daemon import Worker
+from worker.pipeline import Pipeline, PipelineConfig
+from worker.queue import RunQueue
+from worker.settings import Settings
+from worker.storage import LocalStorage
+
+pytestmark = pytest.mark.timeout(60)
+
+EXPIRED_MS = 60_000
+
+
+def _pending_for_ghost(r, n: int) -> list[str]:
+    """``n`` entries read by a consumer that then died (nothing expired yet)."""
+    stream = keys.runs_stream("cpu")
+    ids = [r.xadd(stream, {keys.RUN_FIELD: "{}"}) for _ in range(n)]
+    r.xreadgroup(keys.CONSUMER_GROUP, "ghost", {stream: ">"}, count=n)
+    return ids
+
+
+def _expire(r, entry_id: str) -> None:
+    r.xclaim(keys.runs_stream("cpu"), keys.CONSUMER_GROUP, "ghost", 0, [entry_id],
+             idle=EXPIRED_MS, justid=True)
+
+
+def test_a_scan_resumed_mid_list_wraps_around_to_the_entries_before_it(r) -> None:
+    queue = RunQueue(r, "cpu", "burst-worker", lease_s=30.0)
+    queue.ensure_group()
+    first, second, third = _pending_for_ghost(r, 3)
+    _expire(r, second)
+    got = queue.reclaim_expired()
+    assert got is not None and got.entry_id == second
+    assert queue._reclaim_cursor == third  # the next scan resumes after the reclaimed one
+    _expire(r, first)  # expires behind the cursor
+    got = queue.reclaim_expired()
+    assert got is not None and got.entry_id == first
+    # A whole turn finds nothing else: the third entry is still live.
+    assert queue.reclaim_expired() is None
+    _expire(r, third)
+    got = queue.reclaim_expired()
+    assert got is not None and got.entry_id == third
+
+
+def test_burst_reclaims_every_expired_entry_before_exiting(r, redis_server, tmp_path: Path
+                                                          ) -> None:
+    ids = [submit(r, f"orphan-{i}", graph()) for i in range(4)]
+    stream = keys.runs_stream("cpu")
+    entries = [entry_id for entry_id, _ in r.xrange(stream)]
+    r.xgroup_create(stream, keys.CONSUMER_GROUP, id="0")
+    r.xreadgroup(keys.CONSUMER_GROUP, "ghost", {stream: ">"}, count=4)
+    _expire(r, entries[0])
+    _expire(r, entries[1])  # the last two stay live (their holder's lease runs)
+    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
+                        idle_exit_s=0.0, http_port=0, cache_dir=tmp_path / "cache")
+    comfy = tmp_path / "comfyui"
+    comfy.mkdir()
+    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
+                                       child_entry=CHILD_ENTRY),
+                        storage=LocalStorage(tmp_path / "outputs"))
+    worker = Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+    # As after earlier reclaims in this process: the saved cursor is past the expired ones.
+    worker.queue._reclaim_cursor = entries[2]
+    w = InProcessWorker(worker, burst=True)
+    try:
+        w.thread.join(40)
+        assert not w.thread.is_alive() and w.exit_code == 0
+    finally:
+        w.stop()
+    assert [is_terminal(r, run_id) for run_id in ids] == [True, True, False, False]
+    pending = r.xpending_range(stream, keys.CONSUMER_GROUP, min="-", max="+", count=10)
+    assert [(p["message_id"], p["consumer"]) for p in pending] == [
+        (entries[2], "ghost"), (entries[3], "ghost")]
+
+
+def test_idle_exit_first_takes_a_run_released_back_to_the_queue(r, redis_server,
+                                                                 tmp_path: Path) -> None:
+    # A stopping sibling releases its run (entry pending, idle past the lease) after this
+    # worker's periodic reclaim: the run is queued, so the worker must serve it before it
+    # exits to scale to zero.
+    run_id = submit(r, "released", graph())
+    stream = keys.runs_stream("cpu")
+    r.xgroup_create(stream, keys.CONSUMER_GROUP, id="0")
+    (entry_id, _), = r.xreadgroup(keys.CONSUMER_GROUP, "sibling", {stream: ">"}, count=1)[0][1]
+    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
+                        idle_exit_s=2.0, http_port=0, cache_dir=tmp_path / "cache")
+    comfy = tmp_path / "comfyui"
+    comfy.mkdir()
+    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
+                                       child_entry=CHILD_ENTRY),
+                        storage=LocalStorage(tmp_path / "outputs"))
+    worker = Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+    first_reclaim = threading.Event()
+    reclaim = worker.queue.reclaim_expired
+
+    def reclaim_and_tell():
+        found = reclaim()
+        first_reclaim.set()
+        return found
+
+    worker.queue.reclaim_expired = reclaim_and_tell  # type: ignore[method-assign]
+    w = InProcessWorker(worker)
+    try:
+        assert first_reclaim.wait(20)
+        r.xclaim(stream, keys.CONSUMER_GROUP, "sibling", 0, [entry_id], idle=EXPIRED_MS,
+                 retrycount=0, justid=True)  # what a release does
+        w.thread.join(40)
+        assert not w.thread.is_alive() and w.exit_code == 0
+    finally:
+        w.stop()
+    assert is_terminal(r, run_id)
+    assert r.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
