@@ -84,7 +84,7 @@ class ComfyEmbedding:
         self.loop = asyncio.new_event_loop()
         self.server: _Server | None = None
         self.executor: Any = None
-        self.model_digests: dict[str, str] = {}
+        self.file_digests: dict[str, str] = {}  # "models/<key>" / "input/<key>" -> sha256
         self._job: p.Execute | None = None
         self._send: Callable[[Any], None] = lambda msg: None
         self._interrupt_requested = False
@@ -250,13 +250,14 @@ class ComfyEmbedding:
         fp.filename_list_cache.clear()
 
     def _forget_changed_models(self, job: p.Execute) -> None:
-        changed = [k for k, d in job.model_digests.items()
-                   if self.model_digests.get(k, d) != d]
-        self.model_digests.update(job.model_digests)
+        digests = {**{f"models/{k}": d for k, d in job.model_digests.items()},
+                   **{f"input/{k}": d for k, d in job.resource_digests.items()}}
+        changed = [k for k, d in digests.items() if self.file_digests.get(k, d) != d]
+        self.file_digests.update(digests)
         if changed:
-            # Loader outputs are cached by file *name*: a name now holding other bytes
-            # must not be served from the cache.
-            log.info("models changed under the same name (%s): resetting caches", changed)
+            # Loader outputs are cached by file *name* (and any node reading a path by that
+            # path): a name now holding other bytes must not be served from the cache.
+            log.info("files changed under the same name (%s): resetting caches", changed)
             self.executor.reset()
             self._mm.unload_all_models()
 
@@ -336,6 +337,8 @@ class ComfyEmbedding:
             first = errs[0]
             text = "; ".join(
                 f"{e.get('message', '')}: {e.get('details', '')}".strip(": ") for e in errs)
+            # The errors' ``extra_info.input_config`` is the node's INPUT_TYPES entry and
+            # may hold a custom node's own objects: the child's send makes them plain data.
             return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW, text,
                             node_id=str(node_id), node_type=info.get("class_type"),
                             details={"type": first.get("type"), "errors": errs[:10]})

@@ -9,7 +9,9 @@ Hierarchy::
     └── ProtocolError        something outside the closed message set came over the pipe
 
 Job outcomes (node errors, OOM, interrupts, child death mid-job) are not exceptions: the
-runner returns them as ``protocol.Failed`` values.
+runner returns them as ``protocol.Failed`` values. So are pipe failures during a job (a
+``ProtocolError``, a message that cannot be unpickled): the child is killed and the job
+fails with ``INTERNAL``; during a start they raise ``RunnerStartFailed``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
 """The closed set of messages between the runner (parent) and its ComfyUI child.
 
 Every message is a small frozen dataclass of plain data, pickled over a
-``multiprocessing`` pipe. The child never receives or sends anything else; an unknown
-object on the pipe is a protocol error that makes the runner DEFUNCT.
+``multiprocessing`` pipe connection. The child never receives or sends anything else; an
+unknown object on the pipe is a protocol error that makes the runner DEFUNCT.
+
+"Plain data" is enforced on the child's side: it sends ``plain_message(msg)``, whose
+fields hold only JSON-safe builtins (``plain``). ComfyUI's validation errors carry the
+node's ``INPUT_TYPES`` entries, which may hold objects of a custom node's own classes; the
+parent cannot import those modules, so such a pickle would fail to load there.
 
 Parent -> child: ``Execute``, ``Interrupt``, ``Shutdown``.
 Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log``,
@@ -11,7 +16,8 @@ Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +47,8 @@ class Execute:
     """Run one graph. Directories are absolute and belong to this job alone."""
 
     job_id: str
+    """Unique per job; the worker's are ``<run_id>:<attempt>:<nonce>`` (the child's log
+    lines carry the part before the first ``:`` as ``run_id``)."""
     graph: dict[str, Any]
     input_dir: str
     output_dir: str
@@ -49,6 +57,9 @@ class Execute:
     """The job's models tree (``<kind>/<file>`` links); None = the checkout's own models/."""
     model_digests: dict[str, str] = field(default_factory=dict)
     """``models`` key -> sha256: a key whose digest changed invalidates the child's cache."""
+    resource_digests: dict[str, str] = field(default_factory=dict)
+    """``resources`` key (under the input directory) -> sha256, likewise: a node reading a
+    resource by its path is cached by that path."""
 
 
 @dataclass(frozen=True)
@@ -154,3 +165,60 @@ ChildMessage = Ready | InitFailed | NodeStarted | Progress | Log | Done | Failed
 PARENT_MESSAGES = (Execute, Interrupt, Shutdown)
 CHILD_MESSAGES = (Ready, InitFailed, NodeStarted, Progress, Log, Done, Failed)
 JobEvent = NodeStarted | Progress | Log
+
+
+# ----------------------------------------------------------------- plain data
+
+_MAX_DEPTH = 32
+
+
+def plain(value: Any, _depth: int = 0) -> Any:
+    """``value`` as JSON-safe builtins: str, int, float, bool, None, list, dict (str keys).
+
+    Subclasses of str/int/float become the builtin (a custom node's ``AnyType("*")`` is
+    the string ``"*"``), tuples and sets become lists, non-finite floats and anything else
+    their ``repr``. Never raises; nesting deeper than 32 levels (a cycle) is cut.
+    """
+    kind = type(value)
+    if value is None or kind in (str, int, bool):
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else repr(value)
+    if _depth >= _MAX_DEPTH:
+        return "..."
+    try:
+        if isinstance(value, str):
+            return str.__str__(value)
+        if isinstance(value, int):  # bool cannot be subclassed; IntEnum and the like
+            return int.__int__(value)
+        if isinstance(value, float):
+            return plain(float.__float__(value))
+        if isinstance(value, dict):
+            return {_plain_key(k): plain(v, _depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return [plain(v, _depth + 1) for v in value]
+        return repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ or a dict changing while read
+        return f"<unrepresentable {kind.__name__}>"
+
+
+def _plain_key(key: Any) -> str:
+    key = plain(key, _MAX_DEPTH - 1)
+    return key if isinstance(key, str) else repr(key)
+
+
+def _plain_field(value: Any) -> Any:
+    if isinstance(value, FailureKind):
+        return FailureKind(str.__str__(value))
+    if isinstance(value, OutputFile):
+        return plain_message(value)
+    if isinstance(value, tuple):
+        return tuple(_plain_field(v) for v in value)
+    return plain(value)
+
+
+def plain_message(msg: Any) -> Any:
+    """A copy of the child message ``msg`` whose fields hold plain data only (``plain``)."""
+    if not isinstance(msg, (*CHILD_MESSAGES, OutputFile)):
+        raise TypeError(f"not a child message: {type(msg).__name__}")
+    return replace(msg, **{f.name: _plain_field(getattr(msg, f.name)) for f in fields(msg)})

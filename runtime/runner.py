@@ -7,17 +7,24 @@ States (one transition function, ``_transition``, checks every change)::
               +------> DEFUNCT <--+      DEFUNCT -> STARTING (restart)
 
 A child that dies becomes a readable failure ("exit code -9 (SIGKILL), probably out of
-memory"), never a hang: the parent waits on the pipe *and* the process sentinel. An
-interrupt that the child does not honour within ``interrupt_kill_after_s`` kills it, so a
-cancel or timeout always lands in bounded time.
+memory"), never a hang: the parent waits on the pipe *and* the process sentinel, and a
+child found dead while idle is restarted before the next job. An interrupt that the child
+does not honour within ``interrupt_kill_after_s`` kills it, so a cancel or timeout always
+lands in bounded time; messages to the child are written from a helper thread, so a child
+that stops reading cannot block the supervising thread either. Anything unexpected on the
+pipe (a message the parent cannot unpickle, a broken pipe) kills the child and fails the
+job with ``INTERNAL``: the runner is never left BUSY.
+
+The child is started by ``runtime.spawn`` with a scrubbed environment (no credentials).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import multiprocessing
+import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +39,7 @@ from runtime.errors import (
     RunnerStartFailed,
     RunnerStateError,
 )
+from runtime.spawn import ChildProcess, child_environment, spawn
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,9 @@ class RunnerConfig:
     """``module:function`` run in the child; tests swap in a fake child here."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the child."""
+    env_pass: tuple[str, ...] = ()
+    """Variables of the worker's environment the child gets although the credential scrub
+    would drop them (``RUNFLOW_CHILD_ENV_PASS``, e.g. ``HF_TOKEN``)."""
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -93,13 +104,6 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def _child_trampoline(entry: str, conn: Connection, config: dict[str, Any]) -> None:
-    """Spawned child's target: import ``module:function`` and hand it the pipe."""
-    module_name, _, func_name = entry.partition(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    func(conn, config)
-
-
 class Runner:
     """One ComfyUI child process for one environment; runs one job at a time."""
 
@@ -112,8 +116,9 @@ class Runner:
         self.ready: p.Ready | None = None
         self.restarts = 0
         self.last_exit: str | None = None
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: ChildProcess | None = None
         self._conn: Connection | None = None
+        self._sender: _Sender | None = None
 
     # ------------------------------------------------------------------ state
 
@@ -148,24 +153,14 @@ class Runner:
         if self.state is RunnerState.DEFUNCT:
             self.restarts += 1
         self._transition(RunnerState.STARTING)
-        ctx = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe(duplex=True)
-        proc = ctx.Process(
-            target=_child_trampoline,
-            args=(self.config.child_entry, child_conn, asdict(self.config)),
-            name=f"runflow-comfyui-{self.config.env_key[:12]}",
-            daemon=True,
-        )
+        env = child_environment(os.environ, self.config.env_pass, self.config.env)
+        log.debug("ComfyUI child environment: dropped %s",
+                  ", ".join(sorted(set(os.environ) - set(env))) or "nothing")
         try:
-            proc.start()
-        except (OSError, RuntimeError) as exc:
-            parent_conn.close()
-            child_conn.close()
+            self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env)
+        except Exception as exc:  # never stay STARTING
             self._transition(RunnerState.DEFUNCT)
             raise RunnerStartFailed(f"cannot spawn the ComfyUI process: {exc}") from exc
-        finally:
-            child_conn.close()  # so the parent sees EOF when the child dies
-        self._proc, self._conn = proc, parent_conn
         deadline = time.monotonic() + self.config.startup_timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -177,7 +172,13 @@ class Runner:
             if should_stop is not None and should_stop():
                 self._kill("start canceled")
                 raise RunnerStartCanceled("ComfyUI start was interrupted")
-            msg = self._recv(timeout_s=min(remaining, poll_s))
+            try:
+                msg = self._recv(timeout_s=min(remaining, poll_s))
+            except Exception as exc:  # an unreadable message: never stay STARTING
+                self._kill("unreadable message while starting")
+                raise RunnerStartFailed(
+                    f"cannot read the ComfyUI process's message while it started "
+                    f"({type(exc).__name__}: {exc})") from exc
             if msg is None:
                 continue
             if isinstance(msg, p.Ready):
@@ -192,30 +193,53 @@ class Runner:
                 raise RunnerStartFailed(f"ComfyUI process died while starting: {msg.exit_text}")
             log.debug("ignoring %r before Ready", msg)
 
+    def notice_death(self) -> bool:
+        """True when the child of this READY runner died while idle; it is DEFUNCT then.
+
+        The exit description ("exit code -9 (SIGKILL), probably out of memory ...") is kept
+        in ``last_exit`` and logged; the caller restarts the child before the next job.
+        """
+        if self.state is not RunnerState.READY or self._proc is None:
+            return False
+        if not self._proc.exited():
+            return False
+        self._proc.join(5)
+        exit_text = describe_exit(self._proc.exitcode)
+        log.warning("the idle ComfyUI process died (%s); it is restarted for the next run",
+                    exit_text)
+        self._mark_dead(exit_text)
+        return True
+
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the child to exit; kill it if it does not within ``timeout_s``."""
         if self._proc is None:
             if self.state is not RunnerState.DEFUNCT:
                 self._transition(RunnerState.DEFUNCT)
             return
-        try:
-            if self._conn is not None and self.state in (RunnerState.READY, RunnerState.BUSY):
-                self._conn.send(p.Shutdown())
-        except (OSError, ValueError):
-            pass
+        if self._conn is not None and self.state in (RunnerState.READY, RunnerState.BUSY):
+            if self._sender is None:
+                self._sender = _Sender(self._conn)
+            self._sender.send(p.Shutdown())
         self._proc.join(timeout_s)
         self._kill("stopped")
 
     def _kill(self, why: str) -> None:
-        proc, conn = self._proc, self._conn
-        self._proc, self._conn = None, None
-        if proc is not None and proc.is_alive():
+        proc, conn, sender = self._proc, self._conn, self._sender
+        self._proc, self._conn, self._sender = None, None, None
+        if proc is not None:
             proc.kill()
             proc.join(10)
-        if proc is not None:
             self.last_exit = describe_exit(proc.exitcode)
-        if conn is not None:
+        # The child is gone, so a write blocked on it fails now and its thread ends. Were it
+        # still blocked (something else holds the child's end), the connection stays open:
+        # closing an fd under a writing thread could let the write land in whatever file
+        # gets that fd number next.
+        if sender is not None and not sender.close(timeout_s=5):
+            log.warning("a write to the stopped ComfyUI process is still blocked")
+        elif conn is not None:
             conn.close()
+        if proc is not None:
+            proc.close()
         if self.state is not RunnerState.DEFUNCT:
             self._transition(RunnerState.DEFUNCT)
         log.debug("runner child gone (%s): %s", why, self.last_exit)
@@ -255,38 +279,56 @@ class Runner:
         should_interrupt: Callable[[], bool] | None = None,
         poll_s: float = 0.05,
     ) -> p.Done | p.Failed:
-        """Run ``job`` and return its outcome; never raises for job failures.
+        """Run ``job`` and return its outcome; never raises for job or pipe failures.
 
         ``should_interrupt`` is polled every ``poll_s``; once true, the child is asked to
-        interrupt and, failing that within ``interrupt_kill_after_s``, killed.
+        interrupt and, failing that within ``interrupt_kill_after_s``, killed. Should
+        ``on_event`` or ``should_interrupt`` raise, the child is killed (the runner is never
+        left BUSY) and the exception propagates.
         """
         self._require(RunnerState.READY)
-        assert self._conn is not None
+        assert self._conn is not None and self._proc is not None
         self._transition(RunnerState.BUSY)
+        if self._proc.exited():  # died while idle, after runner_for looked
+            self._proc.join(5)
+            exit_text = describe_exit(self._proc.exitcode)
+            self._mark_dead(exit_text)
+            return self._died(job, exit_text, when="before the run started")
+        sender = self._sender = _Sender(self._conn)
+        sender.send(job)
         try:
-            self._conn.send(job)
-        except (OSError, ValueError) as exc:
-            self._mark_dead(f"pipe broken ({exc})")
-            return self._died(job, self.last_exit or "pipe broken")
+            outcome = self._supervise(job, sender, on_event, should_interrupt, poll_s)
+        except BaseException:
+            if self.state is RunnerState.BUSY:
+                self._kill("the supervising call raised")
+            raise
+        if self._sender is sender:  # still READY: every message went through
+            self._sender = None
+            sender.close(timeout_s=5)
+        return outcome
+
+    def _supervise(self, job: p.Execute, sender: _Sender,
+                   on_event: Callable[[p.JobEvent], None] | None,
+                   should_interrupt: Callable[[], bool] | None,
+                   poll_s: float) -> p.Done | p.Failed:
         interrupted_at: float | None = None
         while True:
             if interrupted_at is None and should_interrupt is not None and should_interrupt():
                 interrupted_at = time.monotonic()
-                try:
-                    self._conn.send(p.Interrupt(job.job_id))
-                except (OSError, ValueError):
-                    pass
+                # Queued behind the job: sent once the job is through, never interleaved.
+                sender.send(p.Interrupt(job.job_id))
             if interrupted_at is not None and (
                 time.monotonic() - interrupted_at > self.interrupt_kill_after_s
             ):
                 self._kill("did not honour interrupt")
                 return p.Failed(job.job_id, p.FailureKind.INTERRUPTED,
                                 "interrupted (the ComfyUI process was stopped)")
+            if sender.error is not None:
+                return self._send_failed(job, sender.error)
             try:
                 msg = self._recv(timeout_s=poll_s)
-            except ProtocolError:
-                self._kill("protocol error")
-                raise
+            except Exception as exc:  # noqa: BLE001 - unpicklable or foreign object: never stay BUSY
+                return self._lost(job, f"cannot read its message ({type(exc).__name__}: {exc})")
             if msg is None:
                 continue
             if isinstance(msg, _ChildGone):
@@ -303,12 +345,69 @@ class Runner:
                 continue
             log.debug("ignoring %r while busy", msg)
 
-    def _died(self, job: p.Execute, exit_text: str) -> p.Failed:
+    def _send_failed(self, job: p.Execute, exc: BaseException) -> p.Failed:
+        assert self._proc is not None
+        if isinstance(exc, OSError) and wait([self._proc.sentinel], timeout=5):
+            # A broken pipe is the child's death seen from the writing side.
+            self._proc.join(5)
+            exit_text = describe_exit(self._proc.exitcode)
+            self._mark_dead(exit_text)
+            return self._died(job, exit_text)
+        return self._lost(job, f"cannot send it the job ({type(exc).__name__}: {exc})")
+
+    def _lost(self, job: p.Execute, what: str) -> p.Failed:
+        """Kill the child after a pipe failure; the job fails with INTERNAL."""
+        log.error("lost the ComfyUI process: %s", what)
+        self._kill("pipe failure")
+        return p.Failed(
+            job.job_id, p.FailureKind.INTERNAL,
+            f"lost the ComfyUI process: {what}; it was stopped and starts afresh for the "
+            f"next run", details={"exit": self.last_exit},
+        )
+
+    def _died(self, job: p.Execute, exit_text: str, when: str = "during the run") -> p.Failed:
         return p.Failed(
             job.job_id, p.FailureKind.CHILD_DIED,
-            f"the ComfyUI process died during the run: {exit_text}",
+            f"the ComfyUI process died {when}: {exit_text}",
             details={"exit": exit_text},
         )
+
+
+class _Sender:
+    """Writes messages to the child, in order, from its own thread.
+
+    Why a thread: a pipe write blocks while the child does not read (a wedged child, a
+    graph larger than the socket buffer), and the supervising thread must keep watching
+    the interrupt, the timeout and the child's sentinel meanwhile.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        """The first failed write (later messages are dropped)."""
+        self._thread = threading.Thread(target=self._run, name="runflow-runner-send",
+                                        daemon=True)
+        self._thread.start()
+
+    def send(self, msg: Any) -> None:
+        """Queue ``msg``; it is written after every message queued before it."""
+        self._queue.put(msg)
+
+    def close(self, timeout_s: float) -> bool:
+        """End the thread once the queue is written; True when it ended within ``timeout_s``."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while (msg := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self._conn.send(msg)
+            except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
+                self.error = exc
 
 
 @dataclass(frozen=True)
@@ -334,6 +433,7 @@ class RunnerSupervisor:
             runner = self.runner = None
         if runner is None:
             runner = self.runner = Runner(config)
+        runner.notice_death()  # a child that died while idle: DEFUNCT, restarted below
         if runner.state is RunnerState.DEFUNCT:
             self.restarts += 1
         if runner.state in (RunnerState.NEW, RunnerState.DEFUNCT):

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import sys
 import threading
 import time
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import pytest
 
+from runtime import childlog
 from runtime import protocol as p
 from runtime.errors import RunnerStartFailed, RunnerStateError
 from runtime.runner import Runner, RunnerConfig, RunnerState, RunnerSupervisor, describe_exit
+from runtime.spawn import child_environment
 
 FAKE = "tests.fakes.fake_child:main"
 
@@ -180,3 +186,224 @@ def test_start_can_be_interrupted(tmp_path: Path) -> None:
         r.start(should_stop=asked.is_set)
     assert time.monotonic() - t0 < 0.3 + 2.0
     assert r.state is RunnerState.DEFUNCT and r.pid is None
+
+
+# ------------------------------------------------------------------ a child dead while idle
+
+
+def wait_until_gone(runner: Runner) -> None:
+    """Block until the runner's child has exited (its sentinel fired)."""
+    assert runner._proc is not None
+    assert wait([runner._proc.sentinel], timeout=30), "the child did not die"
+
+
+def test_child_dead_while_idle_is_restarted_before_the_next_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sup = RunnerSupervisor()
+    try:
+        first = sup.runner_for(config(tmp_path))
+        assert isinstance(first.execute(job(tmp_path, SAVE, "j1")), p.Done)
+        pid = first.pid
+        os.kill(pid, signal.SIGKILL)  # the OOM killer, while no job runs
+        wait_until_gone(first)
+        with caplog.at_level(logging.WARNING, logger="runtime.runner"):
+            runner = sup.runner_for(config(tmp_path))
+        assert runner.state is RunnerState.READY and runner.pid != pid
+        assert sup.restarts == 1  # what feeds runflow_runner_restarts_total
+        assert "exit code -9 (SIGKILL), probably out of memory" in (runner.last_exit or "")
+        assert "exit code -9 (SIGKILL)" in caplog.text
+        assert isinstance(runner.execute(job(tmp_path, SAVE, "j2")), p.Done)
+    finally:
+        sup.close()
+
+
+def test_execute_on_a_child_dead_while_idle_reports_its_exit(runner: Runner,
+                                                              tmp_path: Path) -> None:
+    runner.start()
+    os.kill(runner.pid, signal.SIGKILL)
+    wait_until_gone(runner)
+    out = runner.execute(job(tmp_path, SAVE))
+    assert isinstance(out, p.Failed) and out.kind is p.FailureKind.CHILD_DIED
+    assert "exit code -9 (SIGKILL)" in out.message and "before the run started" in out.message
+    assert runner.state is RunnerState.DEFUNCT
+
+
+# ------------------------------------------------------------------ unreadable messages
+
+
+def test_unreadable_message_fails_the_run_and_the_next_run_gets_a_fresh_child(
+        tmp_path: Path) -> None:
+    sup = RunnerSupervisor()
+    try:
+        runner = sup.runner_for(config(tmp_path))
+        pid = runner.pid
+        graph = {"3": {"class_type": "FakeUnreadable", "inputs": {}}}
+        out = runner.execute(job(tmp_path, graph))
+        assert isinstance(out, p.Failed) and out.kind is p.FailureKind.INTERNAL
+        assert "cannot read its message" in out.message
+        assert "runflow_fake_child_only" in out.message  # the module the parent lacks
+        assert runner.state is RunnerState.DEFUNCT
+        runner = sup.runner_for(config(tmp_path))
+        assert runner.pid != pid
+        assert isinstance(runner.execute(job(tmp_path, SAVE, "j2")), p.Done)
+    finally:
+        sup.close()
+
+
+def test_child_sends_only_plain_data(runner: Runner, tmp_path: Path) -> None:
+    runner.start()
+    pid = runner.pid
+    out = runner.execute(job(tmp_path, {"3": {"class_type": "FakeOddDetails", "inputs": {}}}))
+    assert isinstance(out, p.Failed) and out.kind is p.FailureKind.INVALID_WORKFLOW
+    config_ = out.details["errors"][0]["extra_info"]["input_config"]
+    assert config_ == ["*", {"marker": "<class 'runflow_fake_child_only.AnyType'>"}]
+    assert type(config_[0]) is str
+    assert runner.state is RunnerState.READY and runner.pid == pid
+
+
+def test_plain() -> None:
+    class Tag(str):
+        pass
+
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no")
+
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    value = {"t": (Tag("*"), {1: float("nan")}), "o": Unprintable(), "s": {3}, "c": cyclic}
+    out = p.plain(value)
+    assert out["t"] == ["*", {"1": "nan"}] and type(out["t"][0]) is str
+    assert out["o"] == "<unrepresentable Unprintable>" and out["s"] == [3]
+    assert json.dumps(out)  # JSON-safe, cycle cut
+    msg = p.plain_message(p.Done("j", (p.OutputFile("1", Tag("X"), "a.txt", None),), 1.0))
+    assert type(msg.outputs[0].node_type) is str and isinstance(msg.outputs, tuple)
+
+
+def test_a_raising_event_callback_never_leaves_the_runner_busy(runner: Runner,
+                                                                tmp_path: Path) -> None:
+    runner.start()
+
+    def on_event(ev: p.JobEvent) -> None:
+        raise KeyError("callback bug")
+
+    with pytest.raises(KeyError):
+        runner.execute(job(tmp_path, SAVE), on_event=on_event)
+    assert runner.state is RunnerState.DEFUNCT and runner.pid is None
+
+
+# ------------------------------------------------------------------ a child that stops reading
+
+
+def test_a_large_job_to_a_wedged_child_is_still_interruptible(tmp_path: Path) -> None:
+    runner = Runner(config(tmp_path, fake_wedged="1"))
+    try:
+        runner.start()
+        # Far larger than a socket buffer: the write blocks as long as the child does not
+        # read (distinct strings: pickle would write a shared one once).
+        graph = {str(i): {"class_type": "FakeSave", "inputs": {"text": f"{i:08d}" * 125}}
+                 for i in range(8000)}
+        asked = threading.Event()
+        outcome: list[p.Done | p.Failed] = []
+        t0 = time.monotonic()
+        worker = threading.Thread(target=lambda: outcome.append(runner.execute(
+            job(tmp_path, graph), should_interrupt=asked.is_set)), daemon=True)
+        worker.start()
+        asked.set()
+        worker.join(timeout=10)
+        assert outcome, "execute stayed blocked writing the job"
+        out = outcome[0]
+        assert isinstance(out, p.Failed) and out.kind is p.FailureKind.INTERRUPTED
+        assert time.monotonic() - t0 < 2.5
+        assert runner.state is RunnerState.DEFUNCT
+    finally:
+        if runner.pid is not None:  # only after a failure: unblock the writing thread
+            os.kill(runner.pid, signal.SIGKILL)
+        runner.stop()
+
+
+# ------------------------------------------------------------------ the child's environment
+
+
+def test_child_environment_rules() -> None:
+    env = {"PATH": "/bin", "HOME": "/h", "HF_HOME": "/hf", "HTTPS_PROXY": "http://p:3128",
+           "LANG": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "0", "PYTORCH_CUDA_ALLOC_CONF": "x",
+           "RUNFLOW_REDIS_URL": "redis://u:pw@r", "RUNFLOW_WEBHOOK_SECRET": "whsec_x",
+           "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s", "GITHUB_TOKEN": "t",
+           "HF_TOKEN": "hf", "DB_PASSWORD": "p", "PGPASSWD": "p", "OPENAI_API_KEY": "k",
+           "GOOGLE_APPLICATION_CREDENTIALS": "/c.json", "my_client_secret": "s"}
+    out = child_environment(env, passed=("HF_TOKEN", "NOT_SET"), extra={"EXTRA": "1"})
+    assert out == {"PATH": "/bin", "HOME": "/h", "HF_HOME": "/hf",
+                   "HTTPS_PROXY": "http://p:3128", "LANG": "C.UTF-8",
+                   "CUDA_VISIBLE_DEVICES": "0", "PYTORCH_CUDA_ALLOC_CONF": "x",
+                   "HF_TOKEN": "hf", "EXTRA": "1"}
+
+
+def test_child_process_environment_has_no_secrets(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret", "RUNFLOW_WEBHOOK_SECRET": "whsec_abc",
+               "RUNFLOW_REDIS_URL": "redis://:pw@redis:6379/0", "GITHUB_TOKEN": "ghp_x",
+               "OPENAI_API_KEY": "sk-x"}
+    for name, value in {**secrets, "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    cfg = RunnerConfig(**{**config(tmp_path, EXTRA_FLAG="1").__dict__,
+                          "env_pass": ("HF_TOKEN",)})
+    runner = Runner(cfg)
+    try:
+        runner.start()
+        raw = Path(f"/proc/{runner.pid}/environ").read_bytes()
+        seen = dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+        assert not set(secrets) & set(seen)
+        assert not any(value in raw.decode() for value in secrets.values())
+        assert seen["HF_TOKEN"] == "hf_x" and seen["HF_HOME"] == str(tmp_path)
+        assert seen["PATH"] == os.environ["PATH"] and seen["EXTRA_FLAG"] == "1"
+        assert isinstance(runner.execute(job(tmp_path, SAVE)), p.Done)
+    finally:
+        runner.stop()
+
+
+# ------------------------------------------------------------------ the child's log lines
+
+
+def test_child_log_formatter() -> None:
+    formatter = childlog.ChildJsonFormatter()
+    try:
+        raise ValueError("fetching https://b.s3/x?X-Amz-Signature=abc failed")
+    except ValueError:
+        record = logging.LogRecord("root", logging.ERROR, __file__, 1,
+                                   "!!! Exception during processing !!! %s", ("whsec_abc",),
+                                   sys.exc_info())
+    childlog.set_job("run-7:1:99")
+    try:
+        line = formatter.format(record)
+    finally:
+        childlog.set_job(None)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "error" and out["logger"] == "root" and out["ts"]
+    assert out["run_id"] == "run-7" and out["job_id"] == "run-7:1:99"
+    assert "Traceback (most recent call last)" in out["msg"] and "ValueError" in out["msg"]
+    assert "whsec_abc" not in line and "X-Amz-Signature" not in line
+    assert "run_id" not in json.loads(formatter.format(record))
+
+
+def test_child_logs_json_lines_with_the_run_id(tmp_path: Path,
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    runner = Runner(config(tmp_path))  # started here, so the child writes into capfd's stderr
+    try:
+        runner.start()
+        graph = {"1": {"class_type": "FakeLog", "inputs": {
+            "text": "first line\nsecond line whsec_abc",
+            "url": "https://bucket.s3/key?X-Amz-Signature=abc"}}}
+        assert isinstance(runner.execute(job(tmp_path, graph, "run-42:1:7")), p.Done)
+    finally:
+        runner.stop()
+    err = capfd.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    ours = [line for line in lines if line.get("process") == "comfyui"]
+    assert [line["logger"] for line in ours] == ["fake.node", "fake.node"]
+    assert all(line["run_id"] == "run-42" for line in ours)
+    assert ours[0]["msg"] == "first line\nsecond line [redacted]"
+    assert "Traceback" in ours[1]["msg"] and "ValueError: fake failure" in ours[1]["msg"]
+    assert "whsec_abc" not in err and "X-Amz-Signature" not in err
+    assert all(line.startswith("{") for line in err.splitlines() if "fake" in line)

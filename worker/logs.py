@@ -11,37 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from runtime.redact import redact
+from runtime.redact import scrub as _scrub
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName",
 }
-
-_URL_QUERY = re.compile(r"(?P<base>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#\"'<>]+)\?[^\s\"'<>]*")
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/@\"'<>]+@")
-_WEBHOOK_SECRET = re.compile(r"whsec_[A-Za-z0-9+/=_-]+")
-REDACTED = "[redacted]"
-
-
-def redact(text: str) -> str:
-    """``text`` with URL queries (presigned signatures), URL credentials and secrets removed."""
-    text = _WEBHOOK_SECRET.sub(REDACTED, text)
-    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
-    return _URL_QUERY.sub(lambda m: f"{m.group('base')}?{REDACTED}", text)
-
-
-def _scrub(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(v) for v in value]
-    return value
 
 
 class JsonFormatter(logging.Formatter):

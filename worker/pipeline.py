@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -30,8 +29,9 @@ from runtime.runner import RunnerConfig, RunnerSupervisor
 from worker import contract as c
 from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
 from worker.inputs import FileFetcher, materialise_inputs
-from worker.outputs import store_outputs
-from worker.storage import Storage
+from worker.outputs import discard_outputs, store_outputs
+from worker.rundirs import RunDirs
+from worker.storage import Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
 # The record lists at most this many; the warning names the first ten.
@@ -123,6 +123,8 @@ class PipelineConfig:
     """Downloads of one run's missing blobs at a time."""
     run_install_scripts: bool = False
     """Environments run their custom nodes' ``install.py`` (part of the environment key)."""
+    child_env_pass: tuple[str, ...] = ()
+    """Variables the ComfyUI child gets despite the credential scrub (``HF_TOKEN``...)."""
 
 
 _FAILURE_CODES = {
@@ -170,6 +172,7 @@ class Pipeline:
         # Pins of the environments this worker uses (by key): the warm child's, and the
         # one being prepared, so no gc on the volume removes them meanwhile.
         self._env_pins: dict[str, ExitStack] = {}
+        self._run_dirs = RunDirs(config.work_dir)
         # The packages of the warm child's environment, read once per environment.
         self._installed: tuple[RunnerConfig, dict[str, str]] | None = None
 
@@ -178,6 +181,8 @@ class Pipeline:
         self._starter.shutdown(wait=True)
         self.supervisor.close()
         self._unpin_environments(keep=None)
+        if not self.config.keep_run_dirs:
+            self._run_dirs.close()
 
     # ------------------------------------------------------------------ run
 
@@ -204,8 +209,7 @@ class Pipeline:
                 )
             self._check_stop(stop_reason)
             result.gpu_work = True
-            self.config.work_dir.mkdir(parents=True, exist_ok=True)
-            run_dir = Path(tempfile.mkdtemp(prefix=f"{message.run_id}-", dir=self.config.work_dir))
+            run_dir = self._run_dirs.create(message.run_id)
             dirs = {name: run_dir / name for name in ("input", "output", "temp", "models")}
             for d in dirs.values():
                 d.mkdir()
@@ -240,9 +244,10 @@ class Pipeline:
             result.peak_vram_bytes = outcome.peak_vram_bytes
             if isinstance(outcome, p.Failed):
                 raise self._failure_from(outcome, stop_reason())
+            self._check_stop(stop_reason)
             with phases.phase("upload"):
-                entries = store_outputs(outcome.outputs, dirs["output"], message.run_id,
-                                        self.storage)
+                entries = self._upload(outcome.outputs, dirs["output"], message.run_id,
+                                       stop_reason)
             result.status = c.RunStatus.SUCCEEDED
             result.output = c.RunOutput(outputs=entries)
         except RunInterrupted as exc:
@@ -298,8 +303,11 @@ class Pipeline:
             cpu=self.config.cpu,
             child_entry=self.config.child_entry,
             startup_timeout_s=self.config.startup_timeout_s,
+            env_pass=self.config.child_env_pass,
         )
         sup = self.supervisor
+        if sup.runner is not None:
+            sup.runner.notice_death()  # a child that died while idle makes this start cold
         cold = sup.runner is None or sup.runner.state.value in ("new", "defunct") or (
             sup.runner.config != config)
         start = time.monotonic()
@@ -456,6 +464,27 @@ class Pipeline:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
                              details={"fields": missing}) from exc
 
+    def _upload(self, files: Any, output_dir: Path, run_id: str,
+                stop_reason: Callable[[], StopReason | None]) -> list[c.OutputEntry]:
+        """Store the outputs, stopping (between files and mid-transfer) like every phase.
+
+        A run that does not succeed keeps no outputs: what was stored is deleted
+        (best-effort), except on SHUTDOWN, where the run is released (its next pickup
+        writes the same keys) or another worker already holds it and may be writing them.
+        """
+        written: list[str] = []
+        try:
+            return store_outputs(files, output_dir, run_id, self.storage,
+                                 should_stop=lambda: stop_reason() is not None,
+                                 written=written)
+        except BaseException as exc:
+            reason = stop_reason()
+            if written and reason is not StopReason.SHUTDOWN:
+                discard_outputs(self.storage, written, run_id=run_id)
+            if isinstance(exc, UploadCanceled):
+                raise _interrupted(reason or StopReason.CANCELED) from exc
+            raise
+
     def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
                       input_dir: Path,
                       stop_reason: Callable[[], StopReason | None]) -> dict[str, str]:
@@ -488,6 +517,8 @@ class Pipeline:
             temp_dir=str(dirs["temp"]), models_dir=str(dirs["models"]),
             model_digests={k: m.sha256.lower() for k, m in message.workflow.models.items()
                            if m.sha256},
+            resource_digests={k: r.sha256.lower() for k, r in message.workflow.resources.items()
+                              if r.sha256},
         )
 
         def on_event(ev: p.JobEvent) -> None:

@@ -124,6 +124,29 @@ def test_a_callers_file_never_reaches_the_next_run_through_the_cache(pipeline,
     assert texts == ["same\nalice's private notes", "same\nbob's private notes"]
 
 
+def test_a_resource_with_new_bytes_under_its_old_key_is_read_again(pipeline, comfy_env,
+                                                                   tmp_path: Path) -> None:
+    # Two deployments ship other bytes at one resource key; a node reads it by its path.
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "caption"}},
+             "2": {"class_type": "RunflowInputString", "inputs": {"input_id": "path"}},
+             "3": {"class_type": "RunflowTestWriteText", "inputs": {"text": ["1", 0],
+                                                                    "file": ["2", 0]}},
+             "4": {"class_type": "RunflowOutputFile", "inputs": {
+                 "output_id": "note", "output_name": "", "value": ["3", 0]}}}
+    texts = []
+    for version in ("one", "two"):
+        body = tmp_path / version / "readme.txt"
+        body.parent.mkdir()
+        body.write_text(f"resource {version}")
+        digest = seed_blob(comfy_env["cache"] / "blobs", body)
+        result = run(pipeline, graph, {"caption": "same", "path": "docs/readme.txt"},
+                     run_id=f"resource-{version}",
+                     resources={"docs/readme.txt": {"sha256": digest}})
+        assert result.status is RunStatus.SUCCEEDED, result.failure
+        texts.append(url_path(result.output.outputs[0].url).read_text())
+    assert texts == ["same\nresource one", "same\nresource two"]
+
+
 def test_no_runflow_output_falls_back_to_output_nodes(pipeline, tmp_path: Path) -> None:
     graph = img_graph({"9": {"class_type": "SaveImage", "inputs": {
         "images": ["1", 0], "filename_prefix": "plain"}}})

@@ -10,30 +10,46 @@ Nodes (``class_type``):
 - ``FakeCrash``: the child kills itself with ``signal`` (default SIGKILL).
 - ``FakeError`` / ``FakeOOM``: raise a node error / an out-of-memory failure.
 - ``FakeUnknown``: validation error (unknown node type).
+- ``FakeOddDetails``: a validation error whose details hold an object of a class only the
+  child can import (like a custom node's ``AnyType``), sent the child's way (made plain).
+- ``FakeUnreadable``: the same failure written raw to the pipe: the parent cannot unpickle it.
+- ``FakeLog``: logs ``inputs["text"]`` at error level, and an exception with its traceback.
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
-config key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s`` delays Ready.
+config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
+delays Ready; ``fake_wedged`` makes the child stop reading the pipe after Ready (a wedged
+ComfyUI).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
+from runtime import childlog
 from runtime import protocol as p
+from runtime.child import make_sender
+
+log = logging.getLogger("fake.node")
 
 
 def main(conn: Any, config: dict[str, Any]) -> None:
     env = config.get("env") or {}
+    send = make_sender(conn)
     if env.get("fake_init_fail"):
-        conn.send(p.InitFailed("fake init failure", "Traceback: fake"))
+        send(p.InitFailed("fake init failure", "Traceback: fake"))
         return
     time.sleep(float(env.get("fake_init_delay_s", 0)))
-    conn.send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=(),
-                      init_s=0.0, device="cpu", gpu_model=None))
+    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=(),
+                 init_s=0.0, device="cpu", gpu_model=None))
+    if env.get("fake_wedged"):
+        threading.Event().wait()  # never reads the pipe again, until killed
     interrupted = threading.Event()
     jobs: list[p.Execute] = []
     cond = threading.Condition()
@@ -60,7 +76,12 @@ def main(conn: Any, config: dict[str, Any]) -> None:
                 cond.wait()
             job = jobs.pop(0)
         interrupted.clear()
-        conn.send(_run(job, conn, interrupted))
+        childlog.set_job(job.job_id)
+        try:
+            outcome = _run(job, conn, send, interrupted)
+        finally:
+            childlog.set_job(None)
+        send(outcome)
 
 
 def _value(graph: dict[str, Any], v: Any) -> Any:
@@ -72,7 +93,20 @@ def _value(graph: dict[str, Any], v: Any) -> Any:
     return v
 
 
-def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.Failed:
+def _odd_failure(job: p.Execute, node_id: str) -> p.Failed:
+    # A module only this process has, like a custom node's package.
+    module = sys.modules.get("runflow_fake_child_only")
+    if module is None:
+        module = types.ModuleType("runflow_fake_child_only")
+        exec("class AnyType(str):\n    pass\n", module.__dict__)  # noqa: S102 - test fake
+        sys.modules[module.__name__] = module
+    return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW, "bad input", node_id=node_id,
+                    details={"errors": [{"extra_info": {
+                        "input_config": (module.AnyType("*"), {"marker": module.AnyType})}}]})
+
+
+def _run(job: p.Execute, conn: Any, send: Any,
+         interrupted: threading.Event) -> p.Done | p.Failed:
     start = time.monotonic()
     outputs: list[p.OutputFile] = []
     for node_id, node in job.graph.items():
@@ -81,9 +115,14 @@ def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.
             return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW,
                             f"Cannot execute because node {kind} does not exist.",
                             node_id=node_id, node_type=kind)
+        if kind == "FakeOddDetails":
+            return _odd_failure(job, node_id)
+        if kind == "FakeUnreadable":
+            conn.send(_odd_failure(job, node_id))  # raw: what the child must never do
+            threading.Event().wait()
     for node_id, node in job.graph.items():
         kind, inputs = node["class_type"], node.get("inputs", {})
-        conn.send(p.NodeStarted(job.job_id, node_id, kind))
+        send(p.NodeStarted(job.job_id, node_id, kind))
         if kind == "FakeSleep":
             total = max(1, int(float(inputs.get("seconds", 1)) / 0.01))
             for step in range(total):
@@ -91,7 +130,7 @@ def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.
                     return p.Failed(job.job_id, p.FailureKind.INTERRUPTED, "interrupted")
                 time.sleep(0.01)
                 if step % 10 == 0:
-                    conn.send(p.Progress(job.job_id, node_id, step + 1, total))
+                    send(p.Progress(job.job_id, node_id, step + 1, total))
         elif kind == "FakeBusy":
             time.sleep(float(inputs.get("seconds", 30)))
         elif kind == "FakeCrash":
@@ -104,6 +143,12 @@ def _run(job: p.Execute, conn: Any, interrupted: threading.Event) -> p.Done | p.
             return p.Failed(job.job_id, p.FailureKind.OUT_OF_MEMORY,
                             "Allocation on device", node_id=node_id, node_type=kind,
                             exception_type="torch.OutOfMemoryError")
+        elif kind == "FakeLog":
+            log.error("%s", inputs.get("text", ""))
+            try:
+                raise ValueError(f"fake failure reading {inputs.get('url', '')}")
+            except ValueError:
+                log.exception("!!! Exception during processing !!!")
         elif kind == "FakeSave":
             prefix = inputs.get("output_id") or "fake"
             text = _value(job.graph, inputs.get("text", ""))

@@ -1,0 +1,98 @@
+"""Logging of the ComfyUI child: one JSON object per line on stderr, secrets redacted.
+
+The worker logs one JSON line per event (``worker/logs.py``); the child shares its stderr,
+so ComfyUI's own records (``!!! Exception during processing !!!`` and its traceback) are
+written in the same shape: ``ts``, ``level``, ``logger``, ``msg`` (a traceback stays inside
+``msg``, so a record is always one line), ``process: "comfyui"``, and ``run_id``/``job_id``
+while a job runs.
+
+Why the child writes its own lines instead of forwarding records over the pipe: the parent
+reads the pipe only while a job runs, so records logged while idle or during start would
+fill the pipe and block the child; and the last lines before a crash would die with it.
+A line written to stderr is out of the process at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from runtime.redact import redact
+
+_job_id: str | None = None
+
+
+def set_job(job_id: str | None) -> None:
+    """Tag the following lines with ``job_id`` (and its run id); None once the job ended.
+
+    A process-wide value, not a context variable: the child runs one job at a time, and a
+    node's own threads log for that job too.
+    """
+    global _job_id
+    _job_id = job_id
+
+
+def run_id_of(job_id: str) -> str:
+    """The run id in a worker job id (``<run_id>:<attempt>:<nonce>``; run ids have no ':')."""
+    return job_id.split(":", 1)[0]
+
+
+class ChildJsonFormatter(logging.Formatter):
+    """One JSON line per record: ts, level, logger, msg (traceback included), run_id."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The JSON line for ``record``; never raises (a broken record still logs)."""
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad %-format in a node's log call
+            text = f"{record.msg!r} % {record.args!r}"
+        if record.exc_info and record.exc_info[0] is not None:
+            text = f"{text}\n{self.formatException(record.exc_info)}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(text.rstrip("\n")),
+            "process": "comfyui",
+        }
+        job_id = _job_id
+        if job_id is not None:
+            out["run_id"] = run_id_of(job_id)
+            out["job_id"] = job_id
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def install(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:
+    """Make the root logger write JSON lines to ``stream`` (stderr) at ``level``.
+
+    Called before ComfyUI is imported; ComfyUI configures logging only in its ``main.py``,
+    which the embedding never runs, so nothing replaces this handler.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(ChildJsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn from nodes: JSON lines too
+    crash_log = logging.getLogger("runtime.child")
+
+    def excepthook(kind: Any, exc: Any, tb: Any) -> None:
+        crash_log.critical("uncaught exception", exc_info=(kind, exc, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is not SystemExit:
+            name = args.thread.name if args.thread is not None else "?"
+            crash_log.error("uncaught exception in thread %s", name,
+                            exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook

@@ -1,0 +1,90 @@
+"""The runner's supervision with real ComfyUI in the child: plain data over the pipe, a
+child dead while idle, the scrubbed environment and the child's JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import pytest
+
+from runtime import protocol as p
+from runtime.runner import Runner, RunnerConfig, RunnerState
+from tests.comfyui.conftest import COMFY, HERE
+from tests.comfyui.test_real_comfyui import img_graph, run, write_png
+from worker.contract import RunStatus
+from worker.errors import ErrorCode
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
+
+
+def test_validation_error_with_a_packs_own_objects_is_readable(pipeline) -> None:
+    graph = {"1": {"class_type": "RunflowRunnerTestMarkedInt", "inputs": {"value": 99}}}
+    result = run(pipeline, graph, {}, run_id="pack-objects")
+    f = result.failure
+    assert f is not None and f.code is ErrorCode.INVALID_WORKFLOW, f
+    assert (f.node_id, f.node_type) == ("1", "RunflowRunnerTestMarkedInt")
+    (error,) = f.details["errors"]
+    assert error["type"] == "value_bigger_than_max"
+    assert error["extra_info"]["input_config"] == [
+        "INT", {"default": 1, "min": 0, "max": 5, "marker": "<pack-only marker>"}]
+    runner = pipeline.supervisor.runner
+    assert runner.state is RunnerState.READY  # the child stays warm
+
+
+def test_child_dead_while_idle_then_a_good_run(pipeline, tmp_path: Path) -> None:
+    graph = img_graph({"2": {"class_type": "RunflowOutputImage", "inputs": {
+        "output_id": "o", "output_name": "", "value": ["1", 0]}}})
+    image = write_png(tmp_path / "i.png").as_uri()
+    assert run(pipeline, graph, {"image": image}, run_id="warm").status is RunStatus.SUCCEEDED
+    runner = pipeline.supervisor.runner
+    pid, restarts = runner.pid, pipeline.supervisor.restarts
+    os.kill(pid, signal.SIGKILL)  # the OOM killer, while no run is in progress
+    assert wait([runner._proc.sentinel], timeout=60)
+    ok = run(pipeline, graph, {"image": image}, run_id="after-idle-death")
+    assert ok.status is RunStatus.SUCCEEDED, ok.failure
+    assert pipeline.supervisor.runner.pid != pid
+    assert pipeline.supervisor.restarts == restarts + 1
+    assert "SIGKILL" in (pipeline.supervisor.runner.last_exit or "")
+
+
+def test_child_environment_and_log_lines(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    monkeypatch.setenv("RUNFLOW_WEBHOOK_SECRET", "whsec_notforthechild")
+    monkeypatch.setenv("HF_TOKEN", "hf_passed")
+    for d in ("in", "out", "tmp", "base"):
+        (tmp_path / d).mkdir()
+    # Started inside the test: the child's stderr is capfd's.
+    runner = Runner(RunnerConfig(
+        comfyui_dir=COMFY, base_dir=str(tmp_path / "base"), cpu=True,
+        custom_node_dirs=(str(HERE / "custom_nodes"),), env_pass=("HF_TOKEN",)))
+    try:
+        runner.start()
+        environ = Path(f"/proc/{runner.pid}/environ").read_bytes().decode()
+        assert "aws-secret-value" not in environ and "whsec_" not in environ
+        assert "HF_TOKEN=hf_passed\0" in environ
+        graph = {"1": {"class_type": "EmptyImage", "inputs": {
+                     "width": 8, "height": 8, "batch_size": 1, "color": 0}},
+                 "2": {"class_type": "RunflowTestRaise", "inputs": {"image": ["1", 0]}},
+                 "3": {"class_type": "SaveImage", "inputs": {
+                     "images": ["2", 0], "filename_prefix": "x"}}}
+        out = runner.execute(p.Execute("real-run:1:5", graph, str(tmp_path / "in"),
+                                       str(tmp_path / "out"), str(tmp_path / "tmp")))
+        assert isinstance(out, p.Failed) and out.kind is p.FailureKind.NODE_ERROR
+    finally:
+        runner.stop()
+    err = capfd.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    child = [line for line in lines if line.get("process") == "comfyui"]
+    errors = [line for line in child if line.get("run_id") == "real-run"]
+    assert any(line["msg"].startswith("!!! Exception during processing !!!")
+               for line in errors), errors
+    assert any("Traceback (most recent call last)" in line["msg"]
+               and "test node exploded" in line["msg"] for line in errors), errors
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in child)
+    # ComfyUI's multi-line output is inside JSON strings, never a line of its own.
+    assert not [line for line in err.splitlines() if line.startswith(("Traceback", "  File"))]
