@@ -27,6 +27,7 @@ an explicit entry.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ _BLOCKED_NETWORKS = tuple(
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 
 
@@ -193,10 +195,29 @@ def address_problem(address: IPAddress) -> str | None:
     return None
 
 
+def allow_entry_problem(entry: str) -> str | None:
+    """Why ``entry`` is no allowlist entry (a CIDR network, an address, a host name or
+    ``*.suffix``), else None."""
+    entry = entry.strip().lower()
+    try:
+        ipaddress.ip_network(entry, strict=False)
+        return None
+    except ValueError:
+        pass
+    labels = entry.removeprefix("*.").rstrip(".").split(".")
+    # A malformed network or address (10.0.0.0/33, 300.1.2.3) is no host name either.
+    malformed = any(ch in entry for ch in "/:") or all(c.isdigit() or c == "." for c in entry)
+    if malformed or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return ("is neither a CIDR network (e.g. 10.0.0.0/8) nor a host name "
+                "(e.g. files.internal, *.internal)")
+    return None
+
+
 class URLPolicy:
     """The SSRF policy: static URL checks, resolution, and the operator allowlist.
 
-    ``allow``: CIDR networks and host names allowed despite the policy (``RUNFLOW_URL_ALLOW``).
+    ``allow``: CIDR networks and host names allowed despite the policy (``RUNFLOW_URL_ALLOW``);
+    a malformed entry raises ``ValueError`` (``allow_entry_problem``).
     ``resolver``: ``(host, port) -> addresses``; the system resolver by default (tests inject
     one).
     """
@@ -210,6 +231,9 @@ class URLPolicy:
             entry = raw.strip().lower()
             if not entry:
                 continue
+            why = allow_entry_problem(entry)
+            if why:
+                raise ValueError(f"allowlist entry {entry!r} {why}")
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
                 continue

@@ -21,11 +21,37 @@ GRAPH = {
 }
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
-           "RUNFLOW_COMFYUI_DIR": str(tmp_path), "RUNFLOW_GPU_CLASS": "cpu",
-           "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
-           "PYTHONPATH": str(Path(__file__).parent.parent)}
+REPO = Path(__file__).parent.parent
+
+FAKE_NVML = """
+class _Memory:
+    total = 24 * 2**30
+
+
+def nvmlInit(): pass
+def nvmlShutdown(): pass
+def nvmlDeviceGetCount(): return 1
+def nvmlDeviceGetHandleByIndex(index): return index
+def nvmlDeviceGetName(handle): return b"NVIDIA L4"
+def nvmlDeviceGetMemoryInfo(handle): return _Memory()
+"""
+
+
+def cli(tmp_path: Path, *args: str, env: dict[str, str | None] | None = None
+        ) -> subprocess.CompletedProcess:
+    """``python -m worker.cli ARGS`` with a fake ComfyUI child; ``env`` overrides (None
+    removes a variable)."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
+    full.update({"RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
+                 "RUNFLOW_COMFYUI_DIR": str(tmp_path), "RUNFLOW_GPU_CLASS": "cpu",
+                 "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
+                 "PYTHONPATH": str(REPO)})
+    for key, value in (env or {}).items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    env = full
     return subprocess.run([sys.executable, "-m", "worker.cli", *args], capture_output=True,
                           text=True, env=env, timeout=120, cwd=tmp_path, check=False)
 
@@ -82,3 +108,29 @@ def test_failed_run_exits_nonzero(tmp_path: Path) -> None:
     proc = cli(tmp_path, "run", str(path))
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["code"] == "NODE_ERROR"
+
+
+def test_run_records_the_class_serve_would_serve(tmp_path: Path, deployed: Path) -> None:
+    """No RUNFLOW_GPU_CLASS: the class comes from NVML (a fake ``pynvml`` reporting an L4),
+    exactly as ``serve`` resolves it, not a blanket ``cpu``."""
+    fake = tmp_path / "fake-nvml"
+    fake.mkdir()
+    (fake / "pynvml.py").write_text(FAKE_NVML)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("x")
+    proc = cli(tmp_path, "run", str(deployed), "--input", "prompt=p", "--input", f"doc=@{doc}",
+               "--quiet", env={"RUNFLOW_GPU_CLASS": None,
+                               "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)])})
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["billing"]["attempts"][0]["gpu_class"] == "l4"
+
+
+def test_run_with_bad_configuration_exits_2(tmp_path: Path, deployed: Path) -> None:
+    proc = cli(tmp_path, "run", str(deployed), env={"RUNFLOW_GPU_CLASS": "Z80",
+                                                    "RUNFLOW_LEASE_S": "inf"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("runflow-worker: invalid configuration: ")
+    assert "RUNFLOW_GPU_CLASS: class 'z80' is not on the ladder" in line
+    assert "RUNFLOW_LEASE_S: expected a finite number" in line

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 from cache.errors import URLRefused
 from cache.fetcher import Fetcher
 from worker.pipeline import Pipeline, PipelineConfig
+from worker.rundirs import WORK_SUBDIR
 from worker.settings import Settings
 from worker.storage import Storage, open_storage
 
@@ -46,7 +47,7 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
     from worker.cache_cli import build_blob_store, build_environments, build_fetcher
 
     config = PipelineConfig(
-        work_dir=settings.cache_dir / "work",
+        work_dir=settings.cache_dir / WORK_SUBDIR,
         comfyui_dir=settings.comfyui_dir,
         cpu=cpu if cpu is not None else (settings.gpu_class == "cpu" or None),
         allow_local_files=allow_local_files,
@@ -58,6 +59,7 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         run_install_scripts=settings.run_install_scripts,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
+        child_env_pass=settings.child_env_pass,
     )
     fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
     return Pipeline(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pydantic import ValidationError
-
 from worker import cache_cli, doctor_cli, run_cli, serve_cli
+from worker.errors import ConfigError
+from worker.logs import redact
 from worker.settings import Settings
 
 
@@ -27,14 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
+    """Entry point of the console script; returns the exit code.
+
+    Bad configuration (a ``RUNFLOW_*`` variable, or a ConfigError a command raises while
+    starting) is one line on stderr naming the variable, and exit code 2: every command
+    fails the same way, before doing anything.
+    """
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
-    except ValidationError as exc:
-        print(f"runflow-worker: invalid configuration:\n{exc}", file=sys.stderr)
+    except ConfigError as exc:  # InvalidSettings: names each variable, never a secret
+        print(f"runflow-worker: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args, settings) or 0)
+    try:
+        return int(args.func(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"runflow-worker {args.command}: {redact(str(exc))}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

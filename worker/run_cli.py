@@ -63,9 +63,15 @@ class _CliControl:
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run once and print the record; exit code 0 only for a succeeded run."""
-    from worker.assembly import build_pipeline
+    """Run once and print the record; exit code 0 only for a succeeded run.
 
+    The GPU class is resolved as ``serve`` resolves it (``RUNFLOW_GPU_CLASS`` on the ladder,
+    else NVML detection, else ``cpu``); a class not on the ladder is a ConfigError (exit 2).
+    """
+    from worker.assembly import build_pipeline
+    from worker.gpu import resolve_gpu_class
+
+    gpu_class = resolve_gpu_class(settings)
     started_at = utcnow()
     picked_up = time.monotonic()
     try:
@@ -85,7 +91,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         pipeline.close()
         signal.signal(signal.SIGINT, previous)
     record = terminal_record(
-        message, result, started_at=started_at, gpu_class=settings.gpu_class or "cpu",
+        message, result, started_at=started_at, gpu_class=gpu_class,
         gpu_seconds=time.monotonic() - picked_up, cold_start_s=result.cold_start_s,
     )
     print(record.model_dump_json(indent=2))

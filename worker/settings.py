@@ -2,21 +2,88 @@
 
 Every variable is documented in the README's configuration table. Other packages never read
 the environment themselves: the worker passes them the plain values they need.
+
+Every value is checked when the object is built: a bad one raises ``InvalidSettings`` (a
+``ConfigError``) whose message names each offending ``RUNFLOW_*`` variable and what it
+expects, and never repeats a secret (the webhook secret, credentials in URLs). An empty
+variable counts as unset.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
+import re
 import shutil
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import Annotated, Any, NamedTuple
+from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
+
+from cache.urlpolicy import allow_entry_problem
+from worker.errors import ConfigError
+from worker.logs import redact
+
+ENV_PREFIX = "RUNFLOW_"
 
 DEFAULT_LADDER = (
     "cpu:0,t4:16,l4:24,a10g:24,l40s:48,a100-40gb:40,a100-80gb:80,h100:80,h200:141"
 )
+
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600
+"""SigV4 presigned URLs live at most 7 days: S3 refuses links signed for longer."""
+MAX_SECONDS = 365 * 24 * 3600.0
+"""Upper bound of every duration setting (a year; larger values overflow timers)."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+class InvalidSettings(ConfigError, ValueError):
+    """One or more ``RUNFLOW_*`` variables are invalid.
+
+    ``problems`` holds ``(variable, what is expected)`` pairs; the message is them on one
+    line. Values of secrets never appear in either.
+    """
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{var}: {text}" for var, text in problems))
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field (``lease_s`` -> ``RUNFLOW_LEASE_S``)."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(variable, message)`` for each error, without the offending input values."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = err.get("loc") or ()
+        var = env_name(loc[0]) if loc and isinstance(loc[0], str) else f"{ENV_PREFIX}*"
+        ctx = err.get("ctx") or {}
+        if err["type"] == "value_error" and "error" in ctx:
+            text = str(ctx["error"])
+        else:  # pydantic's own wording, never with the input: "Input should be ..."
+            text = err["msg"]
+            if text.startswith("Input should be "):
+                text = "expected " + text.removeprefix("Input should be ")
+        out.append((var, text))
+    return out
 
 
 def _split_csv(value: object) -> object:
@@ -27,6 +94,7 @@ def _split_csv(value: object) -> object:
 
 
 CsvTuple = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
+Seconds = Annotated[float, Field(le=MAX_SECONDS)]
 
 
 class GpuClass(NamedTuple):
@@ -41,9 +109,14 @@ def parse_ladder(spec: str) -> tuple[GpuClass, ...]:
     rungs: list[GpuClass] = []
     for part in _split_csv(spec):
         name, sep, vram = part.partition(":")
-        if not sep or not name:
-            raise ValueError(f"ladder entry {part!r} is not class:vram_gib")
-        rungs.append(GpuClass(name.strip().lower(), float(vram)))
+        try:
+            vram_gib = float(vram)
+        except ValueError:
+            vram_gib = math.nan
+        if not sep or not name.strip() or not math.isfinite(vram_gib) or vram_gib < 0:
+            raise ValueError(f"ladder entry {part!r} is not class:vram_gib "
+                             "(a name and a number of GiB >= 0)")
+        rungs.append(GpuClass(name.strip().lower(), vram_gib))
     names = [r.name for r in rungs]
     if len(set(names)) != len(names):
         raise ValueError("ladder has a class twice")
@@ -53,13 +126,17 @@ def parse_ladder(spec: str) -> tuple[GpuClass, ...]:
 
 
 class Settings(BaseSettings):
-    """Frozen worker configuration. Build it once with ``Settings()`` (reads the environment)."""
+    """Frozen worker configuration. Build it once with ``Settings()`` (reads the environment).
 
-    model_config = SettingsConfigDict(env_prefix="RUNFLOW_", frozen=True, extra="ignore")
+    Raises ``InvalidSettings`` naming every bad ``RUNFLOW_*`` variable.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore",
+                                      env_ignore_empty=True, allow_inf_nan=False)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    gpu_class: str | None = None
     gpu_ladder: str = DEFAULT_LADDER
+    gpu_class: str | None = None
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     asset_bucket: str | None = None
@@ -68,15 +145,15 @@ class Settings(BaseSettings):
     cache_max_bytes: int | None = Field(None, gt=0)
     comfyui_dir: Path | None = None
     git_mirrors: CsvTuple = ()
-    lease_s: float = Field(60.0, gt=0)
+    lease_s: Seconds = Field(60.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
-    grace_s: float = Field(25.0, ge=0)
-    idle_exit_s: float = Field(300.0, ge=0)
+    grace_s: Seconds = Field(25.0, ge=0)
+    idle_exit_s: Seconds = Field(300.0, ge=0)
     webhook_secret: SecretStr | None = None
     url_allow: CsvTuple = ()
     http_port: int = Field(9090, ge=0, le=65535)
     callback_attempts: int = Field(5, ge=1)
-    callback_backoff_s: float = Field(1.0, ge=0)
+    callback_backoff_s: Seconds = Field(1.0, ge=0)
     pip_index_url: str | None = None
     pip_find_links: CsvTuple = ()
     # Additions (same prefix), documented in the README.
@@ -86,7 +163,7 @@ class Settings(BaseSettings):
     """Largest single download (models included)."""
     input_max_bytes: int = Field(100 * 2**20, gt=0)
     """Largest caller-supplied input file."""
-    fetch_timeout_s: float = Field(30.0, gt=0)
+    fetch_timeout_s: Seconds = Field(30.0, gt=0)
     """Connect/read inactivity timeout of one HTTP request."""
     image_max_pixels: int = Field(64 * 2**20, gt=0)
     """Pixel limit of an input image (decompression-bomb guard)."""
@@ -112,18 +189,175 @@ class Settings(BaseSettings):
     """``module:function`` run in the ComfyUI child (tests swap in a fake)."""
     lease_renewal: bool = True
     """Renew the lease of the running entry (only tests turn this off)."""
-    startup_timeout_s: float = Field(600.0, gt=0)
+    startup_timeout_s: Seconds = Field(600.0, gt=0)
     """How long ComfyUI may take to import and load its nodes."""
+    child_env_pass: CsvTuple = ()
+    """Environment variables passed to the ComfyUI child despite its credential scrub."""
+
+    def __init__(self, **values: Any) -> None:
+        """Read the environment (``values`` override it); InvalidSettings when a value is bad."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidSettings(_problems(exc)) from None
+        except SourceError as exc:  # a value the environment source could not even parse
+            raise InvalidSettings([(f"{ENV_PREFIX}*", str(exc))]) from None
 
     @field_validator("cache_dir", "comfyui_dir", "ca_bundle", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
+    @field_validator("ca_bundle", mode="after")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a file (expected a PEM CA bundle)")
+        return value
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        # The URL may hold a password: the messages never repeat it.
+        expected = ("expected redis://[:password@]host[:port][/db], rediss://... "
+                    "or unix:///path/to/socket")
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"malformed URL or port; {expected}") from None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError(f"no socket path; {expected}")
+        elif parts.scheme in ("redis", "rediss"):
+            if not parts.hostname or port == 0:
+                raise ValueError(f"no host or port 0; {expected}")
+            db = parts.path.lstrip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the database is not a number; {expected}")
+        else:
+            raise ValueError(f"unsupported scheme {parts.scheme or '(none)'!r}; {expected}")
+        return value
+
     @field_validator("gpu_ladder", mode="after")
     @classmethod
     def _check_ladder(cls, value: str) -> str:
         parse_ladder(value)
+        return value
+
+    @field_validator("gpu_class", mode="after")
+    @classmethod
+    def _check_gpu_class(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not value.strip():
+            return None
+        name = value.strip().lower()
+        ladder = info.data.get("gpu_ladder")
+        if ladder is not None:  # a bad ladder is reported on its own
+            names = [r.name for r in parse_ladder(ladder)]
+            if name not in names:
+                raise ValueError(f"class {name!r} is not on the ladder "
+                                 f"(expected one of {', '.join(names)})")
+        return name
+
+    @field_validator("presign_ttl_s", mode="after")
+    @classmethod
+    def _check_presign_ttl(cls, value: int) -> int:
+        if value > MAX_PRESIGN_TTL_S:
+            raise ValueError(f"expected at most {MAX_PRESIGN_TTL_S} seconds (7 days: S3 "
+                             "refuses presigned URLs signed for longer)")
+        return value
+
+    @field_validator("storage_url", mode="after")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        expected = "expected s3://bucket/prefix or file:///dir"
+        parts = urlsplit(value)
+        if parts.scheme == "s3":
+            if not parts.hostname:
+                raise ValueError(f"no bucket; {expected}")
+        elif parts.scheme == "file":
+            if not parts.path.startswith("/"):
+                raise ValueError(f"no absolute directory; {expected}")
+        else:
+            raise ValueError(f"unsupported scheme {parts.scheme or '(none)'!r}; {expected}")
+        return value
+
+    @field_validator("s3_endpoint_url", mode="after")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("malformed URL; expected http(s)://host[:port]") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http(s)://host[:port]")
+        return value
+
+    @field_validator("git_mirrors", mode="after")
+    @classmethod
+    def _check_git_mirrors(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for n, item in enumerate(value, 1):
+            origin, sep, path = item.partition("=")
+            if not sep or not origin.strip() or not path.strip():
+                raise ValueError(f"entry {n} ({redact(item)!r}) is not origin=path "
+                                 "(expected origin=path,...)")
+        return value
+
+    @field_validator("url_allow", mode="after")
+    @classmethod
+    def _check_url_allow(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            why = allow_entry_problem(item)
+            if why:
+                raise ValueError(f"entry {redact(item)!r} {why}")
+        return value
+
+    @field_validator("webhook_secret", mode="after")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        raw = value.get_secret_value().removeprefix("whsec_")
+        try:
+            key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not key:  # the message never repeats the secret
+            raise ValueError("not a Standard Webhooks secret (expected whsec_ followed by "
+                             "base64, e.g. whsec_ + 24 to 64 random bytes in base64)")
+        return value
+
+    @field_validator("log_level", mode="after")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        level = "WARNING" if level == "WARN" else level
+        if level not in LOG_LEVELS:
+            raise ValueError(f"unknown level {value!r} (expected one of {', '.join(LOG_LEVELS)})")
+        return level
+
+    @field_validator("runner_entry", mode="after")
+    @classmethod
+    def _check_runner_entry(cls, value: str) -> str:
+        if not _ENTRY_POINT.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not module:function")
+        return value.strip()
+
+    @field_validator("child_env_pass", mode="after")
+    @classmethod
+    def _check_child_env_pass(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for n, name in enumerate(value, 1):
+            if "=" in name:  # NAME=value: the value may be a credential, never shown
+                raise ValueError(f"entry {n} has '=': expected variable names only "
+                                 "(e.g. HF_TOKEN), never values")
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"entry {name!r} is not an environment variable name "
+                                 "(expected letters, digits and _, not starting with a digit)")
         return value
 
     @cached_property
@@ -153,8 +387,7 @@ class Settings(BaseSettings):
     def git_mirror_map(self) -> dict[str, Path]:
         """``RUNFLOW_GIT_MIRRORS`` as ``{origin: local path}``."""
         out: dict[str, Path] = {}
-        for item in self.git_mirrors:
-            origin, sep, path = item.partition("=")
-            if sep:
-                out[origin.strip()] = Path(path.strip()).expanduser()
+        for item in self.git_mirrors:  # every entry has "=" (checked when built)
+            origin, _, path = item.partition("=")
+            out[origin.strip()] = Path(path.strip()).expanduser()
         return out

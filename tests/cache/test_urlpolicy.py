@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from cache.errors import FetchConnectError, URLRefused, redact_url
-from cache.urlpolicy import URLPolicy, address_problem, parse_ipv4_host
+from cache.urlpolicy import URLPolicy, address_problem, allow_entry_problem, parse_ipv4_host
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -174,3 +174,12 @@ def test_redact_url() -> None:
     )
     assert redact_url("https://h.example/a") == "https://h.example/a"
     assert redact_url("https://[::1]:1/a?x") == "https://[::1]:1/a?..."
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "300.1.2.3", "host name", "-bad.example",
+                                   "a..b", "https://files.internal"])
+def test_malformed_allowlist_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ValueError, match="neither a CIDR network"):
+        URLPolicy([entry])
+    assert allow_entry_problem(entry) is not None
+    assert allow_entry_problem("10.0.0.0/8") is None and allow_entry_problem("*.corp.example") is None
