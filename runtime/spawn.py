@@ -18,6 +18,7 @@ handler and calls ``entry(conn, config)``.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import socket
@@ -28,6 +29,8 @@ import weakref
 from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _DROP_PREFIXES = ("RUNFLOW_", "AWS_")
 _DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -130,13 +133,42 @@ def _kill_live_children() -> None:
         child.kill()
 
 
+_PR_SET_DUMPABLE = 4  # linux/prctl.h
+_guarded = False
+
+
+def guard_parent() -> None:
+    """Keep children running as this user out of this process (Linux; once per process).
+
+    The child runs custom-node code under the worker's user. Without this it could read the
+    worker's ``/proc/<pid>/environ`` (every credential the scrub kept from its own) and
+    memory (ptrace). A non-dumpable process's ``/proc`` files belong to root and ptrace
+    needs CAP_SYS_PTRACE. The child itself is dumpable again after its exec. The cost: no
+    core dumps of the worker, and attaching a profiler to it needs root.
+    """
+    global _guarded
+    if _guarded or not sys.platform.startswith("linux"):
+        return
+    _guarded = True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+    except (OSError, AttributeError):
+        failed = True
+    if failed:
+        log.warning("cannot make the worker non-dumpable: its children can read its "
+                    "environment", extra={"event": "guard_failed"})
+
+
 def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
           ) -> tuple[ChildProcess, Connection]:
     """Start ``entry`` (``module:function``) in a fresh interpreter with exactly ``env``.
 
     Returns the process and the parent's end of the connection. Raises OSError when the
-    interpreter cannot be started.
+    interpreter cannot be started. This process is made non-dumpable first
+    (``guard_parent``).
     """
+    guard_parent()
     parent_sock, child_sock = socket.socketpair()
     sentinel_r, sentinel_w = os.pipe()
     child_fd = child_sock.detach()

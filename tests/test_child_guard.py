@@ -1,0 +1,41 @@
+"""The worker is non-dumpable once it starts a child: a process of its user cannot read its
+environment (where the credentials kept from the child are)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+# Runs as an unprivileged user (root can read any process: the check would prove nothing),
+# starts dumpable like any process, optionally guards itself, then lets a child of the same
+# user read its /proc/<pid>/environ.
+SCRIPT = """
+import ctypes, os, subprocess, sys
+sys.path.insert(0, sys.argv[2])
+from runtime.spawn import guard_parent
+if os.getuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE 1: as an ordinary process starts
+if sys.argv[1] == "guard":
+    guard_parent()
+seen = subprocess.run(["cat", f"/proc/{os.getpid()}/environ"], capture_output=True)
+print("read" if b"S3CR3T" in seen.stdout else "denied")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
+@pytest.mark.parametrize(("mode", "expected"), [("plain", "read"), ("guard", "denied")])
+def test_a_child_of_the_same_user_cannot_read_a_guarded_workers_environment(
+        mode: str, expected: str) -> None:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(ROOT)], check=False,
+                         capture_output=True, text=True, timeout=30,
+                         env={"WORKER_SECRET": "S3CR3T", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
