@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import filelock
 
@@ -45,28 +44,15 @@ from cache.errors import (
     from_os_error,
 )
 from cache.fetcher import DEFAULT_MAX_BYTES
-from cache.hashing import sha256_file
+from cache.hashing import sha256_of
 from cache.links import link_into
 from cache.partials import Partial, Partials
 from cache.pins import Pins
-from cache.progress import Cancel, Progress
+from cache.progress import Cancel, Lock, Progress, acquire_or_cancel
 from cache.sources import Sources
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
-LOCK_POLL_S = 0.2
 DEFAULT_ORPHAN_MAX_AGE_S = 3600.0
-
-
-class Lock(Protocol):
-    """What the store needs of a lock (``filelock.FileLock`` fits)."""
-
-    def acquire(self, timeout: float = ...) -> object:
-        """Take the lock or raise ``filelock.Timeout`` after ``timeout`` seconds."""
-        ...
-
-    def release(self) -> None:
-        """Give the lock back."""
-        ...
 
 
 LockFactory = Callable[[str], Lock]
@@ -294,14 +280,8 @@ class BlobStore:
         return True
 
     def _acquire(self, lock: Lock, cancel: Cancel | None) -> None:
-        # Waiting may last a whole download by another worker: poll so cancel still works.
-        while True:
-            try:
-                lock.acquire(timeout=LOCK_POLL_S)
-                return
-            except filelock.Timeout:
-                if cancel is not None and cancel():
-                    raise FetchCanceled("canceled while waiting for another download") from None
+        acquire_or_cancel(lock, cancel, lambda: FetchCanceled(
+            "canceled while waiting for another download"))
 
     def _download(
         self,
@@ -490,20 +470,38 @@ class BlobStore:
             if wanted is not None and digest not in wanted:
                 continue
             try:
-                actual = sha256_file(path)
+                f = path.open("rb", buffering=0)
             except FileNotFoundError:
                 continue
-            if actual == digest:
-                result.ok.append(digest)
-                continue
-            result.corrupt.append(digest)
-            if quarantine:
-                with self.pins.evicting(digest) as free:
-                    if free:
-                        target = self._quarantine_dir / f"{digest}.{int(time.time())}"
-                        os.rename(path, target)
-                        result.quarantined.append(target)
+            # Open until the verdict: the file hashed keeps its inode number, so no blob
+            # published meanwhile (after another worker evicted this one) can share it.
+            with f:
+                hashed = os.fstat(f.fileno())
+                if sha256_of(f) == digest:
+                    result.ok.append(digest)
+                    continue
+                result.corrupt.append(digest)
+                if quarantine:
+                    with self.pins.evicting(digest) as free:
+                        target = self._quarantine(digest, path, hashed) if free else None
+                        if target is not None:
+                            result.quarantined.append(target)
         return result
+
+    def _quarantine(self, digest: str, path: Path, hashed: os.stat_result) -> Path | None:
+        """Move the corrupt blob at ``path`` aside; None when it is no longer the file that
+        was hashed (evicted, or evicted and downloaded again by another worker meanwhile)."""
+        try:
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) != (hashed.st_dev, hashed.st_ino):
+                return None
+            target = self._quarantine_dir / f"{digest}.{int(time.time())}"
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise from_os_error(exc, f"quarantining {digest[:12]}...") from exc
+        return target
 
     # -- linking ----------------------------------------------------------------------------
 

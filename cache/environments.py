@@ -63,11 +63,11 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from cache.commands import run_command
-from cache.errors import EnvironmentBuildError
+from cache.errors import BuildCanceled, EnvironmentBuildError
 from cache.git import GitMirrors
 from cache.packages import installed_versions
 from cache.pins import Pins
-from cache.progress import Cancel
+from cache.progress import Cancel, held_or_cancel
 
 PIP_TIMEOUT_S = 1800.0
 INSTALL_SCRIPT_TIMEOUT_S = 1800.0
@@ -207,7 +207,9 @@ class Environments:
         with self.pin(key):
             if self._touch_ready(env_dir):
                 return self._describe(key, env_dir)
-            with FileLock(str(self.root / f"{key}.lock")):
+            lock = FileLock(str(self.root / f"{key}.lock"))
+            with held_or_cancel(lock, cancel, lambda: BuildCanceled(
+                    f"canceled while waiting for another build of environment {key}")):
                 if self._touch_ready(env_dir):  # another worker built it meanwhile
                     return self._describe(key, env_dir)
                 if env_dir.exists():

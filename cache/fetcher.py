@@ -42,7 +42,15 @@ from cache.errors import (
     redact_url,
 )
 from cache.hashing import HashingFileWriter
-from cache.progress import Cancel, Progress, ProgressThrottle, resume_after_cuts
+from cache.progress import (
+    Cancel,
+    Progress,
+    ProgressThrottle,
+    continues_at,
+    finish_from_file,
+    resume_after_cuts,
+    unsatisfied_total,
+)
 from cache.transport import Guard, GuardedStream, PinnedBackend, translate
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
@@ -176,14 +184,6 @@ class FetchResponse:
         view[:n] = self._leftover[:n]
         self._leftover = self._leftover[n:]
         return n
-
-
-def _content_range_start(value: str | None) -> int | None:
-    """First byte of ``Content-Range: bytes a-b/n``, or None."""
-    if not value or not value.startswith("bytes "):
-        return None
-    first = value[len("bytes ") :].split("-", 1)[0].strip()
-    return int(first) if first.isdigit() else None
 
 
 class _RestartFromZero(Exception):
@@ -402,13 +402,20 @@ class Fetcher:
         shown = redact_url(url)
         with self.open(url, start=offset, cancel=cancel, deadline_s=deadline_s) as resp:
             status = resp.status_code
+            content_range = resp.headers.get("content-range")
+            if offset > 0 and status == 416 and unsatisfied_total(content_range) == offset:
+                # Nothing left to send: the file already holds every byte (its writer was
+                # killed before publishing). Its hash decides, not a second download.
+                digest, size = finish_from_file(dest)
+                throttle(size, size, final=True)
+                return FetchResult(dest, size, digest, resp.content_type, resp.url)
             if offset > 0 and status == 206:
-                if _content_range_start(resp.headers.get("content-range")) != offset:
+                if not continues_at(content_range, offset, resp.content_length):
                     raise _RestartFromZero()
-            elif offset > 0 and status == 416:
-                raise _RestartFromZero()
             elif status == 200:
                 offset = 0  # Range ignored: the body is the whole file
+            elif offset > 0 and (status == 416 or 200 <= status < 300):
+                raise _RestartFromZero()  # 416, or a 2xx that continues nothing
             elif not 200 <= status < 300 or status == 206:
                 raise HTTPStatusError(f"{shown} answered HTTP {status}", status_code=status)
             length = resp.content_length

@@ -39,6 +39,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -56,7 +57,7 @@ from cache.errors import (
     redact_url,
 )
 from cache.fetcher import Fetcher
-from cache.progress import Cancel
+from cache.progress import Cancel, held_or_cancel
 from cache.urlpolicy import URLPolicy
 
 HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -93,9 +94,15 @@ class GitMirrors:
         commit = _checked_commit(commit)
         mirror = self.mirror_path(origin)
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(mirror) + ".lock"):
+        with self._mirror_lock(mirror, cancel):
             self._ensure_locked(mirror, origin, commit, cancel)
         return mirror
+
+    @staticmethod
+    def _mirror_lock(mirror: Path, cancel: Cancel | None) -> AbstractContextManager[None]:
+        """The mirror's lock, waited for as long as ``cancel`` allows."""
+        return held_or_cancel(FileLock(str(mirror) + ".lock"), cancel, lambda: BuildCanceled(
+            f"canceled while waiting for the git mirror {mirror.name}"))
 
     def _ensure_locked(self, mirror: Path, origin: str, commit: str,
                        cancel: Cancel | None) -> None:
@@ -138,7 +145,7 @@ class GitMirrors:
         self.root.mkdir(parents=True, exist_ok=True)
         # One hold of the lock from the fetch to the new worktree: in between, the mirror
         # would have no worktree of this build yet, and a gc could remove it as unused.
-        with FileLock(str(mirror) + ".lock"):
+        with self._mirror_lock(mirror, cancel):
             self._ensure_locked(mirror, origin, commit, cancel)
             # A worktree whose directory was deleted (an abandoned build) still holds its
             # name in the mirror until pruned.
@@ -263,7 +270,11 @@ class GitMirrors:
             addresses = ",".join(f"[{a}]" if a.version == 6 else str(a)
                                  for a in resolved.addresses)
             config.append(f"http.curloptResolve={target.host}:{target.port}:{addresses}")
-        return base, config
+        # Git gets the URL as the policy spelled it (IDNA, lower case, no trailing dot,
+        # explicit port): curl matches the pinned name only in that spelling, and resolves
+        # any other one (``host.``) itself, past the check.
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        return f"https://{host}:{target.port}{target.path}", config
 
     def _ca_file(self) -> Path:
         """The public CAs plus ``ca_bundle``: git's CA file replaces its default set, where

@@ -22,6 +22,7 @@ import os
 import queue
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 from cache.errors import CacheError, from_os_error
 
@@ -40,10 +41,15 @@ _READ_BYTES = 4 << 20
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
     with path.open("rb", buffering=0) as f:
-        while chunk := f.read(_READ_BYTES):
-            digest.update(chunk)
+        return sha256_of(f)
+
+
+def sha256_of(f: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in the open file ``f``."""
+    digest = hashlib.sha256()
+    while chunk := f.read(_READ_BYTES):
+        digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -57,8 +57,14 @@ def _place(blob: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
-        os.symlink(blob, temp)  # another filesystem (or links refused): point at the blob
-    os.replace(temp, dest)
+        # Another filesystem (or links refused): point at the blob, by its absolute path
+        # (a relative one would resolve from the link's directory).
+        os.symlink(os.path.abspath(blob), temp)
+    try:
+        os.replace(temp, dest)
+    except OSError:
+        temp.unlink(missing_ok=True)  # dest is a directory, say: leave nothing behind
+        raise
 
 
 def _inside(path: str, base: str) -> bool:

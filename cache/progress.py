@@ -1,5 +1,9 @@
 """Helpers of the download loops: rate-limited progress and cancel checks, resume after cuts.
 
+Resuming: ``continues_at`` judges a partial answer (HTTP 206, an S3 ranged GET) by its
+``Content-Range``; ``finish_from_file`` completes a download whose file already holds every
+byte (a worker killed between the last byte and publishing).
+
 A transfer moves thousands of pieces a second; calling a progress callback (which may publish
 an event) or a cancel check (which may ask Redis) for each would cost more than the transfer.
 """
@@ -7,11 +11,15 @@ an event) or a cancel check (which may ask Redis) for each would cost more than 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
+
+import filelock
 
 from cache.errors import FetchCanceled, FetchInterrupted
+from cache.hashing import sha256_file
 
 T = TypeVar("T")
 
@@ -20,6 +28,19 @@ Cancel = Callable[[], bool]
 
 PROGRESS_INTERVAL_S = 0.1
 CANCEL_INTERVAL_S = 0.1
+LOCK_POLL_S = 0.2
+
+
+class Lock(Protocol):
+    """What the waits here need of a lock (``filelock.FileLock`` fits)."""
+
+    def acquire(self, timeout: float = ...) -> object:
+        """Take the lock or raise ``filelock.Timeout`` after ``timeout`` seconds."""
+        ...
+
+    def release(self) -> None:
+        """Give the lock back."""
+        ...
 
 
 class ProgressThrottle:
@@ -61,6 +82,31 @@ class CancelCheck:
             raise FetchCanceled("transfer canceled")
 
 
+def acquire_or_cancel(lock: Lock, cancel: Cancel | None,
+                      canceled: Callable[[], BaseException]) -> None:
+    """Take ``lock``; while waiting, ask ``cancel()`` every ``LOCK_POLL_S`` and raise
+    ``canceled()`` when it says so. The wait may last another worker's whole download or
+    build: a blocking acquire would leave the run deaf to its cancel and timeout."""
+    while True:
+        try:
+            lock.acquire(timeout=LOCK_POLL_S)
+            return
+        except filelock.Timeout:
+            if cancel is not None and cancel():
+                raise canceled() from None
+
+
+@contextmanager
+def held_or_cancel(lock: Lock, cancel: Cancel | None,
+                   canceled: Callable[[], BaseException]) -> Iterator[None]:
+    """Hold ``lock`` for the block, taken by ``acquire_or_cancel``."""
+    acquire_or_cancel(lock, cancel, canceled)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def resume_after_cuts(transfer: Callable[[int], T], dest: Path, *, start_offset: int,
                       attempts: int) -> T:
     """Call ``transfer(offset)`` until it completes, resuming after cuts.
@@ -77,3 +123,48 @@ def resume_after_cuts(transfer: Callable[[int], T], dest: Path, *, start_offset:
                 raise
             attempts -= 1
             offset = dest.stat().st_size if dest.exists() else 0
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None, int | None] | None:
+    """``(first, last, total)`` of ``bytes first-last/total`` (``bytes */total``: no range;
+    ``/*``: no total), or None when ``value`` is not such a header."""
+    if not value or not value.startswith("bytes "):
+        return None
+    span, _, total_text = value[len("bytes "):].strip().partition("/")
+    total = int(total_text) if total_text.isdigit() else None
+    if total is None and total_text != "*":
+        return None
+    if span == "*":
+        return None, None, total
+    first, _, last = span.partition("-")
+    if not (first.isdigit() and last.isdigit()) or int(last) < int(first):
+        return None
+    return int(first), int(last), total
+
+
+def continues_at(content_range: str | None, offset: int, length: int | None) -> bool:
+    """Whether a partial answer continues a file at ``offset`` to its end.
+
+    ``bytes offset-last/total``, with ``last`` the file's last byte when the total is known,
+    and a body of ``last - offset + 1`` bytes when its length is known: a range that starts
+    elsewhere, stops short of the end, or disagrees with the body is no continuation.
+    """
+    parsed = _content_range(content_range)
+    if parsed is None or parsed[0] != offset:
+        return False
+    _, last, total = parsed
+    assert last is not None
+    if total is not None and last != total - 1:
+        return False
+    return length is None or length == last - offset + 1
+
+
+def unsatisfied_total(content_range: str | None) -> int | None:
+    """The file's size from a refusal's ``Content-Range: bytes */total``, else None."""
+    parsed = _content_range(content_range)
+    return parsed[2] if parsed is not None and parsed[0] is None else None
+
+
+def finish_from_file(dest: Path) -> tuple[str, int]:
+    """``(hex sha256, size)`` of a download whose file already holds every byte."""
+    return sha256_file(dest), dest.stat().st_size

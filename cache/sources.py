@@ -54,6 +54,8 @@ from cache.progress import (
     CancelCheck,
     Progress,
     ProgressThrottle,
+    continues_at,
+    finish_from_file,
     resume_after_cuts,
 )
 
@@ -212,13 +214,22 @@ class S3Source:
             response = self._client().get_object(**request)
         except ClientError as exc:
             if offset > 0 and _error_code(exc) == "InvalidRange":
+                if self._size() == offset:
+                    # The file already holds every byte (its writer was killed before
+                    # publishing): its hash decides, not a second download.
+                    digest, size = finish_from_file(dest)
+                    throttle(size, size, final=True)
+                    return FetchResult(dest, size, digest, None, self.label)
                 return self._transfer(dest, 0, max_bytes, checker, throttle, before_body)
             raise self._translate(exc) from exc
         except (BotoCoreError, OSError) as exc:
             raise self._translate(exc) from exc
+        length = response.get("ContentLength")
         if offset > 0 and not response.get("ContentRange"):
             offset = 0  # the store ignored Range: the body is the whole object
-        length = response.get("ContentLength")
+        elif offset > 0 and not continues_at(response.get("ContentRange"), offset, length):
+            response["Body"].close()  # a range that continues nothing: start again
+            return self._transfer(dest, 0, max_bytes, checker, throttle, before_body)
         total = offset + length if length is not None else None
         body = response["Body"]
         try:
@@ -248,6 +259,14 @@ class S3Source:
             raise FetchInterrupted(f"{self.label} ended early", received_bytes=size)
         throttle(size, total, final=True)
         return FetchResult(dest, size, digest, response.get("ContentType"), self.label)
+
+    def _size(self) -> int | None:
+        """The object's size (HEAD), or None when it cannot be read."""
+        try:
+            return int(self._client().head_object(Bucket=self.bucket, Key=self.key)
+                       ["ContentLength"])
+        except (BotoCoreError, ClientError, OSError, KeyError, ValueError):
+            return None
 
     def _translate(self, exc: Exception, *, in_body: bool = False) -> FetchError:
         if isinstance(exc, ClientError):

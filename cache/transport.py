@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 import socket
 import ssl
@@ -32,7 +33,10 @@ from cache.progress import Cancel
 from cache.urlpolicy import ResolvedTarget
 
 WATCH_INTERVAL_S = 0.1
-_HEADER_END = b"\r\n\r\n"
+# The blank line that ends a header block, as h11 finds it (``h11._receivebuffer``): a bare
+# LF ends lines too. Stopping anywhere else would hand h11 body bytes it keeps to itself.
+_HEADER_END = re.compile(b"\n\r?\n")
+_HEADER_END_MAX = 3
 
 class Guard:
     """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
@@ -206,11 +210,11 @@ class GuardedStream(httpcore.NetworkStream):
         # A response's header block ends at the first blank line; what follows (body, or the
         # next block after a 1xx response) waits in _pending for the next read.
         seen = self._tail + data
-        found = seen.find(_HEADER_END)
-        if found < 0:
-            self._tail = seen[-(len(_HEADER_END) - 1) :]
+        found = _HEADER_END.search(seen)
+        if found is None:
+            self._tail = seen[-(_HEADER_END_MAX - 1) :]
             return data
-        end = found + len(_HEADER_END) - len(self._tail)
+        end = found.end() - len(self._tail)
         self._pending = data[end:] + self._pending
         self._tail = b""
         return data[:end]

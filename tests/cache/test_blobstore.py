@@ -250,6 +250,26 @@ def test_link_hard_and_symbolic(
     assert other.resolve() == blob and other.read_bytes() == BODY
 
 
+def test_link_by_symlink_from_a_relative_store_and_no_leftover_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cache.errors import CacheError
+    from cache.links import link_into
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "blob").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)  # a relative cache directory (RUNFLOW_CACHE_DIR=cache)
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EXDEV, "cross-device link")))
+    run = tmp_path / "run" / "models"
+    dest = link_into(Path("store/blob"), run / "m.bin", base=run)
+    assert dest.is_symlink() and dest.read_bytes() == b"weights"
+    (run / "dir").mkdir()  # something a link cannot replace
+    with pytest.raises(CacheError):
+        link_into(Path("store/blob"), run / "dir", base=run)
+    assert sorted(p.name for p in run.iterdir()) == ["dir", "m.bin"]
+
+
 def test_link_refuses_escapes(https_server: HTTPSServer, make_store: StoreFactory, tmp_path: Path) -> None:
     https_server.add("/m", BODY)
     store = make_store()
@@ -279,6 +299,36 @@ def test_verify_quarantines_corrupt_blobs(https_server: HTTPSServer, make_store:
     assert store.ensure(DIGEST, [https_server.url("/m")]).read_bytes() == BODY  # fetched anew
 
 
+@pytest.mark.parametrize("meanwhile", ["evicted", "fetched-again"])
+def test_verify_leaves_a_blob_another_worker_replaced_while_it_hashed(
+    meanwhile: str, https_server: HTTPSServer, make_store: StoreFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cache.blobs
+
+    https_server.add("/m", BODY)
+    store = make_store()
+    path = store.ensure(DIGEST, [https_server.url("/m")])
+    os.chmod(path, 0o644)
+    with path.open("r+b") as f:
+        f.write(b"bitrot")
+    real_hash = cache.blobs.sha256_of
+
+    def hash_then_other_worker(f) -> str:
+        digest = real_hash(f)
+        path.unlink()  # another worker's gc evicts the blob...
+        if meanwhile == "fetched-again":  # ...and its next run downloads it again
+            store.ensure(DIGEST, [https_server.url("/m")])
+        return digest
+
+    monkeypatch.setattr(cache.blobs, "sha256_of", hash_then_other_worker)
+    result = store.verify()
+    assert result.corrupt == [DIGEST] and result.quarantined == []
+    assert store.has(DIGEST) is (meanwhile == "fetched-again")
+    if meanwhile == "fetched-again":
+        assert path.read_bytes() == BODY  # the good copy stays where runs find it
+
+
 def test_orphans_are_removed_when_the_store_opens(make_store: StoreFactory) -> None:
     store = make_store()
     tmp = store.partials.directory
@@ -301,6 +351,20 @@ def test_an_orphan_is_adopted_and_resumed(https_server: HTTPSServer, make_store:
     orphan.write_bytes(BODY[:777_777])
     assert store.ensure(DIGEST, [https_server.url("/m")]).read_bytes() == BODY
     assert route.range_headers == ["bytes=777777-"]
+    assert partial_files(store) == []
+
+
+def test_a_complete_orphan_is_verified_not_downloaded_again(
+    https_server: HTTPSServer, make_store: StoreFactory
+) -> None:
+    # Its writer was killed after the last byte, before publishing: the server answers the
+    # resume with 416 (nothing left), and the file's hash decides.
+    route = https_server.add("/m", BODY)
+    store = make_store()
+    orphan = store.partials.directory / f"{DIGEST}.deadhost.999999.abcd1234.part"
+    orphan.write_bytes(BODY)
+    assert store.ensure(DIGEST, [https_server.url("/m")]).read_bytes() == BODY
+    assert route.range_headers == [f"bytes={len(BODY)}-"]  # one request, no body sent
     assert partial_files(store) == []
 
 

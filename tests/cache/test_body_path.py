@@ -89,6 +89,20 @@ def test_body_shorter_than_content_length_is_a_cut(
     assert https_server.routes["/short"].hits == fetcher.resume_attempts + 1
 
 
+@pytest.mark.parametrize("length", [True, False])
+def test_headers_ending_with_bare_line_feeds(
+    length: bool, https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
+) -> None:
+    # h11 takes a bare LF as a line end; the header phase must stop where h11 does, or h11
+    # keeps the body's first bytes and the file silently lacks them.
+    head = "HTTP/1.1 200 OK\nContent-Type: application/octet-stream\n"
+    head += f"Content-Length: {len(BODY)}\n" if length else "Connection: close\n"
+    https_server.add("/lf", head.encode() + b"\n" + BODY, mode=Mode.RAW)
+    result = fetcher.fetch_to_file(https_server.url("/lf"), tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == BODY
+    assert result.sha256 == sha256_hex(BODY)
+
+
 @pytest.mark.parametrize("split", [1, 2, 3, 4, 5, 17])
 def test_header_phase_stops_at_the_blank_line_wherever_reads_split(split: int) -> None:
     hints, response, body = (_head("HTTP/1.1 103 Early Hints"), _head("HTTP/1.1 200 OK", "A: b"),

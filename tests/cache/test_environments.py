@@ -340,3 +340,45 @@ def test_a_submodule_outside_https_is_refused(tmp_path: Path, url: str) -> None:
     mirrors = GitMirrors(tmp_path / "cache" / "git", {node_origin: node})
     with pytest.raises(OriginRefused, match="not https"):
         mirrors.checkout(node_origin, node_commit, tmp_path / "checkout")
+
+
+def _within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` on a thread; the exception it raised, or fail if still waiting."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting after {seconds} s"
+    return outcome[0]
+
+
+def test_a_canceled_run_stops_waiting_for_another_workers_build(
+    origins: Origins, tmp_path: Path
+) -> None:
+    from filelock import FileLock
+
+    envs = origins.environments(tmp_path)
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1)
+    envs.root.mkdir(parents=True, exist_ok=True)
+    # Another worker is building this environment (or fetching its mirror) for minutes.
+    with FileLock(str(envs.root / f"{spec.key}.lock")):
+        assert isinstance(_within(10, lambda: envs.prepare(spec, cancel=lambda: True)),
+                          BuildCanceled)
+    mirrors = origins.mirrors(tmp_path)
+    mirror = mirrors.mirror_path(COMFY)
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(mirror) + ".lock"):
+        assert isinstance(_within(10, lambda: mirrors.ensure_commit(
+            COMFY, origins.comfy_v1, cancel=lambda: True)), BuildCanceled)
+        assert isinstance(_within(10, lambda: mirrors.checkout(
+            COMFY, origins.comfy_v1, tmp_path / "co", cancel=lambda: True)), BuildCanceled)
+    # Not canceled, it waits and builds once the lock is free.
+    assert envs.prepare(spec).comfyui_dir.is_dir()

@@ -53,6 +53,23 @@ def test_cut_connection_resumes_with_range(
     assert int(route.range_headers[1][6:-1]) > 0
 
 
+@pytest.mark.parametrize("answer", [
+    lambda start, size: (206, f"bytes {start}-{start + 999}/{size}", start),  # stops short
+    lambda start, size: (206, f"bytes {start - 10}-{size - 1}/{size}", start),  # elsewhere
+    lambda start, size: (206, None, start),  # no Content-Range at all
+    lambda start, size: (203, None, 0),  # a 2xx that is no continuation
+], ids=["short", "elsewhere", "no-range", "203"])
+def test_a_resume_answer_that_continues_nothing_restarts_from_zero(
+    answer, https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
+) -> None:
+    # Caller files have no digest to catch a wrong splice: the resume itself must be right.
+    route = https_server.add("/cut.bin", BODY, mode=Mode.TRUNCATE_ONCE, cut_at=2 * 2**20)
+    route.partial_answer = answer
+    result = fetcher.fetch_to_file(https_server.url("/cut.bin"), tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == BODY and result.sha256 == sha256_hex(BODY)
+    assert route.range_headers[-1] is None  # the last request asked for the whole file
+
+
 def test_range_ignored_restarts_from_zero(
     https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
 ) -> None:

@@ -63,6 +63,21 @@ def test_https_origin_is_fetched_at_the_address_the_policy_checked(
         r.path.startswith("/acme/Node.git/objects/") for r in https_server.requests)
 
 
+@pytest.mark.parametrize("spelling", [NAME.upper(), NAME + ".", NAME.upper() + "."])
+def test_git_is_held_to_the_checked_address_whatever_the_hosts_spelling(
+    spelling: str, https_server: HTTPSServer, served: dict[str, str], tmp_path: Path,
+    ca_bundle: Path
+) -> None:
+    # The name does not resolve outside the policy's resolver: git reaches the server only
+    # through the pinned address, which curl matches to the name only in its checked
+    # spelling (a trailing dot would otherwise send git to its own DNS lookup).
+    mirrors = _mirrors(tmp_path, ca_bundle, (NAME,))
+    origin = f"https://{spelling}:{https_server.port}/acme/Node.git"
+    dest = tmp_path / "checkout"
+    mirrors.checkout(origin, served["first"], dest)
+    assert git(dest, "rev-parse", "HEAD") == served["first"]
+
+
 def test_a_redirect_is_checked_and_followed(
     https_server: HTTPSServer, served: dict[str, str], tmp_path: Path, ca_bundle: Path
 ) -> None:

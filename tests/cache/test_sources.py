@@ -12,7 +12,7 @@ import pytest
 from cache.blobs import BlobStore
 from cache.errors import IntegrityError, SourceUnavailable, URLRefused
 from cache.fetcher import Fetcher
-from cache.sources import Sources
+from cache.sources import S3Source, Sources
 from tests.cache.helpers import make_body, partial_files, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)
@@ -49,6 +49,50 @@ def test_s3_resume_from_a_partial(s3_client: Callable[[], object], tmp_path: Pat
     orphan = store.partials.directory / f"{DIGEST}.host.1.deadbeef.part"
     orphan.write_bytes(BODY[:1_000_000])
     assert store.ensure(DIGEST, ["s3://models/m"]).read_bytes() == BODY
+
+
+class RecordingClient:
+    """A real S3 client whose ranged GETs are recorded, and answered by ``answer_range``."""
+
+    def __init__(self, client: object, answer_range: bool = True) -> None:
+        self.client = client
+        self.answer_range = answer_range
+        self.ranges: list[str | None] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+    def get_object(self, **request: object) -> dict:
+        self.ranges.append(request.get("Range"))  # type: ignore[arg-type]
+        if "Range" in request and not self.answer_range:
+            # A store answering a resume with the whole object under a range of the wrong
+            # offset: appending it would corrupt the file.
+            whole = self.client.get_object(Bucket=request["Bucket"], Key=request["Key"])  # type: ignore[attr-defined]
+            whole["ContentRange"] = f"bytes 0-{len(BODY) - 1}/{len(BODY)}"
+            return whole
+        return self.client.get_object(**request)  # type: ignore[attr-defined]
+
+
+def test_s3_resume_answered_for_another_offset_restarts(s3_client: Callable[[], object],
+                                                        tmp_path: Path) -> None:
+    s3_client().put_object(Bucket="models", Key="m", Body=BODY)  # type: ignore[attr-defined]
+    client = RecordingClient(s3_client(), answer_range=False)
+    dest = tmp_path / "m.part"
+    dest.write_bytes(BODY[:1_000_000])
+    result = S3Source("models", "m", lambda: client).fetch(dest, start_offset=1_000_000)
+    assert dest.read_bytes() == BODY and result.sha256 == DIGEST  # no splice
+    assert client.ranges == ["bytes=1000000-", None]  # the whole object again instead
+
+
+def test_s3_complete_orphan_is_verified_not_downloaded_again(s3_client: Callable[[], object],
+                                                             tmp_path: Path) -> None:
+    s3_client().put_object(Bucket="models", Key="m", Body=BODY)  # type: ignore[attr-defined]
+    client = RecordingClient(s3_client())
+    store = BlobStore(tmp_path / "blobs", sources=Sources(s3_client=lambda: client))
+    orphan = store.partials.directory / f"{DIGEST}.host.1.deadbeef.part"
+    orphan.write_bytes(BODY)  # every byte: its writer died before publishing
+    assert store.ensure(DIGEST, ["s3://models/m"]).read_bytes() == BODY
+    assert client.ranges == [f"bytes={len(BODY)}-"]
 
 
 def test_s3_missing_object_and_wrong_content(s3_client: Callable[[], object], tmp_path: Path) -> None:

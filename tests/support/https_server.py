@@ -41,7 +41,7 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -78,6 +78,9 @@ class Route:
     content_type: str = "application/octet-stream"
     ignore_range: bool = False
     """Answer 200 with the whole body whatever ``Range`` says (combines with any mode)."""
+    partial_answer: Callable[[int, int], tuple[int, str | None, int]] | None = None
+    """For a ``Range`` request from ``start`` of ``size`` bytes: ``(status, Content-Range,
+    first byte sent)``; the body is sent from that byte to the end."""
     raw_pieces: bool = False
     """``RAW`` mode: send the response ``drip_bytes`` at a time, without pauses."""
     redirect_after_hits: int | None = None
@@ -120,11 +123,12 @@ class RecordedRequest:
 
 
 def _parse_range(value: str | None, size: int) -> int | None:
-    """Start offset of a ``bytes=N-`` header, or None when absent or not of that form."""
+    """Start offset of a ``bytes=N-`` header, or None when absent or not of that form
+    (``N`` may be ``size`` or more: the caller answers 416)."""
     if not value or not value.startswith("bytes="):
         return None
     start, dash, end = value[len("bytes=") :].partition("-")
-    if not dash or end or not start.isdigit() or int(start) >= size:
+    if not dash or end or not start.isdigit():
         return None
     return int(start)
 
@@ -197,9 +201,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start = None
         if route.mode is not Mode.IGNORE_RANGE and not route.ignore_range:
             start = _parse_range(self.headers.get("Range"), size)
+        if start is not None and start >= size:
+            self.send_response(416)  # as real servers answer a range past the end
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if start is None:
             self.send_response(200)
             start = 0
+        elif route.partial_answer is not None:
+            # A server that answers a resume with something other than the rest.
+            status, content_range, start = route.partial_answer(start, size)
+            self.send_response(status)
+            if content_range:
+                self.send_header("Content-Range", content_range)
         else:
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
