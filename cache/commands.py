@@ -5,16 +5,23 @@ cancel or timeout must still stop them quickly. ``run_command`` waits on the chi
 slices, asking ``cancel()`` between them, and terminates (then kills) the child's whole
 process group when it says stop. Output goes to temporary files, not pipes, so a chatty
 command can never block on a full pipe while nobody reads it.
+
+It also holds the credential scrub of every process that runs code the worker did not
+write: the ComfyUI child (``runtime.spawn``), pip (a source distribution's or a ``git+``
+requirement's build code), a custom node's ``install.py``. ``is_secret_name`` drops by name,
+``has_url_password`` by value (a URL with a password in it), ``scrubbed_environment``
+applies both.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +31,71 @@ from cache.progress import Cancel
 POLL_S = 0.1
 _KILL_GRACE_S = 5.0
 _TAIL_CHARS = 4000
+
+_DROP_PREFIXES = ("RUNFLOW_", "AWS_")
+_DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL")
+_DROP_SUFFIXES = ("_KEY",)
+# ``scheme://user:password@``: a non-empty password in a URL's userinfo, anywhere in a value
+# (a list of URLs too). Userinfo holds no ``/ ? #`` (RFC 3986), so ``https://host:8080/@x``
+# is no credential. The user may be empty (``redis://:pw@host``).
+_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@:]*:[^\s/?#@]+@", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for variables that processes running foreign code never get unless passed.
+
+    ``RUNFLOW_*`` (the worker's own settings: Redis URL, webhook secret; nothing else reads
+    them), ``AWS_*``, and names containing SECRET, TOKEN, PASSWORD, PASSWD or CREDENTIAL or
+    ending with ``_KEY`` (any case).
+    """
+    upper = name.upper()
+    return (upper.startswith(_DROP_PREFIXES) or upper.endswith(_DROP_SUFFIXES)
+            or any(part in upper for part in _DROP_PARTS))
+
+
+def has_url_password(value: str) -> bool:
+    """True when ``value`` holds a URL with a password (``https://user:tok@index/simple``,
+    ``http://u:p@proxy:3128``): a credential whatever the variable's name."""
+    return _URL_PASSWORD.search(value) is not None
+
+
+def scrubbed_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
+                         extra: Mapping[str, str] | None = None, *,
+                         keep_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """``environ`` less secret names and values holding URL passwords, plus ``extra``.
+
+    Names in ``passed`` and names starting with one of ``keep_prefixes`` are kept whatever
+    they hold (a passed name that is not set is simply absent); ``extra`` is added as is.
+    """
+    keep = set(passed)
+    env = {k: v for k, v in environ.items()
+           if k in keep or k.startswith(keep_prefixes)
+           or not (is_secret_name(k) or has_url_password(v))}
+    env.update(extra or {})
+    return env
+
+
+def child_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
+                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ComfyUI child's environment: ``environ`` scrubbed, plus ``passed`` and ``extra``.
+
+    Everything else stays (PATH, HOME, CUDA_*, PYTORCH_*, HF_HOME, proxies without a
+    password, locale...). ``passed`` (the operator's ``RUNFLOW_CHILD_ENV_PASS``) keeps a
+    variable the scrub would drop, e.g. ``HF_TOKEN``.
+    """
+    return scrubbed_environment(environ, passed, extra)
+
+
+def pip_environment(environ: Mapping[str, str],
+                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What pip runs with: ``environ`` scrubbed, but every ``PIP_*`` kept as it is.
+
+    pip runs build code (a source distribution's, a ``git+`` requirement's) that must not
+    get the worker's credentials; its own ``PIP_*`` settings stay, index credentials
+    included, since pip cannot fetch without them. A proxy with a password is dropped like
+    any URL password: ``PIP_PROXY`` gives pip one.
+    """
+    return scrubbed_environment(environ, extra=extra, keep_prefixes=("PIP_",))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ Install scripts (``EnvironmentSpec.install_scripts``, off by default): a custom 
 ``install.py`` is then run as ComfyUI-Manager runs it (``python install.py`` in the node's
 directory). The pip it starts is held to the same prefix and constraints by pip's own
 variables (``PIP_PREFIX``, ``PIP_CONSTRAINT``), and it inherits none of the worker's
-credentials. A script that fails fails the build. Either way, a build that changed the
+credentials; nor does pip itself, which runs build code too (``cache.commands``'s scrub,
+``PIP_*`` kept). A script that fails fails the build. Either way, a build that changed the
 image's own packages fails.
 
 Building takes a lock per key, so workers sharing the volume build an environment once; a
@@ -62,7 +63,7 @@ from filelock import FileLock
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from cache.commands import run_command
+from cache.commands import pip_environment, run_command
 from cache.errors import BuildCanceled, EnvironmentBuildError
 from cache.git import GitMirrors
 from cache.packages import installed_versions
@@ -77,7 +78,8 @@ _KEY_HEX = 24
 COMFYUI_SERVER_PACKAGES = frozenset({"comfyui-frontend-package", "comfyui-workflow-templates",
                                      "comfyui-embedded-docs", "alembic", "sqlalchemy"})
 # What an install.py inherits of the worker's environment: locale, paths, proxies and pip's
-# own settings, not the worker's credentials (Redis, S3, cloud).
+# own settings, not the worker's credentials (Redis, S3, cloud). Then scrubbed as pip's
+# environment is (``pip_environment``): a proxy URL with a password goes too.
 _SCRIPT_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ",
                      "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
                      "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR", "CUDA_HOME", "CUDA_PATH")
@@ -350,7 +352,10 @@ class Environments:
         for link in self.pip_find_links:
             args += ["--find-links", link]
         try:
-            result = run_command(args, cwd=env_dir, cancel=cancel, timeout_s=PIP_TIMEOUT_S)
+            # pip runs build code (an sdist's setup.py, a git+ requirement's backend) with
+            # its environment: none of the worker's credentials, pip's own PIP_* kept.
+            result = run_command(args, cwd=env_dir, env=pip_environment(os.environ),
+                                 cancel=cancel, timeout_s=PIP_TIMEOUT_S)
         except TimeoutError as exc:
             raise EnvironmentBuildError("installing the requirements timed out") from exc
         except OSError as exc:
@@ -369,9 +374,8 @@ class Environments:
         node = script.parent.name
         prefix = env_dir / "python"
         site = [str(p) for p in _site_dirs(prefix, existing_only=False)]
-        env = {name: os.environ[name] for name in _SCRIPT_ENV_NAMES if name in os.environ}
-        env.update({name: value for name, value in os.environ.items()
-                    if name.startswith("PIP_")})
+        env = pip_environment({name: value for name, value in os.environ.items()
+                               if name in _SCRIPT_ENV_NAMES or name.startswith("PIP_")})
         env.update({
             "PYTHONPATH": os.pathsep.join(site),  # what the nodes' requirements installed
             "PYTHONNOUSERSITE": "1",

@@ -5,7 +5,7 @@ The main thread executes jobs (ComfyUI is not thread-safe); a reader thread rece
 so the parent's stdout stays clean (the ``run`` CLI prints the record there); its logging
 writes JSON lines tagged with the job's run id (``runtime.childlog``, installed by
 ``runtime.spawn`` before this module is imported). The process environment was scrubbed
-of credentials at spawn (``runtime.spawn.child_environment``).
+of credentials at spawn (``cache.commands.child_environment``).
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ States (one transition function, ``_transition``, checks every change)::
               +------> DEFUNCT <--+      DEFUNCT -> STARTING (restart)
 
 A child that dies becomes a readable failure ("exit code -9 (SIGKILL), probably out of
-memory"), never a hang: the parent waits on the pipe *and* the process sentinel, and a
-child found dead while idle is restarted before the next job. An interrupt that the child
-does not honour within ``interrupt_kill_after_s`` kills it, so a cancel or timeout always
-lands in bounded time; messages to the child are written from a helper thread, so a child
-that stops reading cannot block the supervising thread either. Anything unexpected on the
-pipe (a message the parent cannot unpickle, a broken pipe) kills the child and fails the
-job with ``INTERNAL``: the runner is never left BUSY.
+memory"), never a hang: the parent waits on the pipe *and* the process sentinel, and asks
+for the child's exit status at every poll (a process the child forked holds both the pipe
+and the sentinel open); a child found dead while idle is restarted before the next job.
+Killing the child kills its process group, so nothing it forked outlives it. An interrupt
+that the child does not honour within ``interrupt_kill_after_s`` kills it, so a cancel or
+timeout always lands in bounded time; messages to the child are written from a helper
+thread, so a child that stops reading cannot block the supervising thread either. Anything
+unexpected on the pipe (a message the parent cannot unpickle, a broken pipe) kills the child
+and fails the job with ``INTERNAL``: the runner is never left BUSY.
 
 The child is started by ``runtime.spawn`` with a scrubbed environment (no credentials).
 """
@@ -32,6 +34,7 @@ from enum import StrEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from cache.commands import child_environment
 from runtime import protocol as p
 from runtime.errors import (
     ProtocolError,
@@ -39,7 +42,7 @@ from runtime.errors import (
     RunnerStartFailed,
     RunnerStateError,
 )
-from runtime.spawn import ChildProcess, child_environment, spawn
+from runtime.spawn import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +259,14 @@ class Runner:
         assert self._conn is not None and self._proc is not None
         ready = wait([self._conn, self._proc.sentinel], timeout=timeout_s)
         if not ready:
-            return None
+            # A process the child forked (a DataLoader worker, a fork-based pool) inherits
+            # the pipe and the sentinel whatever their close-on-exec flags, and while it
+            # lives neither tells of the child's death; the child's own exit status does.
+            if self._proc.exitcode is None:
+                return None
+            if not self._conn.poll():
+                return _ChildGone(describe_exit(self._proc.exitcode))
+            # else: a last message it wrote just before it died, read first
         if self._conn in ready or self._conn.poll():
             try:
                 msg = self._conn.recv()

@@ -1,7 +1,8 @@
 """Starting the ComfyUI child: a fresh interpreter with a scrubbed environment.
 
 The child runs custom-node code, so it must not hold the worker's credentials (AWS keys,
-the webhook secret, the Redis URL, tokens). ``multiprocessing``'s spawn context cannot give
+the webhook secret, the Redis URL, tokens, URL passwords; the runner makes its environment
+with ``cache.commands.child_environment``). ``multiprocessing``'s spawn context cannot give
 a child another environment: its children inherit ``os.environ`` as it is at spawn time,
 and changing ``os.environ`` around the spawn would race with the worker's other threads
 (the download threads read AWS credentials). A child that cleans ``os.environ`` itself is
@@ -21,47 +22,17 @@ import atexit
 import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import traceback
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-_DROP_PREFIXES = ("RUNFLOW_", "AWS_")
-_DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL")
-_DROP_SUFFIXES = ("_KEY",)
-
-
-def is_secret_name(name: str) -> bool:
-    """True for variables the child never gets unless passed explicitly.
-
-    ``RUNFLOW_*`` (the worker's own settings: Redis URL, webhook secret; the child reads
-    none of them), ``AWS_*``, and names containing SECRET, TOKEN, PASSWORD, PASSWD or
-    CREDENTIAL or ending with ``_KEY`` (any case).
-    """
-    upper = name.upper()
-    return (upper.startswith(_DROP_PREFIXES) or upper.endswith(_DROP_SUFFIXES)
-            or any(part in upper for part in _DROP_PARTS))
-
-
-def child_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
-                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The child's environment: ``environ`` less secrets, plus ``passed`` names and ``extra``.
-
-    Everything else stays (PATH, HOME, CUDA_*, PYTORCH_*, HF_HOME, proxies, locale...).
-    ``passed`` (the operator's ``RUNFLOW_CHILD_ENV_PASS``) keeps a variable the scrub would
-    drop, e.g. ``HF_TOKEN``; a passed name that is not set is simply absent.
-    """
-    keep = set(passed)
-    env = {k: v for k, v in environ.items() if k in keep or not is_secret_name(k)}
-    env.update(extra or {})
-    return env
-
 
 # Runs in the fresh interpreter: only the standard library until sys.path is the parent's.
 _BOOT = (
@@ -101,12 +72,17 @@ class ChildProcess:
         return not self.exited()
 
     def kill(self) -> None:
-        """SIGKILL the child (no-op once it was reaped)."""
-        if self._popen.poll() is None:
-            try:
-                self._popen.kill()
-            except ProcessLookupError:
-                pass
+        """SIGKILL the child's whole process group: the child and whatever it forked.
+
+        The child leads its own group (``spawn`` starts it in a new session), and a process
+        it forked (a DataLoader worker, a fork-based pool) stays in that group, holding VRAM
+        and the child's ends of the pipe. The group is killed even once the child itself is
+        gone: such a process outlives it. (One that starts a session of its own escapes.)
+        """
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left in the group
 
     def join(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` seconds for the child to exit (and reap it)."""
@@ -164,6 +140,7 @@ def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
           ) -> tuple[ChildProcess, Connection]:
     """Start ``entry`` (``module:function``) in a fresh interpreter with exactly ``env``.
 
+    The child leads a new session and process group (``ChildProcess.kill`` kills the group).
     Returns the process and the parent's end of the connection. Raises OSError when the
     interpreter cannot be started. This process is made non-dumpable first
     (``guard_parent``).
@@ -178,6 +155,9 @@ def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
             [sys.executable, "-c", _BOOT, str(child_fd), str(sentinel_w)],
             env=dict(env), pass_fds=(child_fd, sentinel_w), stdin=subprocess.DEVNULL,
             close_fds=True,
+            # Its own session and process group, so ChildProcess.kill reaches everything it
+            # forked; a terminal's Ctrl-C reaches only the worker, which stops the child.
+            start_new_session=True,
         )
     except BaseException:
         parent_conn.close()
@@ -204,8 +184,9 @@ def serve_child(conn: Connection, sentinel_fd: int) -> None:
 
     from runtime import childlog
 
-    # Keep the pipe and the sentinel out of processes this child starts (a node's
-    # os.system): a grandchild holding them would hide this process's death.
+    # Keep the pipe and the sentinel out of programs this child starts (a node's
+    # os.system): a grandchild holding them would hide this process's death. A fork keeps
+    # them anyway; the runner also polls this process's exit status for that case.
     os.set_inheritable(conn.fileno(), False)
     os.set_inheritable(sentinel_fd, False)
     entry, config, log_level = conn.recv()

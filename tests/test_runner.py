@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cache.commands import child_environment, has_url_password
 from runtime import childlog
 from runtime import protocol as p
 from runtime.errors import RunnerStartFailed, RunnerStateError
 from runtime.runner import Runner, RunnerConfig, RunnerState, RunnerSupervisor, describe_exit
-from runtime.spawn import child_environment
 
 FAKE = "tests.fakes.fake_child:main"
 
@@ -228,6 +228,87 @@ def test_execute_on_a_child_dead_while_idle_reports_its_exit(runner: Runner,
     assert runner.state is RunnerState.DEFUNCT
 
 
+# ------------------------------------------------------------------ processes the child forked
+
+FORKING = "tests.fakes.forking_child:main"
+
+
+def forking_runner(tmp_path: Path) -> tuple[Runner, Path]:
+    """A runner whose child forks a helper at start; the helper's pid lands in the file."""
+    pidfile = tmp_path / "helper.pid"
+    cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
+                       child_entry=FORKING, startup_timeout_s=60,
+                       env={"fake_helper_pidfile": str(pidfile)})
+    return Runner(cfg), pidfile
+
+
+def group_gone(pgid: int, timeout_s: float) -> bool:
+    """Poll until no process of group ``pgid`` is left (killed ones are reaped by init)."""
+    deadline = time.monotonic() + timeout_s
+    tick = threading.Event()
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        tick.wait(0.02)
+
+
+def kill_helper(pidfile: Path) -> None:
+    """Cleanup for when the runner failed to kill the helper (the test fails then)."""
+    try:
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+
+
+def own_group(runner: Runner, pidfile: Path) -> int:
+    """The child's process group: its own, apart from the test's, and the helper's too."""
+    pgid = runner.pid
+    assert pgid is not None
+    assert os.getpgid(pgid) == pgid != os.getpgrp()
+    assert os.getpgid(int(pidfile.read_text())) == pgid
+    return pgid
+
+
+@pytest.mark.timeout(60)
+def test_a_crash_is_noticed_while_a_process_the_child_forked_lives(tmp_path: Path) -> None:
+    runner, pidfile = forking_runner(tmp_path)
+    try:
+        runner.start()
+        pgid = own_group(runner, pidfile)
+        t0 = time.monotonic()
+        # The helper holds the pipe and the sentinel: only the child's exit status tells.
+        out = runner.execute(job(tmp_path, {"1": {"class_type": "FakeCrash", "inputs": {}}}),
+                             should_interrupt=lambda: time.monotonic() - t0 > 20)
+        assert isinstance(out, p.Failed) and out.kind is p.FailureKind.CHILD_DIED, out
+        assert out.message == ("the ComfyUI process died during the run: exit code -9 "
+                               "(SIGKILL), probably out of memory (or killed by the operator)")
+        assert time.monotonic() - t0 < 5  # not at the run's timeout
+        assert runner.state is RunnerState.DEFUNCT
+        runner.stop()
+        assert group_gone(pgid, timeout_s=10), "a process the dead child forked survived"
+    finally:
+        runner.stop()
+        kill_helper(pidfile)
+
+
+@pytest.mark.timeout(60)
+def test_stop_leaves_nothing_the_child_forked(tmp_path: Path) -> None:
+    runner, pidfile = forking_runner(tmp_path)
+    try:
+        runner.start()
+        pgid = own_group(runner, pidfile)
+        assert isinstance(runner.execute(job(tmp_path, SAVE)), p.Done)
+        runner.stop()  # the child exits on Shutdown; its helper would live on
+        assert group_gone(pgid, timeout_s=10), "a process the child forked survived stop()"
+    finally:
+        runner.stop()
+        kill_helper(pidfile)
+
+
 # ------------------------------------------------------------------ unreadable messages
 
 
@@ -332,18 +413,39 @@ def test_child_environment_rules() -> None:
            "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s", "GITHUB_TOKEN": "t",
            "HF_TOKEN": "hf", "DB_PASSWORD": "p", "PGPASSWD": "p", "OPENAI_API_KEY": "k",
            "GOOGLE_APPLICATION_CREDENTIALS": "/c.json", "my_client_secret": "s"}
-    out = child_environment(env, passed=("HF_TOKEN", "NOT_SET"), extra={"EXTRA": "1"})
+    # Credentials in the value, whatever the name; the pass list keeps one anyway.
+    env |= {"PIP_INDEX_URL": "https://user:tok@pypi.internal/simple",
+            "http_proxy": "http://u:p@proxy:3128", "ALL_PROXY": "socks5://u:p@proxy:1080",
+            "NO_PROXY": "localhost", "MIRRORS": "https://a.example https://:pw@b.example",
+            "HF_ENDPOINT": "https://hf.internal:8443/@mirror", "GIT_URL": "https://bot@git.x"}
+    out = child_environment(env, passed=("HF_TOKEN", "NOT_SET", "ALL_PROXY"),
+                            extra={"EXTRA": "1"})
     assert out == {"PATH": "/bin", "HOME": "/h", "HF_HOME": "/hf",
                    "HTTPS_PROXY": "http://p:3128", "LANG": "C.UTF-8",
                    "CUDA_VISIBLE_DEVICES": "0", "PYTORCH_CUDA_ALLOC_CONF": "x",
-                   "HF_TOKEN": "hf", "EXTRA": "1"}
+                   "HF_TOKEN": "hf", "ALL_PROXY": "socks5://u:p@proxy:1080",
+                   "NO_PROXY": "localhost", "HF_ENDPOINT": "https://hf.internal:8443/@mirror",
+                   "GIT_URL": "https://bot@git.x", "EXTRA": "1"}
+
+
+@pytest.mark.parametrize(("value", "credential"), [
+    ("https://user:tok@pypi.internal/simple", True),
+    ("redis://:pw@redis:6379/0", True),  # no user, a password
+    ("see HTTP://U:P@PROXY:3128 first", True),
+    ("https://user@git.example/x", False),  # a user alone is no secret
+    ("https://user:@host/", False),  # nor an empty password
+    ("https://host:8443/@scope/pkg", False),  # an @ in the path
+    ("user:pass@host", False),  # no scheme: not a URL
+])
+def test_url_passwords_are_found_in_values(value: str, credential: bool) -> None:
+    assert has_url_password(value) is credential
 
 
 def test_child_process_environment_has_no_secrets(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret", "RUNFLOW_WEBHOOK_SECRET": "whsec_abc",
                "RUNFLOW_REDIS_URL": "redis://:pw@redis:6379/0", "GITHUB_TOKEN": "ghp_x",
-               "OPENAI_API_KEY": "sk-x"}
+               "OPENAI_API_KEY": "sk-x", "PIP_INDEX_URL": "https://user:tok@pypi.internal/s"}
     for name, value in {**secrets, "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)
     cfg = RunnerConfig(**{**config(tmp_path, EXTRA_FLAG="1").__dict__,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.spawn import guard_parent
 from worker import cache_cli, doctor_cli, run_cli, serve_cli
 from worker.errors import ConfigError
 from worker.logs import redact
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Bad configuration (a ``RUNFLOW_*`` variable, or a ConfigError a command raises while
     starting) is one line on stderr naming the variable, and exit code 2: every command
-    fails the same way, before doing anything.
+    fails the same way, before doing anything. Every command runs with this process made
+    non-dumpable (``runtime.spawn.guard_parent``).
     """
     args = build_parser().parse_args(argv)
     try:
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # InvalidSettings: names each variable, never a secret
         print(f"runflow-worker: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    # Non-dumpable before any command starts foreign code: pip's build code and install.py
+    # run before the first ComfyUI child (whose spawn() would otherwise be the first guard),
+    # and a process of this user could read this one's /proc/<pid>/environ meanwhile.
+    guard_parent()
     try:
         return int(args.func(args, settings) or 0)
     except ConfigError as exc:

@@ -3,6 +3,7 @@ nodes' requirements installed without touching the image's packages."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -208,6 +209,72 @@ def test_command_timeout(tmp_path: Path) -> None:
 
     with pytest.raises(TimeoutError):
         run_command(["sleep", "30"], timeout_s=0.3)
+
+
+# ---------------------------------------------------------------------------- pip's environment
+
+# An in-tree PEP 517 backend (no build requirement: builds offline): records the environment
+# its build code runs with, as a setup.py or a git+ requirement's build could read it.
+BACKEND = r"""
+import base64, hashlib, json, os, zipfile
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open(SEEN, "w") as f:
+        json.dump(dict(os.environ), f)
+    info = "recorder-1.0.dist-info/"
+    files = {"recorder/__init__.py": "",
+             info + "METADATA": "Metadata-Version: 2.1\nName: recorder\nVersion: 1.0\n",
+             info + "WHEEL": "Wheel-Version: 1.0\nGenerator: t\nRoot-Is-Purelib: true\n"
+                             "Tag: py3-none-any\n"}
+    record = []
+    for rel, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest())
+        record.append("%s,sha256=%s,%d" % (rel, digest.rstrip(b"=").decode(), len(text)))
+    files[info + "RECORD"] = "\n".join(record + [info + "RECORD,,"]) + "\n"
+    name = "recorder-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+        for rel, text in files.items():
+            zf.writestr(rel, text)
+    return name
+"""
+PYPROJECT = """\
+[project]
+name = "recorder"
+version = "1.0"
+
+[build-system]
+requires = []
+build-backend = "backend"
+backend-path = ["."]
+"""
+
+
+def test_build_code_pip_runs_gets_none_of_the_workers_credentials(
+    origins: Origins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, seen = tmp_path / "recorder-src", tmp_path / "seen.json"
+    source.mkdir()
+    (source / "backend.py").write_text(f"SEEN = {str(seen)!r}\n{BACKEND}")
+    (source / "pyproject.toml").write_text(PYPROJECT)
+    node = commit(origins.node, {"requirements.txt": f"recorder @ {source.as_uri()}\n"},
+                  "a requirement built from source")
+    secrets = {"RUNFLOW_REDIS_URL": "redis://:pw@redis.internal:6379/0",
+               "RUNFLOW_WEBHOOK_SECRET": "whsec_abc", "AWS_SECRET_ACCESS_KEY": "aws-secret",
+               "GITHUB_TOKEN": "ghp_x",
+               # credentials in the value, not the name
+               "HTTPS_PROXY": "http://user:pass@proxy.invalid:3128",
+               "UV_INDEX_URL": "https://user:tok@index.invalid/simple"}
+    kept = {"HTTP_PROXY": "http://proxy.invalid:3128", "BUILD_FLAVOUR": "cuda",
+            # pip's own settings stay, the index credentials it needs too
+            "PIP_INDEX_URL": "https://user:tok@index.invalid/simple", "PIP_NO_INDEX": "1"}
+    for name, value in {**secrets, **kept}.items():
+        monkeypatch.setenv(name, value)
+    spec = EnvironmentSpec(COMFY, origins.comfy_v1, (NodePin("ComfyUI-Foo", NODE, node),))
+    env = origins.environments(tmp_path).prepare(spec)
+    assert any((path / "recorder").is_dir() for path in env.sys_path)
+    environ = json.loads(seen.read_text())
+    assert not set(secrets) & set(environ)
+    assert {name: environ.get(name) for name in kept} == kept
 
 
 # ---------------------------------------------------------------------------- eviction

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,24 @@ def test_install_script_runs_in_the_node_directory_and_installs_into_the_prefix(
                          timeout=60).stdout.splitlines()
     assert out[0].startswith(str(env.root / "python")) and out[1] == "installed by install.py"
     assert importlib.util.find_spec("scriptdep") is None  # the image did not change
+
+
+def test_install_script_gets_no_proxy_password_but_pips_own_settings(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://user:pass@proxy.invalid:3128")  # a credential
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://user:tok@index.invalid/simple")
+    script = ("import json, os\n"
+              "with open('seen.json', 'w') as f:\n"
+              "    json.dump(dict(os.environ), f)\n")
+    env = setup.envs.prepare(setup.spec({"install.py": script}))
+    seen = json.loads((env.custom_nodes_dir / "ComfyUI-Foo" / "seen.json").read_text())
+    assert "HTTPS_PROXY" not in seen and "RUNFLOW_REDIS_URL" not in seen
+    assert seen["HTTP_PROXY"] == "http://proxy.invalid:3128"
+    # pip's own settings, as for the requirements: pip needs its index credentials
+    assert seen["PIP_EXTRA_INDEX_URL"] == "https://user:tok@index.invalid/simple"
+    assert seen["PIP_NO_INDEX"] == "1"
 
 
 def test_install_script_cannot_change_a_package_of_the_image(setup: Setup) -> None:
