@@ -95,8 +95,13 @@ def file_reference_problem(value: str) -> str | None:
     return None
 
 
-def path_segment_problem(value: str) -> str | None:
+def path_segment_problem(value: str, *, max_chars: int = MAX_SEGMENT_CHARS) -> str | None:
     """Why ``value`` cannot be one segment of a storage key or file path, else None.
+
+    The one rule for path segments (the run message checks, the output keys and the storage
+    keys all use it): not empty, not ``.`` or ``..``, no slash or backslash, no control
+    character, at most ``max_chars`` characters (ids: ``MAX_SEGMENT_CHARS``; output file
+    names pass 255, a file name's limit on most file systems).
 
     Output ids (and node ids, the default output labels) become a segment of the object
     key ``runs/<run_id>/<output_id>/<filename>``: one that holds a slash or is ``..`` would
@@ -110,8 +115,8 @@ def path_segment_problem(value: str) -> str | None:
         return "contains a slash"
     if _CONTROL.search(value):
         return "contains a control character"
-    if len(value) > MAX_SEGMENT_CHARS:
-        return f"is longer than {MAX_SEGMENT_CHARS} characters"
+    if len(value) > max_chars:
+        return f"is longer than {max_chars} characters"
     return None
 
 

@@ -1,22 +1,33 @@
 """Output storage: S3 errors translated, transfers that stop, keys that stay in their run.
 
 S3 is moto in server mode on loopback (real HTTP, so boto3's transfer threads and retries
-run as they do against a bucket).
+run as they do against a bucket), or a server that accepts requests and never answers.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runtime.graph import path_segment_problem
 from runtime.protocol import OutputFile
+from tests.serve.s3_servers import SilentServer, aws_test_credentials, moto_s3
+from worker import storage as storage_module
 from worker.errors import ErrorCode, RunFailure, StorageError
-from worker.outputs import discard_outputs, object_key, store_outputs
-from worker.storage import LocalStorage, S3Storage, UploadCanceled, check_key
+from worker.outputs import discard_outputs, discard_outputs_later, object_key, store_outputs
+from worker.storage import (
+    MAX_KEY_SEGMENT_CHARS,
+    LocalStorage,
+    S3Storage,
+    UploadCanceled,
+    check_key,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,23 +37,9 @@ BUCKET = "outputs"
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
     """A moto S3 endpoint with the bucket ``outputs``: its URL and a client."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    try:
+    aws_test_credentials(monkeypatch)
+    with moto_s3(BUCKET) as (url, client):
         yield url, client
-    finally:
-        server.stop()
 
 
 def _outputs(tmp_path: Path, sizes: dict[str, int]) -> tuple[Path, list[OutputFile]]:
@@ -129,6 +126,152 @@ def test_s3_transfer_stops_mid_file_and_the_run_keeps_no_object(s3, tmp_path: Pa
     assert _keys(client) == []
 
 
+@pytest.fixture
+def silent_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[SilentServer]:
+    """An S3 endpoint that accepts every request and never answers."""
+    aws_test_credentials(monkeypatch)
+    server = SilentServer()
+    try:
+        yield server
+    finally:
+        server.close()  # the abandoned transfer's retries are refused: it ends
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` on a thread; the dict gets its ``error`` and ``ended`` (monotonic)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome["error"] = exc
+        outcome["ended"] = time.monotonic()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_s3_transfer_to_a_silent_server_stops_promptly(silent_s3, tmp_path: Path) -> None:
+    # No bytes move once the request is sent: boto3's progress callback never runs again,
+    # and botocore alone would wait for its read timeout times its attempts.
+    storage = S3Storage(BUCKET, "", endpoint_url=silent_s3.url, presign_ttl_s=60)
+    out, files = _outputs(tmp_path, {"a.png": 1000})
+    stop = threading.Event()
+    stopped_at: list[float] = []
+
+    def should_stop() -> bool:
+        if stop.is_set() and not stopped_at:
+            stopped_at.append(time.monotonic())
+        return stop.is_set()
+
+    written: list[str] = []
+    thread, outcome = _in_thread(lambda: store_outputs(files, out, "r1", storage,
+                                                       should_stop=should_stop,
+                                                       written=written))
+    assert silent_s3.received.wait(20)  # the request is in flight
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive(), "the upload ignored the stop"
+    assert isinstance(outcome["error"], UploadCanceled)
+    # About 0.45 s after the stop was seen (ABANDON_AFTER_S plus a poll); a loaded machine
+    # gets some slack, well inside the 2 s a run has to stop.
+    assert outcome["ended"] - stopped_at[0] < 1.0
+    assert written == ["runs/r1/hero/a.png"]  # for the discard
+
+
+class _SlowClient:
+    """A boto3 client stand-in whose upload completes only when the test says so."""
+
+    def __init__(self) -> None:
+        self.uploading = threading.Event()
+        self.complete = threading.Event()
+        self.deleted: list[str] = []
+        self.deleted_event = threading.Event()
+
+    def upload_file(self, filename: str, bucket: str, key: str, *, ExtraArgs: Any,
+                    Callback: Any) -> None:
+        self.uploading.set()
+        assert self.complete.wait(30)  # the server answers late (no bytes meanwhile)
+
+    def delete_object(self, *, Bucket: str, Key: str) -> None:
+        self.deleted.append(Key)
+        self.deleted_event.set()
+
+
+def test_an_abandoned_transfer_that_completes_later_deletes_its_object(tmp_path: Path
+                                                                       ) -> None:
+    client = _SlowClient()
+    storage = S3Storage(BUCKET, "pfx", endpoint_url=None, presign_ttl_s=60, client=client)
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    thread, outcome = _in_thread(lambda: storage.put(
+        src, "runs/r1/hero/a.png", content_type="image/png", sha256="0",
+        should_stop=client.uploading.is_set))
+    try:
+        thread.join(3)
+        assert not thread.is_alive(), "the caller waited for the stalled transfer"
+        assert isinstance(outcome["error"], UploadCanceled)
+        assert client.deleted == []  # nothing stored yet: nothing to delete
+    finally:
+        client.complete.set()  # the upload completes after all...
+    assert client.deleted_event.wait(10)
+    assert client.deleted == ["pfx/runs/r1/hero/a.png"]  # ...and its object is deleted
+
+
+def test_a_transfer_that_completes_before_the_stop_keeps_its_object(tmp_path: Path
+                                                                    ) -> None:
+    client = _SlowClient()
+    client.complete.set()
+    storage = S3Storage(BUCKET, "", endpoint_url=None, presign_ttl_s=60, client=client)
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    storage.put(src, "runs/r1/hero/a.png", content_type="image/png", sha256="0",
+                should_stop=lambda: False)
+    assert client.uploading.is_set() and client.deleted == []
+
+
+def test_storage_client_has_explicit_timeouts_and_bounded_retries() -> None:
+    config = S3Storage(BUCKET, "", endpoint_url="http://127.0.0.1:9", presign_ttl_s=60
+                       )._client.meta.config
+    # botocore's defaults would be 60 s each and, with the old setting, 5 attempts.
+    assert (config.connect_timeout, config.read_timeout,
+            config.retries.get("total_max_attempts")) == (5.0, 20.0, 3)
+    assert (storage_module.S3_CONNECT_TIMEOUT_S, storage_module.S3_READ_TIMEOUT_S,
+            storage_module.S3_MAX_ATTEMPTS) == (5.0, 20.0, 3)  # the documented values
+
+
+def test_a_background_discard_does_not_hold_its_caller(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    class SlowDeletes(LocalStorage):
+        def delete(self, key: str) -> None:
+            assert release.wait(30)
+            super().delete(key)
+
+    storage = SlowDeletes(tmp_path / "store")
+    out, files = _outputs(tmp_path, {"a.png": 10})
+    written: list[str] = []
+    store_outputs(files, out, "r1", storage, written=written)
+    thread = discard_outputs_later(storage, written, run_id="r1")  # returns at once
+    assert thread.is_alive() and (tmp_path / "store" / written[0]).exists()
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive() and list((tmp_path / "store").rglob("*")) == []
+
+
+def test_a_discard_past_its_deadline_starts_no_delete(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    out, files = _outputs(tmp_path, {"a.png": 10, "b.png": 10})
+    written: list[str] = []
+    store_outputs(files, out, "r1", storage, written=written)
+    discard_outputs(storage, written, run_id="r1", deadline=time.monotonic() - 1)
+    assert (tmp_path / "store" / written[0]).exists()  # bounded: nothing started late
+    discard_outputs(storage, written, run_id="r1", deadline=time.monotonic() + 60)
+    assert list((tmp_path / "store").rglob("*")) == []
+
+
 def test_local_upload_stops_between_files(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "store")
     out, files = _outputs(tmp_path, {"a.png": 10, "b.png": 10})
@@ -172,6 +315,27 @@ def test_keys_stay_under_their_run() -> None:
         with pytest.raises(RunFailure) as info:
             object_key(run_id, output_id, filename)
         assert info.value.code is ErrorCode.UPLOAD_FAILED
+
+
+@pytest.mark.parametrize("segment", ["hero", "12:3", "é.png", "", ".", "..", "a\\b",
+                                     "x\x00y", "tab\there", "del\x7f", "x" * 128,
+                                     "x" * 129, "x" * 255, "x" * 256])
+def test_outputs_and_storage_apply_the_one_path_segment_rule(segment: str) -> None:
+    # runtime.graph.path_segment_problem is the rule; output keys and storage keys allow
+    # file names up to 255 characters, while ids in the run message keep 128.
+    refused = path_segment_problem(segment, max_chars=MAX_KEY_SEGMENT_CHARS) is not None
+    try:
+        object_key("r1", "hero", segment)
+        output_refused = False
+    except RunFailure:
+        output_refused = True
+    try:
+        check_key(f"runs/r1/hero/{segment}")
+        storage_refused = False
+    except StorageError:
+        storage_refused = True
+    assert output_refused == storage_refused == refused
+    assert (path_segment_problem(segment) is not None) == (refused or len(segment) > 128)
 
 
 @pytest.mark.parametrize("key", ["runs/r1/../r2/hero/a.png", "/runs/r1/a", "runs//r1/a",

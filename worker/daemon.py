@@ -31,10 +31,11 @@ from typing import Any, TypeVar
 import redis
 
 from worker import keys
+from worker.boot import process_age_s
 from worker.callbacks import CallbackSender
 from worker.contract import RunMessage, RunRecord, RunStatus, record_for, utcnow
 from worker.control import LeaseKeeper, ServeControl, ShutdownState
-from worker.errors import ErrorCode, QueueError, RunFailure, RunInterrupted, RunRejected
+from worker.errors import ErrorCode, QueueError, RunInterrupted, RunRejected
 from worker.gpu import next_larger_class
 from worker.health import HealthServer
 from worker.metrics import Metrics
@@ -46,9 +47,11 @@ from worker.records import (
     DeadLetter,
     EventPublisher,
     Finalised,
+    NotSerialisable,
     RecordStore,
     event_json,
     promotion_for,
+    worker_lost,
 )
 from worker.report import terminal_record
 from worker.salvage import parse_delivery, unparseable_record, unreadable
@@ -67,19 +70,6 @@ PERMANENT_ERROR_RETRIES = 5
 TERMINAL_WRITE_RETRY_CAP_S = 1.0
 """Longest wait between tries of a terminal write while Redis is away (short: once Redis is
 back, the outcome should land before anything else happens to the run)."""
-_IMPORTED_MONOTONIC = time.monotonic()
-
-
-def process_age_s() -> float:
-    """Seconds since this process started (Linux ``/proc``; else since this module loaded)."""
-    try:
-        with open("/proc/self/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        with open("/proc/uptime") as fh:
-            uptime_s = float(fh.read().split()[0])
-        return max(0.0, uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.monotonic() - _IMPORTED_MONOTONIC
 
 
 class Worker:
@@ -246,16 +236,23 @@ class Worker:
                 return
             extra = {"run_id": message.run_id, "attempt": message.attempt,
                      "entry_id": delivery.entry_id, "deliveries": delivery.deliveries}
-            if over_limit:
-                self.dead_letter_run(delivery, message, started_at, queue_ms)
+            try:
+                if over_limit:
+                    self.dead_letter_run(delivery, message, started_at, queue_ms)
+                    return
+                running = record_for(message, RunStatus.RUNNING, started_at=started_at,
+                                     billing=message.billing)
+                begin, token = self.records.begin_attempt(
+                    delivery, message.run_id, message.attempt, running=running,
+                    event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
+                                "deliveries": delivery.deliveries,
+                                "reclaimed": delivery.reclaimed})
+            except NotSerialisable as exc:
+                # Parsed, but nested deeper than the record serialiser allows (found at the
+                # first record written, not by serialising every message): a rejection.
+                self.reject_unparseable_run(delivery, unreadable(exc.__cause__), started_at,
+                                            queue_ms, dead_letter=over_limit)
                 return
-            running = record_for(message, RunStatus.RUNNING, started_at=started_at,
-                                 billing=message.billing)
-            begin, token = self.records.begin_attempt(
-                delivery, message.run_id, message.attempt, running=running,
-                event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
-                            "deliveries": delivery.deliveries,
-                            "reclaimed": delivery.reclaimed})
             if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
                 log.info("run %s skipped: %s", message.run_id, begin.value,
                          extra={**extra, "event": f"run_skipped_{begin.value}"})
@@ -315,7 +312,16 @@ class Worker:
                 self.gpu_class, self.settings.ladder,
                 explicit=wf.gpu_explicit_models if wf.gpu_mode == "explicit" else None)
         if target is not None:
-            promotion, written_record = promotion_for(message, record, keys.runs_stream(target))
+            try:
+                promotion, written_record = promotion_for(message, record,
+                                                          keys.runs_stream(target))
+            except NotSerialisable:
+                # Too deeply nested to be re-enqueued (its records, without the graph,
+                # were fine): this attempt's out-of-memory failure is final.
+                record.warnings.append(f"not re-enqueued on {target}: the run message is "
+                                       "nested too deeply to serialise")
+                target = None
+        if target is not None:
             event_data: dict[str, Any] = {"reason": "out_of_memory", "from": self.gpu_class,
                                           "gpu_class": target}
         else:
@@ -351,41 +357,26 @@ class Worker:
     def dead_letter_run(self, delivery: Delivery, message: RunMessage, started_at: datetime,
                         queue_ms: int) -> None:
         """Copy an entry delivered too often to the dead letters and fail it WORKER_LOST."""
-        begin, token = self.records.begin_attempt(delivery, message.run_id, message.attempt,
-                                                  running=None, event_data={})
-        if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
-            return
-        limit = self.settings.max_deliveries
-        result = RunResult(status=RunStatus.FAILED, failure=RunFailure(
-            ErrorCode.WORKER_LOST,
-            f"the worker running this run was lost {delivery.deliveries - 1} times "
-            f"(limit {limit} deliveries); moved to the dead-letter stream",
-            details={"deliveries": delivery.deliveries - 1}))
+        result = RunResult(status=RunStatus.FAILED, failure=worker_lost(
+            delivery.deliveries, self.settings.max_deliveries))
         record = terminal_record(message, result, started_at=started_at,
                                  gpu_class=self.gpu_class, gpu_seconds=0.0, queue_ms=queue_ms)
-        outcome = self._retry_terminal_write(message.run_id, lambda: self.records.finalise(
-            delivery, token, record, event_data={"error": ErrorCode.WORKER_LOST.value,
-                                                 "dead_letter": True},
-            dead_letter=DeadLetter(reason="max_deliveries"),
-            callback=self._callback_job(message.callback_url, record)))
-        if outcome is Finalised.WRITTEN:
-            self.metrics.dead_letters.inc()
-            log.error("run %s dead-lettered after %d deliveries", message.run_id,
-                      delivery.deliveries - 1,
-                      extra={"run_id": message.run_id, "attempt": message.attempt,
-                             "event": "run_dead_lettered", "entry_id": delivery.entry_id})
-        self._after_finalise(message, record, outcome)
+        self._finalise_unexecuted(delivery, record, message.callback_url, dead_letter=True)
 
     def reject_unparseable_run(self, delivery: Delivery, exc: RunRejected | None,
                                started_at: datetime, queue_ms: int, *,
                                dead_letter: bool = False) -> None:
         """Fail an entry whose message does not parse (or dead-letter it without a run id).
 
-        With ``dead_letter`` the entry is also copied to the dead letters, in the same step.
+        With ``dead_letter`` (past ``max_deliveries``) the run fails ``WORKER_LOST`` like
+        any run whose holders kept dying (SPEC §2), the rejection kept in the error's
+        details, and the entry is copied to the dead letters in the same step.
         """
         exc = exc or unreadable(None)
+        error = (worker_lost(delivery.deliveries, self.settings.max_deliveries, rejection=exc)
+                 if dead_letter else exc)
         record, callback_url = unparseable_record(
-            delivery.payload, exc, gpu_class=self.gpu_class, started_at=started_at,
+            delivery.payload, error, gpu_class=self.gpu_class, started_at=started_at,
             queue_ms=queue_ms, read_record=self.records.read)
         if record is None:
             self.queue.dead_letter_unidentified(delivery, reason=f"unparseable: {exc.message}"[:500])
@@ -393,17 +384,28 @@ class Worker:
             log.error("entry %s has no usable run id; dead-lettered", delivery.entry_id,
                       extra={"event": "entry_dead_lettered", "entry_id": delivery.entry_id})
             return
-        run_id = record.id
-        begin, token = self.records.begin_attempt(delivery, run_id, record.attempt,
+        self._finalise_unexecuted(delivery, record, callback_url, dead_letter=dead_letter)
+
+    def _finalise_unexecuted(self, delivery: Delivery, record: RunRecord,
+                             callback_url: str | None, *, dead_letter: bool) -> None:
+        """Write the terminal ``record`` of a run that never executed (+ the dead letter)."""
+        begin, token = self.records.begin_attempt(delivery, record.id, record.attempt,
                                                   running=None, event_data={})
         if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
             return
-        outcome = self._retry_terminal_write(run_id, lambda: self.records.finalise(
-            delivery, token, record, event_data={"error": exc.code.value},
+        event_data: dict[str, Any] = {"error": (record.error or {}).get("code")}
+        if dead_letter:
+            event_data["dead_letter"] = True
+        outcome = self._retry_terminal_write(record.id, lambda: self.records.finalise(
+            delivery, token, record, event_data=event_data,
             dead_letter=DeadLetter(reason="max_deliveries") if dead_letter else None,
             callback=self._callback_job(callback_url, record)))
         if outcome is Finalised.WRITTEN and dead_letter:
             self.metrics.dead_letters.inc()
+            log.error("run %s dead-lettered after %d deliveries", record.id,
+                      delivery.deliveries - 1,
+                      extra={"run_id": record.id, "attempt": record.attempt,
+                             "event": "run_dead_lettered", "entry_id": delivery.entry_id})
         self._after_finalise(None, record, outcome)
 
     # ------------------------------------------------------------------ helpers

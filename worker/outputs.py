@@ -4,6 +4,10 @@ Files of Runflow Output nodes are labelled by their ``output_id`` (a batch gives
 entries with one ``output_id``). A graph without Runflow Output nodes returns the files of
 its other output nodes, labelled by node id. Keys are ``runs/<run_id>/<output_id>/<file>``,
 each part one safe path segment (``object_key``), so no run writes into another's folder.
+
+The objects of a run that does not succeed are deleted again: ``discard_outputs`` (in the
+caller's thread) or ``discard_outputs_later`` (on a background thread, so that a slow or
+silent storage never delays the run's terminal record).
 """
 
 from __future__ import annotations
@@ -11,18 +15,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import mimetypes
-import posixpath
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime.graph import path_segment_problem
 from runtime.protocol import OutputFile
 from worker.contract import OutputEntry
 from worker.errors import ErrorCode, RunFailure, StorageError
-from worker.storage import ShouldStop, Storage, UploadCanceled
+from worker.storage import MAX_KEY_SEGMENT_CHARS, ShouldStop, Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
-MAX_SEGMENT_CHARS = 255
-"""Longest output_id or file name in a key (a file name's limit on most file systems)."""
+DISCARD_BUDGET_S = 30.0
+"""A background discard starts no delete after this long (each delete is bounded by the
+storage client's own timeouts); the keys left are logged."""
 
 _EXTRA_TYPES = {".webp": "image/webp", ".glb": "model/gltf-binary", ".safetensors":
                 "application/octet-stream", ".flac": "audio/flac", ".webm": "video/webm"}
@@ -55,31 +62,21 @@ def select_outputs(files: Sequence[OutputFile]) -> list[tuple[str, OutputFile]]:
     return out
 
 
-def is_safe_segment(name: str) -> bool:
-    """True when ``name`` is one path segment that is safe in an object key and on disk:
-    not empty, not ``.`` or ``..``, no slash or backslash, no control character, at most
-    ``MAX_SEGMENT_CHARS`` characters."""
-    return (0 < len(name) <= MAX_SEGMENT_CHARS and name not in (".", "..")
-            and not any(c in "/\\" or ord(c) < 32 or c == "\x7f" for c in name))
-
-
 def object_key(run_id: str, output_id: str, filename: str) -> str:
     """``runs/<run_id>/<output_id>/<filename>``; UPLOAD_FAILED unless each part is one safe
-    segment and the key stays under ``runs/<run_id>/`` once normalised.
+    path segment (``path_segment_problem``, up to ``MAX_KEY_SEGMENT_CHARS`` characters), so
+    the key stays under ``runs/<run_id>/``.
 
     Defence in depth: the run message checks refuse such ids before any GPU work, but a key
     that escaped its run's folder would overwrite another run's outputs.
     """
     for what, part in (("run id", run_id), ("output_id", output_id), ("file name", filename)):
-        if not is_safe_segment(part):
+        why = path_segment_problem(part, max_chars=MAX_KEY_SEGMENT_CHARS)
+        if why is not None:
             raise RunFailure(ErrorCode.UPLOAD_FAILED,
                              f"refusing to store an output: its {what} {part!r} is not a "
-                             "single safe path segment")
-    key = f"runs/{run_id}/{output_id}/{filename}"
-    if posixpath.normpath(key) != key or not key.startswith(f"runs/{run_id}/"):
-        raise RunFailure(ErrorCode.UPLOAD_FAILED,
-                         f"refusing to store an output at {key!r}: outside runs/{run_id}/")
-    return key
+                             f"single safe path segment (it {why})")
+    return f"runs/{run_id}/{output_id}/{filename}"
 
 
 def store_outputs(
@@ -132,11 +129,41 @@ def store_outputs(
     return entries
 
 
-def discard_outputs(storage: Storage, keys: Sequence[str], *, run_id: str) -> None:
-    """Delete the objects of a run that did not succeed, best-effort (failures logged)."""
-    for key in keys:
+def discard_outputs(storage: Storage, keys: Sequence[str], *, run_id: str,
+                    deadline: float | None = None) -> None:
+    """Delete the objects of a run that did not succeed, best-effort (failures logged).
+
+    With ``deadline`` (a ``time.monotonic()`` value) no delete starts after it; the keys
+    left are logged.
+    """
+    for i, key in enumerate(keys):
+        if deadline is not None and time.monotonic() >= deadline:
+            log.warning("gave up deleting %d output(s) of run %s: out of time", len(keys) - i,
+                        run_id, extra={"run_id": run_id, "event": "output_delete_failed",
+                                       "keys": list(keys[i:])})
+            return
         try:
             storage.delete(key)
         except StorageError as exc:
             log.warning("could not delete output %s of run %s: %s", key, run_id, exc,
                         extra={"run_id": run_id, "event": "output_delete_failed"})
+        except Exception:  # a bug: logged with its traceback; the other keys still go
+            log.exception("could not delete output %s of run %s", key, run_id,
+                          extra={"run_id": run_id, "event": "output_delete_failed"})
+
+
+def discard_outputs_later(storage: Storage, keys: Sequence[str], *, run_id: str,
+                          budget_s: float = DISCARD_BUDGET_S) -> threading.Thread:
+    """``discard_outputs`` on a background thread (started, and returned for tests).
+
+    The caller does not wait: the run's terminal record must not wait for a storage that
+    is slow or stopped answering. Bounded: no delete starts after ``budget_s``, and each
+    one is bounded by the storage client's timeouts. Not a daemon thread: a process exiting
+    right after the run (the one-shot ``run`` command) still deletes what it stored.
+    """
+    thread = threading.Thread(
+        target=discard_outputs, args=(storage, list(keys)),
+        kwargs={"run_id": run_id, "deadline": time.monotonic() + budget_s},
+        name=f"discard-{run_id}")
+    thread.start()
+    return thread

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -27,15 +26,14 @@ from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
 from runtime.runner import RunnerConfig, RunnerSupervisor
 from worker import contract as c
+from worker.envreport import EnvironmentReport
 from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
 from worker.inputs import FileFetcher, materialise_inputs
-from worker.outputs import discard_outputs, store_outputs
+from worker.outputs import discard_outputs_later, store_outputs
 from worker.rundirs import RunDirs
 from worker.storage import Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
-# The record lists at most this many; the warning names the first ten.
-MAX_PACKAGE_DIFFERENCES = 200
 
 
 class StopReason(StrEnum):
@@ -173,8 +171,7 @@ class Pipeline:
         # one being prepared, so no gc on the volume removes them meanwhile.
         self._env_pins: dict[str, ExitStack] = {}
         self._run_dirs = RunDirs(config.work_dir)
-        # The packages of the warm child's environment, read once per environment.
-        self._installed: tuple[RunnerConfig, dict[str, str]] | None = None
+        self._report = EnvironmentReport()
 
     def close(self) -> None:
         """Stop the ComfyUI child and let its environment go."""
@@ -236,6 +233,8 @@ class Pipeline:
                         graph = inject_inputs(wf.workflow_json, values, files)
                     runner = starting.result()
                     self._check_stop(stop_reason)
+                    with phases.phase("environment"):
+                        runner = self._restart_if_died(runner, result, stop_reason)
                     with phases.phase("execute"):
                         outcome = self._run_graph(runner, message, graph, dirs, control,
                                                   stop_reason)
@@ -271,6 +270,37 @@ class Pipeline:
         return result
 
     # ------------------------------------------------------------------ phases
+
+    def _restart_if_died(self, runner: Any, result: RunResult,
+                         stop_reason: Callable[[], StopReason | None]) -> Any:
+        """``runner``, or a fresh one when its child died while models and inputs downloaded.
+
+        The environment phase ends with a READY runner, but the downloads after it can take
+        minutes, and the idle child may die meanwhile (the OOM killer): that is a cold start
+        of this run, not its failure.
+        """
+        if not runner.notice_death():
+            return runner
+        start = time.monotonic()
+        runner = self._start_runner(runner.config, stop_reason)
+        result.cold_start_s += time.monotonic() - start
+        return runner
+
+    def _start_runner(self, config: RunnerConfig,
+                      stop_reason: Callable[[], StopReason | None]) -> Any:
+        """``supervisor.runner_for``; a failed or canceled start releases the pins and
+        becomes the run's outcome."""
+        try:
+            return self.supervisor.runner_for(config,
+                                              should_stop=lambda: stop_reason() is not None)
+        except RunnerStartCanceled as exc:
+            self._unpin_environments(keep=None)
+            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+        except RunnerStartFailed as exc:
+            self._unpin_environments(keep=None)
+            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
+                             f"ComfyUI failed to start: {exc}",
+                             details={"traceback": exc.traceback[-4000:]}) from exc
 
     def _prepare_runner(self, message: c.RunMessage, result: RunResult,
                         stop_reason: Callable[[], StopReason | None], phases: _Phases) -> Any:
@@ -311,60 +341,18 @@ class Pipeline:
         cold = sup.runner is None or sup.runner.state.value in ("new", "defunct") or (
             sup.runner.config != config)
         start = time.monotonic()
-        try:
-            runner = sup.runner_for(config, should_stop=lambda: stop_reason() is not None)
-        except RunnerStartCanceled as exc:
-            self._unpin_environments(keep=None)
-            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except RunnerStartFailed as exc:
-            self._unpin_environments(keep=None)
-            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                             f"ComfyUI failed to start: {exc}",
-                             details={"traceback": exc.traceback[-4000:]}) from exc
+        runner = self._start_runner(config, stop_reason)
         # The previous environment's child is gone now: its pin can go too.
         self._unpin_environments(keep=env_key)
         if cold:
             result.cold_start_s = time.monotonic() - start
         if runner.ready is not None:
             result.gpu_model = runner.ready.gpu_model
-            actual = runner.ready.comfyui_commit
-            wanted = message.workflow.environment.comfyui.commit
-            result.environment = {"comfyui_commit": actual, "env_key": config.env_key,
-                                  "import_failures": list(runner.ready.import_failures)}
-            for name in message.workflow.custom_nodes:
-                if not (comfyui_dir / "custom_nodes" / name).exists():
-                    result.warnings.append(
-                        f"custom node {name!r} is not in the baked ComfyUI checkout")
-            if wanted and actual != wanted:
-                result.warnings.append(
-                    f"ComfyUI commit mismatch: the workflow was deployed with {wanted}, "
-                    f"this worker runs {actual or 'an unknown commit'}")
-        if message.workflow.environment.packages:
-            self._note_package_differences(message, config, result)
+        environment, warnings = self._report.describe(message, config, runner.ready,
+                                                      comfyui_dir)
+        result.environment.update(environment)
+        result.warnings.extend(warnings)
         return runner
-
-    def _note_package_differences(self, message: c.RunMessage, config: RunnerConfig,
-                                  result: RunResult) -> None:
-        """Record the deployed packages the run's environment has at other versions."""
-        from cache.packages import installed_versions, package_differences
-
-        if self._installed is None or self._installed[0] != config:
-            # The child imports from the environment's directories first, then the image's.
-            self._installed = (config, installed_versions(
-                [*config.extra_sys_path, *sys.path]))
-        differences = package_differences(
-            ((pin.name, pin.version) for pin in message.workflow.environment.packages),
-            self._installed[1])
-        if not differences:
-            return
-        result.environment["package_differences"] = [
-            {"name": d.name, "deployed": d.deployed, "here": d.here}
-            for d in differences[:MAX_PACKAGE_DIFFERENCES]]
-        shown = ", ".join(f"{d.name} {d.deployed} -> {d.here}" for d in differences[:10])
-        more = f" and {len(differences) - 10} more" if len(differences) > 10 else ""
-        result.warnings.append(
-            f"packages at other versions than on the deploying machine (deployed -> here): "
-            f"{shown}{more}")
 
     def _prepare_environment(self, message: c.RunMessage,
                              stop_reason: Callable[[], StopReason | None]) -> Any:
@@ -469,8 +457,9 @@ class Pipeline:
         """Store the outputs, stopping (between files and mid-transfer) like every phase.
 
         A run that does not succeed keeps no outputs: what was stored is deleted
-        (best-effort), except on SHUTDOWN, where the run is released (its next pickup
-        writes the same keys) or another worker already holds it and may be writing them.
+        (best-effort, on a background thread: the terminal record does not wait for the
+        storage), except on SHUTDOWN, where the run is released (its next pickup writes the
+        same keys) or another worker already holds it and may be writing them.
         """
         written: list[str] = []
         try:
@@ -480,7 +469,7 @@ class Pipeline:
         except BaseException as exc:
             reason = stop_reason()
             if written and reason is not StopReason.SHUTDOWN:
-                discard_outputs(self.storage, written, run_id=run_id)
+                discard_outputs_later(self.storage, written, run_id=run_id)
             if isinstance(exc, UploadCanceled):
                 raise _interrupted(reason or StopReason.CANCELED) from exc
             raise

@@ -104,6 +104,12 @@ class Backoff:
         self.failures = 0
 
 
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as a tuple that sorts like the stream does."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One stream entry handed to this worker."""
@@ -219,10 +225,13 @@ class RunQueue:
         Scans the pending list with a cursor (``XAUTOCLAIM`` looks at a bounded window per
         call), resuming where the previous scan stopped and wrapping around once, so None
         means no entry of the whole list had expired: an expired entry behind many live ones,
-        or before the saved cursor, is still found (``serve --burst`` relies on it).
+        or before the saved cursor, is still found (``serve --burst`` relies on it). After
+        the wrap the scan stops as soon as its cursor reaches where it began: the entries
+        from there on were seen in the first leg.
         """
         start = self._reclaim_cursor
-        wrapped = start == "0-0"
+        one_leg = start == "0-0"  # a scan from the head covers the list without wrapping
+        wrapped = False
         for _ in range(MAX_RECLAIM_CALLS):
             with redis_errors("reclaiming expired entries"):
                 reply = self.client.xautoclaim(self.stream, self.group, self.consumer,
@@ -235,10 +244,12 @@ class RunQueue:
                 return Delivery(self.stream, entry_id, fields.get(keys.RUN_FIELD),
                                 deliveries=self.delivery_count(entry_id), reclaimed=True)
             if cursor == "0-0":
-                if wrapped:
+                if one_leg or wrapped:
                     return None
                 # The scan began mid-list: the entries before ``start`` are still unseen.
                 wrapped = True
+            elif wrapped and _stream_id(cursor) >= _stream_id(start):
+                return None
         return None
 
     def delivery_count(self, entry_id: str) -> int:

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 import redis
+from pydantic import BaseModel
 
 from worker import keys
 from worker.contract import (
@@ -32,6 +33,7 @@ from worker.contract import (
     RunStatus,
     record_for,
 )
+from worker.errors import ErrorCode, RunFailure, WorkerError
 from worker.queue import Delivery, redis_errors
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,42 @@ class DeadLetter:
     reason: str
 
 
+def worker_lost(deliveries: int, max_deliveries: int, *,
+                rejection: RunFailure | None = None) -> RunFailure:
+    """The ``WORKER_LOST`` error of a run whose entry was delivered more than
+    ``max_deliveries`` times (SPEC §2); ``deliveries`` counts this delivery too.
+
+    ``rejection``: why the message does not parse either (its code and message are kept in
+    the error's ``details``: the earlier holders died, the message is also at fault).
+    """
+    details: dict[str, Any] = {"deliveries": deliveries - 1}
+    if rejection is not None:
+        details["rejection"] = {"code": rejection.code.value, "message": rejection.message}
+    return RunFailure(
+        ErrorCode.WORKER_LOST,
+        f"the worker running this run was lost {deliveries - 1} times "
+        f"(limit {max_deliveries} deliveries); moved to the dead-letter stream",
+        details=details)
+
+
+class NotSerialisable(WorkerError):
+    """A record or message that pydantic's JSON serialiser refuses: nested deeper than its
+    limit, which is lower than the parser's (``json.loads``), so a message that parsed can
+    still be refused here. The serialiser's error is the ``__cause__``."""
+
+
+def model_json(model: BaseModel) -> str:
+    """``model.model_dump_json()``; ``NotSerialisable`` when the serialiser refuses it.
+
+    Records and the OOM re-enqueue are serialised once, when written; a message too deep
+    for that is found then rather than by serialising every message on delivery.
+    """
+    try:
+        return model.model_dump_json()
+    except (ValueError, RecursionError) as exc:  # PydanticSerializationError is a ValueError
+        raise NotSerialisable(f"{type(model).__name__} cannot be serialised: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class CallbackJob:
     """A callback to queue with the terminal record: its id (the ``webhook-id``), URL, body
@@ -191,13 +229,16 @@ def status_event(run_id: str, attempt: int, status: str, data: dict[str, Any]) -
 def promotion_for(message: RunMessage, record: RunRecord, stream: str
                   ) -> tuple[Promotion, RunRecord]:
     """The OOM re-enqueue of ``message`` (next attempt, this attempt's billing carried) on
-    ``stream``, and the ``queued`` record written instead of a terminal one."""
+    ``stream``, and the ``queued`` record written instead of a terminal one.
+
+    ``NotSerialisable`` when the message is nested too deeply to be re-enqueued.
+    """
     # The whole billing (the sum too): the next attempt's records start from it (SPEC §7:
     # billing.gpu_seconds is the sum over attempts).
     nxt = message.model_copy(update={"attempt": message.attempt + 1,
                                      "billing": record.billing.model_copy(deep=True)})
     queued = record_for(nxt, RunStatus.QUEUED, billing=record.billing, warnings=record.warnings)
-    return Promotion(stream, nxt.model_dump_json()), queued
+    return Promotion(stream, model_json(nxt)), queued
 
 
 class RecordStore:
@@ -224,14 +265,16 @@ class RecordStore:
         """Take the run's next fencing token and (with ``running``) mark it running.
 
         Returns the outcome and the token (0 when the entry was skipped).
+        ``NotSerialisable`` (nothing written) when ``running`` cannot be serialised.
         """
+        running_json = model_json(running) if running is not None else ""
         with redis_errors("starting the run"):
             verdict, token = self._begin(
                 keys=[keys.run_record(run_id), keys.fence(run_id), keys.cancel_flag(run_id),
                       keys.EVENTS_STREAM, delivery.stream],
                 args=[self.group, delivery.entry_id, attempt,
                       "run" if running is not None else "claim",
-                      running.to_json() if running is not None else "", run_id,
+                      running_json, run_id,
                       event_json(event_data), self.events_maxlen, keys.FENCE_TTL_S],
             )
         return Begin(verdict), int(token)
@@ -241,7 +284,10 @@ class RecordStore:
                  promotion: Promotion | None = None,
                  callback: CallbackJob | None = None) -> Finalised:
         """Write ``record`` + its status event (+ dead letter / re-enqueue, + the callback
-        job) and ack, atomically: a written terminal record always has its callback queued."""
+        job) and ack, atomically: a written terminal record always has its callback queued.
+
+        ``NotSerialisable`` (nothing written) when ``record`` cannot be serialised.
+        """
         mode, aux_stream, aux_payload, reason = "final", delivery.stream, "", ""
         if dead_letter is not None:
             mode, aux_stream = "dead", keys.DEAD_LETTER_STREAM
@@ -249,13 +295,14 @@ class RecordStore:
         elif promotion is not None:
             mode, aux_stream, aux_payload = "promote", promotion.stream, promotion.message_json
         job = callback or CallbackJob("", "", "", 0)
+        record_json = model_json(record)
         with redis_errors("writing the run record"):
             done = self._finalise(
                 keys=[keys.run_record(record.id), keys.fence(record.id), delivery.stream,
                       keys.EVENTS_STREAM, aux_stream, keys.CALLBACKS_DUE,
                       keys.callback_job(job.job_id or record.id)],
                 args=[token, self.group, delivery.entry_id, record.id, record.attempt,
-                      record.to_json(), record.status.value, event_json(event_data),
+                      record_json, record.status.value, event_json(event_data),
                       self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
                       delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms],
             )

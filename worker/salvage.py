@@ -2,10 +2,14 @@
 
 ``parse_delivery`` turns whatever goes wrong while reading a message (a shape error, a JSON
 nested too deeply for ``json.loads``, a bug) into a rejection, so no entry can crash the
-worker on every delivery. ``unparseable_record`` builds the ``failed`` record from what can
-still be read of the raw JSON: ``salvage_members`` decodes the top-level members one by one,
-without recursion, so one unreadable member (``metadata`` nested 5000 levels deep, a
-truncated tail) does not hide the run id and the client's references.
+worker on every delivery. (A message that parses but is nested deeper than the record
+serialiser allows is found when its first record is written: ``records.NotSerialisable``,
+which the daemon turns into the same rejection with ``unreadable``.)
+
+``unparseable_record`` builds the ``failed`` record from what can still be read of the raw
+JSON: ``salvage_members`` decodes the top-level members one by one, without recursion, so
+one unreadable member (``metadata`` nested 5000 levels deep, a truncated tail) does not hide
+the run id and the client's references.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from worker.contract import (
     parse_message_json,
     utcnow,
 )
-from worker.errors import ErrorCode, QueueError, RunRejected, Violation
+from worker.errors import ErrorCode, QueueError, RunFailure, RunRejected, Violation
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +51,9 @@ def parse_delivery(payload: str | None) -> tuple[RunMessage | None, RunRejected 
     before the ``max_deliveries`` check could end it.
     """
     try:
+        # No serialisation here to test the nesting depth: it would cost every delivery a
+        # second pass over the whole message, while only the rare over-deep one needs it.
         message = parse_message_json(payload or "")
-        # Records, events and the OOM re-enqueue serialise the message, and pydantic's
-        # serialiser has a depth limit that parsing (json.loads) does not.
-        message.model_dump_json()
     except RunRejected as exc:
         return None, exc
     except Exception as exc:  # noqa: BLE001 - see the docstring
@@ -67,11 +70,13 @@ def unreadable(exc: BaseException | None) -> RunRejected:
     return RunRejected([Violation(ErrorCode.INVALID_INPUT, "message", why)])
 
 
-def unparseable_record(payload: str | None, exc: RunRejected, *, gpu_class: str,
+def unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
                        started_at: datetime, queue_ms: int,
                        read_record: Callable[[str], RunRecord | None] | None = None
                        ) -> tuple[RunRecord | None, str | None]:
     """The ``failed`` record of an entry whose message does not parse, and its callback URL.
+
+    ``exc`` is the record's error: the rejection, or ``WORKER_LOST`` past the delivery limit.
 
     The run id, attempt and callback URL are read best-effort from the raw JSON; without a
     usable run id there can be no record (None: the entry goes to the dead letters).
@@ -91,7 +96,7 @@ def unparseable_record(payload: str | None, exc: RunRejected, *, gpu_class: str,
         return None, None
 
 
-def _unparseable_record(payload: str | None, exc: RunRejected, *, gpu_class: str,
+def _unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
                         started_at: datetime, queue_ms: int,
                         read_record: Callable[[str], RunRecord | None] | None
                         ) -> tuple[RunRecord | None, str | None]:

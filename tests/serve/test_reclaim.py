@@ -52,6 +52,32 @@ def test_a_scan_resumed_mid_list_wraps_around_to_the_entries_before_it(r) -> Non
     assert got is not None and got.entry_id == third
 
 
+def test_a_wrapped_scan_stops_where_it_began(r, monkeypatch) -> None:
+    # 100 live entries, the scan resuming at the 6th: the first leg reads entries 5..99,
+    # the wrap reads from the head; once its cursor passes entry 5 everything was seen.
+    queue = RunQueue(r, "cpu", "burst-worker", lease_s=30.0)
+    queue.ensure_group()
+    ids = _pending_for_ghost(r, 100)
+    calls: list[str] = []
+    xautoclaim = r.xautoclaim
+
+    def counted(*args, **kwargs):
+        reply = xautoclaim(*args, **kwargs)
+        calls.append(reply[0])
+        return reply
+
+    monkeypatch.setattr(r, "xautoclaim", counted)
+    queue._reclaim_cursor = ids[5]
+    assert queue.reclaim_expired() is None
+    # XAUTOCLAIM COUNT 1 looks at up to 10 entries a call: 95 entries in the first leg take
+    # 10 calls, then one call from the head reaches the start (ids[10] >= ids[5]).
+    assert len(calls) == 11 and calls[-1] == ids[10]
+    calls.clear()
+    _expire(r, ids[3])  # found by the next scan, which resumes at ids[10] and wraps
+    got = queue.reclaim_expired()
+    assert got is not None and got.entry_id == ids[3]
+
+
 def test_burst_reclaims_every_expired_entry_before_exiting(r, redis_server, tmp_path: Path
                                                           ) -> None:
     ids = [submit(r, f"orphan-{i}", graph()) for i in range(4)]
@@ -101,19 +127,26 @@ def test_idle_exit_first_takes_a_run_released_back_to_the_queue(r, redis_server,
                         storage=LocalStorage(tmp_path / "outputs"))
     worker = Worker(settings, pipeline, gpu_class="cpu", http_port=0)
     first_reclaim = threading.Event()
+    released = threading.Event()
     reclaim = worker.queue.reclaim_expired
 
-    def reclaim_and_tell():
+    def first_reclaim_waits_for_the_release():
         found = reclaim()
-        first_reclaim.set()
+        if not first_reclaim.is_set():
+            # The periodic reclaim found nothing; the worker now waits (in this call) until
+            # the sibling has released its run, so however slow this test thread is, the
+            # release comes before the idle window can end: no timing decides the outcome.
+            first_reclaim.set()
+            assert released.wait(30)
         return found
 
-    worker.queue.reclaim_expired = reclaim_and_tell  # type: ignore[method-assign]
+    worker.queue.reclaim_expired = first_reclaim_waits_for_the_release  # type: ignore[method-assign]
     w = InProcessWorker(worker)
     try:
         assert first_reclaim.wait(20)
         r.xclaim(stream, keys.CONSUMER_GROUP, "sibling", 0, [entry_id], idle=EXPIRED_MS,
                  retrycount=0, justid=True)  # what a release does
+        released.set()
         w.thread.join(40)
         assert not w.thread.is_alive() and w.exit_code == 0
     finally:

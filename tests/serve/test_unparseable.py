@@ -14,9 +14,9 @@ import pytest
 from tests import factories
 from tests.serve.conftest import graph, is_terminal, record, terminal_events, wait_for
 from worker import keys
-from worker.contract import parse_message_json
+from worker.contract import RunMessage, parse_message_json
 from worker.errors import ErrorCode, RunRejected
-from worker.salvage import salvage_members
+from worker.salvage import parse_delivery, salvage_members
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,22 +116,48 @@ def test_a_crash_while_parsing_finalises_the_entry(r, inprocess_worker, monkeypa
     assert len(terminal_events(r, "crash")) == 1
 
 
-def test_unparseable_entry_past_max_deliveries_is_finalised_and_dead_lettered(
-        r, inprocess_worker) -> None:
-    # Earlier holders died on it (three deliveries already): it ends now, both ways.
+def _delivered_three_times(r, payload: str) -> str:
+    """Add ``payload`` as an entry that earlier holders took three times, then died."""
     r.xgroup_create(STREAM, keys.CONSUMER_GROUP, id="0", mkstream=True)
-    entry = r.xadd(STREAM, {keys.RUN_FIELD: '{"run_id": "poison", "workflow": 5}'})
+    entry = r.xadd(STREAM, {keys.RUN_FIELD: payload})
     r.xreadgroup(keys.CONSUMER_GROUP, "ghost", {STREAM: ">"}, count=1)
     r.xclaim(STREAM, keys.CONSUMER_GROUP, "ghost", 0, [entry], idle=60_000, retrycount=3,
              justid=True)
+    return entry
+
+
+@pytest.mark.parametrize(("payload", "code", "why"), [
+    ('{"run_id": "poison", "workflow": 5}', "INVALID_WORKFLOW", "workflow"),
+    (_message_with_deep_metadata("poison", 400), "INVALID_INPUT", "nested too deeply"),
+], ids=["bad-shape", "too-deep-to-serialise"])
+def test_unparseable_entry_past_max_deliveries_is_worker_lost_and_dead_lettered(
+        r, inprocess_worker, payload: str, code: str, why: str) -> None:
+    # Earlier holders died on it (three deliveries already): SPEC §2 says WORKER_LOST and
+    # the dead letters; why it does not parse is kept in the error's details.
+    entry = _delivered_three_times(r, payload)
     inprocess_worker()
     wait_for(lambda: is_terminal(r, "poison"), 20, "the outcome")
     wait_for(lambda: _settled(r), 20, "the entry to be acked")
     rec = record(r, "poison")
-    assert rec["status"] == "failed" and rec["error"]["code"] == "INVALID_WORKFLOW"
+    assert rec["status"] == "failed" and rec["error"]["code"] == "WORKER_LOST"
+    details = rec["error"]["details"]
+    assert details["deliveries"] == 3 and details["rejection"]["code"] == code
+    assert why in details["rejection"]["message"]
     [(_, dead)] = r.xrange(keys.DEAD_LETTER_STREAM)
     assert dead[keys.SOURCE_ID_FIELD] == entry and dead[keys.DEAD_REASON_FIELD] == "max_deliveries"
-    assert len(terminal_events(r, "poison")) == 1
+    [event] = terminal_events(r, "poison")
+    assert event["data"] == {"error": "WORKER_LOST", "dead_letter": True}
+
+
+def test_a_delivery_does_not_serialise_the_message_to_check_its_depth(monkeypatch) -> None:
+    # The nesting depth is checked when a record is written (where it matters), not by a
+    # second full pass over every message on every delivery.
+    def no_dump(self, **kwargs):
+        raise AssertionError("the whole message was serialised on delivery")
+
+    monkeypatch.setattr(RunMessage, "model_dump_json", no_dump)
+    message, rejection = parse_delivery(json.dumps(factories.message(graph(), run_id="ok")))
+    assert rejection is None and message is not None and message.run_id == "ok"
 
 
 def test_salvage_reads_members_around_an_unreadable_one() -> None:
@@ -144,3 +170,21 @@ def test_salvage_reads_members_around_an_unreadable_one() -> None:
     assert salvage_members("not json") is None
     assert salvage_members("[1]") is None
     assert salvage_members("[" * 5000) is None
+
+
+def test_an_out_of_memory_run_too_deep_to_re_enqueue_fails_out_of_memory(
+        r, inprocess_worker) -> None:
+    # Its records (no graph in them) are written fine, so it runs; only the re-enqueue would
+    # serialise the whole message, and cannot: this attempt's OOM is final, with a warning.
+    g = graph(extra={"7": {"class_type": "TestDeepValue", "inputs": {"value": "PLACEHOLDER"}},
+                     "8": {"class_type": "FakeOOM", "inputs": {}}})
+    raw = json.dumps(factories.message(g, run_id="deep-oom", callback_url=None))
+    r.xadd(STREAM, {keys.RUN_FIELD: raw.replace('"PLACEHOLDER"', _nested(260))})
+    w = inprocess_worker(burst=True, gpu_ladder="cpu:0,t4:16")
+    w.thread.join(30)
+    assert not w.thread.is_alive()
+    rec = record(r, "deep-oom")
+    assert rec["status"] == "failed" and rec["error"]["code"] == "OUT_OF_MEMORY"
+    assert any("nested too deeply" in warning for warning in rec["warnings"])
+    assert r.xlen(keys.runs_stream("t4")) == 0
+    assert len(terminal_events(r, "deep-oom")) == 1
