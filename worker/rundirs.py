@@ -1,12 +1,13 @@
 """Per-run working directories, and the removal of those a killed worker left behind.
 
-Each run gets ``<cache>/work/runs-<owner>/<run_id>-<random>/`` (its ``input``, ``output``,
-``temp`` and ``models`` trees), removed when the run ends. ``<owner>`` names one pipeline
-(one worker process): it holds an exclusive ``flock`` on ``<cache>/work/runs-<owner>.lock`` for as
-long as it lives. A worker killed mid-run (SIGKILL, out of memory, the node lost) cannot
-remove its run's files, but the kernel drops its lock; the next worker to start on the
-volume, or ``runflow-worker cache gc``, finds the owner directory unlocked and removes it.
-Workers sharing the volume never touch each other's live directories.
+Each run gets ``runs-<owner>/<run_id>-<random>/`` (its ``input``, ``output``, ``temp`` and
+``models`` trees) in the work directory (``WORK_SUBDIR`` of the cache), removed when the run
+ends. ``<owner>`` names one pipeline (one worker process): it holds an exclusive ``flock`` on
+``runs-<owner>.lock`` beside its directory for as long as it lives. A worker killed mid-run
+(SIGKILL, out of memory, the node lost) cannot remove its run's files, but the kernel drops
+its lock; the next worker to start on the volume, or ``runflow-worker cache gc``, finds the
+owner directory unlocked and removes it. Workers sharing the volume never touch each
+other's live directories.
 """
 
 from __future__ import annotations
