@@ -78,6 +78,18 @@ def test_a_wrapped_scan_stops_where_it_began(r, monkeypatch) -> None:
     assert got is not None and got.entry_id == ids[3]
 
 
+def _worker(redis_server, tmp_path: Path, *, idle_exit_s: float) -> Worker:
+    """A worker not started yet (its queue can be inspected or wrapped first)."""
+    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
+                        idle_exit_s=idle_exit_s, http_port=0, cache_dir=tmp_path / "cache")
+    comfy = tmp_path / "comfyui"
+    comfy.mkdir()
+    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
+                                       child_entry=CHILD_ENTRY),
+                        storage=LocalStorage(tmp_path / "outputs"))
+    return Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+
+
 def test_burst_reclaims_every_expired_entry_before_exiting(r, redis_server, tmp_path: Path
                                                           ) -> None:
     ids = [submit(r, f"orphan-{i}", graph()) for i in range(4)]
@@ -87,14 +99,7 @@ def test_burst_reclaims_every_expired_entry_before_exiting(r, redis_server, tmp_
     r.xreadgroup(keys.CONSUMER_GROUP, "ghost", {stream: ">"}, count=4)
     _expire(r, entries[0])
     _expire(r, entries[1])  # the last two stay live (their holder's lease runs)
-    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
-                        idle_exit_s=0.0, http_port=0, cache_dir=tmp_path / "cache")
-    comfy = tmp_path / "comfyui"
-    comfy.mkdir()
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
-                                       child_entry=CHILD_ENTRY),
-                        storage=LocalStorage(tmp_path / "outputs"))
-    worker = Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+    worker = _worker(redis_server, tmp_path, idle_exit_s=0.0)
     # As after earlier reclaims in this process: the saved cursor is past the expired ones.
     worker.queue._reclaim_cursor = entries[2]
     w = InProcessWorker(worker, burst=True)
@@ -118,14 +123,7 @@ def test_idle_exit_first_takes_a_run_released_back_to_the_queue(r, redis_server,
     stream = keys.runs_stream("cpu")
     r.xgroup_create(stream, keys.CONSUMER_GROUP, id="0")
     (entry_id, _), = r.xreadgroup(keys.CONSUMER_GROUP, "sibling", {stream: ">"}, count=1)[0][1]
-    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
-                        idle_exit_s=2.0, http_port=0, cache_dir=tmp_path / "cache")
-    comfy = tmp_path / "comfyui"
-    comfy.mkdir()
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
-                                       child_entry=CHILD_ENTRY),
-                        storage=LocalStorage(tmp_path / "outputs"))
-    worker = Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+    worker = _worker(redis_server, tmp_path, idle_exit_s=2.0)
     first_reclaim = threading.Event()
     released = threading.Event()
     reclaim = worker.queue.reclaim_expired
