@@ -9,7 +9,7 @@ command can never block on a full pipe while nobody reads it.
 It also holds the credential scrub of every process that runs code the worker did not
 write: the ComfyUI child (``runtime.spawn``), pip (a source distribution's or a ``git+``
 requirement's build code), a custom node's ``install.py``. ``is_secret_name`` drops by name,
-``has_url_password`` by value (a URL with a password in it), ``scrubbed_environment``
+``has_url_credentials`` by value (a URL with credentials in it), ``scrubbed_environment``
 applies both.
 """
 
@@ -38,7 +38,9 @@ _DROP_SUFFIXES = ("_KEY",)
 # ``scheme://user:password@``: a non-empty password in a URL's userinfo, anywhere in a value
 # (a list of URLs too). Userinfo holds no ``/ ? #`` (RFC 3986), so ``https://host:8080/@x``
 # is no credential. The user may be empty (``redis://:pw@host``).
-_URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@:]*:[^\s/?#@]+@", re.IGNORECASE)
+# A URL with user information: a password, or a user name alone, which is where GitHub and
+# others put a personal access token (``https://<token>@github.com/...``).
+_URL_CREDENTIALS = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#@]+@", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -53,16 +55,17 @@ def is_secret_name(name: str) -> bool:
             or any(part in upper for part in _DROP_PARTS))
 
 
-def has_url_password(value: str) -> bool:
-    """True when ``value`` holds a URL with a password (``https://user:tok@index/simple``,
-    ``http://u:p@proxy:3128``): a credential whatever the variable's name."""
-    return _URL_PASSWORD.search(value) is not None
+def has_url_credentials(value: str) -> bool:
+    """True when ``value`` holds a URL with user information (``https://user:tok@index/simple``,
+    ``http://u:p@proxy:3128``, ``https://<token>@github.com/x``): a credential whatever the
+    variable's name."""
+    return _URL_CREDENTIALS.search(value) is not None
 
 
 def scrubbed_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
                          extra: Mapping[str, str] | None = None, *,
                          keep_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
-    """``environ`` less secret names and values holding URL passwords, plus ``extra``.
+    """``environ`` less secret names and values holding URL credentials, plus ``extra``.
 
     Names in ``passed`` and names starting with one of ``keep_prefixes`` are kept whatever
     they hold (a passed name that is not set is simply absent); ``extra`` is added as is.
@@ -70,7 +73,7 @@ def scrubbed_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
     keep = set(passed)
     env = {k: v for k, v in environ.items()
            if k in keep or k.startswith(keep_prefixes)
-           or not (is_secret_name(k) or has_url_password(v))}
+           or not (is_secret_name(k) or has_url_credentials(v))}
     env.update(extra or {})
     return env
 
@@ -93,7 +96,7 @@ def pip_environment(environ: Mapping[str, str],
     pip runs build code (a source distribution's, a ``git+`` requirement's) that must not
     get the worker's credentials; its own ``PIP_*`` settings stay, index credentials
     included, since pip cannot fetch without them. A proxy with a password is dropped like
-    any URL password: ``PIP_PROXY`` gives pip one.
+    any URL credentials: ``PIP_PROXY`` gives pip one.
     """
     return scrubbed_environment(environ, extra=extra, keep_prefixes=("PIP_",))
 

@@ -186,6 +186,25 @@ class FetchResponse:
         return n
 
 
+class _Version:
+    """The version of a file a download started on: its validator (a strong ETag, else
+    Last-Modified) and size, both from the first full answer."""
+
+    def __init__(self) -> None:
+        self.validator: str | None = None
+        self.total: int | None = None
+
+    def remember(self, headers: Mapping[str, str], status: int) -> None:
+        """Take the validator and size from a full (200) answer."""
+        if status != 200:
+            return
+        etag = headers.get("etag")
+        strong = etag if etag and not etag.startswith("W/") else None  # If-Range needs strong
+        self.validator = strong or headers.get("last-modified")
+        length = headers.get("content-length")
+        self.total = int(length) if length and length.isdigit() else None
+
+
 class _RestartFromZero(Exception):
     """The server cannot continue a partial download; start again without Range."""
 
@@ -372,6 +391,8 @@ class Fetcher:
         deadline_at = time.monotonic() + (deadline_s or self.deadline_s)
         throttle = ProgressThrottle(progress)
 
+        version = _Version()
+
         def attempt(offset: int) -> FetchResult:
             while True:
                 remaining_s = deadline_at - time.monotonic()
@@ -380,7 +401,7 @@ class Fetcher:
                                        reason="deadline")
                 try:
                     return self._transfer(url, dest, offset, limit, cancel, throttle,
-                                          before_body, remaining_s, fsync)
+                                          before_body, remaining_s, fsync, version)
                 except _RestartFromZero:
                     offset = 0  # the server ignored Range: not a cut, no attempt used
 
@@ -398,19 +419,28 @@ class Fetcher:
         before_body: Callable[[int | None], None] | None,
         deadline_s: float,
         fsync: bool,
+        version: _Version,
     ) -> FetchResult:
         shown = redact_url(url)
-        with self.open(url, start=offset, cancel=cancel, deadline_s=deadline_s) as resp:
+        # A resume asks for the rest of the version it started on: a server whose file
+        # changed in between answers 200 with the new one instead of splicing the two.
+        headers = {"If-Range": version.validator} if offset > 0 and version.validator else {}
+        with self.open(url, start=offset, cancel=cancel, deadline_s=deadline_s,
+                       headers=headers) as resp:
             status = resp.status_code
             content_range = resp.headers.get("content-range")
+            version.remember(resp.headers, status)
             if offset > 0 and status == 416 and unsatisfied_total(content_range) == offset:
                 # Nothing left to send: the file already holds every byte (its writer was
                 # killed before publishing). Its hash decides, not a second download.
+                if offset > limit:
+                    raise FetchTooLarge(f"{shown} is {offset} bytes, over the {limit}-byte limit")
                 digest, size = finish_from_file(dest)
                 throttle(size, size, final=True)
                 return FetchResult(dest, size, digest, resp.content_type, resp.url)
             if offset > 0 and status == 206:
-                if not continues_at(content_range, offset, resp.content_length):
+                if not continues_at(content_range, offset, resp.content_length,
+                                    total=version.total):
                     raise _RestartFromZero()
             elif status == 200:
                 offset = 0  # Range ignored: the body is the whole file

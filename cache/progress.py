@@ -142,19 +142,23 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
     return int(first), int(last), total
 
 
-def continues_at(content_range: str | None, offset: int, length: int | None) -> bool:
+def continues_at(content_range: str | None, offset: int, length: int | None, *,
+                 total: int | None = None) -> bool:
     """Whether a partial answer continues a file at ``offset`` to its end.
 
-    ``bytes offset-last/total``, with ``last`` the file's last byte when the total is known,
+    ``bytes offset-last/size``, with ``last`` the file's last byte when the size is known,
     and a body of ``last - offset + 1`` bytes when its length is known: a range that starts
-    elsewhere, stops short of the end, or disagrees with the body is no continuation.
+    elsewhere, stops short of the end, or disagrees with the body is no continuation. With
+    ``total`` (the size the download started with), a file of another size is none either.
     """
     parsed = _content_range(content_range)
     if parsed is None or parsed[0] != offset:
         return False
-    _, last, total = parsed
+    _, last, size = parsed
     assert last is not None
-    if total is not None and last != total - 1:
+    if size is not None and last != size - 1:
+        return False
+    if total is not None and (size if size is not None else last + 1) != total:
         return False
     return length is None or length == last - offset + 1
 

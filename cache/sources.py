@@ -192,9 +192,10 @@ class S3Source:
         """Download the object into ``dest``, resuming after a cut up to RESUME_ATTEMPTS times."""
         checker = CancelCheck(cancel)
         throttle = ProgressThrottle(progress)
+        version: dict[str, str] = {}  # the ETag of the object the download started on
         return resume_after_cuts(
             lambda offset: self._transfer(dest, offset, max_bytes, checker, throttle,
-                                          before_body),
+                                          before_body, version),
             dest, start_offset=start_offset, attempts=RESUME_ATTEMPTS)
 
     def _transfer(
@@ -205,22 +206,32 @@ class S3Source:
         checker: CancelCheck,
         throttle: ProgressThrottle,
         before_body: BeforeBody | None,
+        version: dict[str, str],
     ) -> FetchResult:
         checker.raise_if_canceled()
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
         if offset > 0:
             request["Range"] = f"bytes={offset}-"
+            if "etag" in version:
+                # The rest of the object the download started on, or nothing: an object
+                # replaced in between must not be spliced onto the old one's bytes.
+                request["IfMatch"] = version["etag"]
         try:
             response = self._client().get_object(**request)
         except ClientError as exc:
+            if offset > 0 and _error_code(exc) in ("PreconditionFailed", "412"):
+                version.clear()
+                return self._transfer(dest, 0, max_bytes, checker, throttle, before_body,
+                                      version)
             if offset > 0 and _error_code(exc) == "InvalidRange":
-                if self._size() == offset:
+                if self._size() == offset and offset <= max_bytes:
                     # The file already holds every byte (its writer was killed before
                     # publishing): its hash decides, not a second download.
                     digest, size = finish_from_file(dest)
                     throttle(size, size, final=True)
                     return FetchResult(dest, size, digest, None, self.label)
-                return self._transfer(dest, 0, max_bytes, checker, throttle, before_body)
+                return self._transfer(dest, 0, max_bytes, checker, throttle, before_body,
+                                      version)
             raise self._translate(exc) from exc
         except (BotoCoreError, OSError) as exc:
             raise self._translate(exc) from exc
@@ -229,7 +240,9 @@ class S3Source:
             offset = 0  # the store ignored Range: the body is the whole object
         elif offset > 0 and not continues_at(response.get("ContentRange"), offset, length):
             response["Body"].close()  # a range that continues nothing: start again
-            return self._transfer(dest, 0, max_bytes, checker, throttle, before_body)
+            return self._transfer(dest, 0, max_bytes, checker, throttle, before_body, version)
+        if offset == 0 and response.get("ETag"):
+            version["etag"] = response["ETag"]
         total = offset + length if length is not None else None
         body = response["Body"]
         try:

@@ -1,7 +1,7 @@
 """Starting the ComfyUI child: a fresh interpreter with a scrubbed environment.
 
 The child runs custom-node code, so it must not hold the worker's credentials (AWS keys,
-the webhook secret, the Redis URL, tokens, URL passwords; the runner makes its environment
+the webhook secret, the Redis URL, tokens, URL credentials; the runner makes its environment
 with ``cache.commands.child_environment``). ``multiprocessing``'s spawn context cannot give
 a child another environment: its children inherit ``os.environ`` as it is at spawn time,
 and changing ``os.environ`` around the spawn would race with the worker's other threads

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cache.commands import child_environment, has_url_password
+from cache.commands import child_environment, has_url_credentials
 from runtime import childlog
 from runtime import protocol as p
 from runtime.errors import RunnerStartFailed, RunnerStateError
@@ -425,20 +425,20 @@ def test_child_environment_rules() -> None:
                    "CUDA_VISIBLE_DEVICES": "0", "PYTORCH_CUDA_ALLOC_CONF": "x",
                    "HF_TOKEN": "hf", "ALL_PROXY": "socks5://u:p@proxy:1080",
                    "NO_PROXY": "localhost", "HF_ENDPOINT": "https://hf.internal:8443/@mirror",
-                   "GIT_URL": "https://bot@git.x", "EXTRA": "1"}
+                   "EXTRA": "1"}
 
 
 @pytest.mark.parametrize(("value", "credential"), [
     ("https://user:tok@pypi.internal/simple", True),
     ("redis://:pw@redis:6379/0", True),  # no user, a password
     ("see HTTP://U:P@PROXY:3128 first", True),
-    ("https://user@git.example/x", False),  # a user alone is no secret
-    ("https://user:@host/", False),  # nor an empty password
+    ("https://ghp_token@github.com/x", True),  # a token in the user's place
+    ("https://user:@host/", True),
     ("https://host:8443/@scope/pkg", False),  # an @ in the path
     ("user:pass@host", False),  # no scheme: not a URL
 ])
-def test_url_passwords_are_found_in_values(value: str, credential: bool) -> None:
-    assert has_url_password(value) is credential
+def test_url_credentials_are_found_in_values(value: str, credential: bool) -> None:
+    assert has_url_credentials(value) is credential
 
 
 def test_child_process_environment_has_no_secrets(tmp_path: Path,

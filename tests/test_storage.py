@@ -177,7 +177,7 @@ def test_s3_transfer_to_a_silent_server_stops_promptly(silent_s3, tmp_path: Path
     assert isinstance(outcome["error"], UploadCanceled)
     # About 0.45 s after the stop was seen (ABANDON_AFTER_S plus a poll); a loaded machine
     # gets some slack, well inside the 2 s a run has to stop.
-    assert outcome["ended"] - stopped_at[0] < 1.0
+    assert outcome["ended"] - stopped_at[0] < 2.0  # the stop budget of SPEC section 2
     assert written == ["runs/r1/hero/a.png"]  # for the discard
 
 
@@ -218,6 +218,29 @@ def test_an_abandoned_transfer_that_completes_later_deletes_its_object(tmp_path:
         client.complete.set()  # the upload completes after all...
     assert client.deleted_event.wait(10)
     assert client.deleted == ["pfx/runs/r1/hero/a.png"]  # ...and its object is deleted
+
+
+def test_an_abandoned_transfer_that_completes_after_a_shutdown_keeps_its_object(
+        tmp_path: Path) -> None:
+    # After a shutdown the run is released or taken over, and its next holder writes this
+    # very key: a late delete would remove that holder's object.
+    client = _SlowClient()
+    storage = S3Storage(BUCKET, "pfx", endpoint_url=None, presign_ttl_s=60, client=client)
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    thread, outcome = _in_thread(lambda: storage.put(
+        src, "runs/r1/hero/a.png", content_type="image/png", sha256="0",
+        should_stop=client.uploading.is_set, keep_if_late=lambda: True))
+    try:
+        thread.join(3)
+        assert isinstance(outcome["error"], UploadCanceled)
+        helpers = [t for t in threading.enumerate() if t.name == "s3-put"]
+    finally:
+        client.complete.set()
+    for helper in helpers:
+        helper.join(10)
+        assert not helper.is_alive()
+    assert client.deleted == []
 
 
 def test_a_transfer_that_completes_before_the_stop_keeps_its_object(tmp_path: Path

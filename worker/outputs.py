@@ -82,13 +82,14 @@ def object_key(run_id: str, output_id: str, filename: str) -> str:
 def store_outputs(
     files: Sequence[OutputFile], output_dir: Path, run_id: str, storage: Storage, *,
     should_stop: ShouldStop | None = None, written: list[str] | None = None,
+    keep_if_late: ShouldStop | None = None,
 ) -> list[OutputEntry]:
     """Hash and upload the selected files; UPLOAD_FAILED if storage refuses one.
 
     ``should_stop`` is checked before each file and polled during each transfer; once it
     returns True the upload ends with ``UploadCanceled``. The key of every object that may
     have been written is appended to ``written`` (for ``discard_outputs`` when the run does
-    not succeed after all).
+    not succeed after all). ``keep_if_late`` is handed to ``Storage.put``.
     """
     root = output_dir.resolve()
     entries: list[OutputEntry] = []
@@ -117,7 +118,7 @@ def store_outputs(
             written.append(key)
         try:
             storage.put(path, key, content_type=content_type, sha256=digest,
-                        should_stop=should_stop)
+                        should_stop=should_stop, keep_if_late=keep_if_late)
             url = storage.url_for(key)
         except StorageError as exc:
             raise RunFailure(ErrorCode.UPLOAD_FAILED, str(exc)) from exc

@@ -465,7 +465,8 @@ class Pipeline:
         try:
             return store_outputs(files, output_dir, run_id, self.storage,
                                  should_stop=lambda: stop_reason() is not None,
-                                 written=written)
+                                 written=written,
+                                 keep_if_late=lambda: stop_reason() is StopReason.SHUTDOWN)
         except BaseException as exc:
             reason = stop_reason()
             if written and reason is not StopReason.SHUTDOWN:

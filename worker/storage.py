@@ -79,9 +79,12 @@ class Storage(Protocol):
     """Where a run's output files go."""
 
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
-            should_stop: ShouldStop | None = None) -> None:
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
         """Store ``local_path`` under ``key`` (relative to the storage prefix); raise
-        ``UploadCanceled`` once ``should_stop`` returns True, StorageError on failure."""
+        ``UploadCanceled`` once ``should_stop`` returns True, StorageError on failure.
+        ``keep_if_late``: asked when a transfer given up after a stop completes all the
+        same; True keeps the object (another holder of the run writes that key now)."""
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (absent: nothing to do); StorageError on failure."""
@@ -114,8 +117,10 @@ class LocalStorage:
         return path
 
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
-            should_stop: ShouldStop | None = None) -> None:
-        """Copy the file in (same volume: hard link), written atomically."""
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
+        """Copy the file in (same volume: hard link), written atomically (never given up,
+        so ``keep_if_late`` has nothing to decide)."""
         dest = self._path(key)
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
@@ -195,10 +200,12 @@ class _Transfer:
     nothing behind (best-effort).
     """
 
-    def __init__(self, storage: S3Storage, key: str, should_stop: ShouldStop | None) -> None:
+    def __init__(self, storage: S3Storage, key: str, should_stop: ShouldStop | None,
+                 keep_if_late: ShouldStop | None) -> None:
         self.storage = storage
         self.key = key
         self.should_stop = should_stop
+        self.keep_if_late = keep_if_late
         self.stop = threading.Event()
         """Set by the caller once it saw the stop: the progress callback raises."""
         self.done = threading.Event()
@@ -225,7 +232,9 @@ class _Transfer:
             self._finished = True
             orphan = self._abandoned and self.error is None
         self.done.set()
-        if orphan:
+        # After a shutdown the run is released or taken over: its next holder writes this
+        # very key, and deleting it now could remove that holder's object.
+        if orphan and not _stopped(self.keep_if_late):
             self.storage.delete_quietly(self.key, why="its upload completed after the run "
                                                       "stopped waiting for it")
 
@@ -258,7 +267,8 @@ class S3Storage:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
-            should_stop: ShouldStop | None = None) -> None:
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
         """Upload (multipart for large files) with the sha256 as object metadata.
 
         The transfer runs on a helper thread while this thread polls ``should_stop`` every
@@ -270,7 +280,7 @@ class S3Storage:
         full_key = self.full_key(key)
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
-        transfer = _Transfer(self, key, should_stop)
+        transfer = _Transfer(self, key, should_stop, keep_if_late)
 
         def upload(progress: Callable[[int], None]) -> None:
             self._client.upload_file(

@@ -70,6 +70,34 @@ def test_a_resume_answer_that_continues_nothing_restarts_from_zero(
     assert route.range_headers[-1] is None  # the last request asked for the whole file
 
 
+def test_a_file_replaced_between_a_cut_and_the_resume_is_not_spliced(
+    https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
+) -> None:
+    # A caller's file has no digest to catch a splice: the resume asks for the rest of the
+    # version it started on (If-Range), and gets the whole new version instead.
+    new = bytes(reversed(BODY))  # same size, other bytes
+    route = https_server.add("/v.bin", BODY, mode=Mode.TRUNCATE_ONCE, cut_at=2 * 2**20,
+                             with_etag=True)
+    route.next_version = new
+    fetcher.fetch_to_file(https_server.url("/v.bin"), tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == new
+    resumed = https_server.requests_for("/v.bin")[1].headers
+    assert resumed["Range"].startswith("bytes=") and resumed["If-Range"].startswith('"')
+
+
+def test_a_complete_file_is_still_held_to_the_size_limit(
+    https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
+) -> None:
+    https_server.add("/whole.bin", BODY)
+    dest = tmp_path / "out"
+    dest.write_bytes(BODY)  # every byte already there: the server answers 416
+    with pytest.raises(FetchTooLarge):
+        fetcher.fetch_to_file(https_server.url("/whole.bin"), dest, start_offset=len(BODY),
+                              max_bytes=len(BODY) - 1)
+    assert fetcher.fetch_to_file(https_server.url("/whole.bin"), dest,
+                                 start_offset=len(BODY)).sha256 == sha256_hex(BODY)
+
+
 def test_range_ignored_restarts_from_zero(
     https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path
 ) -> None:

@@ -84,6 +84,49 @@ def test_s3_resume_answered_for_another_offset_restarts(s3_client: Callable[[], 
     assert client.ranges == ["bytes=1000000-", None]  # the whole object again instead
 
 
+class _CutBody:
+    """A streaming body that breaks after ``cut`` bytes, as a dropped connection does."""
+
+    def __init__(self, body: object, cut: int) -> None:
+        self.body, self.cut = body, cut
+
+    def iter_chunks(self, size: int):
+        from botocore.exceptions import ResponseStreamingError
+
+        sent = 0
+        for chunk in self.body.iter_chunks(size):  # type: ignore[attr-defined]
+            if sent + len(chunk) > self.cut:
+                yield chunk[: self.cut - sent]
+                raise ResponseStreamingError(error="connection reset")
+            sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        self.body.close()  # type: ignore[attr-defined]
+
+
+def test_s3_object_replaced_between_a_cut_and_the_resume_is_not_spliced(
+        s3_client: Callable[[], object], tmp_path: Path) -> None:
+    s3 = s3_client()
+    s3.put_object(Bucket="models", Key="m", Body=BODY)  # type: ignore[attr-defined]
+    new = bytes(reversed(BODY))
+    client = RecordingClient(s3)
+    real_get = client.get_object
+
+    def first_cut_then_replaced(**request: object) -> dict:
+        response = real_get(**request)
+        if len(client.ranges) == 1:  # the first answer breaks; the object is replaced
+            response["Body"] = _CutBody(response["Body"], 1_000_000)
+            s3.put_object(Bucket="models", Key="m", Body=new)  # type: ignore[attr-defined]
+        return response
+
+    client.get_object = first_cut_then_replaced  # type: ignore[method-assign]
+    dest = tmp_path / "input.bin"
+    result = S3Source("models", "m", lambda: client).fetch(dest)
+    assert dest.read_bytes() == new and result.size == len(new)
+    assert client.ranges == [None, "bytes=1000000-", None]  # refused resume, then anew
+
+
 def test_s3_complete_orphan_is_verified_not_downloaded_again(s3_client: Callable[[], object],
                                                              tmp_path: Path) -> None:
     s3_client().put_object(Bucket="models", Key="m", Body=BODY)  # type: ignore[attr-defined]

@@ -32,6 +32,7 @@ class FlakyRoute:
     mode = Mode.STATUS
     body = b"ok"
     redirect_after_hits = None
+    next_version = None
 
     def __init__(self, failures: int) -> None:
         self.failures = failures

@@ -69,9 +69,14 @@ def test_a_wrapped_scan_stops_where_it_began(r, monkeypatch) -> None:
     monkeypatch.setattr(r, "xautoclaim", counted)
     queue._reclaim_cursor = ids[5]
     assert queue.reclaim_expired() is None
-    # XAUTOCLAIM COUNT 1 looks at up to 10 entries a call: 95 entries in the first leg take
-    # 10 calls, then one call from the head reaches the start (ids[10] >= ids[5]).
-    assert len(calls) == 11 and calls[-1] == ids[10]
+    # The wrap stops once its cursor reaches the start: far fewer calls than a second full
+    # pass (how many entries one XAUTOCLAIM call looks at is Redis's own business).
+    def position(entry_id: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in entry_id.split("-"))
+
+    assert position(calls[-1]) >= position(ids[5])
+    first_leg = calls.index("0-0") + 1
+    assert len(calls) - first_leg <= max(1, first_leg // 2)
     calls.clear()
     _expire(r, ids[3])  # found by the next scan, which resumes at ids[10] and wraps
     got = queue.reclaim_expired()

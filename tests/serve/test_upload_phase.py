@@ -36,9 +36,9 @@ class HeldStorage(LocalStorage):
         self.puts: list[str] = []
 
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
-            should_stop: Any = None) -> None:
+            should_stop: Any = None, keep_if_late: Any = None) -> None:
         super().put(local_path, key, content_type=content_type, sha256=sha256,
-                    should_stop=should_stop)
+                    should_stop=should_stop, keep_if_late=keep_if_late)
         self.puts.append(key)
         if len(self.puts) > 1:
             return

@@ -81,6 +81,10 @@ class Route:
     partial_answer: Callable[[int, int], tuple[int, str | None, int]] | None = None
     """For a ``Range`` request from ``start`` of ``size`` bytes: ``(status, Content-Range,
     first byte sent)``; the body is sent from that byte to the end."""
+    with_etag: bool = False
+    """Send a strong ``ETag`` (the body's hash) and honour ``If-Range`` with it."""
+    next_version: bytes | None = None
+    """From the second request on, serve these bytes instead (the file was replaced)."""
     raw_pieces: bool = False
     """``RAW`` mode: send the response ``drip_bytes`` at a time, without pauses."""
     redirect_after_hits: int | None = None
@@ -91,6 +95,14 @@ class Route:
     gate: threading.Event = field(default_factory=threading.Event)
     stalled: threading.Event = field(default_factory=threading.Event)
     """Set when a ``STALL`` route has sent ``cut_at`` bytes and gone quiet."""
+
+    @property
+    def etag(self) -> str | None:
+        """The body's ETag when ``with_etag``."""
+        if not self.with_etag:
+            return None
+        data = self.body if isinstance(self.body, bytes) else self.body.read_bytes()
+        return '"' + hashlib.sha256(data).hexdigest()[:16] + '"'
 
     @property
     def size(self) -> int:
@@ -177,6 +189,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with owner._lock:
             route.hits += 1
             first_hit = route.hits == 1
+            if not first_hit and route.next_version is not None:
+                route.body, route.next_version = route.next_version, None
             redirect_now = (route.redirect_after_hits is not None
                             and route.hits > route.redirect_after_hits)
             route.range_headers.append(self.headers.get("Range"))
@@ -201,6 +215,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start = None
         if route.mode is not Mode.IGNORE_RANGE and not route.ignore_range:
             start = _parse_range(self.headers.get("Range"), size)
+        if_range = self.headers.get("If-Range")
+        if start is not None and if_range is not None and if_range != route.etag:
+            start = None  # another version than the client started on: all of this one
         if start is not None and start >= size:
             self.send_response(416)  # as real servers answer a range past the end
             self.send_header("Content-Range", f"bytes */{size}")
@@ -222,6 +239,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", route.content_type)
         self.send_header("Content-Length", str(size - start))
         self.send_header("Accept-Ranges", "bytes")
+        if route.etag is not None:
+            self.send_header("ETag", route.etag)
         self.end_headers()
         if not send_body:
             return
