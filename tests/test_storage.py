@@ -200,15 +200,21 @@ class _SlowClient:
         self.deleted_event.set()
 
 
-def test_an_abandoned_transfer_that_completes_later_deletes_its_object(tmp_path: Path
-                                                                       ) -> None:
+def _abandoned_put(tmp_path: Path, **put_options: Any) -> tuple[_SlowClient, Any, dict]:
+    """A put to a server that answers only when the test says, stopped once it started."""
     client = _SlowClient()
     storage = S3Storage(BUCKET, "pfx", endpoint_url=None, presign_ttl_s=60, client=client)
     src = tmp_path / "a.png"
     src.write_bytes(b"x")
     thread, outcome = _in_thread(lambda: storage.put(
         src, "runs/r1/hero/a.png", content_type="image/png", sha256="0",
-        should_stop=client.uploading.is_set))
+        should_stop=client.uploading.is_set, **put_options))
+    return client, thread, outcome
+
+
+def test_an_abandoned_transfer_that_completes_later_deletes_its_object(tmp_path: Path
+                                                                       ) -> None:
+    client, thread, outcome = _abandoned_put(tmp_path)
     try:
         thread.join(3)
         assert not thread.is_alive(), "the caller waited for the stalled transfer"
@@ -224,13 +230,7 @@ def test_an_abandoned_transfer_that_completes_after_a_shutdown_keeps_its_object(
         tmp_path: Path) -> None:
     # After a shutdown the run is released or taken over, and its next holder writes this
     # very key: a late delete would remove that holder's object.
-    client = _SlowClient()
-    storage = S3Storage(BUCKET, "pfx", endpoint_url=None, presign_ttl_s=60, client=client)
-    src = tmp_path / "a.png"
-    src.write_bytes(b"x")
-    thread, outcome = _in_thread(lambda: storage.put(
-        src, "runs/r1/hero/a.png", content_type="image/png", sha256="0",
-        should_stop=client.uploading.is_set, keep_if_late=lambda: True))
+    client, thread, outcome = _abandoned_put(tmp_path, keep_if_late=lambda: True)
     try:
         thread.join(3)
         assert isinstance(outcome["error"], UploadCanceled)
