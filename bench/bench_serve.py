@@ -1,28 +1,37 @@
-"""Benchmark of ``runflow-worker serve``: warm end-to-end latency, worker overhead, cold start.
+"""Benchmark of ``runflow-worker serve`` against bare in-process ComfyUI.
 
-What it measures, in one process tree on one machine:
+Everything below runs side by side in one invocation on one machine, the warm runs of the
+rows alternating so drift (thermal, page cache, noisy neighbours) hits every row alike:
 
-1. **Cold start**: from starting ``runflow-worker serve`` (a fresh process) to the first
-   run's terminal record, the run having been enqueued just before the process started.
-2. **Warm serve**: ``--runs`` runs (default 30) through the running daemon, each with a
-   fresh input image: time from just before the enqueue to the terminal status event
-   (read with a blocking ``XREAD``, so no polling delay is added).
-3. **Bare**: the same graph and inputs executed by ``Pipeline.execute`` in this process
-   (same ComfyUI, same input fetch over HTTPS, same local storage), warm, no Redis;
-   bare and serve runs alternate, so drift affects both alike.
+- **bare**: ComfyUI in a plain process (``bench/bare_comfyui.py``): ``validate_prompt`` +
+  ``PromptExecutor.execute`` of the same graph with ``LoadImage``/``SaveImage``, the
+  caller's image written into its input folder. The baseline: what ComfyUI itself costs.
+- **serve**: ``runflow-worker serve`` with Redis and local storage: time from just before
+  the enqueue to the terminal status event (a blocking ``XREAD``: no polling delay added);
+  the image is an https URL on a local TLS server, as a caller sends it.
+- **pipeline**: the project's ``Pipeline.execute`` in this process, what ``runflow-worker
+  run`` does per run (no Redis, no daemon): same graph, same https input, same storage.
 
-The difference between 2 and 3 is the cost of the daemon: queue wake-up, records, events,
-acks. Inputs are served by a local HTTPS server (a throwaway CA, 127.0.0.1 allowed).
+Graphs: A = image -> invert -> scale -> output; B = image -> spandrel x2 upscaler (random
+weights made locally, ``examples/upscale-x2``) -> output; a fresh 64x48 PNG per run.
 
-Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (graph: ``examples/image-transform``).
-Without it, the fake ComfyUI child of the tests runs a toy graph, and the output says so.
+Cold starts: bare launch to its first result; ``serve`` launched with a run already queued
+to that run's terminal record; ``runflow-worker run`` launched to its exit.
 
-    python bench/bench_serve.py [--runs 30] [--json results.json]
+``--sandbox`` chooses ``RUNFLOW_SANDBOX`` for the worker's rows (``bwrap`` or ``none``);
+``--sandbox both`` runs two serve daemons, one of each, on two queues, alternating, and
+reports both (the cost of the sandbox, measured in the same run).
+
+Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>``. Without it, the fake ComfyUI child of
+the tests runs a toy graph, there is no bare row, and the output says so.
+
+    python bench/bench_serve.py [--runs 30] [--graphs A,B] [--sandbox none] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -46,9 +55,9 @@ from worker import keys
 from worker.contract import RunStatus, parse_message
 from worker.serve_cli import enqueue_message
 
-EXAMPLE = ROOT / "examples" / "image-transform" / "deployed.json"
 FAKE_CHILD = "tests.serve.child:main"
 COMMIT = "a125cd84b054a57729b5eecab930ca9408719832"
+UPSCALER = "compact-x2.safetensors"
 
 
 # --------------------------------------------------------------------------- set-up
@@ -82,36 +91,67 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def png_bytes(seed: int, size: tuple[int, int] = (256, 192)) -> bytes:
+def png_bytes(size: tuple[int, int] = (64, 48)) -> bytes:
     """A fresh random PNG (different content every run: no cache can help)."""
     from PIL import Image
 
-    rnd = os.urandom(size[0] * size[1] * 3) if seed >= 0 else b""
-    img = Image.frombytes("RGB", size, rnd)
+    img = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def workflow(real: bool) -> dict[str, Any]:
-    """The deployed workflow of the benchmark."""
-    if real:
-        if EXAMPLE.exists():
-            return json.loads(EXAMPLE.read_text())
-        graph = {
-            "1": {"class_type": "RunflowInputImage", "inputs": {"input_id": "image"}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-            "3": {"class_type": "ImageScale", "inputs": {
-                "image": ["2", 0], "upscale_method": "bilinear", "width": 128, "height": 96,
-                "crop": "disabled"}},
-            "4": {"class_type": "RunflowOutputImage",
-                  "inputs": {"output_id": "result", "value": ["3", 0]}},
+def upscaler_weights(mirror: Path) -> str:
+    """Write graph B's upscaler weights into ``mirror`` (named by digest); return it."""
+    sys.path.insert(0, str(ROOT / "examples" / "upscale-x2"))
+    from make_weights import write_weights
+
+    from cache.hashing import sha256_file
+
+    tmp = write_weights(mirror / "upscaler.tmp")
+    digest = sha256_file(tmp)
+    tmp.rename(mirror / digest)
+    return digest
+
+
+# Graph name -> (deployed graph with Runflow nodes, bare graph with LoadImage/SaveImage).
+def graphs(upscaler_sha: str | None) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """The benchmark's graphs, as deployed workflows and as bare ComfyUI prompts."""
+    env = {"comfyui": {"origin": "https://github.com/comfyanonymous/ComfyUI", "commit": COMMIT}}
+    scale = {"upscale_method": "bilinear", "width": 128, "height": 96, "crop": "disabled"}
+    a_core = {"2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+              "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], **scale}}}
+    b_core = {"2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": UPSCALER}},
+              "3": {"class_type": "ImageUpscaleWithModel",
+                    "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}}}
+    out: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for name, core in (("A", a_core), ("B", b_core)):
+        if name == "B" and upscaler_sha is None:
+            continue
+        deployed = {
+            "owner": "bench", "slug": f"graph-{name}", "version": "1", "environment": env,
+            "workflow_json": {
+                "1": {"class_type": "RunflowInputImage", "inputs": {"input_id": "image"}},
+                **core,
+                "4": {"class_type": "RunflowOutputImage",
+                      "inputs": {"output_id": "result", "value": ["3", 0]}}},
+            "inputs": [{"input_id": "image", "type": "IMAGE", "required": True}],
+            "models": ({f"upscale_models/{UPSCALER}": {"sha256": upscaler_sha}}
+                       if name == "B" else {}),
         }
-    else:
-        graph = {
-            "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
-            "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}},
-        }
+        bare = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}}, **core,
+                "4": {"class_type": "SaveImage",
+                      "inputs": {"images": ["3", 0], "filename_prefix": f"bare-{name}"}}}
+        out[name] = (deployed, bare)
+    return out
+
+
+def fake_workflow() -> dict[str, Any]:
+    """The toy graph the fake child runs when no real ComfyUI is given."""
+    graph = {
+        "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+        "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}},
+    }
     return {"owner": "bench", "slug": "serve", "version": "1", "workflow_json": graph,
             "environment": {"comfyui": {"origin": "https://github.com/comfyanonymous/ComfyUI",
                                         "commit": COMMIT}}}
@@ -130,7 +170,7 @@ class Inputs:
         if not self.real:
             return {"prompt": f"run {self.n} {uuid.uuid4().hex}"}
         path = f"/img-{self.n}-{uuid.uuid4().hex[:8]}.png"
-        self.server.add(path, png_bytes(self.n), mode=Mode.GOOD, content_type="image/png")
+        self.server.add(path, png_bytes(), mode=Mode.GOOD, content_type="image/png")
         return {"image": self.server.url(path)}
 
 
@@ -142,7 +182,7 @@ def message(wf: dict[str, Any], inputs: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- measures
 
 
-def wait_terminal(client: Any, run_id: str, cursor: str, timeout_s: float = 600) -> str:
+def wait_terminal(client: Any, run_id: str, cursor: str, timeout_s: float = 900) -> str:
     """Block on the events stream until the run's terminal status event; return its id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -181,6 +221,11 @@ def summary(values_ms: list[float]) -> dict[str, float]:
             "min_ms": round(min(values_ms), 2), "max_ms": round(max(values_ms), 2)}
 
 
+def phase_medians(phases: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({k for ph in phases for k in ph})
+    return {k: round(statistics.median(ph.get(k, 0) for ph in phases), 2) for k in names}
+
+
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -205,111 +250,86 @@ def machine() -> dict[str, Any]:
     return info
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--json", type=Path, help="write the results here too")
-    args = parser.parse_args()
+class Bare:
+    """Bare ComfyUI in its own plain process (``bench/bare_comfyui.py``)."""
 
-    import redis
+    def __init__(self, comfy: Path, base: Path, model_dir: Path) -> None:
+        t = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "bare_comfyui.py"), str(comfy), str(base),
+             "--models", f"upscale_models={model_dir}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.ready = json.loads(self.proc.stdout.readline())
+        self.launch_s = time.perf_counter() - t
+        self.n = 0
 
-    comfy = os.environ.get("RUNFLOW_TEST_COMFYUI")
-    real = bool(comfy)
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    comfy_dir = Path(comfy) if comfy else work / "fake-comfyui"
-    comfy_dir.mkdir(exist_ok=True)
-    redis_proc, redis_url = start_redis(work)
-    server = HTTPSServer().start()
-    ca = server.write_ca_bundle(work / "ca.pem")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    env.update({
-        "PYTHONPATH": str(ROOT), "RUNFLOW_REDIS_URL": redis_url, "RUNFLOW_GPU_CLASS": "cpu",
-        "RUNFLOW_CACHE_DIR": str(work / "cache"), "RUNFLOW_COMFYUI_DIR": str(comfy_dir),
-        "RUNFLOW_STORAGE_URL": (work / "outputs").as_uri(), "RUNFLOW_HTTP_PORT": "0",
-        "RUNFLOW_IDLE_EXIT_S": "0", "RUNFLOW_URL_ALLOW": "127.0.0.1/32",
-        "RUNFLOW_CA_BUNDLE": str(ca), "RUNFLOW_LOG_LEVEL": "WARNING",
-    })
-    if not real:
-        env["RUNFLOW_RUNNER_ENTRY"] = FAKE_CHILD
-        print("RUNFLOW_TEST_COMFYUI is not set: using the FAKE ComfyUI child and a toy graph",
-              file=sys.stderr)
-    wf = workflow(real)
-    inputs = Inputs(server, real)
-    client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
-    proc = None
-    try:
-        # Cold start: enqueue, then start the process; stop at the first terminal record.
-        first = message(wf, inputs.next())
-        cursor = events_tail(client)
-        enqueue_message(client, first, "cpu", events_maxlen=100_000)
+    def run(self, bare_graph: dict[str, Any]) -> tuple[float, dict[str, float]]:
+        """One run with a fresh image; return (total ms, phases)."""
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.n += 1
+        name = f"in-{self.n}.png"
+        graph = json.loads(json.dumps(bare_graph))
+        graph["1"]["inputs"]["image"] = name
+        job = {"graph": graph, "name": name, "image": base64.b64encode(png_bytes()).decode()}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        if not answer["ok"]:
+            raise RuntimeError(f"bare run failed: {answer}")
+        return answer["ms"]["total"], answer["ms"]
+
+    def first_result_s(self, bare_graph: dict[str, Any]) -> float:
+        """Launch to first result: the launch plus the first run."""
+        ms, _ = self.run(bare_graph)
+        return self.launch_s + ms / 1000
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+class Serve:
+    """One ``runflow-worker serve`` daemon on its own queue (GPU class)."""
+
+    def __init__(self, env: dict[str, str], gpu_class: str, client: Any) -> None:
+        self.env = {**env, "RUNFLOW_GPU_CLASS": gpu_class}
+        self.gpu_class = gpu_class
+        self.client = client
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cursor = events_tail(client)
+
+    def cold(self, wf: dict[str, Any], inputs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Enqueue a run, then launch the daemon; seconds to the run's terminal record."""
+        msg = message(wf, inputs)
+        self.cursor = events_tail(self.client)
+        enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=ROOT,
-                                env=env)
-        cursor = wait_terminal(client, first.run_id, cursor)
-        cold_s = time.perf_counter() - t0
-        cold_rec = check_record(client, first.run_id)
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=ROOT,
+                                     env=self.env)
+        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
+        return time.perf_counter() - t0, check_record(self.client, msg.run_id)
 
-        # Warm: serve and bare runs alternate, so drift (thermal, page cache, noisy
-        # neighbours) hits both the same way.
-        bare = BareRunner(env)
-        try:
-            bare.run(wf, inputs.next())  # its first run starts its ComfyUI child
-            serve_ms: list[float] = []
-            phases: list[dict[str, int]] = []
-            bare_ms: list[float] = []
-            bare_phases: list[dict[str, int]] = []
-            for _ in range(args.runs):
-                msg = message(wf, inputs.next())
-                t = time.perf_counter()
-                enqueue_message(client, msg, "cpu", events_maxlen=100_000)
-                cursor = wait_terminal(client, msg.run_id, cursor)
-                serve_ms.append((time.perf_counter() - t) * 1000)
-                phases.append(check_record(client, msg.run_id)["timings_ms"])
-                elapsed_ms, timings = bare.run(wf, inputs.next())
-                bare_ms.append(elapsed_ms)
-                bare_phases.append(timings)
-        finally:
-            bare.close()
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
-        client.close()
-        server.close()
-        redis_proc.kill()
-        redis_proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+    def run(self, wf: dict[str, Any], inputs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        """Submit to terminal event, in ms; and the record's phases."""
+        msg = message(wf, inputs)
+        t = time.perf_counter()
+        enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
+        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
+        elapsed_ms = (time.perf_counter() - t) * 1000
+        return elapsed_ms, check_record(self.client, msg.run_id)["timings_ms"]
 
-    inside_ms = [float(sum(v for k, v in ph.items() if k != "queue")) for ph in phases]
-    result = {
-        "comfyui": "real" if real else "fake child (RUNFLOW_TEST_COMFYUI unset)",
-        "graph": str(EXAMPLE.relative_to(ROOT)) if real and EXAMPLE.exists() else "inline",
-        "runs": args.runs, "machine": machine(),
-        "cold_start_s": round(cold_s, 3),
-        "cold_record_timings_ms": cold_rec["timings_ms"],
-        "cold_start_seconds_billed": cold_rec["billing"]["attempts"][0]["cold_start_seconds"],
-        "serve_end_to_end": summary(serve_ms),
-        "bare_pipeline": summary(bare_ms),
-        "overhead_median_ms": round(statistics.median(serve_ms) - statistics.median(bare_ms),
-                                    2),
-        "serve_minus_recorded_phases_median_ms": round(statistics.median(
-            [s - i for s, i in zip(serve_ms, inside_ms)]), 2),
-        "serve_phase_medians_ms": {k: statistics.median(ph.get(k, 0) for ph in phases)
-                                   for k in phases[0]},
-        "bare_phase_medians_ms": {k: statistics.median(ph.get(k, 0) for ph in bare_phases)
-                                  for k in bare_phases[0]},
-    }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
-    return 0
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(60)
 
 
-class BareRunner:
+class InProcess:
     """The same graph through ``Pipeline.execute`` in this process: no Redis, no daemon."""
 
     def __init__(self, env: dict[str, str]) -> None:
@@ -341,12 +361,162 @@ class BareRunner:
         result = self.pipeline.execute(msg, Control(), picked_up_monotonic=time.monotonic())
         elapsed_ms = (time.perf_counter() - t) * 1000
         if result.status is not RunStatus.SUCCEEDED:
-            raise RuntimeError(f"bare run failed: {result.failure}")
+            raise RuntimeError(f"pipeline run failed: {result.failure}")
         return elapsed_ms, result.timings_ms
 
     def close(self) -> None:
         """Stop its ComfyUI child."""
         self.pipeline.close()
+
+
+def run_cli_cold(env: dict[str, str], wf: dict[str, Any], inputs: dict[str, Any],
+                 work: Path) -> float:
+    """``runflow-worker run`` from launch to exit (a fresh process, a fresh ComfyUI)."""
+    deployed = work / f"deployed-{uuid.uuid4().hex[:6]}.json"
+    deployed.write_text(json.dumps(wf))
+    args = [sys.executable, "-m", "worker.cli", "run", str(deployed), "--out",
+            str(work / "run-out")]
+    for key, value in inputs.items():
+        args += ["--input", f"{key}={value}"]
+    t = time.perf_counter()
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - t
+    if done.returncode != 0:
+        raise RuntimeError(f"runflow-worker run failed: {done.stdout[-2000:]} "
+                           f"{done.stderr[-2000:]}")
+    return elapsed
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--graphs", default="A,B", help="comma-separated: A, B")
+    parser.add_argument("--sandbox", choices=("bwrap", "none", "both"), default=None,
+                        help="RUNFLOW_SANDBOX of the worker's rows (default: as set)")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args()
+
+    import redis
+
+    comfy = os.environ.get("RUNFLOW_TEST_COMFYUI")
+    real = bool(comfy)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    comfy_dir = Path(comfy) if comfy else work / "fake-comfyui"
+    comfy_dir.mkdir(exist_ok=True)
+    mirror = work / "mirror"
+    mirror.mkdir()
+    upscaler_sha = upscaler_weights(mirror) if real else None
+    bare_models = work / "bare-models"
+    bare_models.mkdir()
+    if upscaler_sha:
+        shutil.copy(mirror / upscaler_sha, bare_models / UPSCALER)
+    redis_proc, redis_url = start_redis(work)
+    server = HTTPSServer().start()
+    ca = server.write_ca_bundle(work / "ca.pem")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
+    env.update({
+        "PYTHONPATH": str(ROOT), "RUNFLOW_REDIS_URL": redis_url,
+        "RUNFLOW_GPU_LADDER": "cpu:0,cpu-b:0",
+        "RUNFLOW_CACHE_DIR": str(work / "cache"), "RUNFLOW_COMFYUI_DIR": str(comfy_dir),
+        "RUNFLOW_STORAGE_URL": (work / "outputs").as_uri(), "RUNFLOW_HTTP_PORT": "0",
+        "RUNFLOW_IDLE_EXIT_S": "0", "RUNFLOW_URL_ALLOW": "127.0.0.1/32",
+        "RUNFLOW_CA_BUNDLE": str(ca), "RUNFLOW_LOG_LEVEL": "WARNING",
+        "RUNFLOW_MODEL_MIRRORS": str(mirror), "RUNFLOW_GPU_CLASS": "cpu",
+        "RUNFLOW_DEVICE": "cpu",  # ComfyUI on the CPU, said explicitly
+    })
+    sandboxes = {"both": ["bwrap", "none"], None: [None]}.get(args.sandbox, [args.sandbox])
+    if not real:
+        env["RUNFLOW_RUNNER_ENTRY"] = FAKE_CHILD
+        print("RUNFLOW_TEST_COMFYUI is not set: using the FAKE ComfyUI child and a toy graph "
+              "(no bare row)", file=sys.stderr)
+    wanted = [g.strip().upper() for g in args.graphs.split(",") if g.strip()]
+    all_graphs = graphs(upscaler_sha) if real else {"fake": (fake_workflow(), {})}
+    chosen = {k: v for k, v in all_graphs.items() if not real or k in wanted}
+    inputs = Inputs(server, real)
+    client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
+    result: dict[str, Any] = {
+        "comfyui": "real" if real else "fake child (RUNFLOW_TEST_COMFYUI unset)",
+        "runs": args.runs, "machine": machine(), "graphs": {}, "cold_start": {}}
+    daemons: dict[str, Serve] = {}
+    bare: Bare | None = None
+    inproc: InProcess | None = None
+    try:
+        first_wf, first_bare = next(iter(chosen.values()))
+        # Cold starts first, one at a time, on an otherwise idle machine.
+        if real:
+            bare = Bare(comfy_dir, work / "bare-base", bare_models)
+            result["cold_start"]["bare_launch_to_first_result_s"] = round(
+                bare.first_result_s(first_bare), 3)
+            result["cold_start"]["bare_comfyui_init_s"] = bare.ready["init_s"]
+        for i, sandbox in enumerate(sandboxes):
+            denv = dict(env)
+            if sandbox is not None:
+                denv["RUNFLOW_SANDBOX"] = sandbox
+            label = f"serve[{sandbox}]" if sandbox else "serve"
+            daemon = daemons[label] = Serve(denv, ("cpu", "cpu-b")[i], client)
+            cold_s, rec = daemon.cold(first_wf, inputs.next())
+            result["cold_start"][f"{label}_launch_to_first_record_s"] = round(cold_s, 3)
+            result["cold_start"][f"{label}_record_timings_ms"] = rec["timings_ms"]
+            result["cold_start"][f"{label}_cold_start_seconds_billed"] = (
+                rec["billing"]["attempts"][0]["cold_start_seconds"])
+            result["cold_start"][f"run_cli[{sandbox or 'default'}]_launch_to_exit_s"] = round(
+                run_cli_cold(denv, first_wf, inputs.next(), work), 3)
+        inproc = InProcess({**env, **({"RUNFLOW_SANDBOX": sandboxes[0]} if sandboxes[0]
+                                      else {})})
+        for name, (wf, bare_graph) in chosen.items():
+            # Warm-up of every row for this graph (model loads, first-run caches).
+            for daemon in daemons.values():
+                daemon.run(wf, inputs.next())
+            inproc.run(wf, inputs.next())
+            if bare is not None:
+                bare.run(bare_graph)
+            rows: dict[str, list[float]] = {label: [] for label in daemons}
+            rows["pipeline"] = []
+            phases: dict[str, list[dict[str, float]]] = {label: [] for label in rows}
+            if bare is not None:
+                rows["bare"], phases["bare"] = [], []
+            for _ in range(args.runs):
+                for label, daemon in daemons.items():
+                    ms, ph = daemon.run(wf, inputs.next())
+                    rows[label].append(ms)
+                    phases[label].append(ph)
+                ms, ph = inproc.run(wf, inputs.next())
+                rows["pipeline"].append(ms)
+                phases["pipeline"].append(ph)
+                if bare is not None:
+                    ms, ph = bare.run(bare_graph)
+                    rows["bare"].append(ms)
+                    phases["bare"].append(ph)
+            g: dict[str, Any] = {label: summary(values) for label, values in rows.items()}
+            g["phase_medians_ms"] = {label: phase_medians(ph) for label, ph in phases.items()}
+            if "bare" in rows:
+                g["overhead_over_bare_ms"] = {
+                    label: {"median": round(statistics.median(rows[label])
+                                            - statistics.median(rows["bare"]), 2),
+                            "p90": round(pct(rows[label], 0.9) - pct(rows["bare"], 0.9), 2)}
+                    for label in rows if label != "bare"}
+            result["graphs"][name] = g
+    finally:
+        for daemon in daemons.values():
+            daemon.close()
+        if inproc is not None:
+            inproc.close()
+        if bare is not None:
+            bare.close()
+        client.close()
+        server.close()
+        redis_proc.kill()
+        redis_proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
 
 
 if __name__ == "__main__":
