@@ -59,6 +59,7 @@ class Pack:
 
     @property
     def clone(self) -> str:
+        """The bare clone's name in RUNFLOW_TEST_PACKS."""
         return self.origin.rstrip("/").rsplit("/", 1)[1] + ".git"
 
 
@@ -144,6 +145,7 @@ def env_dir(cache: Path, result) -> Path:
 
 
 def write_png(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> Path:
+    """A one-colour PNG at ``path``."""
     Image.new("RGB", size, color).save(path)
     return path
 
