@@ -55,7 +55,10 @@ class _Server:
         self.routes = web.RouteTableDef()
         self.app = web.Application()
         self.loop = loop
-        self.supports: set[str] = set()
+        # ComfyUI's server announces that it serves each node's WEB_DIRECTORY itself; packs
+        # that find the flag missing take ComfyUI for an old one and link or copy their
+        # JavaScript into ComfyUI's own web/extensions (ComfyUI-Custom-Scripts does).
+        self.supports: set[str] = {"custom_nodes_from_web"}
         self.prompt_queue = None
         self.sink: Callable[[str, dict[str, Any]], None] = lambda event, data: None
 
