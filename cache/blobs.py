@@ -4,7 +4,7 @@ Layout under ``root`` (``<cache>/blobs``)::
 
     sha256/<first 2 hex>/<64 hex>   published blobs, read-only; mtime = last use
     tmp/<64 hex>.<host>.<pid>.<random>.part   downloads in progress (see ``partials``)
-    locks/<64 hex>.lock             one download per digest across processes (filelock)
+    locks/<64 hex>.lock             one download per digest across processes (``pins.FileLock``)
     pins/<64 hex>.pin               blobs in use by runs (see ``pins``)
     quarantine/<64 hex>.<time>      blobs that failed ``verify``
 
@@ -30,8 +30,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import filelock
-
 from cache.errors import (
     BlobNotFound,
     CacheError,
@@ -47,7 +45,8 @@ from cache.fetcher import DEFAULT_MAX_BYTES
 from cache.hashing import sha256_of
 from cache.links import link_into
 from cache.partials import Partial, Partials
-from cache.pins import Pins
+from cache.pins import FileLock, Pins
+from cache.pins import clean as clean_lock_files
 from cache.progress import Cancel, Lock, Progress, acquire_or_cancel
 from cache.sources import Sources
 
@@ -60,7 +59,9 @@ ManyProgress = Callable[[str, int, int | None], None]
 
 
 def _file_lock(path: str) -> Lock:
-    return filelock.FileLock(path, mode=0o666)
+    # Not filelock's: a lock file here is removed by its holder, so a store asked for many
+    # digests that never arrive keeps no file for each (see ``cache.pins``).
+    return FileLock(path)
 
 
 def check_digest(sha256: str) -> str:
@@ -100,6 +101,8 @@ class GcResult:
     kept_pinned: list[str] = field(default_factory=list)
     total_bytes: int = 0
     orphans_removed: int = 0
+    stale_files_removed: int = 0
+    """Lock and pin files nobody held (left by processes that died)."""
 
 
 @dataclass
@@ -125,7 +128,8 @@ class BlobStore:
 
     ``sources``: how URLs become bytes (mirrors, https, s3, assets). ``max_bytes``: the byte
     budget (None: no budget). ``min_free_bytes``: disk space always left free.
-    ``lock_factory``: per-digest inter-process lock (``filelock`` by default).
+    ``lock_factory``: per-digest inter-process lock (``cache.pins.FileLock`` by default, whose
+    holder removes its file on release).
     ``orphan_max_age_s``: orphaned partial downloads older than this are removed when the store
     opens; younger ones are kept so the next download of that digest resumes them.
     ``max_blob_bytes``: largest single blob.
@@ -443,6 +447,8 @@ class BlobStore:
         gc_lock.acquire(timeout=-1)
         try:
             result.orphans_removed = self.partials.clean(min_age_s=self.orphan_max_age_s)
+            result.stale_files_removed = (clean_lock_files(self._locks_dir, ".lock")
+                                          + self.pins.clean())
             blobs = sorted(self._scan(), key=lambda item: item[2].st_mtime)
             total = sum(st.st_size for _d, _p, st in blobs)
             for digest, path, st in blobs:
