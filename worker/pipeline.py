@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime import protocol as p
+from runtime.customnodes import loads_custom_nodes
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
-from runtime.customnodes import loads_custom_nodes
 from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
 from worker import contract as c
 from worker.envreport import EnvironmentReport
@@ -59,13 +59,13 @@ class RunControl(Protocol):
 class ModelStore(Protocol):
     """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
 
-    def ensure_many(self, items: Any, *, max_parallel: int = 4,
+    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int = 4,
                     progress: Callable[[str, int, int | None], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
 
     def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
 
-    def has(self, sha256: str) -> bool: ...
+    def usable(self, sha256: str, owner: str | None) -> bool: ...
 
     def pin(self, digests: Any) -> Any: ...
 
@@ -441,6 +441,7 @@ class Pipeline:
         try:
             self.blobs.ensure_many(
                 [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
+                owner=wf.owner,  # another owner's private blob only after a proof
                 max_parallel=self.config.model_fetch_parallel, progress=progress,
                 cancel=lambda: stop_reason() is not None)
             for field_name, sha, _, _, dest, base in wanted:
@@ -448,7 +449,9 @@ class Pipeline:
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except CacheError as exc:
-            missing = [f for f, sha, *_ in wanted if not self.blobs.has(sha)] or [
+            # Only what this owner may have counts as present: a failed proof of another
+            # owner's blob names its field like a failed download.
+            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, wf.owner)] or [
                 f for f, *_ in wanted]
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
                              details={"fields": missing}) from exc
