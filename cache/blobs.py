@@ -180,13 +180,13 @@ class BlobStore:
         digest = check_digest(sha256)
         final = self.path_for(digest)
         with self.pins.pin([digest]):
-            if self._download_if_missing(digest, final, sources, size, owner, progress, cancel):
-                if self.max_bytes is not None and self.total_bytes() > self.max_bytes:
-                    self.gc()
-                return final
+            downloaded = self._download_if_missing(digest, final, sources, size, owner,
+                                                   progress, cancel)
+            if downloaded and self.max_bytes is not None and self.total_bytes() > self.max_bytes:
+                self.gc()  # pinned: never this blob
             if not self.access.allows(digest, owner):
                 prove(self, digest, final.stat().st_size, sources, owner, progress, cancel)
-            if not self._hit(final, progress):  # pinned: no gc or quarantine removes it
+            if not downloaded and not self._hit(final, progress):  # pinned: still there
                 raise BlobNotFound(f"sha256 {digest[:12]}... vanished from the store")
             return final
 
@@ -341,7 +341,10 @@ class BlobStore:
                     keep_partial = False
                     continue
                 # Recorded before the blob appears: no one may see it without its record.
-                self.access.record(digest, owner, private=candidate.private)
+                # A private source that only finished an earlier download's bytes (of any
+                # owner) has shown their tail alone: it proves itself in full after.
+                if offset == 0 or not candidate.private:
+                    self.access.record(digest, owner, private=candidate.private)
                 self._publish(partial, final)
                 with self._mutex:
                     self.stats.downloaded_bytes += result.size

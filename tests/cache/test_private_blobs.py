@@ -198,3 +198,15 @@ def test_https_sources_needing_credentials_are_private(fetcher: Fetcher,
                         lambda url: url.startswith("https://files.test/"), raising=False)
     assert sources.source_for("https://files.test/m").private  # type: ignore[attr-defined]
     assert not sources.source_for("https://other.test/m").private  # type: ignore[attr-defined]
+
+
+def test_a_private_source_finishing_an_earlier_download_proves_the_whole_blob(
+        store: BlobStore, s3: CountingClient) -> None:
+    # Another owner's download was cut off: its first bytes are in an orphaned partial.
+    orphan = store.partials.directory / f"{DIGEST}.host.1.deadbeef.part"
+    orphan.write_bytes(BODY[:1_000_000])
+    assert store.ensure(DIGEST, ["s3://models/alice/model"], owner="alice").read_bytes() == BODY
+    # The resume read only the tail; alice's object was then read in full as the proof.
+    assert s3.gets == ["alice/model", "alice/model"]
+    assert store.access.describe(DIGEST).owners == 1 and store.usable(DIGEST, "alice")
+    assert partial_files(store) == []
