@@ -59,7 +59,10 @@ def prove(store: BlobStore, digest: str, size_bytes: int, urls: Sequence[str],
             errors.append(IntegrityError(
                 f"{candidate.label} gave sha256 {shown[:12]}..., expected {digest[:12]}..."))
             continue
-        store.access.record(digest, owner, private=candidate.private)
+        try:
+            store.access.record(digest, owner, private=candidate.private)
+        except OSError as exc:
+            raise from_os_error(exc, f"recording access to sha256 {digest[:12]}...") from exc
         return
     raise combine_errors(digest, errors)
 
