@@ -4,9 +4,10 @@ Layout under ``root`` (``<cache>/blobs``)::
 
     sha256/<first 2 hex>/<64 hex>   published blobs, read-only; mtime = last use
     tmp/<64 hex>.<host>.<pid>.<random>.part   downloads in progress (see ``partials``)
-    locks/<64 hex>.lock             one download per digest across processes (filelock)
+    locks/<64 hex>.lock             one download per digest across processes (``pins.FileLock``)
     pins/<64 hex>.pin               blobs in use by runs (see ``pins``)
     quarantine/<64 hex>.<time>      blobs that failed ``verify``
+    access/<64 hex>/                who may be handed the blob (see ``access``)
 
 A blob is fetched once per volume: ``ensure`` returns at once when the digest is present,
 whatever URL it is asked with; otherwise it takes the digest's lock, streams a source into a
@@ -14,6 +15,12 @@ locked temporary file while hashing, checks the sha256, fsyncs, and publishes wi
 ``os.link`` (which fails rather than overwrite, so a blob is published once even if the lock
 does nothing). Eviction is LRU under a byte budget, by a last-use time the store records
 (the blob's mtime, set on ``ensure`` and ``link``), and skips pinned blobs.
+
+``ensure`` is asked for a run's owner: a present blob that a private source gave is handed
+to another owner's run only once that run's own source has shown the same bytes (``_prove``:
+S3's own sha256 of the whole object where it keeps one, else the bytes read in full, hashed
+and dropped). A failed proof fails as that download would have failed, so a run cannot tell
+whether the store holds a digest it may not have.
 """
 
 from __future__ import annotations
@@ -27,11 +34,16 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import filelock
-
+from cache.access import AccessRecords
+from cache.blobrecords import (
+    BlobInfo,
+    BlobRequest,
+    GcResult,
+    StoreStats,
+    VerifyResult,
+)
 from cache.errors import (
     BlobNotFound,
     CacheError,
@@ -41,14 +53,17 @@ from cache.errors import (
     InsufficientDisk,
     IntegrityError,
     SourceUnavailable,
+    combine_errors,
     from_os_error,
 )
 from cache.fetcher import DEFAULT_MAX_BYTES
 from cache.hashing import sha256_of
 from cache.links import link_into
 from cache.partials import Partial, Partials
-from cache.pins import Pins
+from cache.pins import FileLock, Pins
+from cache.pins import clean as clean_lock_files
 from cache.progress import Cancel, Lock, Progress, acquire_or_cancel
+from cache.proofs import prove
 from cache.sources import Sources
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -60,7 +75,9 @@ ManyProgress = Callable[[str, int, int | None], None]
 
 
 def _file_lock(path: str) -> Lock:
-    return filelock.FileLock(path, mode=0o666)
+    # Not filelock's: a lock file here is removed by its holder, so a store asked for many
+    # digests that never arrive keeps no file for each (see ``cache.pins``).
+    return FileLock(path)
 
 
 def check_digest(sha256: str) -> str:
@@ -71,61 +88,13 @@ def check_digest(sha256: str) -> str:
     return value
 
 
-@dataclass(frozen=True)
-class BlobInfo:
-    """A published blob: digest, path, size in bytes, last use (epoch seconds), pinned now."""
-
-    sha256: str
-    path: Path
-    size_bytes: int
-    last_used: float
-    pinned: bool
-
-
-@dataclass(frozen=True)
-class BlobRequest:
-    """One blob a run needs: digest, the URLs it may come from, and its size if known."""
-
-    sha256: str
-    sources: Sequence[str] = ()
-    size: int | None = None
-
-
-@dataclass
-class GcResult:
-    """What a gc did: digests evicted, bytes freed, pinned blobs kept, bytes left in the store."""
-
-    evicted: list[str] = field(default_factory=list)
-    freed_bytes: int = 0
-    kept_pinned: list[str] = field(default_factory=list)
-    total_bytes: int = 0
-    orphans_removed: int = 0
-
-
-@dataclass
-class VerifyResult:
-    """What a verify found: good digests, corrupt ones, and where corrupt blobs were moved."""
-
-    ok: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)
-    quarantined: list[Path] = field(default_factory=list)
-
-
-@dataclass
-class StoreStats:
-    """Counters for metrics: ensure hits and misses, bytes downloaded."""
-
-    hits: int = 0
-    misses: int = 0
-    downloaded_bytes: int = 0
-
-
 class BlobStore:
     """Content-addressed store at ``root`` (see the module docstring).
 
     ``sources``: how URLs become bytes (mirrors, https, s3, assets). ``max_bytes``: the byte
     budget (None: no budget). ``min_free_bytes``: disk space always left free.
-    ``lock_factory``: per-digest inter-process lock (``filelock`` by default).
+    ``lock_factory``: per-digest inter-process lock (``cache.pins.FileLock`` by default, whose
+    holder removes its file on release).
     ``orphan_max_age_s``: orphaned partial downloads older than this are removed when the store
     opens; younger ones are kept so the next download of that digest resumes them.
     ``max_blob_bytes``: largest single blob.
@@ -157,6 +126,7 @@ class BlobStore:
             d.mkdir(parents=True, exist_ok=True)
         self.pins = Pins(self.root / "pins")
         self.partials = Partials(self.root / "tmp")
+        self.access = AccessRecords(self.root / "access")
         self._mutex = threading.Lock()
         self._reserved_bytes = 0
         self.partials.clean(min_age_s=orphan_max_age_s)
@@ -169,8 +139,13 @@ class BlobStore:
         return self._blobs_dir / digest[:2] / digest
 
     def has(self, sha256: str) -> bool:
-        """Whether the blob is present."""
+        """Whether the blob is present (whoever may be handed it)."""
         return self.path_for(sha256).is_file()
+
+    def usable(self, sha256: str, owner: str | None) -> bool:
+        """Whether the blob is present and a run of ``owner`` may be handed it without a
+        proof (what a run may learn of the store: never whether another owner's blob is)."""
+        return self.has(sha256) and self.access.allows(check_digest(sha256), owner)
 
     def pin(self, digests: Iterable[str]) -> AbstractContextManager[None]:
         """Context manager: while it is open, no process on this volume evicts these blobs.
@@ -187,48 +162,66 @@ class BlobStore:
         sources: Sequence[str] = (),
         size: int | None = None,
         *,
+        owner: str | None = None,
         progress: Progress | None = None,
         cancel: Cancel | None = None,
     ) -> Path:
-        """Return the path of the blob, downloading it first if it is not present.
+        """Return the path of the blob for a run of ``owner``, downloading it first if it is
+        not present, or having ``sources`` show they hold it when a private source of another
+        owner gave it (see ``cache.access``; None is the owner of runs without one).
 
         ``sources`` are URLs tried in order (after local mirrors) until one gives content with
         this sha256; ``size`` (bytes, if known) is used for the disk check before download.
         ``progress(done_bytes, total_bytes_or_None)``; ``cancel()`` true stops the download
         with ``FetchCanceled``. Raises ``IntegrityError`` (content does not match),
-        ``InsufficientDisk``, ``SourceUnavailable`` or another ``FetchError``.
+        ``InsufficientDisk``, ``SourceUnavailable`` or another ``FetchError``: a failed proof
+        raises what a failed download from those sources raises.
         """
         digest = check_digest(sha256)
         final = self.path_for(digest)
         with self.pins.pin([digest]):
-            if self._hit(final, progress):
-                return final
-            lock = self._lock_factory(str(self._locks_dir / f"{digest}.lock"))
-            self._acquire(lock, cancel)
+            downloaded = self._download_if_missing(digest, final, sources, size, owner,
+                                                   progress, cancel)
+            if downloaded and self.max_bytes is not None and self.total_bytes() > self.max_bytes:
+                self.gc()  # pinned: never this blob
+            if not self.access.allows(digest, owner):
+                prove(self, digest, final.stat().st_size, sources, owner, progress, cancel)
+            if not downloaded and not self._hit(final, progress):  # pinned: still there
+                raise BlobNotFound(f"sha256 {digest[:12]}... vanished from the store")
+            return final
+
+    def _download_if_missing(self, digest: str, final: Path, sources: Sequence[str],
+                             size: int | None, owner: str | None,
+                             progress: Progress | None, cancel: Cancel | None) -> bool:
+        """Download and publish the blob unless it is present; True when this call did."""
+        if final.is_file():
+            return False
+        lock = self._lock_factory(str(self._locks_dir / f"{digest}.lock"))
+        self._acquire(lock, cancel)
+        try:
+            if final.is_file():  # another worker published it meanwhile
+                return False
+            with self._mutex:
+                self.stats.misses += 1
             try:
-                if self._hit(final, progress):
-                    return final
-                with self._mutex:
-                    self.stats.misses += 1
-                try:
-                    path = self._download(digest, final, sources, size, progress, cancel)
-                except OSError as exc:
-                    raise from_os_error(exc, f"storing sha256 {digest[:12]}...") from exc
-            finally:
-                lock.release()
-            if self.max_bytes is not None and self.total_bytes() > self.max_bytes:
-                self.gc()
-            return path
+                self._download(digest, final, sources, size, owner, progress, cancel)
+            except OSError as exc:
+                raise from_os_error(exc, f"storing sha256 {digest[:12]}...") from exc
+            return True
+        finally:
+            lock.release()
 
     def ensure_many(
         self,
         items: Iterable[BlobRequest | tuple[str, Sequence[str]] | tuple[str, Sequence[str], int]],
         *,
+        owner: str | None = None,
         max_parallel: int = 4,
         progress: ManyProgress | None = None,
         cancel: Cancel | None = None,
     ) -> dict[str, Path]:
-        """``ensure`` several blobs, at most ``max_parallel`` downloads at a time.
+        """``ensure`` several blobs for a run of ``owner``, at most ``max_parallel`` downloads
+        at a time.
 
         ``progress(sha256, done_bytes, total_bytes_or_None)``. The first failure cancels the
         other downloads and is raised. Returns ``{sha256: path}``.
@@ -248,7 +241,8 @@ class BlobStore:
 
         def one(req: BlobRequest) -> Path:
             report = (lambda d, t: progress(req.sha256, d, t)) if progress else None
-            return self.ensure(req.sha256, req.sources, req.size, progress=report, cancel=stopped)
+            return self.ensure(req.sha256, req.sources, req.size, owner=owner, progress=report,
+                               cancel=stopped)
 
         results: dict[str, Path] = {}
         first_error: BaseException | None = None
@@ -289,6 +283,7 @@ class BlobStore:
         final: Path,
         urls: Sequence[str],
         size: int | None,
+        owner: str | None,
         progress: Progress | None,
         cancel: Cancel | None,
     ) -> Path:
@@ -345,11 +340,16 @@ class BlobStore:
                     partial.truncate()
                     keep_partial = False
                     continue
+                # Recorded before the blob appears: no one may see it without its record.
+                # A private source that only finished an earlier download's bytes (of any
+                # owner) has shown their tail alone: it proves itself in full after.
+                if offset == 0 or not candidate.private:
+                    self.access.record(digest, owner, private=candidate.private)
                 self._publish(partial, final)
                 with self._mutex:
                     self.stats.downloaded_bytes += result.size
                 return final
-            raise _combine(digest, errors)
+            raise combine_errors(digest, errors)
         finally:
             self._release(reserved)
             if keep_partial and partial.path.exists():
@@ -425,7 +425,8 @@ class BlobStore:
     def ls(self) -> list[BlobInfo]:
         """Every blob, most recently used first."""
         infos = [
-            BlobInfo(d, p, st.st_size, st.st_mtime, self.pins.is_pinned(d))
+            BlobInfo(d, p, st.st_size, st.st_mtime, self.pins.is_pinned(d),
+                     self.access.describe(d))
             for d, p, st in self._scan()
         ]
         return sorted(infos, key=lambda i: i.last_used, reverse=True)
@@ -443,6 +444,8 @@ class BlobStore:
         gc_lock.acquire(timeout=-1)
         try:
             result.orphans_removed = self.partials.clean(min_age_s=self.orphan_max_age_s)
+            result.stale_files_removed = (clean_lock_files(self._locks_dir, ".lock")
+                                          + self.pins.clean())
             blobs = sorted(self._scan(), key=lambda item: item[2].st_mtime)
             total = sum(st.st_size for _d, _p, st in blobs)
             for digest, path, st in blobs:
@@ -453,13 +456,29 @@ class BlobStore:
                         result.kept_pinned.append(digest)
                         continue
                     path.unlink(missing_ok=True)
+                    self.access.forget(digest)
                 total -= st.st_size
                 result.evicted.append(digest)
                 result.freed_bytes += st.st_size
             result.total_bytes = total
+            result.access_records_removed = self._forget_orphaned_access()
         finally:
             gc_lock.release()
         return result
+
+    def _forget_orphaned_access(self) -> int:
+        """Remove the access records of digests whose blob is gone (evicted by an older
+        worker, quarantined, a crash between record and publish); return how many."""
+        removed = 0
+        for digest in self.access.digests():
+            if self.has(digest):
+                continue
+            # Free means no ensure (download or proof) of this digest is under way.
+            with self.pins.evicting(digest) as free:
+                if free and not self.has(digest):
+                    self.access.forget(digest)
+                    removed += 1
+        return removed
 
     def verify(self, digests: Iterable[str] | None = None, *, quarantine: bool = True) -> VerifyResult:
         """Re-hash blobs (all, or ``digests``); report corrupt ones and, unless pinned, move
@@ -479,6 +498,8 @@ class BlobStore:
                 hashed = os.fstat(f.fileno())
                 if sha256_of(f) == digest:
                     result.ok.append(digest)
+                    if not self.access.describe(digest).recorded:
+                        result.unrecorded.append(digest)
                     continue
                 result.corrupt.append(digest)
                 if quarantine:
@@ -534,14 +555,3 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _combine(digest: str, errors: list[CacheError]) -> CacheError:
-    """The error for a failed ensure: the only error as is, else a summary of all."""
-    if len(errors) == 1:
-        return errors[0]
-    if errors and all(isinstance(e, IntegrityError) for e in errors):
-        return IntegrityError(f"no source gave sha256 {digest[:12]}...: "
-                              + "; ".join(str(e) for e in errors))
-    summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors) or "no source"
-    return SourceUnavailable(f"no source gave sha256 {digest[:12]}...: {summary}")

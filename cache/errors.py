@@ -195,3 +195,15 @@ def from_os_error(exc: OSError, what: str) -> CacheError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientDisk(f"insufficient disk space while {what}")
     return CacheError(f"{what} failed: {exc.strerror or exc}", reason="io_error")
+
+
+def combine_errors(digest: str, errors: list[CacheError]) -> CacheError:
+    """The error for a failed fetch of ``digest`` from several sources: the only error as
+    is, else a summary of all."""
+    if len(errors) == 1:
+        return errors[0]
+    if errors and all(isinstance(e, IntegrityError) for e in errors):
+        return IntegrityError(f"no source gave sha256 {digest[:12]}...: "
+                              + "; ".join(str(e) for e in errors))
+    summary = "; ".join(f"{type(e).__name__}: {e}" for e in errors) or "no source"
+    return SourceUnavailable(f"no source gave sha256 {digest[:12]}...: {summary}")

@@ -11,12 +11,20 @@
 Every source writes into a file given by the store, hashing in the same pass, and can resume
 from a byte offset. The store tries them in turn until one yields the right digest.
 
+Each source says whether it is ``private``: it needed credentials (an S3 object or a Runflow
+asset, read with the worker's; an https URL with user info or one the fetcher sends a
+credential header to; a ``file://`` path the worker can read). The store hands bytes a
+private source gave to another owner's run only once that run's own source has shown them
+(``cache/access.py``). ``S3Source.content_sha256`` is the cheap way to show them: the sha256
+S3 keeps of a whole object uploaded in one part with a SHA256 checksum.
+
 ``s3://`` reads arbitrary buckets with the worker's own credentials: enable it for URLs a
 deployment (the platform) supplies, not for URLs a caller supplies.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import uuid
@@ -69,6 +77,8 @@ class Source(Protocol):
 
     label: str
     """Where the bytes come from, safe for messages (no credentials, no query string)."""
+    private: bool
+    """The source needed credentials: its bytes are not everyone's to have."""
 
     def fetch(
         self,
@@ -92,6 +102,7 @@ class HttpsSource:
         self.url = url
         self.label = redact_url(url)
         self._fetcher = fetcher
+        self.private = _needs_credentials(url, fetcher)
 
     def fetch(
         self,
@@ -113,10 +124,13 @@ class HttpsSource:
 class FileSource:
     """A local file: a mirror entry, or a ``file://`` URL where those are allowed."""
 
-    def __init__(self, path: Path, label: str | None = None, *, direct_io: bool = True) -> None:
+    def __init__(self, path: Path, label: str | None = None, *, direct_io: bool = True,
+                 private: bool = False) -> None:
         self.path = path
         self.label = label or f"mirror file {path.name}"
         self._direct_io = direct_io
+        self.private = private
+        """False for a mirror: the operator's, and tried first for every run anyway."""
 
     def fetch(
         self,
@@ -178,6 +192,31 @@ class S3Source:
         self.label = label or f"s3://{bucket}/{key}"
         self._client = client
         self._direct_io = direct_io
+        self.private = True  # read with the worker's credentials
+
+    def content_sha256(self) -> tuple[str, int] | None:
+        """The hex sha256 and size of the whole object as S3 keeps them, or None when it
+        keeps none that is one (no checksum, another algorithm, a multipart object's
+        checksum of part checksums, an error).
+
+        S3 checks a ``ChecksumSHA256`` given at upload against the bytes it receives, and for
+        an object put in one part that is the sha256 of the whole object.
+        """
+        try:
+            head = self._client().head_object(Bucket=self.bucket, Key=self.key,
+                                              ChecksumMode="ENABLED")
+        except (BotoCoreError, ClientError, OSError):
+            return None
+        value = head.get("ChecksumSHA256")
+        kind = head.get("ChecksumType")
+        if not isinstance(value, str) or "-" in value or kind not in (None, "FULL_OBJECT"):
+            return None  # "<b64>-<parts>" / COMPOSITE: a checksum of the parts' checksums
+        try:
+            raw = base64.b64decode(value, validate=True)
+            size = int(head["ContentLength"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return (raw.hex(), size) if len(raw) == 32 else None
 
     def fetch(
         self,
@@ -373,7 +412,7 @@ class Sources:
             if parts.netloc not in ("", "localhost"):
                 raise URLRefused(f"refused {shown}: file URL with a host")
             return FileSource(Path(unquote(parts.path)), label=f"file {Path(parts.path).name}",
-                              direct_io=self.direct_io)
+                              direct_io=self.direct_io, private=True)
         raise URLRefused(f"refused {shown}: unsupported scheme {scheme or '(none)'!r}")
 
     def fetch_to_file(
@@ -409,6 +448,17 @@ class Sources:
                     raise SourceUnavailable("no S3 client configured")
                 self._client = self._client_factory()
             return self._client
+
+
+def _needs_credentials(url: str, fetcher: Fetcher) -> bool:
+    """Whether fetching ``url`` sends credentials: user info in the URL, or a credential
+    header the fetcher adds for its host (a fetcher that does answers ``sends_credentials``).
+    """
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        return True
+    sends = getattr(fetcher, "sends_credentials", None)
+    return bool(sends(url)) if callable(sends) else False
 
 
 def _bucket_and_key(url: str) -> tuple[str, str]:

@@ -86,6 +86,10 @@ class RunnerConfig:
     env_pass: tuple[str, ...] = ()
     """Variables of the worker's environment the child gets although the credential scrub
     would drop them (``RUNFLOW_CHILD_ENV_PASS``, e.g. ``HF_TOKEN``)."""
+    custom_code: bool = True
+    """The child loads custom nodes (code of a stranger), so ``RunnerSupervisor`` lets it
+    serve one owner only; False where it loads ComfyUI and the project's node pack alone.
+    True unless the caller knows better: a wrong False would share hostile code."""
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -427,31 +431,76 @@ class _ChildGone:
     exit_text: str
 
 
+_SHARED: tuple[str | None, ...] = ("shared",)
+"""The tenant of a child without custom nodes: every owner's runs may use it."""
+
+
+@dataclass(frozen=True)
+class RunnerLease:
+    """What ``RunnerSupervisor.acquire`` hands out: a READY runner, and whether a child was
+    started for this call (the first start, an owner or environment switch, a restart after
+    a death: the run's cold start)."""
+
+    runner: Runner
+    started: bool
+
+
 class RunnerSupervisor:
-    """Keeps one warm runner; switching environment or a dead child restarts it."""
+    """Keeps one warm runner for one tenant; anything else stops it and starts another.
+
+    The tenant of a child that loads custom nodes (``RunnerConfig.custom_code``) is the
+    owner of the run it was started for (``workflow.owner``; None, no owner, is an owner of
+    its own and never equal to a named one): hostile code may keep what one owner's run
+    gave it (inputs, outputs, models) in the process and hand it to the next run, so only
+    that owner's runs reuse it. A child without custom nodes runs trusted code only and is
+    shared by every owner. One child at a time (GPU memory): the old one is stopped before
+    the new one starts.
+    """
 
     def __init__(self) -> None:
         self.runner: Runner | None = None
         self.restarts = 0
+        self.tenant: tuple[str | None, ...] | None = None
+        """Whose runs the warm child serves (see ``tenant_of``); None without a child."""
 
-    def runner_for(self, config: RunnerConfig,
-                   should_stop: Callable[[], bool] | None = None) -> Runner:
-        """A READY runner for ``config``, starting or restarting the child as needed."""
+    @staticmethod
+    def tenant_of(config: RunnerConfig, owner: str | None) -> tuple[str | None, ...]:
+        """Who may share a child of ``config`` with a run of ``owner``."""
+        return ("owner", owner) if config.custom_code else _SHARED
+
+    def acquire(self, config: RunnerConfig, *, owner: str | None = None,
+                should_stop: Callable[[], bool] | None = None) -> RunnerLease:
+        """A READY runner for ``config`` and a run of ``owner``, starting or restarting the
+        child as needed; ``started`` says whether a child was started for this call.
+
+        Raises ``RunnerStartFailed`` / ``RunnerStartCanceled`` like ``Runner.start``.
+        """
+        tenant = self.tenant_of(config, owner)
         runner = self.runner
-        if runner is not None and runner.config != config:
-            runner.stop()
+        if runner is not None and (runner.config != config or self.tenant != tenant):
+            runner.stop()  # before the next one starts: one child's GPU memory at a time
             runner = self.runner = None
+            self.tenant = None
         if runner is None:
             runner = self.runner = Runner(config)
+            self.tenant = tenant
         runner.notice_death()  # a child that died while idle: DEFUNCT, restarted below
         if runner.state is RunnerState.DEFUNCT:
             self.restarts += 1
-        if runner.state in (RunnerState.NEW, RunnerState.DEFUNCT):
+        started = runner.state in (RunnerState.NEW, RunnerState.DEFUNCT)
+        if started:
             runner.start(should_stop)
-        return runner
+        return RunnerLease(runner, started)
+
+    def runner_for(self, config: RunnerConfig,
+                   should_stop: Callable[[], bool] | None = None, *,
+                   owner: str | None = None) -> Runner:
+        """``acquire(...).runner``: a READY runner for ``config`` and a run of ``owner``."""
+        return self.acquire(config, owner=owner, should_stop=should_stop).runner
 
     def close(self) -> None:
         """Stop the child, if any."""
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
+            self.tenant = None

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
-from runtime.runner import Runner, RunnerConfig, RunnerSupervisor
+from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
 from tests.factories import message
 from tests.test_pipeline import FAKE, Control
 from worker.contract import RunStatus, parse_message
@@ -32,7 +32,7 @@ GRAPH = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
 
 
 class Supervisor(RunnerSupervisor):
-    """Records each ``runner_for`` call's duration; ``on_restart`` replaces the second."""
+    """Records each ``acquire`` call's duration; ``on_restart`` replaces the second."""
 
     def __init__(self, on_restart: Callable[[], None] | None = None) -> None:
         super().__init__()
@@ -40,15 +40,15 @@ class Supervisor(RunnerSupervisor):
         self.durations: list[float] = []
         self.on_restart = on_restart
 
-    def runner_for(self, config: RunnerConfig,
-                   should_stop: Callable[[], bool] | None = None) -> Runner:
+    def acquire(self, config: RunnerConfig, *, owner: str | None = None,
+                should_stop: Callable[[], bool] | None = None) -> RunnerLease:
         if self.durations and self.on_restart is not None:
             self.on_restart()
         start = time.monotonic()
-        runner = super().runner_for(config, should_stop)
+        lease = super().acquire(config, owner=owner, should_stop=should_stop)
         self.durations.append(time.monotonic() - start)
         self.ready.set()
-        return runner
+        return lease
 
 
 class Setup:

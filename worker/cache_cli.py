@@ -1,12 +1,14 @@
 """``runflow-worker cache``: inspect and maintain the model store; builders of the cache objects.
 
-- ``cache ls [--json]``: blobs, most recently used first, with size, last use and pins.
+- ``cache ls [--json]``: blobs, most recently used first, with size, last use, access
+  (public, private to N owners, unrecorded) and pins.
 - ``cache verify [SHA256 ...] [--no-quarantine]``: re-hash blobs; corrupt ones are moved to
-  quarantine (exit 1 when any is corrupt).
+  quarantine (exit 1 when any is corrupt); blobs without an access record are listed.
 - ``cache gc [--max-bytes N] [--max-envs N]``: evict least recently used, unpinned blobs down
   to the budget (``RUNFLOW_CACHE_MAX_BYTES``, else 80% of the volume), and unused prepared
   environments beyond ``RUNFLOW_ENV_MAX_COUNT``, then the git mirrors no environment left
-  uses; also the run directories of workers that were killed mid-run.
+  uses; also the run directories of workers that were killed mid-run, the lock and pin
+  files of dead processes and the access records of blobs no longer there.
 - ``cache envs [--json]``: prepared environments, most recently used first.
 - ``cache pull SHA256 URL [URL ...] [--size N]``: fetch a blob now, with a progress bar.
 
@@ -23,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cache.access import Access
 from cache.blobs import BlobStore, check_digest
 from cache.environments import Environments
 from cache.errors import CacheError
@@ -162,21 +165,32 @@ def _ls(store: BlobStore, *, as_json: bool) -> int:
     blobs = store.ls()
     if as_json:
         rows = [{"sha256": b.sha256, "size_bytes": b.size_bytes, "last_used": _iso(b.last_used),
-                 "pinned": b.pinned, "path": str(b.path)} for b in blobs]
+                 "pinned": b.pinned, "public": b.access.public,
+                 "proven_owners": b.access.owners, "path": str(b.path)} for b in blobs]
         print(json.dumps(rows, indent=2))
         return 0
     # Plain columns, one blob a line: full digests, easy to grep and cut.
-    print(f"{'SHA256':<64}  {'SIZE':>10}  {'LAST USED':<20}  PINNED")
+    print(f"{'SHA256':<64}  {'SIZE':>10}  {'LAST USED':<20}  {'ACCESS':<10}  PINNED")
     for b in blobs:
         pinned = "yes" if b.pinned else ""
-        print(f"{b.sha256}  {decimal(b.size_bytes):>10}  {_iso(b.last_used):<20}  {pinned}")
+        print(f"{b.sha256}  {decimal(b.size_bytes):>10}  {_iso(b.last_used):<20}  "
+              f"{_access(b.access):<10}  {pinned}")
     budget = f" of a {decimal(store.max_bytes)} budget" if store.max_bytes else ""
     print(f"{len(blobs)} blobs, {decimal(sum(b.size_bytes for b in blobs))}{budget}")
     return 0
 
 
+def _access(access: Access) -> str:
+    """``public``, ``private:N`` (N owners' sources showed it) or ``unrecorded``."""
+    if access.public:
+        return "public"
+    return f"private:{access.owners}" if access.owners else "unrecorded"
+
+
 def _verify(store: BlobStore, digests: list[str], *, quarantine: bool) -> int:
     result = store.verify(digests or None, quarantine=quarantine)
+    for digest in result.unrecorded:
+        print(f"unrecorded {digest} (handed to a run only once its source shows it)")
     for digest in result.corrupt:
         print(f"corrupt {digest}")
     for path in result.quarantined:
@@ -196,6 +210,9 @@ def _gc(store: BlobStore, max_bytes: int | None, envs: Environments,
         print(f"evicted {digest}")
     kept = f", {len(result.kept_pinned)} pinned kept" if result.kept_pinned else ""
     print(f"freed {decimal(result.freed_bytes)}; {decimal(result.total_bytes)} left{kept}")
+    if result.stale_files_removed or result.access_records_removed:
+        print(f"removed {result.stale_files_removed} stale lock/pin files, "
+              f"{result.access_records_removed} access records of absent blobs")
     env_result = envs.gc(max_envs)
     for key in env_result.evicted:
         print(f"evicted environment {key}")

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from runtime import protocol as p
+from runtime.customnodes import loads_custom_nodes
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
-from runtime.runner import RunnerConfig, RunnerSupervisor
+from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
 from worker import contract as c
 from worker.envreport import EnvironmentReport
 from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
@@ -58,13 +59,13 @@ class RunControl(Protocol):
 class ModelStore(Protocol):
     """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
 
-    def ensure_many(self, items: Any, *, max_parallel: int = 4,
+    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int = 4,
                     progress: Callable[[str, int, int | None], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
 
     def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
 
-    def has(self, sha256: str) -> bool: ...
+    def usable(self, sha256: str, owner: str | None) -> bool: ...
 
     def pin(self, digests: Any) -> Any: ...
 
@@ -234,7 +235,8 @@ class Pipeline:
                     runner = starting.result()
                     self._check_stop(stop_reason)
                     with phases.phase("environment"):
-                        runner = self._restart_if_died(runner, result, stop_reason)
+                        runner = self._restart_if_died(runner, wf.owner, result,
+                                                       stop_reason)
                     with phases.phase("execute"):
                         outcome = self._run_graph(runner, message, graph, dirs, control,
                                                   stop_reason)
@@ -271,7 +273,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ phases
 
-    def _restart_if_died(self, runner: Any, result: RunResult,
+    def _restart_if_died(self, runner: Any, owner: str | None, result: RunResult,
                          stop_reason: Callable[[], StopReason | None]) -> Any:
         """``runner``, or a fresh one when its child died while models and inputs downloaded.
 
@@ -282,17 +284,17 @@ class Pipeline:
         if not runner.notice_death():
             return runner
         start = time.monotonic()
-        runner = self._start_runner(runner.config, stop_reason)
+        lease = self._start_runner(runner.config, owner, stop_reason)
         result.cold_start_s += time.monotonic() - start
-        return runner
+        return lease.runner
 
-    def _start_runner(self, config: RunnerConfig,
-                      stop_reason: Callable[[], StopReason | None]) -> Any:
-        """``supervisor.runner_for``; a failed or canceled start releases the pins and
+    def _start_runner(self, config: RunnerConfig, owner: str | None,
+                      stop_reason: Callable[[], StopReason | None]) -> RunnerLease:
+        """``supervisor.acquire``; a failed or canceled start releases the pins and
         becomes the run's outcome."""
         try:
-            return self.supervisor.runner_for(config,
-                                              should_stop=lambda: stop_reason() is not None)
+            return self.supervisor.acquire(config, owner=owner,
+                                           should_stop=lambda: stop_reason() is not None)
         except RunnerStartCanceled as exc:
             self._unpin_environments(keep=None)
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
@@ -323,28 +325,27 @@ class Pipeline:
             env = self._prepare_environment(message, stop_reason)
             comfyui_dir, env_key = env.comfyui_dir, env.key
             sys_path = tuple(str(p) for p in env.sys_path)
+        node_dirs = (str(comfyui_dir / "custom_nodes"),
+                     *(str(d) for d in self.config.extra_custom_node_dirs))
         config = RunnerConfig(
             comfyui_dir=str(comfyui_dir),
             base_dir=str(self.config.work_dir / "comfyui-base"),
             env_key=env_key,
-            custom_node_dirs=(str(comfyui_dir / "custom_nodes"),
-                              *(str(d) for d in self.config.extra_custom_node_dirs)),
+            custom_node_dirs=node_dirs,
             extra_sys_path=sys_path,
             cpu=self.config.cpu,
             child_entry=self.config.child_entry,
             startup_timeout_s=self.config.startup_timeout_s,
             env_pass=self.config.child_env_pass,
+            # A child that loads a stranger's code serves one owner only (SPEC §9).
+            custom_code=bool(message.workflow.custom_nodes) or loads_custom_nodes(node_dirs),
         )
-        sup = self.supervisor
-        if sup.runner is not None:
-            sup.runner.notice_death()  # a child that died while idle makes this start cold
-        cold = sup.runner is None or sup.runner.state.value in ("new", "defunct") or (
-            sup.runner.config != config)
         start = time.monotonic()
-        runner = self._start_runner(config, stop_reason)
+        lease = self._start_runner(config, message.workflow.owner, stop_reason)
+        runner = lease.runner
         # The previous environment's child is gone now: its pin can go too.
         self._unpin_environments(keep=env_key)
-        if cold:
+        if lease.started:  # a first start, an owner or environment switch, a restart
             result.cold_start_s = time.monotonic() - start
         if runner.ready is not None:
             result.gpu_model = runner.ready.gpu_model
@@ -440,6 +441,7 @@ class Pipeline:
         try:
             self.blobs.ensure_many(
                 [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
+                owner=wf.owner,  # another owner's private blob only after a proof
                 max_parallel=self.config.model_fetch_parallel, progress=progress,
                 cancel=lambda: stop_reason() is not None)
             for field_name, sha, _, _, dest, base in wanted:
@@ -447,7 +449,9 @@ class Pipeline:
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except CacheError as exc:
-            missing = [f for f, sha, *_ in wanted if not self.blobs.has(sha)] or [
+            # Only what this owner may have counts as present: a failed proof of another
+            # owner's blob names its field like a failed download.
+            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, wf.owner)] or [
                 f for f, *_ in wanted]
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
                              details={"fields": missing}) from exc

@@ -50,8 +50,9 @@ def test_pull_ls_verify_gc(
     assert _run(["cache", "ls", "--json"], settings) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["sha256"] == DIGEST and row["size_bytes"] == len(BODY) and not row["pinned"]
+    assert row["public"] and row["proven_owners"] == 0  # from a public https URL
     assert _run(["cache", "ls"], settings) == 0
-    assert DIGEST in capsys.readouterr().out
+    assert f"{DIGEST}" in (out := capsys.readouterr().out) and "public" in out
 
     assert _run(["cache", "verify"], settings) == 0
     assert "1 ok, 0 corrupt" in capsys.readouterr().out
@@ -69,6 +70,9 @@ def test_pull_ls_verify_gc(
     assert _run(["cache", "gc", "--max-bytes", "0"], settings) == 0
     assert f"evicted {DIGEST}" in capsys.readouterr().out
     assert not blob.exists()
+    # Nothing of it is left: no access record, no lock or pin file.
+    for leftover in ("access", "locks", "pins"):
+        assert os.listdir(settings.blobs_dir / leftover) == [], leftover
 
 
 def test_pull_failures(https_server: HTTPSServer, settings: Settings,
