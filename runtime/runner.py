@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -42,6 +43,7 @@ from runtime.errors import (
     RunnerStartFailed,
     RunnerStateError,
 )
+from runtime.sandbox import SandboxPlan, command_prefix, scratch_layer_problems
 from runtime.spawn import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,22 @@ class RunnerConfig:
     env_pass: tuple[str, ...] = ()
     """Variables of the worker's environment the child gets although the credential scrub
     would drop them (``RUNFLOW_CHILD_ENV_PASS``, e.g. ``HF_TOKEN``)."""
+    sandbox: SandboxPlan | None = None
+    """The child's sandbox (``runtime.sandbox``): its own paths; the environment's
+    (``comfyui_dir``, ``custom_node_dirs``, ``extra_sys_path``) are added at start. None
+    runs the child unconfined (``RUNFLOW_SANDBOX=none``)."""
+
+
+def sandbox_plan(config: RunnerConfig) -> SandboxPlan | None:
+    """The child's full sandbox: the config's plan plus its environment, read-only, with a
+    scratch layer over ComfyUI's checkout and every custom node directory outside it."""
+    plan = config.sandbox
+    if plan is None:
+        return None
+    env_dirs = (config.comfyui_dir, *config.custom_node_dirs, *config.extra_sys_path)
+    return replace(plan, read_only=(*plan.read_only, *env_dirs),
+                   scratch_layers=(*plan.scratch_layers, config.comfyui_dir,
+                                   *config.custom_node_dirs))
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -160,7 +178,9 @@ class Runner:
         log.debug("ComfyUI child environment: dropped %s",
                   ", ".join(sorted(set(os.environ) - set(env))) or "nothing")
         try:
-            self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env)
+            prefix = self._sandbox_prefix(env)
+            self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env,
+                                           argv_prefix=prefix)
         except Exception as exc:  # never stay STARTING
             self._transition(RunnerState.DEFUNCT)
             raise RunnerStartFailed(f"cannot spawn the ComfyUI process: {exc}") from exc
@@ -196,6 +216,28 @@ class Runner:
                 raise RunnerStartFailed(f"ComfyUI process died while starting: {msg.exit_text}")
             log.debug("ignoring %r before Ready", msg)
 
+    def _exit_text(self, proc: ChildProcess) -> str:
+        """``describe_exit`` of the child; in the sandbox, bwrap reports a child killed by
+        signal N as exit code 128 + N, told as the signal it was."""
+        code = proc.exitcode
+        if self.config.sandbox is not None and code is not None and 128 < code < 160:
+            code = 128 - code
+        return describe_exit(code)
+
+    def _sandbox_prefix(self, env: dict[str, str]) -> list[str]:
+        """The sandbox's command line, after emptying the child's own directories (nothing
+        a previous child left there may reach this one)."""
+        plan = sandbox_plan(self.config)
+        if plan is None:
+            return []
+        for path in plan.fresh:
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path, exist_ok=True)
+        for problem in scratch_layer_problems(plan):
+            log.warning("no scratch layer over %s: it stays read-only to custom nodes",
+                        problem, extra={"event": "sandbox_no_scratch"})
+        return command_prefix(plan, env)
+
     def notice_death(self) -> bool:
         """True when the child of this READY runner died while idle; it is DEFUNCT then.
 
@@ -207,7 +249,7 @@ class Runner:
         if not self._proc.exited():
             return False
         self._proc.join(5)
-        exit_text = describe_exit(self._proc.exitcode)
+        exit_text = self._exit_text(self._proc)
         log.warning("the idle ComfyUI process died (%s); it is restarted for the next run",
                     exit_text)
         self._mark_dead(exit_text)
@@ -232,7 +274,7 @@ class Runner:
         if proc is not None:
             proc.kill()
             proc.join(10)
-            self.last_exit = describe_exit(proc.exitcode)
+            self.last_exit = self._exit_text(proc)
         # The child is gone, so a write blocked on it fails now and its thread ends. Were it
         # still blocked (something else holds the child's end), the connection stays open:
         # closing an fd under a writing thread could let the write land in whatever file
@@ -265,19 +307,19 @@ class Runner:
             if self._proc.exitcode is None:
                 return None
             if not self._conn.poll():
-                return _ChildGone(describe_exit(self._proc.exitcode))
+                return _ChildGone(self._exit_text(self._proc))
             # else: a last message it wrote just before it died, read first
         if self._conn in ready or self._conn.poll():
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 self._proc.join(5)
-                return _ChildGone(describe_exit(self._proc.exitcode))
+                return _ChildGone(self._exit_text(self._proc))
             if not isinstance(msg, p.CHILD_MESSAGES):
                 raise ProtocolError(f"unexpected object from the child: {type(msg).__name__}")
             return msg
         self._proc.join(5)
-        return _ChildGone(describe_exit(self._proc.exitcode))
+        return _ChildGone(self._exit_text(self._proc))
 
     # ------------------------------------------------------------------ jobs
 
@@ -301,7 +343,7 @@ class Runner:
         self._transition(RunnerState.BUSY)
         if self._proc.exited():  # died while idle, after runner_for looked
             self._proc.join(5)
-            exit_text = describe_exit(self._proc.exitcode)
+            exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text, when="before the run started")
         sender = self._sender = _Sender(self._conn)
@@ -360,7 +402,7 @@ class Runner:
         if isinstance(exc, OSError) and wait([self._proc.sentinel], timeout=5):
             # A broken pipe is the child's death seen from the writing side.
             self._proc.join(5)
-            exit_text = describe_exit(self._proc.exitcode)
+            exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text)
         return self._lost(job, f"cannot send it the job ({type(exc).__name__}: {exc})")
