@@ -60,6 +60,9 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
         child_env_pass=settings.child_env_pass,
+        sandbox=settings.sandboxed,
+        child_network=settings.child_network == "host",
+        sandbox_hidden=(settings.cache_dir,),
     )
     fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
     return Pipeline(
