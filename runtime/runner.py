@@ -101,9 +101,11 @@ def sandbox_plan(config: RunnerConfig) -> SandboxPlan | None:
     if plan is None:
         return None
     env_dirs = (config.comfyui_dir, *config.custom_node_dirs, *config.extra_sys_path)
+    entry_module = config.child_entry.partition(":")[0].split(".")[0]
     return replace(plan, read_only=(*plan.read_only, *env_dirs),
                    scratch_layers=(*plan.scratch_layers, config.comfyui_dir,
-                                   *config.custom_node_dirs))
+                                   *config.custom_node_dirs),
+                   modules=(*plan.modules, entry_module))
 
 
 def describe_exit(exitcode: int | None) -> str:

@@ -31,11 +31,12 @@ project's.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
@@ -85,18 +86,51 @@ class SandboxPlan:
     """Share the host's network; otherwise only a private loopback."""
     chdir: str = "/"
     """Working directory inside the sandbox."""
+    modules: tuple[str, ...] = ()
+    """Top-level modules the sandboxed program imports besides the project's own (the
+    child entry's); their package directories are bound read-only."""
     bwrap: str = "bwrap"
 
 
-def interpreter_paths() -> tuple[str, ...]:
-    """The Python installation and every existing ``sys.path`` entry of this process.
+PROJECT_PACKAGES = ("runtime", "cache")
+"""This project's packages the child imports (``runtime`` imports only ``cache``)."""
 
-    The child gets this process's ``sys.path`` (``runtime.spawn``), so the project's own
-    packages and an editable install's sources are among them.
+
+def interpreter_paths(modules: Sequence[str] = ()) -> tuple[str, ...]:
+    """The Python installation, its site directories, and the packages the child imports.
+
+    Bound: ``sys.base_prefix``, ``sys.prefix``, the interpreter's directory, every
+    ``sys.path`` entry inside those or named ``site-packages``/``dist-packages``, and the
+    directory (or file) of each of ``PROJECT_PACKAGES`` and ``modules`` (the child entry's
+    top-level module), wherever they are imported from: a source checkout, an editable
+    install's sources. Other ``sys.path`` entries are not bound: one may be the worker's
+    working directory, or ``/``.
     """
-    paths = [sys.base_prefix, sys.prefix, os.path.dirname(sys.executable),
-             *(p for p in sys.path if p)]
+    prefixes = [os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)]
+    paths = [sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)]
+    for entry in sys.path:
+        if not entry or not os.path.exists(entry):
+            continue
+        real = os.path.realpath(entry)
+        if any(_inside(real, p) for p in prefixes) or os.path.basename(real) in (
+                "site-packages", "dist-packages"):
+            paths.append(entry)
+    for name in (*PROJECT_PACKAGES, *modules):
+        paths += _module_paths(name)
     return tuple(dict.fromkeys(os.path.abspath(p) for p in paths if os.path.exists(p)))
+
+
+def _module_paths(name: str) -> list[str]:
+    """Where the top-level module ``name`` is imported from (its package directory)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)
+    return [spec.origin] if spec.origin and os.path.isabs(spec.origin) else []
 
 
 def command_prefix(plan: SandboxPlan, env: Mapping[str, str]) -> list[str]:
@@ -151,7 +185,7 @@ def _path_mounts(plan: SandboxPlan) -> list[str]:
     """Binds and masks, shallowest first, so a deeper mount lands on top of its parent."""
     mounts: dict[str, str] = {}  # path -> "ro" | "rw" | "hide"
     bound: list[str] = []
-    for path in (*interpreter_paths(), *plan.read_only):
+    for path in (*interpreter_paths(plan.modules), *plan.read_only):
         if os.path.exists(path):
             mounts.setdefault(os.path.realpath(path), "ro")
             bound.append(os.path.abspath(path))
