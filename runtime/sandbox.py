@@ -193,8 +193,9 @@ def _path_mounts(plan: SandboxPlan) -> list[str]:
         mounts[os.path.realpath(path)] = "rw"
     for path in plan.hidden:
         real = os.path.realpath(path)
-        # Only where something bound contains it: elsewhere it is not visible anyway.
-        if real not in mounts and any(_inside(real, m) and m != real for m in mounts):
+        # Only where something bound contains it (or is it): elsewhere it is not visible.
+        if mounts.get(real) == "ro" or (
+                real not in mounts and any(_inside(real, m) for m in mounts)):
             mounts[real] = "hide"
     args: list[str] = []
     for path in sorted(mounts, key=lambda p: (p.rstrip("/").count("/"), p)):
