@@ -237,9 +237,10 @@ def _scratch_layers(plan: SandboxPlan) -> list[str]:
 def scratch_layer_problems(plan: SandboxPlan) -> list[str]:
     """Why each requested scratch layer that will not be mounted is left out (for the log:
     such a directory stays read-only, and a pack writing into it fails its import)."""
-    kept = set(_scratch_layers(plan))
+    kept = _scratch_layers(plan)
     return [f"{p}: not a directory, a path overlayfs cannot name, or it holds another "
-            "mounted path" for p in plan.scratch_layers if os.path.realpath(p) not in kept]
+            "mounted path" for p in plan.scratch_layers
+            if os.path.isdir(p) and not any(_inside(os.path.realpath(p), k) for k in kept)]
 
 
 def _inside(path: str, base: str) -> bool:

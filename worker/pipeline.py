@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -182,6 +182,7 @@ class Pipeline:
         self._env_pins: dict[str, ExitStack] = {}
         self._run_dirs = RunDirs(config.work_dir)
         self._report = EnvironmentReport()
+        self._commits: dict[Path, str | None] = {}
 
     def close(self) -> None:
         """Stop the ComfyUI child and let its environment go."""
@@ -358,11 +359,27 @@ class Pipeline:
             result.cold_start_s = time.monotonic() - start
         if runner.ready is not None:
             result.gpu_model = runner.ready.gpu_model
-        environment, warnings = self._report.describe(message, config, runner.ready,
+        environment, warnings = self._report.describe(message, config,
+                                                      self._checked_ready(runner.ready,
+                                                                          comfyui_dir),
                                                       comfyui_dir)
         result.environment.update(environment)
         result.warnings.extend(warnings)
         return runner
+
+    def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
+        """``ready`` with the checkout's commit as the worker reads it (once per checkout).
+
+        The child's own word is not taken: it is sent after custom nodes ran, and in the
+        sandbox a pinned environment's git metadata (in the mirror) is out of its sight.
+        """
+        if ready is None:
+            return None
+        if comfyui_dir not in self._commits:
+            from runtime.comfy import git_commit
+
+            self._commits[comfyui_dir] = git_commit(str(comfyui_dir))
+        return replace(ready, comfyui_commit=self._commits[comfyui_dir])
 
     def _sandbox_plan(self, child_root: Path) -> SandboxPlan | None:
         """The child's sandbox: its own root writable (emptied at each start), the runs'

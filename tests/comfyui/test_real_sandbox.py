@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.conftest import COMFY, Control, url_path
+from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
 from tests.factories import workflow
 from worker.contract import RunStatus, parse_message
 
@@ -71,7 +71,8 @@ def test_real_comfyui_runs_a_self_writing_pack_in_the_sandbox(tmp_path: Path) ->
     settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=Path(COMFY),
                         gpu_class="cpu", extra_custom_nodes=(str(nodes),))
     assert settings.sandboxed
-    pl = build_pipeline(settings, storage=LocalStorage(tmp_path / "store"), cpu=True)
+    pl = build_pipeline(settings, storage=LocalStorage(tmp_path / "store"), cpu=True,
+                        sandbox_read_only=SANDBOX_READ_ONLY)
     graph = {"1": {"class_type": "RunflowSandboxProbe", "inputs": {"checkout": COMFY}},
              "2": {"class_type": "RunflowOutputFile", "inputs": {
                  "output_id": "probe", "output_name": "", "value": ["1", 0]}}}
