@@ -251,3 +251,77 @@ def test_settings_refuse_unknown_sandbox_values() -> None:
     with pytest.raises(InvalidSettings, match="RUNFLOW_CHILD_NETWORK"):
         Settings(child_network="bridge")
     assert Settings(sandbox="NONE", child_network="Host").sandbox == "none"
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (the tests run as root or
+    as the children's user, so every environ is readable)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as fh:
+                    if marker.encode() in fh.read():
+                        found.append(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+@HAVE_BWRAP
+def test_stopping_the_sandboxed_runner_ends_a_helper_the_child_forked(tmp_path: Path) -> None:
+    import threading
+    import time
+    import uuid
+
+    from runtime.runner import Runner, RunnerConfig
+
+    root = tmp_path / "root"
+    (tmp_path / "comfy").mkdir()
+    marker = f"sandbox-test-{uuid.uuid4().hex}"
+    cfg = RunnerConfig(comfyui_dir=str(tmp_path / "comfy"), base_dir=str(root / "base"),
+                       child_entry="tests.fakes.forking_child:main", startup_timeout_s=60,
+                       env={"fake_helper_pidfile": str(root / "helper.pid"),
+                            "SANDBOX_TEST_MARK": marker},
+                       sandbox=SandboxPlan(writable=(str(root),), fresh=(str(root),)))
+    runner = Runner(cfg)
+    runner.start()
+    try:
+        assert (root / "helper.pid").exists()  # written before Ready
+        assert len(_processes_with(marker)) >= 2  # the child and its helper
+    finally:
+        runner.stop(timeout_s=0)
+    deadline = time.monotonic() + 10
+    tick = threading.Event()
+    while _processes_with(marker) and time.monotonic() < deadline:
+        tick.wait(0.05)
+    assert _processes_with(marker) == []
+
+
+def test_a_blob_hard_link_falls_back_to_a_copy_across_filesystems(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import hashlib
+
+    from cache.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    data = b"weights"
+    digest = hashlib.sha256(data).hexdigest()
+    blob = store.path_for(digest)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    linked = store.hardlink(digest, tmp_path / "run" / "m.bin", base=tmp_path / "run")
+    assert not linked.is_symlink() and linked.stat().st_ino == blob.stat().st_ino
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem to link across")
+    other = Path(os.path.realpath(shm)) / f"runflow-test-{os.getpid()}"
+    try:
+        copied = store.hardlink(digest, other / "m.bin", base=other)
+        assert not copied.is_symlink() and copied.read_bytes() == data
+        assert copied.stat().st_ino != blob.stat().st_ino
+        assert any("copying it" in r.getMessage() for r in caplog.records)
+    finally:
+        import shutil
+
+        shutil.rmtree(other, ignore_errors=True)
