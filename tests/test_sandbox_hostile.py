@@ -281,3 +281,21 @@ def test_a_pack_writing_into_its_folder_imports_and_the_write_is_gone(tmp_path: 
     finally:
         pl.close()
     assert not written.exists()
+
+
+def test_an_output_symlinked_to_the_workers_file_is_refused(tmp_path: Path) -> None:
+    comfy = _comfy(tmp_path, "hostile_pack")
+    secret = tmp_path / "worker-secret.txt"
+    secret.write_text(MARK + "worker")
+    pl = _pipeline(tmp_path, comfy)
+    try:
+        graph = {"1": {"class_type": "HostileOutputLink",
+                       "inputs": {"output_id": "loot", "target": str(secret)}}}
+        result = pl.execute(parse_message(message(graph, run_id="loot", input={})), Control())
+    finally:
+        pl.close()
+    assert result.status is RunStatus.FAILED
+    assert result.failure.code.value == "NODE_ERROR" and "not a regular file" in str(
+        result.failure)
+    stored = tmp_path / "cache" / "outputs"
+    assert not any(MARK.encode() in p.read_bytes() for p in stored.rglob("*") if p.is_file())

@@ -73,7 +73,10 @@ def open_output(trusted_root: Path, relpath: Path) -> Iterator[int]:
     if relpath.is_absolute() or not parts or any(p in ("", ".", "..") for p in parts):
         raise UnsafeOutput(errno.EINVAL, f"{relpath}: not a relative path below the root")
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(trusted_root, flags | os.O_DIRECTORY)
+    try:
+        fd = os.open(trusted_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnsafeOutput(exc.errno, f"{trusted_root}: {exc.strerror}") from exc
     try:
         for part in parts[:-1]:
             try:
@@ -154,20 +157,17 @@ def store_outputs(
         if should_stop is not None and should_stop():
             raise UploadCanceled("the run was stopped during the upload")
         try:
-            opened = open_output(root, below / f.relpath)
-            fd = opened.__enter__()
-        except OSError as exc:
+            with open_output(root, below / f.relpath) as fd:
+                entries.append(_store_one(fd, Path(f.relpath), f, output_id, run_id,
+                                          storage, used_keys, should_stop, written,
+                                          keep_if_late))
+        except UnsafeOutput as exc:
             raise RunFailure(
                 ErrorCode.NODE_ERROR,
                 f"output node announced {f.relpath!r}, which is not a regular file of the "
                 f"run's output directory ({exc.strerror or exc})",
                 node_id=f.node_id, node_type=f.node_type,
             ) from exc
-        try:
-            entries.append(_store_one(fd, Path(f.relpath), f, output_id, run_id, storage,
-                                      used_keys, should_stop, written, keep_if_late))
-        finally:
-            opened.__exit__(None, None, None)
     return entries
 
 

@@ -18,7 +18,7 @@ Nodes (``class_type``):
   ``custom_node_dirs`` at start, as ComfyUI does (packs that fail are the Ready's
   ``import_failures``); a node whose ``class_type`` a pack's ``NODE_CLASS_MAPPINGS`` has
   is called as ``cls().run(job=<the job's directories>, **inputs)``, and the text it
-  returns is saved as an output like ``FakeSave``'s.
+  returns is saved as an output like ``FakeSave``'s (None: the node made the file itself).
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
 config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
 delays Ready; ``fake_wedged`` makes the child stop reading the pipe after Ready (a wedged
@@ -188,7 +188,8 @@ def _run(job: p.Execute, conn: Any, send: Any,
                     "temp_dir": job.temp_dir, "models_dir": job.models_dir}
             text = PACK_NODES[kind]().run(job=dirs, **inputs)
             rel = f"{inputs.get('output_id') or kind}_00001_.txt"
-            (Path(job.output_dir) / rel).write_text(str(text))
+            if text is not None:
+                (Path(job.output_dir) / rel).write_text(str(text))
             outputs.append(p.OutputFile(node_id, kind, rel, inputs.get("output_id")))
         elif kind == "FakeSave":
             prefix = inputs.get("output_id") or "fake"

@@ -141,7 +141,17 @@ class HostileStatus:
         return json.dumps({"caps": caps, "pid": os.getpid(), "job": job})
 
 
+class HostileOutputLink:
+    """Makes its "output" a symlink to ``target`` (a file of the worker's), hoping the worker
+    uploads what it points to."""
+
+    def run(self, job: dict, target: str = "", output_id: str = "", **_: object) -> None:
+        os.symlink(target, os.path.join(job["output_dir"], f"{output_id}_00001_.txt"))
+        return None
+
+
 NODE_CLASS_MAPPINGS = {
     "HostileHunt": HostileHunt, "HostileTamper": HostileTamper, "HostileRead": HostileRead,
     "HostileNet": HostileNet, "HostileStatus": HostileStatus,
+    "HostileOutputLink": HostileOutputLink,
 }
