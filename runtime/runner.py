@@ -233,8 +233,7 @@ class Runner:
         if plan is None:
             return []
         for path in plan.fresh:
-            shutil.rmtree(path, ignore_errors=True)
-            os.makedirs(path, exist_ok=True)
+            _empty_dir(path)
         for problem in scratch_layer_problems(plan):
             log.warning("no scratch layer over %s: it stays read-only to custom nodes",
                         problem, extra={"event": "sandbox_no_scratch"})
@@ -462,6 +461,30 @@ class _Sender:
                 self._conn.send(msg)
             except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
                 self.error = exc
+
+
+def _empty_dir(path: str) -> None:
+    """Make ``path`` a new empty directory, whatever a previous child left in it.
+
+    The old one is renamed aside first: a child may have left directories it made
+    unreadable, which a removal in place would skip, and the next child must find none of
+    it. What cannot be removed stays aside, out of any sandbox's view, until the run
+    directories' owner is removed.
+    """
+    if os.path.lexists(path):
+        aside = f"{path}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(path, aside)
+
+        def writable_again(func: Any, name: str, _exc: Any) -> None:
+            try:
+                os.chmod(os.path.dirname(name), 0o700)
+                os.chmod(name, 0o700)
+                func(name)
+            except OSError:
+                pass
+
+        shutil.rmtree(aside, onerror=writable_again)
+    os.makedirs(path, exist_ok=True)  # the pipeline may have made it meanwhile
 
 
 @dataclass(frozen=True)

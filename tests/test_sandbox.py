@@ -325,3 +325,17 @@ def test_a_blob_hard_link_falls_back_to_a_copy_across_filesystems(
         import shutil
 
         shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_new_child_finds_its_root_empty_whatever_the_last_one_left(tmp_path: Path) -> None:
+    from runtime.runner import _empty_dir
+
+    root = tmp_path / "child"
+    locked = root / "base" / "locked"
+    locked.mkdir(parents=True)
+    (locked / "planted.py").write_text("left for the next owner's child")
+    locked.chmod(0)
+    (root / "link").symlink_to(tmp_path)
+    _empty_dir(str(root))
+    assert root.is_dir() and list(root.iterdir()) == []
+    assert not list(tmp_path.glob("child.old-*"))  # removed, unreadable directory and all

@@ -104,7 +104,8 @@ def _load_packs(dirs: Any) -> list[str]:
         for entry in sorted(os.listdir(root)):
             path = os.path.join(root, entry)
             init = os.path.join(path, "__init__.py") if os.path.isdir(path) else path
-            if entry.startswith((".", "__")) or not init.endswith(".py") or not os.path.isfile(init):
+            if (entry.startswith((".", "__")) or not init.endswith(".py")
+                    or not os.path.isfile(init)):
                 continue
             try:
                 spec = importlib.util.spec_from_file_location(f"fake_pack_{entry}", init)
