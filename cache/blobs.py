@@ -536,6 +536,20 @@ class BlobStore:
         self._touch(blob)
         return dest
 
+    def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path:
+        """Make the blob appear at ``dest`` as a hard link, never a symlink (a sandbox sees
+        no store to resolve one in); a copy, with a warning, where the filesystems differ.
+
+        Seen only through a read-only mount, a hard link can be neither written nor
+        chmod-ed, so the store's bytes stay as they are.
+        """
+        blob = self.path_for(sha256)
+        if not blob.is_file():
+            raise BlobNotFound(f"sha256 {check_digest(sha256)[:12]}... is not in the store")
+        dest = link_into(blob, dest, base=base, copy_fallback=True)
+        self._touch(blob)
+        return dest
+
     @staticmethod
     def _touch(path: Path) -> None:
         try:

@@ -29,6 +29,12 @@ credentials; nor does pip itself, which runs build code too (``cache.commands``'
 ``PIP_*`` kept). A script that fails fails the build. Either way, a build that changed the
 image's own packages fails.
 
+Sandbox: with a ``BuildSandbox`` (the worker's default), pip and every ``install.py`` run
+inside it (``runtime.sandbox``: the network allowed for the package index, writable only
+the environment being built and a private ``/tmp``, the rest of the filesystem read-only,
+nothing else of the cache volume visible). The git checkouts are not sandboxed: git runs no
+code of the repositories it checks out.
+
 Building takes a lock per key, so workers sharing the volume build an environment once; a
 build that died half-way (no ``READY``) is removed and redone.
 
@@ -54,7 +60,7 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -164,6 +170,11 @@ class EnvironmentGcResult:
     mirrors_removed: list[str] = field(default_factory=list)
 
 
+BuildSandbox = Callable[[Path, Mapping[str, str], Path], Sequence[str]]
+"""``(writable_dir, env, cwd) -> argv prefix``: runs a build command sandboxed, writing only
+``writable_dir``, with exactly ``env``, in ``cwd``."""
+
+
 class Environments:
     """Prepares environments under ``root`` from git mirrors and the package index.
 
@@ -180,6 +191,7 @@ class Environments:
         pip_find_links: Sequence[str] = (),
         python: str = sys.executable,
         max_count: int = 0,
+        sandbox: BuildSandbox | None = None,
     ) -> None:
         self.root = Path(root)
         self.git = git
@@ -187,7 +199,15 @@ class Environments:
         self.pip_find_links = tuple(pip_find_links)
         self.python = python
         self.max_count = max_count
+        self.sandbox = sandbox
         self.pins = Pins(self.root / "pins")
+
+    def _command(self, args: list[str], env_dir: Path, env: Mapping[str, str],
+                 cwd: Path) -> list[str]:
+        """``args``, inside the build sandbox when there is one (writing only ``env_dir``)."""
+        if self.sandbox is None:
+            return args
+        return [*self.sandbox(env_dir, env, cwd), *args]
 
     def pin(self, key: str) -> AbstractContextManager[None]:
         """Keep the environment ``key`` from eviction for the duration of the block.
@@ -354,8 +374,9 @@ class Environments:
         try:
             # pip runs build code (an sdist's setup.py, a git+ requirement's backend) with
             # its environment: none of the worker's credentials, pip's own PIP_* kept.
-            result = run_command(args, cwd=env_dir, env=pip_environment(os.environ),
-                                 cancel=cancel, timeout_s=PIP_TIMEOUT_S)
+            env = pip_environment(os.environ)
+            result = run_command(self._command(args, env_dir, env, env_dir), cwd=env_dir,
+                                 env=env, cancel=cancel, timeout_s=PIP_TIMEOUT_S)
         except TimeoutError as exc:
             raise EnvironmentBuildError("installing the requirements timed out") from exc
         except OSError as exc:
@@ -391,8 +412,9 @@ class Environments:
         if self.pip_find_links:
             env["PIP_FIND_LINKS"] = " ".join(self.pip_find_links)
         try:
-            result = run_command([self.python, script.name], cwd=script.parent, env=env,
-                                 cancel=cancel, timeout_s=INSTALL_SCRIPT_TIMEOUT_S)
+            result = run_command(
+                self._command([self.python, script.name], env_dir, env, script.parent),
+                cwd=script.parent, env=env, cancel=cancel, timeout_s=INSTALL_SCRIPT_TIMEOUT_S)
         except TimeoutError as exc:
             raise EnvironmentBuildError(f"install.py of {node} timed out") from exc
         except OSError as exc:

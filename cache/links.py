@@ -7,18 +7,25 @@ never a copy (a 20 GB checkpoint must not be duplicated per run).
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
 from cache.errors import UnsafePath, from_os_error
 
+log = logging.getLogger(__name__)
 
-def link_into(blob: Path, dest: Path, *, base: Path | None = None) -> Path:
+
+def link_into(blob: Path, dest: Path, *, base: Path | None = None,
+              copy_fallback: bool = False) -> Path:
     """Make ``blob`` appear at ``dest`` (parents created), replacing what is there.
 
     With ``base``, refuse (``UnsafePath``) a ``dest`` that is or resolves outside it,
-    including through a symlinked directory on the way.
+    including through a symlinked directory on the way. Where no hard link can be made, a
+    symlink to the blob is made, or with ``copy_fallback`` a copy (for a sandbox, where a
+    symlink into the store would not resolve).
     """
     dest = Path(os.path.abspath(dest))
     if base is not None:
@@ -37,14 +44,15 @@ def link_into(blob: Path, dest: Path, *, base: Path | None = None) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if base is not None and not _inside(os.path.realpath(dest.parent), base_real):
             raise UnsafePath(f"{dest.name} resolves outside the directory it must stay in")
-        _place(blob, dest)
+        _place(blob, dest, copy_fallback)
     except OSError as exc:
         raise from_os_error(exc, f"linking {dest.name}") from exc
     return dest
 
 
-def _place(blob: Path, dest: Path) -> None:
-    """Put a hard link (else a symlink) to ``blob`` at ``dest``, replacing what is there."""
+def _place(blob: Path, dest: Path, copy_fallback: bool = False) -> None:
+    """Put a hard link (else a symlink, or a copy) of ``blob`` at ``dest``, replacing what
+    is there."""
     try:
         if os.path.samefile(blob, dest):
             return
@@ -57,9 +65,14 @@ def _place(blob: Path, dest: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise
-        # Another filesystem (or links refused): point at the blob, by its absolute path
-        # (a relative one would resolve from the link's directory).
-        os.symlink(os.path.abspath(blob), temp)
+        if copy_fallback:
+            log.warning("cannot hard-link %s (%s): copying it", dest.name, exc.strerror,
+                        extra={"event": "link_copied"})
+            shutil.copyfile(blob, temp)
+        else:
+            # Another filesystem (or links refused): point at the blob, by its absolute
+            # path (a relative one would resolve from the link's directory).
+            os.symlink(os.path.abspath(blob), temp)
     try:
         os.replace(temp, dest)
     except OSError:

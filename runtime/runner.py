@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -42,6 +43,7 @@ from runtime.errors import (
     RunnerStartFailed,
     RunnerStateError,
 )
+from runtime.sandbox import SandboxPlan, command_prefix, scratch_layer_problems
 from runtime.spawn import ChildProcess, spawn
 
 log = logging.getLogger(__name__)
@@ -86,10 +88,29 @@ class RunnerConfig:
     env_pass: tuple[str, ...] = ()
     """Variables of the worker's environment the child gets although the credential scrub
     would drop them (``RUNFLOW_CHILD_ENV_PASS``, e.g. ``HF_TOKEN``)."""
+    sandbox: SandboxPlan | None = None
+    """The child's sandbox (``runtime.sandbox``): its own paths; the environment's
+    (``comfyui_dir``, ``custom_node_dirs``, ``extra_sys_path``) are added at start. None
+    runs the child unconfined (``RUNFLOW_SANDBOX=none``)."""
+
     custom_code: bool = True
     """The child loads custom nodes (code of a stranger), so ``RunnerSupervisor`` lets it
     serve one owner only; False where it loads ComfyUI and the project's node pack alone.
     True unless the caller knows better: a wrong False would share hostile code."""
+
+
+def sandbox_plan(config: RunnerConfig) -> SandboxPlan | None:
+    """The child's full sandbox: the config's plan plus its environment, read-only, with a
+    scratch layer over ComfyUI's checkout and every custom node directory outside it."""
+    plan = config.sandbox
+    if plan is None:
+        return None
+    env_dirs = (config.comfyui_dir, *config.custom_node_dirs, *config.extra_sys_path)
+    entry_module = config.child_entry.partition(":")[0].split(".")[0]
+    return replace(plan, read_only=(*plan.read_only, *env_dirs),
+                   scratch_layers=(*plan.scratch_layers, config.comfyui_dir,
+                                   *config.custom_node_dirs),
+                   modules=(*plan.modules, entry_module))
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -164,7 +185,9 @@ class Runner:
         log.debug("ComfyUI child environment: dropped %s",
                   ", ".join(sorted(set(os.environ) - set(env))) or "nothing")
         try:
-            self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env)
+            prefix = self._sandbox_prefix(env)
+            self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env,
+                                           argv_prefix=prefix)
         except Exception as exc:  # never stay STARTING
             self._transition(RunnerState.DEFUNCT)
             raise RunnerStartFailed(f"cannot spawn the ComfyUI process: {exc}") from exc
@@ -200,6 +223,27 @@ class Runner:
                 raise RunnerStartFailed(f"ComfyUI process died while starting: {msg.exit_text}")
             log.debug("ignoring %r before Ready", msg)
 
+    def _exit_text(self, proc: ChildProcess) -> str:
+        """``describe_exit`` of the child; in the sandbox, bwrap reports a child killed by
+        signal N as exit code 128 + N, told as the signal it was."""
+        code = proc.exitcode
+        if self.config.sandbox is not None and code is not None and 128 < code < 160:
+            code = 128 - code
+        return describe_exit(code)
+
+    def _sandbox_prefix(self, env: dict[str, str]) -> list[str]:
+        """The sandbox's command line, after emptying the child's own directories (nothing
+        a previous child left there may reach this one)."""
+        plan = sandbox_plan(self.config)
+        if plan is None:
+            return []
+        for path in plan.fresh:
+            _empty_dir(path)
+        for problem in scratch_layer_problems(plan):
+            log.warning("no scratch layer over %s: it stays read-only to custom nodes",
+                        problem, extra={"event": "sandbox_no_scratch"})
+        return command_prefix(plan, env)
+
     def notice_death(self) -> bool:
         """True when the child of this READY runner died while idle; it is DEFUNCT then.
 
@@ -211,7 +255,7 @@ class Runner:
         if not self._proc.exited():
             return False
         self._proc.join(5)
-        exit_text = describe_exit(self._proc.exitcode)
+        exit_text = self._exit_text(self._proc)
         log.warning("the idle ComfyUI process died (%s); it is restarted for the next run",
                     exit_text)
         self._mark_dead(exit_text)
@@ -236,7 +280,7 @@ class Runner:
         if proc is not None:
             proc.kill()
             proc.join(10)
-            self.last_exit = describe_exit(proc.exitcode)
+            self.last_exit = self._exit_text(proc)
         # The child is gone, so a write blocked on it fails now and its thread ends. Were it
         # still blocked (something else holds the child's end), the connection stays open:
         # closing an fd under a writing thread could let the write land in whatever file
@@ -269,19 +313,19 @@ class Runner:
             if self._proc.exitcode is None:
                 return None
             if not self._conn.poll():
-                return _ChildGone(describe_exit(self._proc.exitcode))
+                return _ChildGone(self._exit_text(self._proc))
             # else: a last message it wrote just before it died, read first
         if self._conn in ready or self._conn.poll():
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
                 self._proc.join(5)
-                return _ChildGone(describe_exit(self._proc.exitcode))
+                return _ChildGone(self._exit_text(self._proc))
             if not isinstance(msg, p.CHILD_MESSAGES):
                 raise ProtocolError(f"unexpected object from the child: {type(msg).__name__}")
             return msg
         self._proc.join(5)
-        return _ChildGone(describe_exit(self._proc.exitcode))
+        return _ChildGone(self._exit_text(self._proc))
 
     # ------------------------------------------------------------------ jobs
 
@@ -305,7 +349,7 @@ class Runner:
         self._transition(RunnerState.BUSY)
         if self._proc.exited():  # died while idle, after runner_for looked
             self._proc.join(5)
-            exit_text = describe_exit(self._proc.exitcode)
+            exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text, when="before the run started")
         sender = self._sender = _Sender(self._conn)
@@ -364,7 +408,7 @@ class Runner:
         if isinstance(exc, OSError) and wait([self._proc.sentinel], timeout=5):
             # A broken pipe is the child's death seen from the writing side.
             self._proc.join(5)
-            exit_text = describe_exit(self._proc.exitcode)
+            exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text)
         return self._lost(job, f"cannot send it the job ({type(exc).__name__}: {exc})")
@@ -422,6 +466,30 @@ class _Sender:
                 self._conn.send(msg)
             except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
                 self.error = exc
+
+
+def _empty_dir(path: str) -> None:
+    """Make ``path`` a new empty directory, whatever a previous child left in it.
+
+    The old one is renamed aside first: a child may have left directories it made
+    unreadable, which a removal in place would skip, and the next child must find none of
+    it. What cannot be removed stays aside, out of any sandbox's view, until the run
+    directories' owner is removed.
+    """
+    if os.path.lexists(path):
+        aside = f"{path}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(path, aside)
+
+        def writable_again(func: Any, name: str, _exc: Any) -> None:
+            try:
+                os.chmod(os.path.dirname(name), 0o700)
+                os.chmod(name, 0o700)
+                func(name)
+            except OSError:
+                pass
+
+        shutil.rmtree(aside, onerror=writable_again)
+    os.makedirs(path, exist_ok=True)  # the pipeline may have made it meanwhile
 
 
 @dataclass(frozen=True)

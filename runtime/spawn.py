@@ -28,7 +28,7 @@ import subprocess
 import sys
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -137,8 +137,11 @@ def guard_parent() -> None:
 
 
 def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
-          ) -> tuple[ChildProcess, Connection]:
+          argv_prefix: Sequence[str] = ()) -> tuple[ChildProcess, Connection]:
     """Start ``entry`` (``module:function``) in a fresh interpreter with exactly ``env``.
+
+    ``argv_prefix`` goes in front of the interpreter's command line (the sandbox,
+    ``runtime.sandbox.command_prefix``).
 
     The child leads a new session and process group (``ChildProcess.kill`` kills the group).
     Returns the process and the parent's end of the connection. Raises OSError when the
@@ -152,7 +155,7 @@ def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
     parent_conn = Connection(parent_sock.detach())
     try:
         popen = subprocess.Popen(
-            [sys.executable, "-c", _BOOT, str(child_fd), str(sentinel_w)],
+            [*argv_prefix, sys.executable, "-c", _BOOT, str(child_fd), str(sentinel_w)],
             env=dict(env), pass_fds=(child_fd, sentinel_w), stdin=subprocess.DEVNULL,
             close_fds=True,
             # Its own session and process group, so ChildProcess.kill reaches everything it

@@ -68,6 +68,8 @@ def test_run_gets_its_pinned_environment_and_reuses_it(
     key = EnvironmentSpec(COMFY, origins["v1"],
                           (NodePin("ComfyUI-Foo", NODE, origins["node_v1"]),)).key
     assert result.environment["env_key"] == key
+    # The checkout's commit as the worker reads it, not the child's word (the fake says 0s).
+    assert result.environment["comfyui_commit"] == origins["v1"]
     runner = pipeline.supervisor.runner
     env_dir = tmp_path / "cache" / "envs" / key
     assert runner.config.comfyui_dir == str(env_dir / "ComfyUI")

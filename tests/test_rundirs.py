@@ -17,7 +17,7 @@ HOLDER = """
 import sys
 from pathlib import Path
 from worker.rundirs import RunDirs
-run_dir = RunDirs(Path(sys.argv[1])).create("victim")
+run_dir = RunDirs(Path(sys.argv[1])).create("victim").stage
 (run_dir / "secret.txt").write_text("left behind")
 print(run_dir, flush=True)
 sys.stdin.read()
@@ -35,19 +35,20 @@ def test_a_killed_workers_run_directory_is_removed_by_the_next(tmp_path: Path) -
     work = tmp_path / "work"
     proc, victim = start_holder(work)
     try:
-        assert victim.is_dir() and victim.parent.parent == work
+        assert victim.is_dir() and victim.parent.parent.parent == work
         # Alive: another pipeline on the volume leaves it alone.
         assert remove_abandoned_run_dirs(work) == []
         mine = RunDirs(work)
-        run_dir = mine.create("next")
+        run_dir = mine.create("next").stage
         assert victim.is_dir() and run_dir.is_dir()
     finally:
         proc.kill()
         proc.wait()
     # Killed: its lock is gone, and the next sweep (a start, or `cache gc`) removes it.
-    assert remove_abandoned_run_dirs(work) == [victim.parent.name]
-    assert not victim.parent.exists()
-    assert not victim.parent.with_suffix(".lock").exists()
+    owner = victim.parent.parent
+    assert remove_abandoned_run_dirs(work) == [owner.name]
+    assert not owner.exists()
+    assert not owner.with_suffix(".lock").exists()
     assert run_dir.is_dir()  # the live pipeline's directory stays
     mine.close()
     assert sorted(p.name for p in work.iterdir()) == []

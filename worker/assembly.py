@@ -42,8 +42,10 @@ def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
 
 def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    allow_local_files: bool = False, child_entry: str | None = None,
-                   cpu: bool | None = None) -> Pipeline:
-    """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child)."""
+                   cpu: bool | None = None,
+                   sandbox_read_only: tuple[Path, ...] = ()) -> Pipeline:
+    """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child;
+    ``sandbox_read_only`` adds paths the sandboxed child may read, for tests)."""
     from worker.cache_cli import build_blob_store, build_environments, build_fetcher
 
     config = PipelineConfig(
@@ -60,6 +62,10 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         allowed_origins=settings.origin_allow,
         extra_custom_node_dirs=tuple(Path(d).expanduser() for d in settings.extra_custom_nodes),
         child_env_pass=settings.child_env_pass,
+        sandbox=settings.sandboxed,
+        child_network=settings.child_network == "host",
+        sandbox_hidden=(settings.cache_dir,),
+        sandbox_read_only=sandbox_read_only,
     )
     fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
     return Pipeline(

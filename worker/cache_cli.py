@@ -34,6 +34,7 @@ from cache.git import GitMirrors
 from cache.sources import Sources
 from cache.urlpolicy import URLPolicy
 from worker.rundirs import WORK_SUBDIR, remove_abandoned_run_dirs
+from worker.sandboxing import build_sandbox
 from worker.settings import Settings
 
 
@@ -94,6 +95,7 @@ def build_environments(settings: Settings, fetcher: Fetcher | None = None) -> En
         pip_index_url=settings.pip_index_url,
         pip_find_links=settings.pip_find_links,
         max_count=settings.env_max_count,
+        sandbox=build_sandbox(settings),
     )
 
 

@@ -55,6 +55,7 @@ from worker.records import (
 )
 from worker.report import terminal_record
 from worker.salvage import parse_delivery, unparseable_record, unreadable
+from worker.sandboxing import UNSANDBOXED
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Worker:
         self.keeper = LeaseKeeper(self.queue, lease_s=settings.lease_s, renew=renew_leases)
         self.http_port = settings.http_port if http_port is None else http_port
         self.health: HealthServer | None = None
+        self.settings_warnings: tuple[str, ...] = (
+            () if settings.sandboxed else (UNSANDBOXED,))
+        """What ``/readyz`` tells besides readiness (an unsandboxed worker)."""
         self.reclaim_every_s = min(settings.lease_s / 2, 30.0)
         self.boot_s = 0.0
         self.runs_performed = 0
@@ -528,7 +532,8 @@ class Worker:
             return
         self.health = HealthServer(self.metrics, alive=lambda: self._alive,
                                    ready=lambda: self._redis_ok and not self.shutdown.requested,
-                                   port=self.http_port).start()
+                                   port=self.http_port,
+                                   warnings=self.settings_warnings).start()
 
     def _install_signal_handlers(self) -> None:
         # Signal handlers only work in the main thread (tests run workers in threads too).

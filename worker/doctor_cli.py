@@ -1,4 +1,5 @@
-"""``runflow-worker doctor``: can this worker run? GPU, ComfyUI, Redis, storage, cache.
+"""``runflow-worker doctor``: can this worker run? GPU, ComfyUI, Redis, storage, cache,
+sandbox.
 
 Each check prints one line (``ok``/``FAIL`` and what it found); the exit code is 0 only
 when every check passed. Secrets never appear: URLs are printed without credentials.
@@ -103,9 +104,17 @@ def check_cache(settings: Settings) -> str:
             f"budget {budget / 2**30:.1f} GiB")
 
 
+def check_sandbox(settings: Settings) -> str:
+    """A sandbox starts (``RUNFLOW_SANDBOX=bwrap``); with ``none``, passes and says the
+    worker is unsandboxed."""
+    from worker.sandboxing import check_sandbox as check
+
+    return check(settings)
+
+
 CHECKS: dict[str, Callable[[Settings], str]] = {
     "gpu": check_gpu, "comfyui": check_comfyui, "redis": check_redis,
-    "storage": check_storage, "cache": check_cache,
+    "storage": check_storage, "cache": check_cache, "sandbox": check_sandbox,
 }
 
 
@@ -115,6 +124,8 @@ def doctor_command(args: argparse.Namespace, settings: Settings) -> int:
     for name, check in CHECKS.items():
         try:
             results.append({"check": name, "ok": True, "detail": check(settings)})
+            if name == "sandbox" and not settings.sandboxed:
+                results[-1]["warning"] = True  # passes, but the operator must see it
         except Exception as exc:  # noqa: BLE001 - every failure is a finding, not a crash
             results.append({"check": name, "ok": False,
                             "detail": f"{type(exc).__name__}: {exc}"})
@@ -122,5 +133,6 @@ def doctor_command(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']:<8} {r['detail']}")
+            mark = "FAIL" if not r["ok"] else "WARN" if r.get("warning") else "ok  "
+            print(f"{mark} {r['check']:<8} {r['detail']}")
     return 0 if all(r["ok"] for r in results) else 1

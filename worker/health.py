@@ -1,7 +1,9 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` over HTTP, served from a background thread.
 
 - ``/healthz``: 200 while the daemon's loop is alive (a liveness probe restarts it otherwise).
-- ``/readyz``: 200 while it can take runs (Redis reachable, not shutting down), else 503.
+- ``/readyz``: 200 while it can take runs (Redis reachable, not shutting down), else 503;
+  the body's ``warnings`` list what the operator must know (``RUNFLOW_SANDBOX=none``: the
+  worker is unsandboxed), without making it unready.
 - ``/metrics``: the Prometheus text format.
 """
 
@@ -11,7 +13,7 @@ import http.server
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from worker.metrics import Metrics
 
@@ -34,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200 if ok else 503, _status_body(ok), "application/json")
         elif path == "/readyz":
             ok = owner.ready()
-            self._send(200 if ok else 503, _status_body(ok), "application/json")
+            self._send(200 if ok else 503, _status_body(ok, owner.warnings), "application/json")
         else:
             self._send(404, b'{"error": "not found"}', "application/json")
 
@@ -46,8 +48,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _status_body(ok: bool) -> bytes:
-    return json.dumps({"status": "ok" if ok else "unavailable"}).encode()
+def _status_body(ok: bool, warnings: Sequence[str] = ()) -> bytes:
+    body: dict[str, object] = {"status": "ok" if ok else "unavailable"}
+    if warnings:
+        body["warnings"] = list(warnings)
+    return json.dumps(body).encode()
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -59,8 +64,11 @@ class HealthServer:
     """The probe and metrics endpoint; ``port=0`` binds a free port (see ``.port``)."""
 
     def __init__(self, metrics: Metrics, *, alive: Callable[[], bool],
-                 ready: Callable[[], bool], port: int, host: str = "0.0.0.0") -> None:
+                 ready: Callable[[], bool], port: int, host: str = "0.0.0.0",
+                 warnings: Sequence[str] = ()) -> None:
         self.metrics = metrics
+        self.warnings = tuple(warnings)
+        """Shown in ``/readyz``'s body (``RUNFLOW_SANDBOX=none``)."""
         self.alive = alive
         self.ready = ready
         self._httpd = _Server((host, port), _Handler)

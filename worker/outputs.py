@@ -5,6 +5,13 @@ entries with one ``output_id``). A graph without Runflow Output nodes returns th
 its other output nodes, labelled by node id. Keys are ``runs/<run_id>/<output_id>/<file>``,
 each part one safe path segment (``object_key``), so no run writes into another's folder.
 
+The output directory is the ComfyUI child's, and the child runs hostile code: an "output"
+may be a symlink to the worker's own files, or sit below a directory the child swapped for
+a symlink. Each file is therefore opened from a directory the worker trusts, one path
+component at a time, none followed if it is a symlink (``O_NOFOLLOW``), and must be a
+regular file; what is hashed and uploaded is that open file (through ``/proc/self/fd``),
+never the path again.
+
 The objects of a run that does not succeed are deleted again: ``discard_outputs`` (in the
 caller's thread) or ``discard_outputs_later`` (on a background thread, so that a slow or
 silent storage never delays the run's terminal record).
@@ -12,12 +19,16 @@ silent storage never delays the run's terminal record).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import mimetypes
+import os
+import stat
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from runtime.graph import path_segment_problem
@@ -45,6 +56,49 @@ def sha256_of(path: Path) -> str:
     """Hex sha256 of a file."""
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class UnsafeOutput(OSError):
+    """An announced output that is no regular file reached without a symlink."""
+
+
+@contextmanager
+def open_output(trusted_root: Path, relpath: Path) -> Iterator[int]:
+    """A read-only descriptor of the regular file ``trusted_root/relpath``, every component
+    below ``trusted_root`` opened without following a symlink; ``UnsafeOutput`` otherwise.
+
+    ``trusted_root`` itself is resolved normally: the worker made every component above it.
+    """
+    parts = relpath.parts
+    if relpath.is_absolute() or not parts or any(p in ("", ".", "..") for p in parts):
+        raise UnsafeOutput(errno.EINVAL, f"{relpath}: not a relative path below the root")
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(trusted_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UnsafeOutput(exc.errno, f"{trusted_root}: {exc.strerror}") from exc
+    try:
+        for part in parts[:-1]:
+            try:
+                next_fd = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            except OSError as exc:
+                raise UnsafeOutput(exc.errno, f"{part}: not a directory (a symlink?)") from exc
+            os.close(fd)
+            fd = next_fd
+        try:
+            # O_NONBLOCK: a FIFO planted as an "output" must not hang the open.
+            file_fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+        except OSError as exc:
+            raise UnsafeOutput(exc.errno, f"{parts[-1]}: cannot be opened (a symlink?)") from exc
+    finally:
+        os.close(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(file_fd).st_mode):
+            raise UnsafeOutput(errno.EINVAL, f"{parts[-1]}: not a regular file")
+        os.set_blocking(file_fd, True)
+        yield file_fd
+    finally:
+        os.close(file_fd)
 
 
 def select_outputs(files: Sequence[OutputFile]) -> list[tuple[str, OutputFile]]:
@@ -82,52 +136,69 @@ def object_key(run_id: str, output_id: str, filename: str) -> str:
 def store_outputs(
     files: Sequence[OutputFile], output_dir: Path, run_id: str, storage: Storage, *,
     should_stop: ShouldStop | None = None, written: list[str] | None = None,
-    keep_if_late: ShouldStop | None = None,
+    keep_if_late: ShouldStop | None = None, trusted_root: Path | None = None,
 ) -> list[OutputEntry]:
     """Hash and upload the selected files; UPLOAD_FAILED if storage refuses one.
+
+    Each file is opened from ``trusted_root`` (default: ``output_dir``) without following
+    a symlink (``open_output``); one that is not a regular file reached that way fails the
+    run with NODE_ERROR.
 
     ``should_stop`` is checked before each file and polled during each transfer; once it
     returns True the upload ends with ``UploadCanceled``. The key of every object that may
     have been written is appended to ``written`` (for ``discard_outputs`` when the run does
     not succeed after all). ``keep_if_late`` is handed to ``Storage.put``.
     """
-    root = output_dir.resolve()
+    root = trusted_root if trusted_root is not None else output_dir
+    below = Path(os.path.relpath(output_dir, root)) if root != output_dir else Path()
     entries: list[OutputEntry] = []
     used_keys: set[str] = set()
     for output_id, f in select_outputs(files):
         if should_stop is not None and should_stop():
             raise UploadCanceled("the run was stopped during the upload")
-        path = (root / f.relpath).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        try:
+            with open_output(root, below / f.relpath) as fd:
+                entries.append(_store_one(fd, Path(f.relpath), f, output_id, run_id,
+                                          storage, used_keys, should_stop, written,
+                                          keep_if_late))
+        except UnsafeOutput as exc:
             raise RunFailure(
                 ErrorCode.NODE_ERROR,
-                f"output node announced {f.relpath!r}, which is not a file of the run's "
-                "output directory",
+                f"output node announced {f.relpath!r}, which is not a regular file of the "
+                f"run's output directory ({exc.strerror or exc})",
                 node_id=f.node_id, node_type=f.node_type,
-            )
-        filename = path.name
-        key = object_key(run_id, output_id, filename)
-        n = 1
-        while key in used_keys:  # two subfolders holding one name
-            n += 1
-            key = object_key(run_id, output_id, f"{path.stem}_{n}{path.suffix}")
-        used_keys.add(key)
-        digest = sha256_of(path)
-        content_type = content_type_of(filename)
-        if written is not None:
-            written.append(key)
-        try:
-            storage.put(path, key, content_type=content_type, sha256=digest,
-                        should_stop=should_stop, keep_if_late=keep_if_late)
-            url = storage.url_for(key)
-        except StorageError as exc:
-            raise RunFailure(ErrorCode.UPLOAD_FAILED, str(exc)) from exc
-        entries.append(OutputEntry(
-            output_id=output_id, url=url, key=storage.full_key(key),
-            filename=key.rsplit("/", 1)[-1], content_type=content_type,
-            size_bytes=path.stat().st_size, sha256=digest, node_id=f.node_id,
-        ))
+            ) from exc
     return entries
+
+
+def _store_one(fd: int, relpath: Path, f: OutputFile, output_id: str, run_id: str,
+               storage: Storage, used_keys: set[str], should_stop: ShouldStop | None,
+               written: list[str] | None, keep_if_late: ShouldStop | None) -> OutputEntry:
+    """Hash and upload the open output ``fd``: read through ``/proc/self/fd`` (the very
+    file opened, whatever its path has become meanwhile)."""
+    filename = relpath.name
+    key = object_key(run_id, output_id, filename)
+    n = 1
+    while key in used_keys:  # two subfolders holding one name
+        n += 1
+        key = object_key(run_id, output_id, f"{relpath.stem}_{n}{relpath.suffix}")
+    used_keys.add(key)
+    path = Path(f"/proc/self/fd/{fd}")
+    digest = sha256_of(path)
+    content_type = content_type_of(filename)
+    if written is not None:
+        written.append(key)
+    try:
+        storage.put(path, key, content_type=content_type, sha256=digest,
+                    should_stop=should_stop, keep_if_late=keep_if_late)
+        url = storage.url_for(key)
+    except StorageError as exc:
+        raise RunFailure(ErrorCode.UPLOAD_FAILED, str(exc)) from exc
+    return OutputEntry(
+        output_id=output_id, url=url, key=storage.full_key(key),
+        filename=key.rsplit("/", 1)[-1], content_type=content_type,
+        size_bytes=os.fstat(fd).st_size, sha256=digest, node_id=f.node_id,
+    )
 
 
 def discard_outputs(storage: Storage, keys: Sequence[str], *, run_id: str,

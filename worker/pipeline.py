@@ -11,12 +11,12 @@ run never raises out of ``execute``: every outcome is a result with one status.
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,12 +26,13 @@ from runtime.customnodes import loads_custom_nodes
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
 from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
+from runtime.sandbox import SandboxPlan
 from worker import contract as c
 from worker.envreport import EnvironmentReport
 from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
 from worker.inputs import FileFetcher, materialise_inputs
 from worker.outputs import discard_outputs_later, store_outputs
-from worker.rundirs import RunDirs
+from worker.rundirs import RunDirs, RunPaths
 from worker.storage import Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ModelStore(Protocol):
                     progress: Callable[[str, int, int | None], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
 
-    def link(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
+    def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
 
     def usable(self, sha256: str, owner: str | None) -> bool: ...
 
@@ -124,6 +125,15 @@ class PipelineConfig:
     """Environments run their custom nodes' ``install.py`` (part of the environment key)."""
     child_env_pass: tuple[str, ...] = ()
     """Variables the ComfyUI child gets despite the credential scrub (``HF_TOKEN``...)."""
+    sandbox: bool = True
+    """Run the ComfyUI child in the bubblewrap sandbox (``RUNFLOW_SANDBOX=bwrap``)."""
+    child_network: bool = False
+    """The sandboxed child shares the worker's network (``RUNFLOW_CHILD_NETWORK=host``)."""
+    sandbox_read_only: tuple[Path, ...] = ()
+    """Extra paths the sandboxed child may read (tests: their fake child's code)."""
+    sandbox_hidden: tuple[Path, ...] = ()
+    """Paths the sandboxed child never sees although a path it reads contains them (the
+    cache volume); the run's own directories are shown again inside them."""
 
 
 _FAILURE_CODES = {
@@ -173,6 +183,7 @@ class Pipeline:
         self._env_pins: dict[str, ExitStack] = {}
         self._run_dirs = RunDirs(config.work_dir)
         self._report = EnvironmentReport()
+        self._commits: dict[Path, str | None] = {}
 
     def close(self) -> None:
         """Stop the ComfyUI child and let its environment go."""
@@ -198,7 +209,7 @@ class Pipeline:
                 reason = StopReason.TIMEOUT
             return reason
 
-        run_dir: Path | None = None
+        run: RunPaths | None = None
         try:
             with phases.phase("validate"):
                 defs = c.check_message(
@@ -207,10 +218,7 @@ class Pipeline:
                 )
             self._check_stop(stop_reason)
             result.gpu_work = True
-            run_dir = self._run_dirs.create(message.run_id)
-            dirs = {name: run_dir / name for name in ("input", "output", "temp", "models")}
-            for d in dirs.values():
-                d.mkdir()
+            run = self._run_dirs.create(message.run_id)
             # The environment (building it, starting ComfyUI in it: seconds to minutes on a
             # cold worker) is prepared on its own thread while models and inputs download.
             # It is always waited for, also when a download fails, so no start ever runs
@@ -226,11 +234,12 @@ class Pipeline:
                        else nullcontext())
                 with pin:
                     with phases.phase("models"):
-                        self._materialise_models(message, dirs, control, stop_reason)
+                        self._materialise_models(message, run, control, stop_reason)
                     self._check_stop(stop_reason)
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
-                        files = self._fetch_inputs(defs, values, dirs["input"], stop_reason)
+                        files = self._fetch_inputs(defs, values, run.staged("input"),
+                                                   stop_reason)
                         graph = inject_inputs(wf.workflow_json, values, files)
                     runner = starting.result()
                     self._check_stop(stop_reason)
@@ -238,7 +247,8 @@ class Pipeline:
                         runner = self._restart_if_died(runner, wf.owner, result,
                                                        stop_reason)
                     with phases.phase("execute"):
-                        outcome = self._run_graph(runner, message, graph, dirs, control,
+                        run.enter()
+                        outcome = self._run_graph(runner, message, graph, run, control,
                                                   stop_reason)
             finally:
                 futures.wait([starting])
@@ -247,8 +257,7 @@ class Pipeline:
                 raise self._failure_from(outcome, stop_reason())
             self._check_stop(stop_reason)
             with phases.phase("upload"):
-                entries = self._upload(outcome.outputs, dirs["output"], message.run_id,
-                                       stop_reason)
+                entries = self._upload(outcome.outputs, run, message.run_id, stop_reason)
             result.status = c.RunStatus.SUCCEEDED
             result.output = c.RunOutput(outputs=entries)
         except RunInterrupted as exc:
@@ -266,8 +275,8 @@ class Pipeline:
             result.failure = RunFailure(ErrorCode.INTERNAL,
                                         f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if run_dir is not None and not self.config.keep_run_dirs:
-                shutil.rmtree(run_dir, ignore_errors=True)
+            if run is not None and not self.config.keep_run_dirs:
+                run.remove()
         result.timings_ms = phases.timings_ms
         return result
 
@@ -327,9 +336,10 @@ class Pipeline:
             sys_path = tuple(str(p) for p in env.sys_path)
         node_dirs = (str(comfyui_dir / "custom_nodes"),
                      *(str(d) for d in self.config.extra_custom_node_dirs))
+        child_root = self._run_dirs.child_root
         config = RunnerConfig(
             comfyui_dir=str(comfyui_dir),
-            base_dir=str(self.config.work_dir / "comfyui-base"),
+            base_dir=str(child_root / "base"),
             env_key=env_key,
             custom_node_dirs=node_dirs,
             extra_sys_path=sys_path,
@@ -337,6 +347,7 @@ class Pipeline:
             child_entry=self.config.child_entry,
             startup_timeout_s=self.config.startup_timeout_s,
             env_pass=self.config.child_env_pass,
+            sandbox=self._sandbox_plan(child_root),
             # A child that loads a stranger's code serves one owner only (SPEC §9).
             custom_code=bool(message.workflow.custom_nodes) or loads_custom_nodes(node_dirs),
         )
@@ -349,11 +360,41 @@ class Pipeline:
             result.cold_start_s = time.monotonic() - start
         if runner.ready is not None:
             result.gpu_model = runner.ready.gpu_model
-        environment, warnings = self._report.describe(message, config, runner.ready,
+        environment, warnings = self._report.describe(message, config,
+                                                      self._checked_ready(runner.ready,
+                                                                          comfyui_dir),
                                                       comfyui_dir)
         result.environment.update(environment)
         result.warnings.extend(warnings)
         return runner
+
+    def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
+        """``ready`` with the checkout's commit as the worker reads it (once per checkout).
+
+        The child's own word is not taken: it is sent after custom nodes ran, and in the
+        sandbox a pinned environment's git metadata (in the mirror) is out of its sight.
+        """
+        if ready is None:
+            return None
+        if comfyui_dir not in self._commits:
+            from runtime.comfy import git_commit
+
+            self._commits[comfyui_dir] = git_commit(str(comfyui_dir))
+        return replace(ready, comfyui_commit=self._commits[comfyui_dir])
+
+    def _sandbox_plan(self, child_root: Path) -> SandboxPlan | None:
+        """The child's sandbox: its own root writable (emptied at each start), the runs'
+        models and resources read-only, nothing else of the cache volume (the runner adds
+        the environment)."""
+        if not self.config.sandbox:
+            return None
+        hidden = (self.config.work_dir, *self.config.sandbox_hidden)
+        return SandboxPlan(
+            read_only=(str(self._run_dirs.links_root),
+                       *(str(p) for p in self.config.sandbox_read_only)),
+            writable=(str(child_root),), hidden=tuple(str(p) for p in hidden),
+            fresh=(str(child_root),), network=self.config.child_network,
+            chdir=str(child_root))
 
     def _prepare_environment(self, message: c.RunMessage,
                              stop_reason: Callable[[], StopReason | None]) -> Any:
@@ -407,22 +448,25 @@ class Pipeline:
             return None
         return runner.config.env_key
 
-    def _materialise_models(self, message: c.RunMessage, dirs: dict[str, Path],
+    def _materialise_models(self, message: c.RunMessage, run: RunPaths,
                             control: RunControl,
                             stop_reason: Callable[[], StopReason | None]) -> None:
-        """Fetch the run's missing blobs in parallel, then link each at its exact path."""
+        """Fetch the run's missing blobs in parallel, then hard-link each at its exact path
+        in the run's read-only ``links`` (a resource also gets a symlink to it in the run's
+        input directory, where ComfyUI looks for it by key)."""
         wf = message.workflow
+        models, resources = run.links / "models", run.links / "input"
         wanted: list[tuple[str, str, list[str], int | None, Path, Path]] = []
         for key, ref in wf.models.items():
             sources = [ref.url] if ref.url else []
             wanted.append((f"workflow.models.{key}", ref.sha256.lower(), sources,
-                           ref.size_bytes, dirs["models"] / key, dirs["models"]))
+                           ref.size_bytes, models / key, models))
         for key, res in wf.resources.items():
             sources = [res.url] if res.url else []
             if res.asset_id:
                 sources.append(f"runflow://assets/{res.asset_id}")
             wanted.append((f"workflow.resources.{key}", res.sha256.lower(), sources,
-                           res.size_bytes, dirs["input"] / key, dirs["input"]))
+                           res.size_bytes, resources / key, resources))
         if not wanted:
             return
         if self.blobs is None:
@@ -445,7 +489,9 @@ class Pipeline:
                 max_parallel=self.config.model_fetch_parallel, progress=progress,
                 cancel=lambda: stop_reason() is not None)
             for field_name, sha, _, _, dest, base in wanted:
-                self.blobs.link(sha, dest, base=base)
+                self.blobs.hardlink(sha, dest, base=base)
+                if base == resources:
+                    _symlink_resource(dest, run.staged("input") / dest.relative_to(base))
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except CacheError as exc:
@@ -456,7 +502,7 @@ class Pipeline:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
                              details={"fields": missing}) from exc
 
-    def _upload(self, files: Any, output_dir: Path, run_id: str,
+    def _upload(self, files: Any, run: RunPaths, run_id: str,
                 stop_reason: Callable[[], StopReason | None]) -> list[c.OutputEntry]:
         """Store the outputs, stopping (between files and mid-transfer) like every phase.
 
@@ -467,7 +513,8 @@ class Pipeline:
         """
         written: list[str] = []
         try:
-            return store_outputs(files, output_dir, run_id, self.storage,
+            return store_outputs(files, run.dir("output"), run_id, self.storage,
+                                 trusted_root=run.child_root,
                                  should_stop=lambda: stop_reason() is not None,
                                  written=written,
                                  keep_if_late=lambda: stop_reason() is StopReason.SHUTDOWN)
@@ -502,13 +549,13 @@ class Pipeline:
             raise RunFailure(ErrorCode.INPUT_FETCH_FAILED, str(exc)) from exc
 
     def _run_graph(self, runner: Any, message: c.RunMessage, graph: dict[str, Any],
-                   dirs: dict[str, Path], control: RunControl,
+                   run: RunPaths, control: RunControl,
                    stop_reason: Callable[[], StopReason | None]) -> p.Done | p.Failed:
         job = p.Execute(
             job_id=f"{message.run_id}:{message.attempt}:{time.monotonic_ns()}",
             graph=graph,
-            input_dir=str(dirs["input"]), output_dir=str(dirs["output"]),
-            temp_dir=str(dirs["temp"]), models_dir=str(dirs["models"]),
+            input_dir=str(run.dir("input")), output_dir=str(run.dir("output")),
+            temp_dir=str(run.dir("temp")), models_dir=str(run.links / "models"),
             model_digests={k: m.sha256.lower() for k, m in message.workflow.models.items()
                            if m.sha256},
             resource_digests={k: r.sha256.lower() for k, r in message.workflow.resources.items()
@@ -539,6 +586,15 @@ class Pipeline:
             details["exception_type"] = outcome.exception_type
         return RunFailure(_FAILURE_CODES[outcome.kind], outcome.message,
                           node_id=outcome.node_id, node_type=outcome.node_type, details=details)
+
+
+def _symlink_resource(target: Path, link: Path) -> None:
+    """A symlink at ``link`` (in the run's staged input directory) to the resource's hard
+    link ``target``: the same absolute path inside the sandbox and out."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(target, link)
 
 
 def _interrupted(reason: StopReason) -> RunInterrupted:

@@ -70,7 +70,12 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """
     from worker.assembly import build_pipeline
     from worker.gpu import resolve_gpu_class
+    from worker.sandboxing import refuse_without_sandbox
 
+    refusal = refuse_without_sandbox(settings, "run")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     gpu_class = resolve_gpu_class(settings)
     started_at = utcnow()
     picked_up = time.monotonic()

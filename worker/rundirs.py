@@ -1,8 +1,20 @@
 """Per-run working directories, and the removal of those a killed worker left behind.
 
-Each run gets ``runs-<owner>/<run_id>-<random>/`` (its ``input``, ``output``, ``temp`` and
-``models`` trees) in the work directory (``WORK_SUBDIR`` of the cache), removed when the run
-ends. ``<owner>`` names one pipeline (one worker process): it holds an exclusive ``flock`` on
+Everything lives in ``runs-<owner>/`` of the work directory (``WORK_SUBDIR`` of the cache)::
+
+    child/                 the ComfyUI child's own root, writable to it (emptied at each
+                           start): base/ (ComfyUI's default folders) and, during a run,
+                           <run_id>-<random>/{input,output,temp}
+    links/<run>/           the run's models and resources (hard links to the blobs),
+                           read-only to the child: models/<key>, input/<key>
+    stage/<run>/           the run's input, output and temp while the worker prepares them
+
+The worker fills a run's ``stage`` directory out of the child's sight and renames it into
+``child/`` just before the run executes (a warm child that ran hostile code could otherwise
+plant symlinks where the worker writes); a resource appears in the run's ``input`` as a
+symlink to its hard link in ``links``. All three are removed when the run ends.
+
+``<owner>`` names one pipeline (one worker process): it holds an exclusive ``flock`` on
 ``runs-<owner>.lock`` beside its directory for as long as it lives. A worker killed mid-run
 (SIGKILL, out of memory, the node lost) cannot remove its run's files, but the kernel drops
 its lock; the next worker to start on the volume, or ``runflow-worker cache gc``, finds the
@@ -17,11 +29,77 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 WORK_SUBDIR = "work"
 """``<cache>/work``: the run directories, and ComfyUI's own scratch folders."""
 _OWNER = re.compile(r"runs-[0-9a-f]{12}")
+
+
+RUN_SUBDIRS = ("input", "output", "temp")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The directories of one run (see the module docstring)."""
+
+    name: str
+    stage: Path
+    """Where the worker prepares ``input``, ``output`` and ``temp``."""
+    live: Path
+    """Where they are once ``enter`` moved them into the child's root."""
+    links: Path
+    """The run's models (``links/models``) and resources (``links/input``), read-only to
+    the child."""
+    child_root: Path
+
+    def staged(self, name: str) -> Path:
+        """``input``/``output``/``temp`` as the worker prepares it."""
+        return self.stage / name
+
+    def dir(self, name: str) -> Path:
+        """``input``/``output``/``temp`` as the child sees it (after ``enter``)."""
+        return self.live / name
+
+    def enter(self) -> None:
+        """Move the staged directories into the child's root (the last step before the
+        run executes). The move is made relative to the child root's own descriptor, so a
+        symlink the child left in its root is never followed."""
+        fd = open_dir_nofollow(self.child_root)
+        try:
+            os.rename(self.stage, self.name, dst_dir_fd=fd)
+        finally:
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Remove every directory of the run (never following a symlink)."""
+        shutil.rmtree(self.stage, ignore_errors=True)
+        shutil.rmtree(self.links, ignore_errors=True)
+        try:
+            fd = open_dir_nofollow(self.child_root)
+        except OSError:
+            return
+        try:
+            shutil.rmtree(self.name, dir_fd=fd)
+        except NotADirectoryError:
+            os.unlink(self.name, dir_fd=fd)  # the child replaced it with a file or link
+        except FileNotFoundError:
+            pass
+        except OSError:
+            # rmtree refuses a symlink: remove the link itself; other failures only leave
+            # files that the next start of the child (or the owner's sweep) removes.
+            try:
+                os.unlink(self.name, dir_fd=fd)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+
+
+def open_dir_nofollow(path: Path) -> int:
+    """A descriptor of the directory ``path``; OSError if its last component is a symlink."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 class RunDirs:
@@ -32,14 +110,38 @@ class RunDirs:
         self._owner: Path | None = None
         self._lock_fd = -1
 
-    def create(self, run_id: str) -> Path:
-        """A new, empty directory for one run of ``run_id``."""
+    @property
+    def owner(self) -> Path:
+        """This pipeline's directory (claimed now if it is not yet)."""
         if self._owner is None:
             self._claim()
         assert self._owner is not None
-        path = self._owner / f"{run_id}-{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        return path
+        return self._owner
+
+    @property
+    def child_root(self) -> Path:
+        """The ComfyUI child's own root (writable to it; emptied at each start)."""
+        return self.owner / "child"
+
+    @property
+    def links_root(self) -> Path:
+        """Parent of the runs' ``links`` directories (read-only to the child)."""
+        return self.owner / "links"
+
+    def create(self, run_id: str) -> RunPaths:
+        """New, empty directories for one run of ``run_id`` (staged)."""
+        name = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        owner = self.owner
+        paths = RunPaths(name=name, stage=owner / "stage" / name, live=owner / "child" / name,
+                         links=owner / "links" / name, child_root=owner / "child")
+        for parent in (owner / "stage", paths.child_root, self.links_root):
+            parent.mkdir(exist_ok=True)
+        paths.stage.mkdir()
+        for sub in RUN_SUBDIRS:
+            paths.staged(sub).mkdir()
+        (paths.links / "models").mkdir(parents=True)
+        (paths.links / "input").mkdir()
+        return paths
 
     def close(self) -> None:
         """Remove this pipeline's directory and let its lock go."""

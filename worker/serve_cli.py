@@ -85,8 +85,13 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker.gpu import resolve_gpu_class
     from worker.logs import configure_logging
     from worker.metrics import Metrics
+    from worker.sandboxing import refuse_without_sandbox
 
     configure_logging(settings.log_level)
+    refusal = refuse_without_sandbox(settings, "serve")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     try:
         gpu_class = resolve_gpu_class(settings, args.gpu_class)
     except ConfigError as exc:

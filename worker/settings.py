@@ -193,6 +193,13 @@ class Settings(BaseSettings):
     """How long ComfyUI may take to import and load its nodes."""
     child_env_pass: CsvTuple = ()
     """Environment variables passed to the ComfyUI child despite its credential scrub."""
+    sandbox: str = "bwrap"
+    """``bwrap``: custom-node code (the ComfyUI child, environment builds) runs in a
+    bubblewrap sandbox, and the worker refuses to start without one; ``none``: unconfined,
+    said at start, by ``doctor`` and in the logs (``docs/sandbox.md``)."""
+    child_network: str = "none"
+    """``none``: the sandboxed ComfyUI child has only its own loopback; ``host``: it shares
+    the worker's network (API nodes need it; so does whatever a hostile node sends)."""
 
     def __init__(self, **values: Any) -> None:
         """Read the environment (``values`` override it); InvalidSettings when a value is bad."""
@@ -347,6 +354,21 @@ class Settings(BaseSettings):
         if not _ENTRY_POINT.fullmatch(value.strip()):
             raise ValueError(f"{value!r} is not module:function")
         return value.strip()
+
+    @field_validator("sandbox", "child_network", mode="after")
+    @classmethod
+    def _check_choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = {"sandbox": ("bwrap", "none"), "child_network": ("none", "host")}
+        word = value.strip().lower()
+        if word not in choices[str(info.field_name)]:
+            raise ValueError(f"unknown value {value!r} (expected "
+                             f"{' or '.join(choices[str(info.field_name)])})")
+        return word
+
+    @property
+    def sandboxed(self) -> bool:
+        """True unless the operator turned the sandbox off (``RUNFLOW_SANDBOX=none``)."""
+        return self.sandbox == "bwrap"
 
     @field_validator("child_env_pass", mode="after")
     @classmethod

@@ -14,6 +14,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 COMFY = os.environ.get("RUNFLOW_TEST_COMFYUI")
+SANDBOX_READ_ONLY = tuple(Path(p) for p in
+                          os.environ.get("RUNFLOW_TEST_SANDBOX_READ_ONLY", "").split(",") if p)
+"""Extra paths the sandboxed child may read (a machine's own shim libraries, say)."""
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
@@ -81,7 +84,7 @@ def pipeline(comfy_env: dict[str, Any]):
                         gpu_class="cpu", url_allow=("127.0.0.1/32",),
                         extra_custom_nodes=(str(HERE / "custom_nodes"),))
     pl = build_pipeline(settings, storage=LocalStorage(comfy_env["store"]),
-                        allow_local_files=True, cpu=True)
+                        allow_local_files=True, cpu=True, sandbox_read_only=SANDBOX_READ_ONLY)
     yield pl
     pl.close()
 

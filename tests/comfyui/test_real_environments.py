@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.cache.gitrepos import commit, make_repo, make_wheel
-from tests.comfyui.conftest import COMFY, Control, url_path
+from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
 from tests.factories import workflow
 from worker.contract import RunStatus, parse_message
 
@@ -60,7 +60,7 @@ def env_pipeline(tmp_path_factory: pytest.TempPathFactory):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # nothing from a package index in tests
     pl = build_pipeline(settings, storage=LocalStorage(root / "store"), allow_local_files=True,
-                        cpu=True)
+                        cpu=True, sandbox_read_only=SANDBOX_READ_ONLY)
     yield pl, comfy_commit, node_commit
     pl.close()
     monkeypatch.undo()

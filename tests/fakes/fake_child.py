@@ -14,6 +14,11 @@ Nodes (``class_type``):
   child can import (like a custom node's ``AnyType``), sent the child's way (made plain).
 - ``FakeUnreadable``: the same failure written raw to the pipe: the parent cannot unpickle it.
 - ``FakeLog``: logs ``inputs["text"]`` at error level, and an exception with its traceback.
+- a custom node: the child imports every pack (``*.py`` file or package) of the config's
+  ``custom_node_dirs`` at start, as ComfyUI does (packs that fail are the Ready's
+  ``import_failures``); a node whose ``class_type`` a pack's ``NODE_CLASS_MAPPINGS`` has
+  is called as ``cls().run(job=<the job's directories>, **inputs)``, and the text it
+  returns is saved as an output like ``FakeSave``'s (None: the node made the file itself).
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
 config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
 delays Ready; ``fake_wedged`` makes the child stop reading the pipe after Ready (a wedged
@@ -46,7 +51,8 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         send(p.InitFailed("fake init failure", "Traceback: fake"))
         return
     time.sleep(float(env.get("fake_init_delay_s", 0)))
-    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=(),
+    failures = _load_packs(config.get("custom_node_dirs") or ())
+    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(failures),
                  init_s=0.0, device="cpu", gpu_model=None))
     if env.get("fake_wedged"):
         threading.Event().wait()  # never reads the pipe again, until killed
@@ -82,6 +88,35 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         finally:
             childlog.set_job(None)
         send(outcome)
+
+
+PACK_NODES: dict[str, Any] = {}
+
+
+def _load_packs(dirs: Any) -> list[str]:
+    """Import each pack of ``dirs`` (as ComfyUI loads custom nodes); the names that failed."""
+    import importlib.util
+
+    failures: list[str] = []
+    for root in dirs:
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            init = os.path.join(path, "__init__.py") if os.path.isdir(path) else path
+            if (entry.startswith((".", "__")) or not init.endswith(".py")
+                    or not os.path.isfile(init)):
+                continue
+            try:
+                spec = importlib.util.spec_from_file_location(f"fake_pack_{entry}", init)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                PACK_NODES.update(getattr(module, "NODE_CLASS_MAPPINGS", {}))
+            except Exception:  # noqa: BLE001 - a pack that fails is reported, as ComfyUI does
+                log.exception("cannot import custom node %s", entry)
+                failures.append(entry)
+    return failures
 
 
 def _value(graph: dict[str, Any], v: Any) -> Any:
@@ -149,6 +184,14 @@ def _run(job: p.Execute, conn: Any, send: Any,
                 raise ValueError(f"fake failure reading {inputs.get('url', '')}")
             except ValueError:
                 log.exception("!!! Exception during processing !!!")
+        elif kind in PACK_NODES:
+            dirs = {"input_dir": job.input_dir, "output_dir": job.output_dir,
+                    "temp_dir": job.temp_dir, "models_dir": job.models_dir}
+            text = PACK_NODES[kind]().run(job=dirs, **inputs)
+            rel = f"{inputs.get('output_id') or kind}_00001_.txt"
+            if text is not None:
+                (Path(job.output_dir) / rel).write_text(str(text))
+            outputs.append(p.OutputFile(node_id, kind, rel, inputs.get("output_id")))
         elif kind == "FakeSave":
             prefix = inputs.get("output_id") or "fake"
             text = _value(job.graph, inputs.get("text", ""))

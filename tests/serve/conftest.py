@@ -216,6 +216,10 @@ def worker_env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
         "RUNFLOW_COMFYUI_DIR": str(comfy),
         "RUNFLOW_RUNNER_ENTRY": CHILD_ENTRY,
         "RUNFLOW_LOG_LEVEL": "INFO",
+        # The test child reports by writing marks next to the test and can kill its worker
+        # (a poison run): both reach outside any sandbox, by design. The sandboxed daemon
+        # has its own tests (tests/serve/test_sandboxed_serve.py, tests/test_sandbox_*.py).
+        "RUNFLOW_SANDBOX": "none",
     })
     return env
 
@@ -330,7 +334,8 @@ def inprocess_worker(tmp_path: Path, redis_server: RedisServer
         comfy = tmp_path / "comfyui"
         comfy.mkdir(exist_ok=True)
         pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy,
-                                           cpu=True, child_entry=CHILD_ENTRY),
+                                           cpu=True, child_entry=CHILD_ENTRY,
+                                           sandbox=settings.sandboxed),
                             storage=storage or LocalStorage(tmp_path / "outputs"), blobs=None,
                             fetch_input=None)
         w = InProcessWorker(Worker(settings, pipeline, gpu_class=gpu_class,

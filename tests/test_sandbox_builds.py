@@ -1,0 +1,95 @@
+"""Environment builds run sandboxed: a hostile ``install.py`` writes only its environment."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cache.environments import Environments, EnvironmentSpec, NodePin
+from cache.git import GitMirrors
+from tests.cache.gitrepos import commit, make_repo
+from worker.sandboxing import build_sandbox
+from worker.settings import Settings
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="bubblewrap (bwrap) is not installed")]
+
+COMFY = "https://git.example/comfyanonymous/ComfyUI"
+NODE = "https://git.example/acme/ComfyUI-Foo"
+MARK = "RUNFLOW" + "CANARY"
+
+INSTALL = """
+import json, os
+report = {"wrote": [], "found": []}
+for path in TARGETS:
+    try:
+        with open(path, "r+") as fh:  # the existing file, not one made in a private /tmp
+            fh.seek(0, 2)
+            fh.write("pwned")
+        report["wrote"].append(path)
+    except OSError:
+        pass
+for path in SECRETS:
+    try:
+        with open(path) as fh:
+            if MARK in fh.read():
+                report["found"].append(path)
+    except OSError:
+        pass
+with open("ran.json", "w") as fh:
+    json.dump(report, fh)
+"""
+
+
+def test_a_hostile_install_script_writes_only_its_environment(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    cache = tmp_path / "cache"
+    other_env = cache / "envs" / ("1" * 16) / "ComfyUI" / "nodes.py"
+    other_env.parent.mkdir(parents=True)
+    other_env.write_text("# another environment\n")
+    mirror = cache / "git" / "victim.git" / "config"
+    mirror.parent.mkdir(parents=True)
+    mirror.write_text("[core]\n")
+    blob = cache / "blobs" / "ab" / ("ab" * 32)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"weights")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the worker's file")
+    home = tmp_path / "home"
+    (home / ".aws").mkdir(parents=True)
+    (home / ".aws" / "credentials").write_text(f"key={MARK}x\n")
+    monkeypatch.setenv("HOME", str(home))
+    targets = [str(p) for p in (other_env, mirror, blob, outside)]
+    before = {p: Path(p).read_bytes() for p in targets}
+    script = (f"MARK = {'RUNFLOW'!r} + {'CANARY'!r}\nTARGETS = {targets!r}\n"
+              f"SECRETS = {[str(home / '.aws' / 'credentials')]!r}\n" + INSTALL)
+    comfy_repo = make_repo(tmp_path / "origins" / "ComfyUI")
+    node_repo = make_repo(tmp_path / "origins" / "ComfyUI-Foo")
+    comfy_commit = commit(comfy_repo, {"main.py": "1\n"})
+    node_commit = commit(node_repo, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n",
+                                     "install.py": script})
+    envs = Environments(cache / "envs",
+                        GitMirrors(cache / "git", {COMFY: comfy_repo, NODE: node_repo}),
+                        sandbox=build_sandbox(Settings(cache_dir=cache)))
+    spec = EnvironmentSpec(COMFY, comfy_commit, (NodePin("ComfyUI-Foo", NODE, node_commit),),
+                           install_scripts=True)
+    env = envs.prepare(spec)
+    report: dict[str, Any] = json.loads(
+        (env.comfyui_dir / "custom_nodes" / "ComfyUI-Foo" / "ran.json").read_text())
+    assert report == {"wrote": [], "found": []}  # it ran, in its own directory only
+    assert {p: Path(p).read_bytes() for p in targets} == before
+
+
+def test_without_the_sandbox_setting_builds_are_not_wrapped(tmp_path: Path) -> None:
+    assert build_sandbox(Settings(cache_dir=tmp_path, sandbox="none")) is None
+    prefix = build_sandbox(Settings(cache_dir=tmp_path))
+    assert prefix is not None
+    argv = list(prefix(tmp_path / "env", {"PATH": "/usr/bin"}, tmp_path / "env"))
+    assert "--share-net" in argv and "--unshare-all" in argv
+    assert argv[argv.index("--bind") + 1] == str(tmp_path / "env")
