@@ -32,10 +32,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runtime.childlog import run_id_of
+from runtime.childlog import LINE_MAX_BYTES, run_id_of
 
 LOGGER = "runflow.comfyui"
-LINE_MAX_BYTES = 16 * 1024
 LINES_BURST = 1000
 LINES_PER_S = 200.0
 BYTES_BURST = 1 << 20

@@ -322,8 +322,8 @@ def _json(max_chars: int | None, depth_max: int | None) -> _Check:
             return value if max_chars is None else _str(max_chars)(value, where)
         if kind is int:
             return _int(value, where)
-        if kind is float:
-            return _number(value, where)
+        if kind is float:  # the parent's own graph may hold a caller's NaN
+            return value if max_chars is None else _number(value, where)
         if kind not in (list, dict):
             raise _wrong(where, "a JSON value", value)
         if depth_max is not None and depth > depth_max:
@@ -403,7 +403,7 @@ def _fields(obj: dict[str, Any], spec: dict[str, _Check], where: str) -> dict[st
         missing = sorted(set(spec) - got)
         extra = sorted(_show(k) for k in got - set(spec))
         raise ProtocolError(f"{where} has the wrong fields (missing {missing}, unexpected "
-                            f"{extra[:5]})")
+                            f"[{', '.join(extra[:5])}])")
     return {name: check(obj[name], f"{where}.{name}") for name, check in spec.items()}
 
 

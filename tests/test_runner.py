@@ -495,3 +495,14 @@ def test_child_logs_reach_the_worker_log_with_the_run_id(
     assert "Traceback" in ours[1].getMessage()
     assert "ValueError: fake failure" in ours[1].getMessage()
     assert "X-Amz-Signature" not in ours[1].getMessage()
+
+
+def test_a_long_record_stays_one_line_within_the_relays_limit() -> None:
+    formatter = childlog.ChildJsonFormatter()
+    text = "start " + "\u00e9\n" * 40_000 + " the exception at the end"
+    record = logging.LogRecord("n" * 5000, logging.ERROR, __file__, 1, "%s", (text,), None)
+    line = formatter.format(record)
+    assert len(line.encode()) <= childlog.LINE_MAX_BYTES and "\n" not in line
+    out = json.loads(line)
+    assert out["msg"].startswith("start ") and out["msg"].endswith(" the exception at the end")
+    assert "characters cut ..." in out["msg"] and len(out["logger"]) == 200
