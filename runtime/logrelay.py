@@ -26,13 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from runtime.childlog import LINE_MAX_BYTES, run_id_of
+from runtime.wire import readable
 
 LOGGER = "runflow.comfyui"
 LINES_BURST = 1000
@@ -138,8 +138,7 @@ class LogRelay:
                     stopping = self._stopping
                 if eof or stopping:
                     break
-                readable, _, _ = select.select([self._fd, self._wake_r], [], [])
-                if self._wake_r in readable:
+                if self._wake_r in readable([self._fd, self._wake_r], None):
                     os.read(self._wake_r, 4096)
         except Exception:  # noqa: BLE001 - a relay bug must not go unseen, nor loop
             self._log.exception("reading the ComfyUI process's output failed")

@@ -30,7 +30,6 @@ import atexit
 import ctypes
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -88,10 +87,9 @@ class ChildProcess:
         if self.exitcode is not None:
             return True
         try:
-            readable, _, _ = select.select([self.sentinel], [], [], 0)
+            return bool(wire.readable([self.sentinel], 0))
         except (OSError, ValueError):  # closed: the child was reaped and released
             return True
-        return bool(readable)
 
     def is_alive(self) -> bool:
         """True while the child has not exited."""

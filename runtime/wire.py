@@ -28,6 +28,18 @@ PARENT_FRAME_MAX_BYTES = 64 << 20
 _READ_CHUNK_BYTES = 1 << 16
 
 
+def readable(fds: list[int], timeout_s: float | None) -> set[int]:
+    """Those of ``fds`` readable (or closed by the peer) within ``timeout_s`` (None: wait).
+
+    ``poll``, not ``select``: a worker may hold more than 1,024 descriptors.
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+    return {fd for fd, _ in poller.poll(timeout_ms)}
+
+
 class WireError(Exception):
     """The peer broke the frame format (bad length, not UTF-8, not a JSON object)."""
 
@@ -147,10 +159,8 @@ class Channel:
                 if self._decoder.partial:
                     raise WireError("the channel closed in the middle of a frame")
                 raise ChannelClosed("the peer closed the channel")
-            if timeout_s is not None:
-                readable, _, _ = select.select([self._sock], [], [], max(0.0, timeout_s))
-                if not readable:
-                    return None
+            if timeout_s is not None and not readable([self.fileno()], timeout_s):
+                return None
             self._read_some(block=timeout_s is None)
             if timeout_s is not None and not self._frames and not self.eof:
                 return None

@@ -108,3 +108,33 @@ def test_a_message_before_ready_is_a_failed_start(tmp_path: Path) -> None:
         assert runner.state is RunnerState.DEFUNCT and runner.pid is None
     finally:
         runner.stop()
+
+
+def test_a_prefix_command_that_forks_the_interpreter_keeps_the_channel(tmp_path: Path) -> None:
+    # As a sandbox does: the started process forks the interpreter, which still finds the
+    # channel by the number in its argv; the pidfd and the group kill reach through it.
+    import os
+    from dataclasses import asdict
+
+    from runtime import wire
+    from runtime.spawn import spawn
+
+    prefix = ["sh", "-c", '"$@"; exit $?', "sh"]  # runs the command as its child
+    cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
+                       child_entry="tests.fakes.fake_child:main")
+    proc, channel = spawn(cfg.child_entry, asdict(cfg), dict(os.environ), argv_prefix=prefix)
+    try:
+        obj = channel.recv(timeout_s=60)
+        assert obj is not None and isinstance(p.child_message(obj), p.Ready)
+        assert not proc.exited()
+        # The started process is the shell, the interpreter its child.
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == b"sh"
+        proc.kill()
+        assert wire.readable([proc.sentinel], 30), "the pidfd did not fire"
+        proc.join(10)
+        assert proc.exitcode is not None
+    finally:
+        proc.kill()
+        proc.join(10)
+        channel.close()
+        proc.close()
