@@ -254,7 +254,9 @@ _Check = Callable[[Any, str], Any]
 
 def _show(value: Any) -> str:
     """A bounded description of a value the child sent (for the violation's message)."""
-    text = repr(value)
+    if isinstance(value, (list, dict)):  # never repr a nesting the child chose
+        return f"<{len(value)} items>"
+    text = repr(value[:61] if isinstance(value, str) else value)
     return text if len(text) <= 60 else f"{text[:60]}..."
 
 
@@ -465,7 +467,7 @@ def _clip_json(value: Any, max_chars: int, max_items: int) -> Any:
 
 
 _LIMITS = {"relpath": PATH_MAX_CHARS, "message": TEXT_MAX_CHARS, "traceback": TEXT_MAX_CHARS,
-           "text": TEXT_MAX_CHARS, "input_dir": PATH_MAX_CHARS}
+           "text": TEXT_MAX_CHARS}
 
 
 def _clip(obj: dict[str, Any], max_text: int, max_items: int) -> dict[str, Any]:
@@ -499,7 +501,8 @@ def fit_child_message(msg: ChildMessage, max_bytes: int = CHILD_FRAME_MAX_BYTES,
     than fit becomes an INTERNAL ``Failed`` (its files would be lost otherwise unseen).
     """
     obj = _clip(to_wire(plain_message(msg)), TEXT_MAX_CHARS, LIST_MAX_ITEMS)
-    if frame_bytes(obj) <= max_bytes:
+    if frame_bytes(obj) <= max_bytes and not (
+            isinstance(msg, Done) and len(msg.outputs) > LIST_MAX_ITEMS):
         return obj
     if isinstance(msg, Done):
         return fit_child_message(Failed(

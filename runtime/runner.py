@@ -291,7 +291,12 @@ class Runner:
                 return _ChildGone(describe_exit(proc.exitcode))  # killed mid-frame
             raise ProtocolError(str(exc)) from exc
         if obj is not None:
-            return p.child_message(obj)
+            try:
+                return p.child_message(obj)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the child sent, never a crash
+                raise ProtocolError(f"undecodable message ({type(exc).__name__})") from exc
         if conn.eof:
             # The child's end closes as it exits, a moment before its pidfd fires; a child
             # that lives on without its channel broke the protocol.

@@ -87,9 +87,11 @@ def _progress(**changes: object) -> dict[str, object]:
 @pytest.mark.parametrize(("obj", "error"), [
     ({"type": "Evil"}, "unknown message type 'Evil'"),
     ({"job_id": "j"}, "unknown message type None"),
-    ({"type": ["Done"]}, r"unknown message type \['Done'\]"),
+    ({"type": ["Done"]}, "unknown message type <1 items>"),
     (_progress(value=True), "Progress.value must be an integer, got bool True"),
     (_progress(value=1.0), "Progress.value must be an integer, got float 1.0"),
+    (_progress(value=json.loads("[" * 900 + "]" * 900)),
+     "Progress.value must be an integer, got list <1 items>"),
     (_progress(value=1 << 70), "Progress.value is out of range"),
     (_progress(extra=1), r"Progress has the wrong fields \(missing \[\], unexpected \['extra'\]"),
     ({"type": "Progress", "job_id": "j"}, r"missing \['node_id', 'total', 'value'\]"),
@@ -171,3 +173,10 @@ def test_a_channel_pair_carries_frames_and_reports_the_end() -> None:
             left.recv(timeout_s=5)
     finally:
         left.close()
+
+
+def test_a_done_with_more_outputs_than_a_list_may_hold_is_never_cut() -> None:
+    outputs = tuple(p.OutputFile("1", "S", f"{i}.png", None)
+                    for i in range(p.LIST_MAX_ITEMS + 1))
+    out = _fits(p.Done("j", outputs, 1.0))
+    assert isinstance(out, p.Failed) and "10001 output files" in out.message
