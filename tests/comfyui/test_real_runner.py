@@ -3,7 +3,6 @@ child dead while idle, the scrubbed environment and the child's JSON log lines."
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
