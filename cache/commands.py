@@ -4,7 +4,9 @@ Environment builds run ``git fetch`` and ``pip install``, which can take minutes
 cancel or timeout must still stop them quickly. ``run_command`` waits on the child in short
 slices, asking ``cancel()`` between them, and terminates (then kills) the child's whole
 process group when it says stop. Output goes to temporary files, not pipes, so a chatty
-command can never block on a full pipe while nobody reads it.
+command can never block on a full pipe while nobody reads it. Only the last
+``OUTPUT_KEEP_BYTES`` of each stream are read back, as text (decoded leniently): pip's and
+an ``install.py``'s output is whatever their code prints, and it is only ever quoted.
 
 It also holds the credential scrub of every process that runs code the worker did not
 write: the ComfyUI child (``runtime.spawn``), pip (a source distribution's or a ``git+``
@@ -24,6 +26,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from cache.errors import BuildCanceled
 from cache.progress import Cancel
@@ -31,6 +34,8 @@ from cache.progress import Cancel
 POLL_S = 0.1
 _KILL_GRACE_S = 5.0
 _TAIL_CHARS = 4000
+OUTPUT_KEEP_BYTES = 1 << 20
+"""The most of a command's stdout, and of its stderr, read back into memory (the end)."""
 
 _DROP_PREFIXES = ("RUNFLOW_", "AWS_")
 _DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL")
@@ -151,10 +156,17 @@ def run_command(
         finally:
             if proc.returncode is None:
                 _stop(proc)
-        out.seek(0)
-        err.seek(0)
-        return CommandResult(proc.returncode, out.read().decode(errors="replace"),
-                             err.read().decode(errors="replace"))
+        return CommandResult(proc.returncode, _tail(out), _tail(err))
+
+
+def _tail(fh: IO[bytes], max_bytes: int | None = None) -> str:
+    """The last ``max_bytes`` (``OUTPUT_KEEP_BYTES``) of ``fh`` as text, marked when cut."""
+    max_bytes = OUTPUT_KEEP_BYTES if max_bytes is None else max_bytes
+    size = fh.seek(0, os.SEEK_END)
+    start = max(0, size - max_bytes)
+    fh.seek(start)
+    text = fh.read(max_bytes).decode(errors="replace")
+    return f"[{start} bytes cut]\n{text}" if start else text
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -1,11 +1,12 @@
-"""Entry point of the spawned ComfyUI child: initialise, then serve jobs from the pipe.
+"""Entry point of the spawned ComfyUI child: initialise, then serve jobs from the channel.
 
 The main thread executes jobs (ComfyUI is not thread-safe); a reader thread receives
-``Interrupt`` and ``Shutdown`` while a job runs. ComfyUI's stdout chatter goes to stderr
-so the parent's stdout stays clean (the ``run`` CLI prints the record there); its logging
-writes JSON lines tagged with the job's run id (``runtime.childlog``, installed by
-``runtime.spawn`` before this module is imported). The process environment was scrubbed
-of credentials at spawn (``cache.commands.child_environment``).
+``Interrupt`` and ``Shutdown`` while a job runs. ``ChildEnd`` is the child's end of the
+channel (``runtime.wire`` frames, ``runtime.protocol`` messages). ComfyUI's stdout chatter
+goes to stderr, a pipe the parent re-emits as log records (``runtime.logrelay``); its
+logging writes JSON lines (``runtime.childlog``, installed by ``runtime.spawn`` before this
+module is imported). The process environment was scrubbed of credentials at spawn
+(``cache.commands.child_environment``).
 """
 
 from __future__ import annotations
@@ -21,24 +22,48 @@ from typing import Any
 
 from runtime import childlog
 from runtime import protocol as p
+from runtime.errors import ProtocolError
+from runtime.wire import Channel, ChannelClosed, WireError
 
 IDLE_COLLECT_AFTER_S = 2.0
 
 
+class ChildEnd:
+    """The child's end of the channel: protocol messages in, protocol messages out."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._lock = threading.Lock()
+
+    def fileno(self) -> int:
+        """The channel's socket."""
+        return self._channel.fileno()
+
+    def recv(self) -> p.ParentMessage:
+        """The parent's next message; ChannelClosed once the parent is gone."""
+        obj = self._channel.recv()
+        assert obj is not None  # a blocking recv
+        return p.parent_message(obj)
+
+    def send(self, msg: p.ChildMessage) -> None:
+        """Write ``msg`` as plain data cut to the channel's limits (thread-safe).
+
+        Plain data (``protocol.fit_child_message``) because a validation error's
+        ``input_config`` may hold an object of a custom node's own class, and a long
+        traceback or file list must not make the parent drop the child.
+        """
+        obj = p.fit_child_message(msg)
+        with self._lock:
+            self._channel.send(obj)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+
 def make_sender(conn: Any) -> Callable[[Any], None]:
-    """A thread-safe ``send`` that writes only plain data (``protocol.plain_message``).
-
-    Plain data because the parent cannot unpickle what it cannot import: a validation
-    error's ``input_config`` may hold an object of a custom node's own class.
-    """
-    lock = threading.Lock()
-
-    def send(msg: Any) -> None:
-        msg = p.plain_message(msg)
-        with lock:
-            conn.send(msg)
-
-    return send
+    """The ``send`` of ``conn`` (a ``ChildEnd``: thread-safe, plain data only)."""
+    return conn.send
 
 
 def main(conn: Any, config: dict[str, Any]) -> None:
@@ -67,8 +92,8 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         while True:
             try:
                 msg = conn.recv()
-            except (EOFError, OSError):
-                jobs.put(None)
+            except (ChannelClosed, WireError, ProtocolError, OSError):
+                jobs.put(None)  # the parent is gone (or broke the channel): exit
                 return
             if isinstance(msg, p.Execute):
                 jobs.put(msg)
@@ -78,7 +103,7 @@ def main(conn: Any, config: dict[str, Any]) -> None:
                 jobs.put(None)
                 return
 
-    threading.Thread(target=reader, name="runflow-pipe-reader", daemon=True).start()
+    threading.Thread(target=reader, name="runflow-channel-reader", daemon=True).start()
     dirty = False
     while True:
         try:

@@ -1,15 +1,17 @@
 """Logging of the ComfyUI child: one JSON object per line on stderr, secrets redacted.
 
-The worker logs one JSON line per event (``worker/logs.py``); the child shares its stderr,
-so ComfyUI's own records (``!!! Exception during processing !!!`` and its traceback) are
-written in the same shape: ``ts``, ``level``, ``logger``, ``msg`` (a traceback stays inside
-``msg``, so a record is always one line), ``process: "comfyui"``, and ``run_id``/``job_id``
-while a job runs.
+The child's stderr is a pipe the parent reads (``runtime.logrelay``), which re-emits each
+line as a record of the worker's own log. ComfyUI's records (``!!! Exception during
+processing !!!`` and its traceback) are written as JSON lines so the relay keeps their
+level and logger: ``ts``, ``level``, ``logger``, ``msg`` (a traceback stays inside ``msg``,
+so a record is always one line, cut in its middle to stay within ``LINE_MAX_BYTES``),
+``process: "comfyui"``, and ``run_id``/``job_id`` while a job runs (for reading the child's
+output by hand: the relay tags records with the job the parent runs, never with these).
 
-Why the child writes its own lines instead of forwarding records over the pipe: the parent
-reads the pipe only while a job runs, so records logged while idle or during start would
-fill the pipe and block the child; and the last lines before a crash would die with it.
-A line written to stderr is out of the process at once.
+Why the child writes its own lines instead of forwarding records over the channel: the
+parent reads the channel only while a job runs, so records logged while idle or during
+start would fill it and block the child; and the last lines before a crash would die with
+it. A line written to stderr is out of the process at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from runtime.redact import redact
+
+LINE_MAX_BYTES = 16 * 1024
+"""The longest line the parent's relay takes whole (longer ones are cut there)."""
+_LOGGER_MAX_CHARS = 200
 
 _job_id: str | None = None
 
@@ -58,7 +64,7 @@ class ChildJsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": record.name[:_LOGGER_MAX_CHARS],
             "msg": redact(text.rstrip("\n")),
             "process": "comfyui",
         }
@@ -66,7 +72,22 @@ class ChildJsonFormatter(logging.Formatter):
         if job_id is not None:
             out["run_id"] = run_id_of(job_id)
             out["job_id"] = job_id
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _within_limit(out)
+
+
+def _within_limit(out: dict[str, Any]) -> str:
+    """The JSON line of ``out``, its ``msg`` cut in the middle until the line fits
+    ``LINE_MAX_BYTES`` (a traceback's end says the most, so more of the end is kept)."""
+    line = json.dumps(out, default=str, ensure_ascii=False)
+    msg, keep = out["msg"], len(out["msg"])
+    while len(line.encode("utf-8", errors="replace")) > LINE_MAX_BYTES and keep > 0:
+        keep //= 2
+        head = keep // 4
+        tail = keep - head
+        out["msg"] = (f"{msg[:head]} [... {len(msg) - keep} characters cut ...] "
+                      f"{msg[len(msg) - tail:]}")
+        line = json.dumps(out, default=str, ensure_ascii=False)
+    return line
 
 
 def install(level: int | str = logging.INFO, stream: TextIO | None = None) -> None:

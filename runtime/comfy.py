@@ -222,7 +222,7 @@ class ComfyEmbedding:
                               int(value), int(total)))
 
     def interrupt(self, job_id: str) -> None:
-        """Interrupt the running job (called from the pipe reader thread)."""
+        """Interrupt the running job (called from the channel reader thread)."""
         if self._job is not None and self._job.job_id == job_id:
             self._interrupt_requested = True
             self._mm.interrupt_current_processing(True)

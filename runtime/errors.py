@@ -6,12 +6,12 @@ Hierarchy::
     ├── RunnerStateError     an operation not allowed in the runner's current state
     ├── RunnerStartFailed    the ComfyUI child could not start (import, init, died, timeout)
     ├── RunnerStartCanceled  the start was interrupted (cancel, timeout, shutdown)
-    └── ProtocolError        something outside the closed message set came over the pipe
+    └── ProtocolError        the child broke the channel's protocol (frame or message)
 
 Job outcomes (node errors, OOM, interrupts, child death mid-job) are not exceptions: the
-runner returns them as ``protocol.Failed`` values. So are pipe failures during a job (a
-``ProtocolError``, a message that cannot be unpickled): the child is killed and the job
-fails with ``INTERNAL``; during a start they raise ``RunnerStartFailed``.
+runner returns them as ``protocol.Failed`` values. So are channel failures during a job (a
+``ProtocolError``: a malformed frame, a message outside the schema): the child is killed
+and the job fails with ``INTERNAL``; during a start they raise ``RunnerStartFailed``.
 """
 
 from __future__ import annotations
@@ -38,4 +38,4 @@ class RunnerStartCanceled(RuntimeFailure):
 
 
 class ProtocolError(RuntimeFailure):
-    """The child sent something that is not a protocol message."""
+    """The child sent something that is not a protocol message; the text names what."""

@@ -1,13 +1,19 @@
 """The closed set of messages between the runner (parent) and its ComfyUI child.
 
-Every message is a small frozen dataclass of plain data, pickled over a
-``multiprocessing`` pipe connection. The child never receives or sends anything else; an
-unknown object on the pipe is a protocol error that makes the runner DEFUNCT.
+Every message is a small frozen dataclass of plain data. On the channel (``runtime.wire``)
+it is one JSON object, ``{"type": <class name>, <field>: <value>, ...}`` with every field
+present (``to_wire``). The child runs custom-node code, so what it sends is untrusted:
+``child_message`` checks each object against the closed schema below (a known ``type``,
+exactly its fields, each of its type, strings and lists within their limits, nesting
+within ``DEPTH_MAX``, ``FailureKind`` by value) and builds the dataclass itself; anything
+else is a ``ProtocolError`` naming the violation. No type is ever looked up by a name the
+child wrote.
 
-"Plain data" is enforced on the child's side: it sends ``plain_message(msg)``, whose
-fields hold only JSON-safe builtins (``plain``). ComfyUI's validation errors carry the
-node's ``INPUT_TYPES`` entries, which may hold objects of a custom node's own classes; the
-parent cannot import those modules, so such a pickle would fail to load there.
+The child keeps within the limits: it sends ``fit_child_message(msg)``, whose fields hold
+only JSON-safe builtins (``plain``) cut to the schema's limits, and which shrinks a message
+whose frame would exceed ``wire.CHILD_FRAME_MAX_BYTES``. (ComfyUI's validation errors carry
+a node's ``INPUT_TYPES`` entries, which may hold objects of a custom node's own classes,
+and a COMBO's list of every file name.)
 
 Parent -> child: ``Execute``, ``Interrupt``, ``Shutdown``.
 Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log``,
@@ -16,10 +22,15 @@ Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
+
+from runtime.errors import ProtocolError
+from runtime.wire import CHILD_FRAME_MAX_BYTES
 
 
 class FailureKind(StrEnum):
@@ -222,3 +233,282 @@ def plain_message(msg: Any) -> Any:
     if not isinstance(msg, (*CHILD_MESSAGES, OutputFile)):
         raise TypeError(f"not a child message: {type(msg).__name__}")
     return replace(msg, **{f.name: _plain_field(getattr(msg, f.name)) for f in fields(msg)})
+
+
+# ----------------------------------------------------------------- the wire schema
+
+ID_MAX_CHARS = 1024
+"""Ids, node types, exception types, device names."""
+PATH_MAX_CHARS = 4096
+TEXT_MAX_CHARS = 64 * 1024
+"""Messages, log texts, tracebacks, and every string inside ``details``."""
+LIST_MAX_ITEMS = 10_000
+DEPTH_MAX = 33
+"""Nesting of ``details`` (``plain`` cuts at 32 levels below the field)."""
+_INT_LIMIT = 1 << 63
+_SHORT_TEXT_CHARS = 4096
+_SHORT_LIST_ITEMS = 100
+
+_Check = Callable[[Any, str], Any]
+
+
+def _show(value: Any) -> str:
+    """A bounded description of a value the child sent (for the violation's message)."""
+    if isinstance(value, (list, dict)):  # never repr a nesting the child chose
+        return f"<{len(value)} items>"
+    text = repr(value[:61] if isinstance(value, str) else value)
+    return text if len(text) <= 60 else f"{text[:60]}..."
+
+
+def _wrong(where: str, wanted: str, value: Any) -> ProtocolError:
+    return ProtocolError(f"{where} must be {wanted}, got {type(value).__name__} {_show(value)}")
+
+
+def _str(max_chars: int) -> _Check:
+    def check(value: Any, where: str) -> str:
+        if type(value) is not str:
+            raise _wrong(where, "a string", value)
+        if len(value) > max_chars:
+            raise ProtocolError(f"{where} is {len(value)} characters long, over the "
+                                f"{max_chars}-character limit")
+        return value
+    return check
+
+
+def _int(value: Any, where: str) -> int:
+    if type(value) is not int:
+        raise _wrong(where, "an integer", value)
+    if not -_INT_LIMIT <= value < _INT_LIMIT:
+        raise ProtocolError(f"{where} is out of range")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if type(value) is int:
+        return float(_int(value, where))
+    if type(value) is not float or not math.isfinite(value):
+        raise _wrong(where, "a finite number", value)
+    return value
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(value: Any, where: str) -> Any:
+        return None if value is None else check(value, where)
+    return optional
+
+
+def _list(check: _Check, max_items: int = LIST_MAX_ITEMS) -> _Check:
+    def list_of(value: Any, where: str) -> tuple[Any, ...]:
+        if type(value) is not list:
+            raise _wrong(where, "a list", value)
+        if len(value) > max_items:
+            raise ProtocolError(f"{where} has {len(value)} items, over the {max_items} limit")
+        return tuple(check(v, f"{where}[{i}]") for i, v in enumerate(value))
+    return list_of
+
+
+def _str_map(value: Any, where: str) -> dict[str, str]:
+    if type(value) is not dict:
+        raise _wrong(where, "an object", value)
+    return {k: _str(TEXT_MAX_CHARS)(v, f"{where}[{_show(k)}]") for k, v in value.items()}
+
+
+def _json(max_chars: int | None, depth_max: int | None) -> _Check:
+    """Any JSON value, nesting at most ``depth_max`` containers, strings (keys too) at
+    most ``max_chars`` (None: unchecked, for the parent's own messages)."""
+    def check(value: Any, where: str, depth: int = 1) -> Any:
+        kind = type(value)
+        if value is None or kind is bool:
+            return value
+        if kind is str:
+            return value if max_chars is None else _str(max_chars)(value, where)
+        if kind is int:
+            return _int(value, where)
+        if kind is float:  # the parent's own graph may hold a caller's NaN
+            return value if max_chars is None else _number(value, where)
+        if kind not in (list, dict):
+            raise _wrong(where, "a JSON value", value)
+        if depth_max is not None and depth > depth_max:
+            raise ProtocolError(f"{where} nests deeper than {depth_max} levels")
+        if kind is list:
+            return [check(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        for key in value:
+            if max_chars is not None:
+                _str(max_chars)(key, f"{where} key")
+        return {k: check(v, f"{where}[{_show(k)}]", depth + 1) for k, v in value.items()}
+    return check
+
+
+def _object(check: _Check) -> _Check:
+    def obj(value: Any, where: str) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise _wrong(where, "an object", value)
+        return check(value, where)
+    return obj
+
+
+def _kind(value: Any, where: str) -> FailureKind:
+    if type(value) is not str:
+        raise _wrong(where, "a failure kind", value)
+    try:
+        return FailureKind(value)
+    except ValueError:
+        raise ProtocolError(f"{where} is no failure kind: {_show(value)}") from None
+
+
+_ID = _str(ID_MAX_CHARS)
+_OPT_ID = _optional(_ID)
+_TEXT = _str(TEXT_MAX_CHARS)
+_DETAILS = _object(_json(TEXT_MAX_CHARS, DEPTH_MAX))
+
+_OUTPUT_FILE: dict[str, _Check] = {"node_id": _ID, "node_type": _ID,
+                                   "relpath": _str(PATH_MAX_CHARS), "output_id": _OPT_ID}
+
+
+def _output_file(value: Any, where: str) -> OutputFile:
+    if type(value) is not dict:
+        raise _wrong(where, "an object", value)
+    return OutputFile(**_fields(value, _OUTPUT_FILE, where))
+
+
+CHILD_SCHEMA: dict[str, tuple[type, dict[str, _Check]]] = {
+    "Ready": (Ready, {"comfyui_commit": _OPT_ID, "node_count": _int,
+                      "import_failures": _list(_ID), "init_s": _number, "device": _ID,
+                      "gpu_model": _OPT_ID}),
+    "InitFailed": (InitFailed, {"message": _TEXT, "traceback": _TEXT}),
+    "NodeStarted": (NodeStarted, {"job_id": _ID, "node_id": _ID, "node_type": _OPT_ID}),
+    "Progress": (Progress, {"job_id": _ID, "node_id": _OPT_ID, "value": _int,
+                            "total": _int}),
+    "Log": (Log, {"job_id": _ID, "node_id": _OPT_ID, "text": _TEXT}),
+    "Done": (Done, {"job_id": _ID, "outputs": _list(_output_file), "execute_s": _number,
+                    "peak_vram_bytes": _optional(_int)}),
+    "Failed": (Failed, {"job_id": _ID, "kind": _kind, "message": _TEXT, "node_id": _OPT_ID,
+                        "node_type": _OPT_ID, "exception_type": _OPT_ID,
+                        "details": _DETAILS, "peak_vram_bytes": _optional(_int)}),
+}
+"""What the child may send: message type -> (class, field -> check)."""
+
+PARENT_SCHEMA: dict[str, tuple[type, dict[str, _Check]]] = {
+    "Execute": (Execute, {"job_id": _ID, "graph": _object(_json(None, None)),
+                          "input_dir": _str(PATH_MAX_CHARS), "output_dir": _str(PATH_MAX_CHARS),
+                          "temp_dir": _str(PATH_MAX_CHARS),
+                          "models_dir": _optional(_str(PATH_MAX_CHARS)),
+                          "model_digests": _str_map, "resource_digests": _str_map}),
+    "Interrupt": (Interrupt, {"job_id": _ID}),
+    "Shutdown": (Shutdown, {}),
+}
+
+
+def _fields(obj: dict[str, Any], spec: dict[str, _Check], where: str) -> dict[str, Any]:
+    got = set(obj) - {"type"}
+    if got != set(spec):
+        missing = sorted(set(spec) - got)
+        extra = sorted(_show(k) for k in got - set(spec))
+        raise ProtocolError(f"{where} has the wrong fields (missing {missing}, unexpected "
+                            f"[{', '.join(extra[:5])}])")
+    return {name: check(obj[name], f"{where}.{name}") for name, check in spec.items()}
+
+
+def _decode(obj: dict[str, Any], schema: dict[str, tuple[type, dict[str, _Check]]]) -> Any:
+    name = obj.get("type")
+    if type(name) is not str or name not in schema:
+        raise ProtocolError(f"unknown message type {_show(name)}")
+    cls, spec = schema[name]
+    return cls(**_fields(obj, spec, name))
+
+
+def child_message(obj: dict[str, Any]) -> ChildMessage:
+    """The child message in the decoded frame ``obj``; ProtocolError naming what is wrong."""
+    return _decode(obj, CHILD_SCHEMA)
+
+
+def parent_message(obj: dict[str, Any]) -> ParentMessage:
+    """The parent message in the decoded frame ``obj`` (the child's side)."""
+    return _decode(obj, PARENT_SCHEMA)
+
+
+def _wire_value(value: Any) -> Any:
+    if isinstance(value, FailureKind):
+        return value.value
+    if isinstance(value, OutputFile):
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_wire_value(v) for v in value]
+    return value
+
+
+def to_wire(msg: Any) -> dict[str, Any]:
+    """``msg`` as the JSON object of its frame: ``{"type": <class>, <field>: ...}``."""
+    if not isinstance(msg, (*CHILD_MESSAGES, *PARENT_MESSAGES)):
+        raise TypeError(f"not a protocol message: {type(msg).__name__}")
+    return {"type": type(msg).__name__,
+            **{f.name: _wire_value(getattr(msg, f.name)) for f in fields(msg)}}
+
+
+# ----------------------------------------------------------------- the child's side
+
+_CUT = " [cut]"
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars - len(_CUT)] + _CUT
+
+
+def _clip_json(value: Any, max_chars: int, max_items: int) -> Any:
+    """A plain value with every string (keys too) and list within the limits."""
+    if isinstance(value, str):
+        return _cut(value, max_chars)
+    if isinstance(value, list):
+        return [_clip_json(v, max_chars, max_items) for v in value[:max_items]]
+    if isinstance(value, dict):
+        return {_cut(k, max_chars): _clip_json(v, max_chars, max_items)
+                for k, v in list(value.items())[:max_items]}
+    return value
+
+
+_LIMITS = {"relpath": PATH_MAX_CHARS, "message": TEXT_MAX_CHARS, "traceback": TEXT_MAX_CHARS,
+           "text": TEXT_MAX_CHARS}
+
+
+def _clip(obj: dict[str, Any], max_text: int, max_items: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in obj.items():
+        limit = _LIMITS.get(name, ID_MAX_CHARS)
+        if name == "details":
+            out[name] = _clip_json(value, max_text, max_items)
+        elif isinstance(value, str) and name != "type":
+            out[name] = _cut(value, min(limit, max_text))
+        elif isinstance(value, list):
+            out[name] = [_clip(v, max_text, max_items) if isinstance(v, dict)
+                         else _cut(v, ID_MAX_CHARS) if isinstance(v, str) else v
+                         for v in value[:max_items]]
+        else:
+            out[name] = value
+    return out
+
+
+def frame_bytes(obj: dict[str, Any]) -> int:
+    """The payload size of ``obj``'s frame (as ``wire.encode_frame`` writes it)."""
+    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def fit_child_message(msg: ChildMessage, max_bytes: int = CHILD_FRAME_MAX_BYTES,
+                      ) -> dict[str, Any]:
+    """The wire object of ``msg`` made plain and cut so its frame fits ``max_bytes``.
+
+    Strings are cut to the schema's limits (marked `` [cut]``); a frame still too large
+    loses its ``details`` and gets shorter texts and lists; a ``Done`` listing more outputs
+    than fit becomes an INTERNAL ``Failed`` (its files would be lost otherwise unseen).
+    """
+    obj = _clip(to_wire(plain_message(msg)), TEXT_MAX_CHARS, LIST_MAX_ITEMS)
+    if frame_bytes(obj) <= max_bytes and not (
+            isinstance(msg, Done) and len(msg.outputs) > LIST_MAX_ITEMS):
+        return obj
+    if isinstance(msg, Done):
+        return fit_child_message(Failed(
+            msg.job_id, FailureKind.INTERNAL,
+            f"the run wrote {len(msg.outputs)} output files, more than one message can "
+            f"report", peak_vram_bytes=msg.peak_vram_bytes), max_bytes)
+    if "details" in obj:
+        obj["details"] = {"cut": "the details were too large to report"}
+    return _clip(obj, _SHORT_TEXT_CHARS, _SHORT_LIST_ITEMS)

@@ -1,4 +1,4 @@
-"""The runner: supervises one spawned ComfyUI child per environment, joined by a pipe.
+"""The runner: supervises one spawned ComfyUI child per environment, joined by a channel.
 
 States (one transition function, ``_transition``, checks every change)::
 
@@ -7,17 +7,25 @@ States (one transition function, ``_transition``, checks every change)::
               +------> DEFUNCT <--+      DEFUNCT -> STARTING (restart)
 
 A child that dies becomes a readable failure ("exit code -9 (SIGKILL), probably out of
-memory"), never a hang: the parent waits on the pipe *and* the process sentinel, and asks
-for the child's exit status at every poll (a process the child forked holds both the pipe
-and the sentinel open); a child found dead while idle is restarted before the next job.
-Killing the child kills its process group, so nothing it forked outlives it. An interrupt
-that the child does not honour within ``interrupt_kill_after_s`` kills it, so a cancel or
-timeout always lands in bounded time; messages to the child are written from a helper
-thread, so a child that stops reading cannot block the supervising thread either. Anything
-unexpected on the pipe (a message the parent cannot unpickle, a broken pipe) kills the child
-and fails the job with ``INTERNAL``: the runner is never left BUSY.
+memory"), never a hang: the parent waits on the channel *and* the process's pidfd (which a
+process the child forked does not hold open); a child found dead while idle is restarted
+before the next job. Killing the child kills its process group, so nothing it forked
+outlives it. An interrupt that the child does not honour within ``interrupt_kill_after_s``
+kills it, so a cancel or timeout always lands in bounded time; messages to the child are
+written from a helper thread, so a child that stops reading cannot block the supervising
+thread either.
 
-The child is started by ``runtime.spawn`` with a scrubbed environment (no credentials).
+The child runs custom-node code, so everything it sends is untrusted (SPEC section 9): the
+channel carries JSON frames only (``runtime.wire``), each checked against the closed schema
+of ``runtime.protocol`` before it becomes a message. A protocol violation (a bad length, an
+oversized frame, bytes that are not UTF-8 JSON, an unknown type, wrong fields, a message
+for another job or out of turn, a channel closed by a living child) kills the child; the
+job fails with ``INTERNAL`` ("protocol violation from the ComfyUI process: ..."), a start
+fails with ``RunnerStartFailed``, and the next run starts a fresh child. The runner is never
+left BUSY.
+
+The child is started by ``runtime.spawn`` with a scrubbed environment (no credentials);
+its output is re-emitted as log records tagged with the job running (``runtime.logrelay``).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from cache.commands import child_environment
@@ -45,8 +53,11 @@ from runtime.errors import (
 )
 from runtime.sandbox import SandboxPlan, command_prefix, scratch_layer_problems
 from runtime.spawn import ChildProcess, spawn
+from runtime.wire import Channel, ChannelClosed, WireError
 
 log = logging.getLogger(__name__)
+
+VIOLATION = "protocol violation from the ComfyUI process"
 
 
 class RunnerState(StrEnum):
@@ -145,8 +156,10 @@ class Runner:
         self.restarts = 0
         self.last_exit: str | None = None
         self._proc: ChildProcess | None = None
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._sender: _Sender | None = None
+        self._job_id: str | None = None
+        """The job running now (what the child's log lines are tagged with)."""
 
     # ------------------------------------------------------------------ state
 
@@ -187,7 +200,7 @@ class Runner:
         try:
             prefix = self._sandbox_prefix(env)
             self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env,
-                                           argv_prefix=prefix)
+                                           argv_prefix=prefix, job_of=lambda: self._job_id)
         except Exception as exc:  # never stay STARTING
             self._transition(RunnerState.DEFUNCT)
             raise RunnerStartFailed(f"cannot spawn the ComfyUI process: {exc}") from exc
@@ -204,11 +217,11 @@ class Runner:
                 raise RunnerStartCanceled("ComfyUI start was interrupted")
             try:
                 msg = self._recv(timeout_s=min(remaining, poll_s))
-            except Exception as exc:  # an unreadable message: never stay STARTING
-                self._kill("unreadable message while starting")
-                raise RunnerStartFailed(
-                    f"cannot read the ComfyUI process's message while it started "
-                    f"({type(exc).__name__}: {exc})") from exc
+                if msg is not None and not isinstance(msg, (p.Ready, p.InitFailed, _ChildGone)):
+                    raise ProtocolError(f"{type(msg).__name__} before Ready")
+            except ProtocolError as exc:  # never stay STARTING
+                self._violated(str(exc))
+                raise RunnerStartFailed(f"{VIOLATION}: {exc}") from exc
             if msg is None:
                 continue
             if isinstance(msg, p.Ready):
@@ -218,10 +231,8 @@ class Runner:
             if isinstance(msg, p.InitFailed):
                 self._kill("init failed")
                 raise RunnerStartFailed(msg.message, msg.traceback)
-            if isinstance(msg, _ChildGone):
-                self._mark_dead(msg.exit_text)
-                raise RunnerStartFailed(f"ComfyUI process died while starting: {msg.exit_text}")
-            log.debug("ignoring %r before Ready", msg)
+            self._mark_dead(msg.exit_text)
+            raise RunnerStartFailed(f"ComfyUI process died while starting: {msg.exit_text}")
 
     def _exit_text(self, proc: ChildProcess) -> str:
         """``describe_exit`` of the child; in the sandbox, bwrap reports a child killed by
@@ -300,32 +311,56 @@ class Runner:
         self._kill("died")
         self.last_exit = exit_text
 
-    # ------------------------------------------------------------------ pipe
+    def _violated(self, why: str) -> None:
+        log.error("%s: %s; it is stopped", VIOLATION, why,
+                  extra={"event": "child_protocol_violation"})
+        self._kill("protocol violation")
+
+    # ------------------------------------------------------------------ channel
 
     def _recv(self, timeout_s: float) -> Any:
-        """Next child message, None on timeout, or ``_ChildGone`` when the child died."""
+        """Next child message, None on timeout, or ``_ChildGone`` when the child died.
+
+        Raises ProtocolError when what came is not a protocol message (the caller kills the
+        child).
+        """
         assert self._conn is not None and self._proc is not None
-        ready = wait([self._conn, self._proc.sentinel], timeout=timeout_s)
-        if not ready:
-            # A process the child forked (a DataLoader worker, a fork-based pool) inherits
-            # the pipe and the sentinel whatever their close-on-exec flags, and while it
-            # lives neither tells of the child's death; the child's own exit status does.
-            if self._proc.exitcode is None:
-                return None
-            if not self._conn.poll():
-                return _ChildGone(self._exit_text(self._proc))
-            # else: a last message it wrote just before it died, read first
-        if self._conn in ready or self._conn.poll():
+        conn, proc = self._conn, self._proc
+        if not conn.buffered and not wait([conn.fileno(), proc.sentinel], timeout=timeout_s):
+            return None
+        # The channel first: a last message the child wrote just before it died counts.
+        try:
+            obj = conn.recv(timeout_s=0)
+        except ChannelClosed:
+            obj = None
+        except WireError as exc:
+            if conn.eof and self._gone_within(2.0):
+                return _ChildGone(self._exit_text(proc))  # killed mid-frame
+            raise ProtocolError(str(exc)) from exc
+        if obj is not None:
             try:
-                msg = self._conn.recv()
-            except (EOFError, OSError):
-                self._proc.join(5)
-                return _ChildGone(self._exit_text(self._proc))
-            if not isinstance(msg, p.CHILD_MESSAGES):
-                raise ProtocolError(f"unexpected object from the child: {type(msg).__name__}")
-            return msg
+                return p.child_message(obj)
+            except ProtocolError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the child sent, never a crash
+                raise ProtocolError(f"undecodable message ({type(exc).__name__})") from exc
+        if conn.eof:
+            # The child's end closes as it exits, a moment before its pidfd fires; a child
+            # that lives on without its channel broke the protocol.
+            if not self._gone_within(2.0):
+                raise ProtocolError("the ComfyUI process closed its channel")
+            return _ChildGone(self._exit_text(proc))
+        if proc.exited():
+            proc.join(5)
+            return _ChildGone(self._exit_text(proc))
+        return None  # part of a frame so far
+
+    def _gone_within(self, timeout_s: float) -> bool:
+        assert self._proc is not None
+        if not wait([self._proc.sentinel], timeout=timeout_s):
+            return False
         self._proc.join(5)
-        return _ChildGone(self._exit_text(self._proc))
+        return True
 
     # ------------------------------------------------------------------ jobs
 
@@ -337,7 +372,7 @@ class Runner:
         should_interrupt: Callable[[], bool] | None = None,
         poll_s: float = 0.05,
     ) -> p.Done | p.Failed:
-        """Run ``job`` and return its outcome; never raises for job or pipe failures.
+        """Run ``job`` and return its outcome; never raises for job or channel failures.
 
         ``should_interrupt`` is polled every ``poll_s``; once true, the child is asked to
         interrupt and, failing that within ``interrupt_kill_after_s``, killed. Should
@@ -352,6 +387,7 @@ class Runner:
             exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text, when="before the run started")
+        self._set_job(job.job_id)
         sender = self._sender = _Sender(self._conn)
         sender.send(job)
         try:
@@ -360,6 +396,8 @@ class Runner:
             if self.state is RunnerState.BUSY:
                 self._kill("the supervising call raised")
             raise
+        finally:
+            self._set_job(None)
         if self._sender is sender:  # still READY: every message went through
             self._sender = None
             sender.close(timeout_s=5)
@@ -385,38 +423,54 @@ class Runner:
                 return self._send_failed(job, sender.error)
             try:
                 msg = self._recv(timeout_s=poll_s)
-            except Exception as exc:  # noqa: BLE001 - unpicklable or foreign object: never stay BUSY
-                return self._lost(job, f"cannot read its message ({type(exc).__name__}: {exc})")
+                if isinstance(msg, (p.Ready, p.InitFailed)):
+                    raise ProtocolError(f"{type(msg).__name__} while a job runs")
+                if msg is not None and not isinstance(msg, _ChildGone) and (
+                        msg.job_id != job.job_id):
+                    # Every job before this one ended with its answer: nothing else is due.
+                    raise ProtocolError(f"{type(msg).__name__} for another job "
+                                        f"({msg.job_id[:60]!r})")
+            except ProtocolError as exc:  # never stay BUSY
+                return self._violation(job, str(exc))
             if msg is None:
                 continue
             if isinstance(msg, _ChildGone):
                 self._mark_dead(msg.exit_text)
                 return self._died(job, msg.exit_text)
             if isinstance(msg, (p.Done, p.Failed)):
-                if msg.job_id != job.job_id:
-                    continue  # a late answer to an earlier, abandoned job
                 self._transition(RunnerState.READY)
                 return msg
-            if isinstance(msg, (p.NodeStarted, p.Progress, p.Log)):
-                if on_event is not None and msg.job_id == job.job_id:
-                    on_event(msg)
-                continue
-            log.debug("ignoring %r while busy", msg)
+            if on_event is not None:
+                on_event(msg)
 
     def _send_failed(self, job: p.Execute, exc: BaseException) -> p.Failed:
         assert self._proc is not None
         if isinstance(exc, OSError) and wait([self._proc.sentinel], timeout=5):
-            # A broken pipe is the child's death seen from the writing side.
+            # A broken channel is the child's death seen from the writing side.
             self._proc.join(5)
             exit_text = self._exit_text(self._proc)
             self._mark_dead(exit_text)
             return self._died(job, exit_text)
         return self._lost(job, f"cannot send it the job ({type(exc).__name__}: {exc})")
 
+    def _violation(self, job: p.Execute, why: str) -> p.Failed:
+        """Kill the child that broke the protocol; the job fails with INTERNAL."""
+        self._violated(why)
+        return p.Failed(
+            job.job_id, p.FailureKind.INTERNAL,
+            f"{VIOLATION}: {why}; it was stopped and starts afresh for the next run",
+            details={"exit": self.last_exit},
+        )
+
+    def _set_job(self, job_id: str | None) -> None:
+        self._job_id = job_id
+        if self._proc is not None:
+            self._proc.output.job_changed()
+
     def _lost(self, job: p.Execute, what: str) -> p.Failed:
-        """Kill the child after a pipe failure; the job fails with INTERNAL."""
+        """Kill the child after a channel failure; the job fails with INTERNAL."""
         log.error("lost the ComfyUI process: %s", what)
-        self._kill("pipe failure")
+        self._kill("channel failure")
         return p.Failed(
             job.job_id, p.FailureKind.INTERNAL,
             f"lost the ComfyUI process: {what}; it was stopped and starts afresh for the "
@@ -434,12 +488,12 @@ class Runner:
 class _Sender:
     """Writes messages to the child, in order, from its own thread.
 
-    Why a thread: a pipe write blocks while the child does not read (a wedged child, a
+    Why a thread: a socket write blocks while the child does not read (a wedged child, a
     graph larger than the socket buffer), and the supervising thread must keep watching
-    the interrupt, the timeout and the child's sentinel meanwhile.
+    the interrupt, the timeout and the child's pidfd meanwhile.
     """
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Channel) -> None:
         self._conn = conn
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.error: BaseException | None = None
@@ -463,7 +517,7 @@ class _Sender:
             if self.error is not None:
                 continue
             try:
-                self._conn.send(msg)
+                self._conn.send(p.to_wire(msg))
             except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
                 self.error = exc
 
@@ -494,7 +548,7 @@ def _empty_dir(path: str) -> None:
 
 @dataclass(frozen=True)
 class _ChildGone:
-    """Internal: the child process ended (never sent over the pipe)."""
+    """Internal: the child process ended (never sent over the channel)."""
 
     exit_text: str
 

@@ -8,12 +8,20 @@ and changing ``os.environ`` around the spawn would race with the worker's other 
 (the download threads read AWS credentials). A child that cleans ``os.environ`` itself is
 not enough either: the kernel keeps the initial environment in ``/proc/<pid>/environ``
 and the process memory. So the child is started with ``subprocess`` and an explicit
-``env``, and joined by the same kind of connection ``multiprocessing.Pipe`` makes (a
-socket pair wrapped in ``multiprocessing.connection.Connection``).
+``env``.
 
-Start protocol (the child reads before importing anything of ours): the parent's
-``sys.path``, then ``(entry, config, log_level)``; the child installs the JSON log
-handler and calls ``entry(conn, config)``.
+What joins them: a socket pair carrying JSON frames (``runtime.wire``; never pickle, in
+either direction), whose child end is passed by its number in ``argv``; a pipe for the
+child's stdout and stderr, read by a thread of the parent (``runtime.logrelay``: a node
+cannot write lines into the worker's own log); and a pidfd of the started process, which
+tells the parent of its exit (the child cannot write to it or close it, unlike a pipe it
+holds). ``argv_prefix`` goes in front of the interpreter's command line (a sandbox that
+starts the child keeps the inherited descriptors and their numbers).
+
+Start protocol: the parent writes one frame, ``{"type": "Boot", "sys_path", "entry",
+"config", "log_level"}``; the boot code reads it with the standard library alone (before
+``sys.path`` is the parent's), then ``serve_child`` installs the JSON log handler and calls
+``entry(conn, config)`` with the child's end (``runtime.child.ChildEnd``).
 """
 
 from __future__ import annotations
@@ -28,31 +36,46 @@ import subprocess
 import sys
 import traceback
 import weakref
-from collections.abc import Mapping, Sequence
-from multiprocessing.connection import Connection, wait
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+from runtime import wire
+from runtime.logrelay import LogRelay
 
 log = logging.getLogger(__name__)
 
 # Runs in the fresh interpreter: only the standard library until sys.path is the parent's.
+# It reads the boot frame in runtime.wire's format: 4-byte big-endian length, UTF-8 JSON.
 _BOOT = (
-    "import sys\n"
-    "from multiprocessing.connection import Connection\n"
-    "conn = Connection(int(sys.argv[1]))\n"
-    "sys.path[:] = conn.recv()\n"
+    "import json, os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "def read(n):\n"
+    "    data = b''\n"
+    "    while len(data) < n:\n"
+    "        chunk = os.read(fd, n - len(data))\n"
+    "        if not chunk:\n"
+    "            sys.exit('runflow: the channel closed before the boot message')\n"
+    "        data += chunk\n"
+    "    return data\n"
+    "boot = json.loads(read(int.from_bytes(read(4), 'big')).decode('utf-8'))\n"
+    "sys.path[:] = boot['sys_path']\n"
     "from runtime.spawn import serve_child\n"
-    "serve_child(conn, int(sys.argv[2]))\n"
+    "serve_child(fd, boot)\n"
 )
 
 
 class ChildProcess:
     """A started child: the subset of ``multiprocessing.Process`` the runner uses."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], sentinel: int) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], pidfd: int, output: LogRelay) -> None:
         self._popen = popen
         self.pid = popen.pid
-        self.sentinel = sentinel
-        """Readable once the child is gone (the read end of a pipe only the child writes)."""
+        self.sentinel = pidfd
+        """A pidfd of the started process: readable once it exited. (A pidfd, not a pipe
+        the child holds: the child can neither write to it nor close it, and a process it
+        forked does not keep it from firing.)"""
+        self.output = output
+        """The thread re-emitting the child's stdout and stderr as log records."""
 
     @property
     def exitcode(self) -> int | None:
@@ -60,12 +83,13 @@ class ChildProcess:
         return self._popen.poll()
 
     def exited(self) -> bool:
-        """True once the child is gone or going: its sentinel fired.
-
-        Checked on the sentinel rather than with ``waitpid``: the sentinel fires while the
-        kernel tears the process down, a moment before it can be reaped.
-        """
-        return self.exitcode is not None or bool(wait([self.sentinel], timeout=0))
+        """True once the process is gone: its pidfd fired (it may not be reaped yet)."""
+        if self.exitcode is not None:
+            return True
+        try:
+            return bool(wire.readable([self.sentinel], 0))
+        except (OSError, ValueError):  # closed: the child was reaped and released
+            return True
 
     def is_alive(self) -> bool:
         """True while the child has not exited."""
@@ -76,8 +100,8 @@ class ChildProcess:
 
         The child leads its own group (``spawn`` starts it in a new session), and a process
         it forked (a DataLoader worker, a fork-based pool) stays in that group, holding VRAM
-        and the child's ends of the pipe. The group is killed even once the child itself is
-        gone: such a process outlives it. (One that starts a session of its own escapes.)
+        and the child's end of the channel. The group is killed even once the child itself
+        is gone: such a process outlives it. (One that starts a session of its own escapes.)
         """
         try:
             os.killpg(self.pid, signal.SIGKILL)
@@ -92,7 +116,8 @@ class ChildProcess:
             pass
 
     def close(self) -> None:
-        """Release the sentinel (after the child was reaped)."""
+        """Release the pidfd and end the output thread (after the child was reaped)."""
+        self.output.stop()
         try:
             os.close(self.sentinel)
         except OSError:
@@ -136,63 +161,74 @@ def guard_parent() -> None:
                     "environment", extra={"event": "guard_failed"})
 
 
-def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str],
-          argv_prefix: Sequence[str] = ()) -> tuple[ChildProcess, Connection]:
+def spawn(entry: str, config: dict[str, Any], env: Mapping[str, str], *,
+          argv_prefix: Sequence[str] = (),
+          job_of: Callable[[], str | None] = lambda: None,
+          ) -> tuple[ChildProcess, wire.Channel]:
     """Start ``entry`` (``module:function``) in a fresh interpreter with exactly ``env``.
 
-    ``argv_prefix`` goes in front of the interpreter's command line (the sandbox,
-    ``runtime.sandbox.command_prefix``).
-
-    The child leads a new session and process group (``ChildProcess.kill`` kills the group).
-    Returns the process and the parent's end of the connection. Raises OSError when the
-    interpreter cannot be started. This process is made non-dumpable first
-    (``guard_parent``).
+    The command is ``[*argv_prefix, sys.executable, "-c", _BOOT, <channel fd>]``; the
+    started process leads a new session and process group (``ChildProcess.kill`` kills the
+    group). Its output is re-emitted as log records tagged with ``job_of()``'s job.
+    Returns the process and the parent's end of the channel. Raises OSError when the
+    process cannot be started. This process is made non-dumpable first (``guard_parent``).
     """
     guard_parent()
     parent_sock, child_sock = socket.socketpair()
-    sentinel_r, sentinel_w = os.pipe()
+    out_r, out_w = os.pipe()
     child_fd = child_sock.detach()
-    parent_conn = Connection(parent_sock.detach())
+    channel = wire.Channel(parent_sock.detach(), recv_max_bytes=wire.CHILD_FRAME_MAX_BYTES,
+                           send_max_bytes=wire.PARENT_FRAME_MAX_BYTES, nan_out=True)
     try:
         popen = subprocess.Popen(
-            [*argv_prefix, sys.executable, "-c", _BOOT, str(child_fd), str(sentinel_w)],
-            env=dict(env), pass_fds=(child_fd, sentinel_w), stdin=subprocess.DEVNULL,
-            close_fds=True,
+            [*argv_prefix, sys.executable, "-c", _BOOT, str(child_fd)],
+            env=dict(env), pass_fds=(child_fd,), stdin=subprocess.DEVNULL,
+            stdout=out_w, stderr=out_w, close_fds=True,
             # Its own session and process group, so ChildProcess.kill reaches everything it
             # forked; a terminal's Ctrl-C reaches only the worker, which stops the child.
             start_new_session=True,
         )
     except BaseException:
-        parent_conn.close()
-        os.close(sentinel_r)
+        channel.close()
+        os.close(out_r)
         raise
     finally:
         # The child has its own copies now; closing ours lets EOF reach the parent.
         os.close(child_fd)
-        os.close(sentinel_w)
-    child = ChildProcess(popen, sentinel_r)
+        os.close(out_w)
+    try:
+        # No pid reuse before this: the process is not reaped until the parent waits.
+        pidfd = os.pidfd_open(popen.pid)
+    except BaseException:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        channel.close()
+        os.close(out_r)
+        raise
+    child = ChildProcess(popen, pidfd, LogRelay(out_r, job_of))
     _live.add(child)
     try:
-        # Small writes into an empty socket buffer: they cannot block.
-        parent_conn.send(list(sys.path))
-        parent_conn.send((entry, config, logging.getLogger().getEffectiveLevel()))
+        # One small write into an empty socket buffer: it cannot block.
+        channel.send({"type": "Boot", "sys_path": list(sys.path), "entry": entry,
+                      "config": config, "log_level": logging.getLogger().getEffectiveLevel()})
     except OSError:
-        pass  # the child died at once; the caller sees it on the sentinel
-    return child, parent_conn
+        pass  # the child died at once; the caller sees it on the pidfd
+    return child, channel
 
 
-def serve_child(conn: Connection, sentinel_fd: int) -> None:
+def serve_child(fd: int, boot: dict[str, Any]) -> None:
     """The child's side of ``spawn``: set up logging, then run the entry point."""
     import importlib
 
     from runtime import childlog
+    from runtime.child import ChildEnd
 
-    # Keep the pipe and the sentinel out of programs this child starts (a node's
-    # os.system): a grandchild holding them would hide this process's death. A fork keeps
-    # them anyway; the runner also polls this process's exit status for that case.
-    os.set_inheritable(conn.fileno(), False)
-    os.set_inheritable(sentinel_fd, False)
-    entry, config, log_level = conn.recv()
+    # Keep the channel out of programs this child starts (a node's os.system). A fork
+    # keeps it anyway; the runner watches this process's pidfd, not the channel's end.
+    os.set_inheritable(fd, False)
+    conn = ChildEnd(wire.Channel(fd, recv_max_bytes=wire.PARENT_FRAME_MAX_BYTES,
+                                 send_max_bytes=wire.CHILD_FRAME_MAX_BYTES, nan_in=True))
+    entry, config, log_level = boot["entry"], boot["config"], boot["log_level"]
     childlog.install(log_level)
     try:
         module_name, _, func_name = entry.partition(":")

@@ -309,26 +309,7 @@ def test_stop_leaves_nothing_the_child_forked(tmp_path: Path) -> None:
         kill_helper(pidfile)
 
 
-# ------------------------------------------------------------------ unreadable messages
-
-
-def test_unreadable_message_fails_the_run_and_the_next_run_gets_a_fresh_child(
-        tmp_path: Path) -> None:
-    sup = RunnerSupervisor()
-    try:
-        runner = sup.runner_for(config(tmp_path))
-        pid = runner.pid
-        graph = {"3": {"class_type": "FakeUnreadable", "inputs": {}}}
-        out = runner.execute(job(tmp_path, graph))
-        assert isinstance(out, p.Failed) and out.kind is p.FailureKind.INTERNAL
-        assert "cannot read its message" in out.message
-        assert "runflow_fake_child_only" in out.message  # the module the parent lacks
-        assert runner.state is RunnerState.DEFUNCT
-        runner = sup.runner_for(config(tmp_path))
-        assert runner.pid != pid
-        assert isinstance(runner.execute(job(tmp_path, SAVE, "j2")), p.Done)
-    finally:
-        sup.close()
+# ------------------------------------------------------------------ plain data
 
 
 def test_child_sends_only_plain_data(runner: Runner, tmp_path: Path) -> None:
@@ -489,23 +470,39 @@ def test_child_log_formatter() -> None:
     assert "run_id" not in json.loads(formatter.format(record))
 
 
-def test_child_logs_json_lines_with_the_run_id(tmp_path: Path,
-                                               capfd: pytest.CaptureFixture[str]) -> None:
-    runner = Runner(config(tmp_path))  # started here, so the child writes into capfd's stderr
+def test_child_logs_reach_the_worker_log_with_the_run_id(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runner = Runner(config(tmp_path))
     try:
-        runner.start()
-        graph = {"1": {"class_type": "FakeLog", "inputs": {
-            "text": "first line\nsecond line whsec_abc",
-            "url": "https://bucket.s3/key?X-Amz-Signature=abc"}}}
-        assert isinstance(runner.execute(job(tmp_path, graph, "run-42:1:7")), p.Done)
+        with caplog.at_level(logging.DEBUG, logger="runflow.comfyui"):
+            runner.start()
+            graph = {"1": {"class_type": "FakeLog", "inputs": {
+                "text": "first line\nsecond line whsec_abc",
+                "url": "https://bucket.s3/key?X-Amz-Signature=abc"}}}
+            assert isinstance(runner.execute(job(tmp_path, graph, "run-42:1:7")), p.Done)
+            relay = runner._proc.output
+            runner.stop()
+            assert relay.join(timeout_s=10), "the output thread outlived the child"
     finally:
         runner.stop()
-    err = capfd.readouterr().err
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    ours = [line for line in lines if line.get("process") == "comfyui"]
-    assert [line["logger"] for line in ours] == ["fake.node", "fake.node"]
-    assert all(line["run_id"] == "run-42" for line in ours)
-    assert ours[0]["msg"] == "first line\nsecond line [redacted]"
-    assert "Traceback" in ours[1]["msg"] and "ValueError: fake failure" in ours[1]["msg"]
-    assert "whsec_abc" not in err and "X-Amz-Signature" not in err
-    assert all(line.startswith("{") for line in err.splitlines() if "fake" in line)
+    ours = [r for r in caplog.records
+            if r.name == "runflow.comfyui" and getattr(r, "child_logger", None) == "fake.node"]
+    assert len(ours) == 2, [r.getMessage() for r in caplog.records]
+    assert all(r.run_id == "run-42" and r.job_id == "run-42:1:7" for r in ours)
+    assert all(r.origin == "comfyui" for r in ours)
+    assert ours[0].levelno == logging.ERROR
+    assert ours[0].getMessage() == "first line\nsecond line [redacted]"
+    assert "Traceback" in ours[1].getMessage()
+    assert "ValueError: fake failure" in ours[1].getMessage()
+    assert "X-Amz-Signature" not in ours[1].getMessage()
+
+
+def test_a_long_record_stays_one_line_within_the_relays_limit() -> None:
+    formatter = childlog.ChildJsonFormatter()
+    text = "start " + "\u00e9\n" * 40_000 + " the exception at the end"
+    record = logging.LogRecord("n" * 5000, logging.ERROR, __file__, 1, "%s", (text,), None)
+    line = formatter.format(record)
+    assert len(line.encode()) <= childlog.LINE_MAX_BYTES and "\n" not in line
+    out = json.loads(line)
+    assert out["msg"].startswith("start ") and out["msg"].endswith(" the exception at the end")
+    assert "characters cut ..." in out["msg"] and len(out["logger"]) == 200

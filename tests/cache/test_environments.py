@@ -449,3 +449,19 @@ def test_a_canceled_run_stops_waiting_for_another_workers_build(
             COMFY, origins.comfy_v1, tmp_path / "co", cancel=lambda: True)), BuildCanceled)
     # Not canceled, it waits and builds once the lock is free.
     assert envs.prepare(spec).comfyui_dir.is_dir()
+
+
+def test_a_commands_output_is_kept_to_its_end_and_as_text(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip's and install.py's output is what their code prints: never all of it in memory.
+    import cache.commands
+    from cache.commands import run_command
+
+    monkeypatch.setattr(cache.commands, "OUTPUT_KEEP_BYTES", 1000)
+    script = ("import sys; sys.stdout.write('x' * 50000 + 'END'); "
+              "sys.stderr.buffer.write(b'\\xff' * 3000 + b' last words')")
+    result = run_command([sys.executable, "-c", script], cwd=tmp_path)
+    assert result.stdout == "[49003 bytes cut]\n" + "x" * 997 + "END"
+    assert result.stderr.startswith("[2011 bytes cut]\n\ufffd")
+    assert result.stderr.endswith(" last words") and len(result.stderr) < 1100
+    assert result.error_tail.endswith(" last words")

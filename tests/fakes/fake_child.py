@@ -12,7 +12,6 @@ Nodes (``class_type``):
 - ``FakeUnknown``: validation error (unknown node type).
 - ``FakeOddDetails``: a validation error whose details hold an object of a class only the
   child can import (like a custom node's ``AnyType``), sent the child's way (made plain).
-- ``FakeUnreadable``: the same failure written raw to the pipe: the parent cannot unpickle it.
 - ``FakeLog``: logs ``inputs["text"]`` at error level, and an exception with its traceback.
 - a custom node: the child imports every pack (``*.py`` file or package) of the config's
   ``custom_node_dirs`` at start, as ComfyUI does (packs that fail are the Ready's
@@ -21,8 +20,8 @@ Nodes (``class_type``):
   returns is saved as an output like ``FakeSave``'s (None: the node made the file itself).
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
 config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
-delays Ready; ``fake_wedged`` makes the child stop reading the pipe after Ready (a wedged
-ComfyUI).
+delays Ready; ``fake_wedged`` makes the child stop reading the channel after Ready (a
+wedged ComfyUI).
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ from typing import Any
 from runtime import childlog
 from runtime import protocol as p
 from runtime.child import make_sender
+from runtime.errors import ProtocolError
+from runtime.wire import ChannelClosed, WireError
 
 log = logging.getLogger("fake.node")
 
@@ -55,7 +56,7 @@ def main(conn: Any, config: dict[str, Any]) -> None:
     send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(failures),
                  init_s=0.0, device="cpu", gpu_model=None))
     if env.get("fake_wedged"):
-        threading.Event().wait()  # never reads the pipe again, until killed
+        threading.Event().wait()  # never reads the channel again, until killed
     interrupted = threading.Event()
     jobs: list[p.Execute] = []
     cond = threading.Condition()
@@ -64,7 +65,7 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         while True:
             try:
                 msg = conn.recv()
-            except (EOFError, OSError):
+            except (ChannelClosed, WireError, ProtocolError, OSError):
                 os._exit(0)
             if isinstance(msg, p.Interrupt):
                 interrupted.set()
@@ -152,9 +153,6 @@ def _run(job: p.Execute, conn: Any, send: Any,
                             node_id=node_id, node_type=kind)
         if kind == "FakeOddDetails":
             return _odd_failure(job, node_id)
-        if kind == "FakeUnreadable":
-            conn.send(_odd_failure(job, node_id))  # raw: what the child must never do
-            threading.Event().wait()
     for node_id, node in job.graph.items():
         kind, inputs = node["class_type"], node.get("inputs", {})
         send(p.NodeStarted(job.job_id, node_id, kind))

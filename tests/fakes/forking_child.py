@@ -2,8 +2,8 @@
 fork-based ``multiprocessing`` pool or DataLoader workers does, then serves jobs like
 ``fake_child`` (a ``FakeCrash`` node makes it SIGKILL itself while the helper lives).
 
-The helper holds the child's ends of the pipe and of the sentinel (a fork inherits every
-descriptor), so neither tells the runner of the child's death. The config ``env`` key
+The helper holds the child's end of the channel and its output pipe (a fork inherits
+every descriptor), so neither tells the runner of the child's death (its pidfd does). The config ``env`` key
 ``fake_helper_pidfile`` names the file the helper's pid is written to (a test kills it
 there should the runner have failed to).
 """
