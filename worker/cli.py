@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from runtime.spawn import guard_parent
@@ -12,6 +13,14 @@ from worker.logs import redact
 from worker.settings import Settings
 
 
+def package_version() -> str:
+    """The installed package's version (``unknown`` when run from a checkout not installed)."""
+    try:
+        return importlib.metadata.version("runflow-worker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -19,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="GPU worker that runs deployed ComfyUI workflows (configuration: "
         "RUNFLOW_* environment variables, see the README)",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"runflow-worker {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_cli.add_parser(sub)
     run_cli.add_parser(sub)
