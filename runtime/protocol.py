@@ -87,6 +87,9 @@ class Ready:
     init_s: float
     device: str
     gpu_model: str | None = None
+    import_errors: dict[str, str] = field(default_factory=dict)
+    """Entry of ``import_failures`` -> what ComfyUI logged about it (an excerpt of the
+    traceback, first and last lines)."""
 
 
 @dataclass(frozen=True)

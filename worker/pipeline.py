@@ -352,6 +352,9 @@ class Pipeline:
                                                       comfyui_dir)
         result.environment.update(environment)
         result.warnings.extend(warnings)
+        broken = self._report.pack_failure(message, runner.ready)
+        if broken is not None:
+            raise broken  # before any GPU work: a declared pack that did not import
         return runner
 
     def _prepare_environment(self, message: c.RunMessage,

@@ -17,17 +17,20 @@ Nodes (``class_type``):
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
 config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
 delays Ready; ``fake_wedged`` makes the child stop reading the pipe after Ready (a wedged
-ComfyUI).
+ComfyUI). Custom node packs in ``custom_node_dirs`` are imported as ComfyUI imports them: one
+that raises is reported in ``import_failures`` / ``import_errors`` with its traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 import types
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,32 @@ from runtime.child import make_sender
 log = logging.getLogger("fake.node")
 
 
+def _load_packs(roots: Any) -> dict[str, str]:
+    """Import every pack under ``roots`` as ComfyUI would; entry -> traceback of failures."""
+    errors: dict[str, str] = {}
+    for n, root in enumerate(roots):
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            path = os.path.join(root, entry)
+            if entry == "__pycache__" or entry.endswith(".disabled"):
+                continue
+            if os.path.isdir(path):
+                path = os.path.join(path, "__init__.py")
+                if not os.path.isfile(path):
+                    continue
+            elif not entry.endswith(".py"):
+                continue
+            try:
+                name = f"fake_pack_{n}_{entry.replace('.', '_').replace('-', '_')}"
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            except Exception:
+                errors[entry] = traceback.format_exc()
+    return errors
+
+
 def main(conn: Any, config: dict[str, Any]) -> None:
     env = config.get("env") or {}
     send = make_sender(conn)
@@ -46,8 +75,9 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         send(p.InitFailed("fake init failure", "Traceback: fake"))
         return
     time.sleep(float(env.get("fake_init_delay_s", 0)))
-    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=(),
-                 init_s=0.0, device="cpu", gpu_model=None))
+    errors = _load_packs(config.get("custom_node_dirs") or ())
+    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(errors),
+                 init_s=0.0, device="cpu", gpu_model=None, import_errors=errors))
     if env.get("fake_wedged"):
         threading.Event().wait()  # never reads the pipe again, until killed
     interrupted = threading.Event()
