@@ -1,4 +1,4 @@
-"""The ``runflow-worker`` command line: serve, run, submit, status, cache, doctor."""
+"""The ``runflow-worker`` command line: serve, run, submit, status, prepare, cache, doctor."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib.metadata
 import sys
 
 from runtime.spawn import guard_parent
-from worker import cache_cli, doctor_cli, run_cli, serve_cli
+from worker import cache_cli, doctor_cli, prepare_cli, run_cli, serve_cli
 from worker.errors import ConfigError
 from worker.logs import redact
 from worker.settings import Settings
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_cli.add_parser(sub)
     run_cli.add_parser(sub)
+    prepare_cli.add_parser(sub)
     cache_cli.add_parser(sub)
     doctor_cli.add_parser(sub)
     return parser

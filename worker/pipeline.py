@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -266,6 +267,31 @@ class Pipeline:
         finally:
             if run_dir is not None and not self.config.keep_run_dirs:
                 shutil.rmtree(run_dir, ignore_errors=True)
+        result.timings_ms = phases.timings_ms
+        return result
+
+    def prepare(self, message: c.RunMessage, control: RunControl, *,
+                models: bool = True) -> RunResult:
+        """Ready a workflow without running it (``runflow-worker prepare``): its environment
+        built and ComfyUI started in it, its custom nodes imported (a declared pack that
+        fails, fails it), then with ``models`` its models and resources fetched into the
+        store. Never raises for these failures: the result's status and failure say."""
+        result = RunResult(status=c.RunStatus.FAILED)
+        phases = _Phases()
+        try:
+            with phases.phase("environment"):
+                self._runner(message, result, control.stop_reason)
+            if models:
+                self.config.work_dir.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=self.config.work_dir) as scratch, \
+                        phases.phase("models"):
+                    dirs = {name: Path(scratch) / name for name in ("models", "input")}
+                    for d in dirs.values():
+                        d.mkdir()
+                    self._materialise_models(message, dirs, control, control.stop_reason)
+            result.status = c.RunStatus.SUCCEEDED
+        except RunFailure as exc:
+            result.failure = exc
         result.timings_ms = phases.timings_ms
         return result
 
