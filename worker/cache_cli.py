@@ -93,6 +93,8 @@ def build_environments(settings: Settings, fetcher: Fetcher | None = None) -> En
         pip_index_url=settings.pip_index_url,
         pip_find_links=settings.pip_find_links,
         max_count=settings.env_max_count,
+        installer=settings.installer[0],
+        uv_bin=settings.installer[1],
     )
 
 

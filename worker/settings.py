@@ -35,6 +35,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
 from cache.credentials import CredentialsError, URLCredentials
+from cache.installer import resolve_installer
 from cache.trust import CATrust
 from cache.urlpolicy import allow_entry_problem
 from worker.errors import ConfigError
@@ -200,6 +201,9 @@ class Settings(BaseSettings):
     """How long ComfyUI may take to import and load its nodes."""
     child_env_pass: CsvTuple = ()
     """Environment variables passed to the ComfyUI child despite its credential scrub."""
+    env_installer: str | None = Field(None, validate_default=True)
+    """What installs environments' requirements: ``uv`` or ``pip``; unset, uv where it is
+    installed, else pip (``cache.installer``)."""
     url_credentials: str | None = Field(None, validate_default=True)
     """Per-host credential headers for downloads (``cache.credentials``): entries, or the path
     of a file holding them; ``HF_TOKEN`` counts for Hugging Face hosts."""
@@ -239,6 +243,12 @@ class Settings(BaseSettings):
             ssl.create_default_context(cafile=str(value))
         except (ssl.SSLError, OSError, ValueError):
             raise ValueError(f"{value} holds no usable PEM certificate") from None
+        return value
+
+    @field_validator("env_installer", mode="after")
+    @classmethod
+    def _check_env_installer(cls, value: str | None) -> str | None:
+        resolve_installer(value)  # ValueError: unknown, or uv asked for and not installed
         return value
 
     @field_validator("url_credentials", mode="after")
@@ -394,6 +404,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"entry {name!r} is not an environment variable name "
                                  "(expected letters, digits and _, not starting with a digit)")
         return value
+
+    @cached_property
+    def installer(self) -> tuple[str, str | None]:
+        """``(installer, uv executable or None)`` that builds environments."""
+        return resolve_installer(self.env_installer)
 
     @cached_property
     def credentials(self) -> URLCredentials:
