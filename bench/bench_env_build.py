@@ -6,12 +6,15 @@ scikit-image, matplotlib, opencv-python-headless, pandas, piexif, dill; none of 
 image). ComfyUI and the pack are local git repositories (no requirements of their own for
 ComfyUI), so the figure is the requirements' install: resolution, downloads, unpacking.
 
-For each installer, in turn:
+Each round builds, for each installer in turn (interleaved, so a change in the machine's
+load hits both alike):
 
 - cold: an empty download cache (``PIP_CACHE_DIR`` / ``UV_CACHE_DIR`` pointing at a new
   directory) and a new environment root: what a fresh worker pays;
 - warm: the same cache again, a new environment root: what a worker that built another
   environment with these packages, or rebuilds after eviction, pays.
+
+Reported: median and best of the rounds.
 
 This needs the package index (the network). Both installers get the same one: the machine's
 pip configuration (``pip.conf``, ``PIP_INDEX_URL``, ``PIP_FIND_LINKS``...) is set aside, since
@@ -19,7 +22,7 @@ uv does not read it and a local mirror there would hand pip files uv downloads; 
 settings likewise. ``--index-url`` names another index for both. Run from the repository
 root::
 
-    python bench/bench_env_build.py [--requirements "a b c"] [--warm-rounds 2] [--json OUT]
+    python bench/bench_env_build.py [--requirements "a b c"] [--rounds 3] [--json OUT]
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requirements", default=" ".join(DEFAULT_REQUIREMENTS),
                         help="the pack's requirements, space-separated")
-    parser.add_argument("--warm-rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--installers", default="uv,pip")
     parser.add_argument("--index-url", help="the index both installers use (default: theirs)")
     parser.add_argument("--json", type=Path)
@@ -112,32 +115,42 @@ def main() -> None:
         spec = EnvironmentSpec(COMFY, comfy_commit,
                                (NodePin("ComfyUI-HeavyPack", PACK, pack_commit),))
         load_before = os.getloadavg()[0]
-        results: dict[str, dict[str, float]] = {}
-        for installer in installers:
-            cache = work / f"cache-{installer}"
-            cold, size = _build(work, installer, cache, spec, mirrors, uv_bin, args.index_url)
-            warm = [_build(work, installer, cache, spec, mirrors, uv_bin, args.index_url)[0]
-                    for _ in range(args.warm_rounds)]
-            results[installer] = {"cold_s": cold, "warm_median_s": statistics.median(warm),
-                                  "warm_best_s": min(warm), "installed_mib": size / 2**20}
-            print(f"{installer}: cold {cold:.1f} s, warm {statistics.median(warm):.1f} s",
-                  file=sys.stderr)
+        times: dict[str, dict[str, list[float]]] = {i: {"cold": [], "warm": []}
+                                                    for i in installers}
+        sizes: dict[str, int] = {}
+        for n in range(args.rounds):
+            for installer in installers:
+                cache = work / f"cache-{installer}-{n}"  # new: cold
+                cold, sizes[installer] = _build(work, installer, cache, spec, mirrors, uv_bin,
+                                                args.index_url)
+                warm, _ = _build(work, installer, cache, spec, mirrors, uv_bin, args.index_url)
+                shutil.rmtree(cache, ignore_errors=True)
+                times[installer]["cold"].append(cold)
+                times[installer]["warm"].append(warm)
+                print(f"round {n + 1} {installer}: cold {cold:.1f} s, warm {warm:.1f} s",
+                      file=sys.stderr)
         load_after = os.getloadavg()[0]
+    results = {i: {"cold_median_s": statistics.median(t["cold"]), "cold_best_s": min(t["cold"]),
+                   "warm_median_s": statistics.median(t["warm"]), "warm_best_s": min(t["warm"]),
+                   "installed_mib": sizes[i] / 2**20, "rounds": t}
+               for i, t in times.items()}
     uv_version = subprocess.run([uv_bin, "--version"], capture_output=True, text=True,
                                 timeout=30).stdout.strip() if uv_bin else None
     pip_version = subprocess.run([sys.executable, "-m", "pip", "--version"],
                                  capture_output=True, text=True, timeout=60).stdout.split()[1]
     print(f"Machine: nproc {os.cpu_count()}, Python {platform.python_version()}, pip "
           f"{pip_version}, {uv_version or 'no uv'}; 1-minute load {load_before:.2f} before, "
-          f"{load_after:.2f} after. Requirements: {args.requirements}.\n")
-    print("| installer | cold cache s | warm cache s (median) | warm best s | installed MiB |")
-    print("|---|---:|---:|---:|---:|")
+          f"{load_after:.2f} after; {args.rounds} rounds. Requirements: {args.requirements}.\n")
+    print("| installer | cold cache s (median) | cold best s | warm cache s (median) | "
+          "warm best s | installed MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for installer, r in results.items():
-        print(f"| {installer} | {r['cold_s']:.1f} | {r['warm_median_s']:.1f} | "
-              f"{r['warm_best_s']:.1f} | {r['installed_mib']:.0f} |")
+        print(f"| {installer} | {r['cold_median_s']:.1f} | {r['cold_best_s']:.1f} | "
+              f"{r['warm_median_s']:.1f} | {r['warm_best_s']:.1f} | {r['installed_mib']:.0f} |")
     if PIP in results and UV in results:
-        print(f"\npip / uv: cold {results[PIP]['cold_s'] / results[UV]['cold_s']:.1f}x, "
-              f"warm {results[PIP]['warm_median_s'] / results[UV]['warm_median_s']:.1f}x")
+        cold = results[PIP]["cold_median_s"] / results[UV]["cold_median_s"]
+        warm = results[PIP]["warm_median_s"] / results[UV]["warm_median_s"]
+        print(f"\npip / uv (medians): cold {cold:.1f}x, warm {warm:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "requirements": args.requirements,
                                          "uv": uv_version, "pip": pip_version}, indent=2))

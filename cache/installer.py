@@ -20,8 +20,9 @@ fails (``image_packages_in``).
 
 uv installs with ``--link-mode=copy``: its default hard links would share files between its
 cache and every environment, so a custom node patching a package in one environment would
-patch them all. And with ``--compile-bytecode``, as pip does by default: the child's first
-imports then read compiled files, as they do from a pip build.
+patch them all. Unlike pip, uv compiles no bytecode at build time: the modules the child
+imports are compiled on first import (into the environment, once), instead of every file of
+every package at build time (thousands of files, most never imported).
 """
 
 from __future__ import annotations
@@ -83,8 +84,7 @@ def install_argv(
         if uv_bin is None:
             raise ValueError("no uv executable given")
         args = [uv_bin, "pip", "install", "--python", python, "--prefix", str(prefix),
-                "--link-mode", "copy", "--compile-bytecode", "--no-progress",
-                "--constraint", str(constraints)]
+                "--link-mode", "copy", "--no-progress", "--constraint", str(constraints)]
     else:
         args = [python, "-m", "pip", "install", "--prefix", str(prefix), "--no-input",
                 "--disable-pip-version-check", "--no-warn-script-location",
