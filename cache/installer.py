@@ -3,9 +3,10 @@
 Both install into the environment's prefix (``<key>/python``) under the same constraints
 file (every package of the image at its installed version) with the same index settings, and
 run with the same scrubbed environment (``cache.commands.pip_environment``: no worker
-credentials; pip keeps its ``PIP_*``, uv its ``UV_*``). ``uv`` (``uv pip install``) resolves and installs
-the same requirements many times faster; ``RUNFLOW_ENV_INSTALLER`` chooses, and uv is the
-default where it is installed (the project depends on the ``uv`` package, so it is).
+credentials; pip keeps its ``PIP_*``, uv its ``UV_*``). ``uv`` (``uv pip install``) resolves
+and installs the same requirements several times faster (``bench/bench_env_build.py``);
+``RUNFLOW_ENV_INSTALLER`` chooses, and uv is the default where it is installed (the project
+depends on the ``uv`` package, so it is).
 
 pip counts the interpreter's installed packages as installed even with ``--prefix``: a
 requirement the image already satisfies is left alone. uv, given ``--prefix``, sees only
