@@ -125,11 +125,23 @@ class URLCredentials:
         for n, item in enumerate((i for i in items if i), 1):
             entries.append(_parse_entry(n, item, environ))
         token = (environ.get(HF_TOKEN_VARIABLE) or "").strip()
+        if token:
+            _check_secret(token, HF_TOKEN_VARIABLE)
         for host in HF_HOSTS if token else ():
             if not any(c.matches(host) for c in entries):  # an explicit entry wins
                 entries.append(Credential(host, "Authorization", f"env:{HF_TOKEN_VARIABLE}",
                                           f"Bearer {token}"))
         return cls(tuple(entries))
+
+
+def _check_secret(value: str, what: str) -> None:
+    """Raise ``CredentialsError`` when ``value`` cannot be a header value (never showing it)."""
+    if any(ch in value for ch in "\r\n\0"):
+        raise CredentialsError(f"{what} spans lines")
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise CredentialsError(f"{what} is not latin-1 text") from None
 
 
 def _parse_entry(n: int, item: str, environ: Mapping[str, str]) -> Credential:
@@ -160,14 +172,7 @@ def _parse_entry(n: int, item: str, environ: Mapping[str, str]) -> Credential:
                                    f"({exc.strerror or type(exc).__name__})") from None
         if not value:
             raise CredentialsError(f"entry {n} ({pattern}): {where} is empty")
-    if any(ch in value for ch in "\r\n\0"):
-        raise CredentialsError(f"entry {n} ({pattern}): the secret from {kind}:{where} "
-                               "spans lines")
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        raise CredentialsError(f"entry {n} ({pattern}): the secret from {kind}:{where} "
-                               "is not latin-1 text") from None
+    _check_secret(value, f"entry {n} ({pattern}): the secret from {kind}:{where}")
     if header is None:
         return Credential(pattern, "Authorization", f"{kind}:{where}", f"Bearer {value}")
     return Credential(pattern, header, f"{kind}:{where}", value)

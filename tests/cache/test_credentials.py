@@ -55,6 +55,9 @@ def test_a_file_of_entries_and_the_hf_token_default(tmp_path: Path) -> None:
     explicit = URLCredentials.parse("huggingface.co=env:MINE", {"MINE": "m", "HF_TOKEN": "h"})
     assert explicit.for_url("https://huggingface.co/a").header_pair()[1] == "Bearer m"
     assert not URLCredentials.parse(None, {})
+    with pytest.raises(CredentialsError, match="HF_TOKEN spans lines") as info:
+        URLCredentials.parse(None, {"HF_TOKEN": "hf_a\nX-Injected: 1"})
+    assert "hf_a" not in str(info.value)
 
 
 @pytest.mark.parametrize("spec", [
