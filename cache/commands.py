@@ -95,15 +95,17 @@ def child_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
 
 
 def pip_environment(environ: Mapping[str, str],
-                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+                    extra: Mapping[str, str] | None = None, *,
+                    own_prefix: str = "PIP_") -> dict[str, str]:
     """What pip runs with: ``environ`` scrubbed, but every ``PIP_*`` kept as it is.
 
     pip runs build code (a source distribution's, a ``git+`` requirement's) that must not
     get the worker's credentials; its own ``PIP_*`` settings stay, index credentials
     included, since pip cannot fetch without them. A proxy with a password is dropped like
-    any URL credentials: ``PIP_PROXY`` gives pip one.
+    any URL credentials: ``PIP_PROXY`` gives pip one. ``own_prefix="UV_"``: the same for uv,
+    whose settings are its ``UV_*`` (and pip's are scrubbed as anything else).
     """
-    return scrubbed_environment(environ, extra=extra, keep_prefixes=("PIP_",))
+    return scrubbed_environment(environ, extra=extra, keep_prefixes=(own_prefix,))
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ import sysconfig
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,7 @@ from packaging.utils import canonicalize_name
 from cache.commands import pip_environment, run_command
 from cache.errors import BuildCanceled, EnvironmentBuildError
 from cache.git import GitMirrors
+from cache.installer import PIP, UV, image_packages_in, image_shadow, install_argv
 from cache.packages import installed_versions
 from cache.pins import Pins
 from cache.progress import Cancel, held_or_cancel
@@ -192,6 +193,8 @@ class Environments:
         python: str = sys.executable,
         max_count: int = 0,
         sandbox: BuildSandbox | None = None,
+        installer: str = PIP,
+        uv_bin: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.git = git
@@ -200,6 +203,10 @@ class Environments:
         self.python = python
         self.max_count = max_count
         self.sandbox = sandbox
+        # pip or uv (``cache.installer``): not in the key, both install the same
+        # requirements under the same constraints; environment.json records which.
+        self.installer = installer
+        self.uv_bin = uv_bin
         self.pins = Pins(self.root / "pins")
 
     def _command(self, args: list[str], env_dir: Path, env: Mapping[str, str],
@@ -354,7 +361,7 @@ class Environments:
         if requirements or scripts:
             _check_image_unchanged(image, scripts)
         record = {"key": spec.key, "spec": asdict(spec), "size_bytes": _tree_bytes(env_dir),
-                  "built_at": time.time()}
+                  "built_at": time.time(), "installer": self.installer}
         (env_dir / "environment.json").write_text(json.dumps(record, indent=2))
         ready = env_dir / "READY.tmp"
         ready.write_text(spec.key)
@@ -362,30 +369,38 @@ class Environments:
 
     def _install(self, requirements: list[tuple[str, Path]], env_dir: Path, constraints: Path,
                  cancel: Cancel | None) -> None:
-        args = [self.python, "-m", "pip", "install", "--prefix", str(env_dir / "python"),
-                "--no-input", "--disable-pip-version-check", "--no-warn-script-location",
-                "--constraint", str(constraints)]
-        for _, path in requirements:
-            args += ["--requirement", str(path)]
-        if self.pip_index_url:
-            args += ["--index-url", self.pip_index_url]
-        for link in self.pip_find_links:
-            args += ["--find-links", link]
+        prefix = env_dir / "python"
+        args = install_argv(self.installer, python=self.python, prefix=prefix,
+                            requirements=[path for _, path in requirements],
+                            constraints=constraints, index_url=self.pip_index_url,
+                            find_links=self.pip_find_links, uv_bin=self.uv_bin)
+        # uv sees the image's packages as installed only through a shadow of their metadata
+        # in the prefix (``cache.installer``); pip sees the interpreter's own.
+        shadow = image_shadow(prefix) if self.installer == UV else nullcontext(set())
         try:
-            # pip runs build code (an sdist's setup.py, a git+ requirement's backend) with
-            # its environment: none of the worker's credentials, pip's own PIP_* kept.
-            env = pip_environment(os.environ)
-            result = run_command(self._command(args, env_dir, env, env_dir), cwd=env_dir,
-                                 env=env, cancel=cancel, timeout_s=PIP_TIMEOUT_S)
+            with shadow as image:
+                # The installer runs build code (an sdist's setup.py, a git+ requirement's
+                # backend) with its environment: none of the worker's credentials, its own
+                # PIP_* (uv: UV_*) kept. In the build sandbox its cache is the sandbox's
+                # own (HOME is a tmpfs there): a build can never poison another's cache.
+                env = pip_environment(os.environ,
+                                      own_prefix="UV_" if self.installer == UV else "PIP_")
+                result = run_command(self._command(args, env_dir, env, env_dir), cwd=env_dir,
+                                     env=env, cancel=cancel, timeout_s=PIP_TIMEOUT_S)
         except TimeoutError as exc:
             raise EnvironmentBuildError("installing the requirements timed out") from exc
         except OSError as exc:
-            raise EnvironmentBuildError(f"cannot run pip: {exc}") from exc
+            raise EnvironmentBuildError(f"cannot run {self.installer}: {exc}") from exc
         if result.returncode != 0:
             names = ", ".join(name for name, _ in requirements)
             raise EnvironmentBuildError(
-                f"installing the requirements of {names} failed (packages of the image are "
-                f"kept at their installed versions): {result.error_tail}")
+                f"installing the requirements of {names} failed ({self.installer}; packages "
+                f"of the image are kept at their installed versions): {result.error_tail}")
+        leaked = image_packages_in(prefix, image) if image else []
+        if leaked:
+            raise EnvironmentBuildError(
+                f"{self.installer} installed packages of the image into the environment "
+                f"({', '.join(leaked)}) instead of keeping the image's")
 
     def _run_install_script(self, script: Path, env_dir: Path, constraints: Path,
                             cancel: Cancel | None) -> None:

@@ -13,7 +13,12 @@
   from byte 0 when the server ignores ``Range``. A body that is neither chunked nor encoded
   is decrypted from the socket straight into the writer's buffers (``FetchResponse.readinto``),
   without passing through the HTTP parser: on a fast link that parser's copies and per-piece
-  work, not the network, would set the pace.
+  work, not the network, would set the pace;
+- downloads (``fetch_to_file``) carry the configured per-host credential
+  (``cache.credentials``) to the host of the URL asked for, and to no other: the first
+  redirect to another origin drops it for good (Hugging Face and Civitai redirect to CDNs
+  with signed URLs). ``FetchResult.credential_sent`` says whether one was sent. Callbacks and
+  git probes (``open`` / ``post``) never carry one.
 
 ``cancel`` callables are called from a helper thread, about ten times a second.
 """
@@ -28,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import certifi
 import httpcore
 import httpx
 
+from cache.credentials import URLCredentials
 from cache.errors import (
     FetchError,
     FetchInterrupted,
@@ -52,6 +57,7 @@ from cache.progress import (
     unsatisfied_total,
 )
 from cache.transport import Guard, GuardedStream, PinnedBackend, translate
+from cache.trust import CATrust
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
 DEFAULT_MAX_BYTES = 50 * 2**30
@@ -70,14 +76,14 @@ class FetchResult:
     sha256: str
     content_type: str | None
     final_url: str
+    credential_sent: bool = False
+    """Whether a credential header (``cache.credentials``) went with the request."""
 
 
-def make_ssl_context(ca_bundle: Path | str | None = None) -> ssl.SSLContext:
-    """A verifying TLS context trusting the public roots plus ``ca_bundle`` (PEM), if given."""
-    ctx = ssl.create_default_context(cafile=certifi.where())
-    if ca_bundle is not None:
-        ctx.load_verify_locations(cafile=str(ca_bundle))
-    return ctx
+def make_ssl_context(ca_bundle: CATrust | Path | str | None = None) -> ssl.SSLContext:
+    """A verifying TLS context trusting the public roots (certifi) plus ``ca_bundle``: a PEM
+    file, or a ``CATrust`` (files and hashed directories, ``cache.trust``)."""
+    return CATrust.of(ca_bundle).ssl_context()
 
 
 class FetchResponse:
@@ -98,6 +104,8 @@ class FetchResponse:
         self._read_timeout_s = read_timeout_s
         self.url = url
         self.status_code: int = response.status
+        self.credential_sent = False
+        """Whether a credential header went with this request or a redirect before it."""
         self.headers = httpx.Headers(response.headers)
         stream = response.extensions.get("network_stream")
         self._raw: GuardedStream | None = None
@@ -216,14 +224,16 @@ class Fetcher:
     limit of one ``open`` / ``fetch_to_file`` / ``post`` call, redirects and resumes included.
     ``max_bytes``: default body cap. ``resume_attempts``: Range resumes after cuts.
     ``direct_io``: ``fetch_to_file`` writes large bodies past the page cache (see
-    ``cache.hashing``).
+    ``cache.hashing``). ``ca_bundle``: extra trust (a PEM file or a ``CATrust``).
+    ``credentials``: per-host headers for downloads (``cache.credentials``).
     """
 
     def __init__(
         self,
         policy: URLPolicy,
         *,
-        ca_bundle: Path | str | None = None,
+        ca_bundle: CATrust | Path | str | None = None,
+        credentials: URLCredentials | None = None,
         timeout_s: float = 30.0,
         connect_timeout_s: float | None = None,
         deadline_s: float = 6 * 3600.0,
@@ -241,6 +251,7 @@ class Fetcher:
         self.resume_attempts = resume_attempts
         self.direct_io = direct_io
         self._ssl_context = make_ssl_context(ca_bundle)
+        self.credentials = credentials or URLCredentials()
 
     @contextmanager
     def open(
@@ -254,9 +265,12 @@ class Fetcher:
         cancel: Cancel | None = None,
         deadline_s: float | None = None,
         follow_redirects: bool | None = None,
+        authorize: bool = False,
     ) -> Iterator[FetchResponse]:
         """Send one request (following up to ``max_redirects`` redirects for GET/HEAD) and yield
         the response with its body unread. ``start`` > 0 asks for ``Range: bytes=start-``.
+        ``authorize`` adds the credential configured for ``url``'s host, on the requests to
+        that origin only (never after the chain has left it).
 
         Any status is yielded; raising on errors is up to the caller. Raises ``URLRefused``
         before connecting to a refused URL or redirect target.
@@ -265,12 +279,27 @@ class Fetcher:
         follow = method in ("GET", "HEAD") if follow_redirects is None else follow_redirects
         guard = Guard(cancel, time.monotonic() + (deadline_s or self.deadline_s))
         request_headers = dict(headers or {})
+        credential = self.credentials.for_url(url) if authorize else None
+        origin: tuple[str, int] | None = None
+        sent = False
         current = url
         try:
             for _hop in range(self.max_redirects + 1):
                 resolved = self.policy.check(current)
                 guard.check()
-                with self._send(resolved, method, request_headers, content, start, guard) as resp:
+                hop_origin = (resolved.target.host, resolved.target.port)
+                origin = origin or hop_origin
+                if hop_origin != origin:
+                    credential = None  # left the origin: never sent again, even on a return
+                hop_headers = request_headers
+                if credential is not None:
+                    name, value = credential.header_pair()
+                    hop_headers = {k: v for k, v in request_headers.items()
+                                   if k.lower() != name.lower()}
+                    hop_headers[name] = value
+                    sent = True
+                with self._send(resolved, method, hop_headers, content, start, guard) as resp:
+                    resp.credential_sent = sent
                     location = resp.headers.get("location")
                     if not (follow and resp.status_code in REDIRECT_STATUSES and location):
                         yield resp
@@ -426,7 +455,7 @@ class Fetcher:
         # changed in between answers 200 with the new one instead of splicing the two.
         headers = {"If-Range": version.validator} if offset > 0 and version.validator else {}
         with self.open(url, start=offset, cancel=cancel, deadline_s=deadline_s,
-                       headers=headers) as resp:
+                       headers=headers, authorize=True) as resp:
             status = resp.status_code
             content_range = resp.headers.get("content-range")
             version.remember(resp.headers, status)
@@ -437,7 +466,8 @@ class Fetcher:
                     raise FetchTooLarge(f"{shown} is {offset} bytes, over the {limit}-byte limit")
                 digest, size = finish_from_file(dest)
                 throttle(size, size, final=True)
-                return FetchResult(dest, size, digest, resp.content_type, resp.url)
+                return FetchResult(dest, size, digest, resp.content_type, resp.url,
+                                   resp.credential_sent)
             if offset > 0 and status == 206:
                 if not continues_at(content_range, offset, resp.content_length,
                                     total=version.total):
@@ -472,4 +502,5 @@ class Fetcher:
                 raise
             digest, size = writer.close(fsync=fsync)
             throttle(size, total, final=True)
-            return FetchResult(dest, size, digest, resp.content_type, resp.url)
+            return FetchResult(dest, size, digest, resp.content_type, resp.url,
+                               resp.credential_sent)

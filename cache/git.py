@@ -43,7 +43,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-import certifi
 from filelock import FileLock, Timeout
 
 from cache.commands import CommandResult, run_command
@@ -58,6 +57,7 @@ from cache.errors import (
 )
 from cache.fetcher import Fetcher
 from cache.progress import Cancel, held_or_cancel
+from cache.trust import CATrust
 from cache.urlpolicy import URLPolicy
 
 HEX40 = re.compile(r"[0-9a-f]{40}")
@@ -73,15 +73,17 @@ class GitMirrors:
     """Bare mirrors under ``root``; ``local`` maps origins to local repositories.
 
     ``fetcher``: checks https origins (the SSRF policy; default: the policy without an
-    allowlist). ``ca_bundle``: extra CA certificates git trusts, as the fetcher does.
+    allowlist). ``ca_bundle``: extra CA certificates git trusts, as the fetcher does (a PEM
+    file or a ``CATrust``: files and hashed directories).
     """
 
     def __init__(self, root: Path, local: Mapping[str, Path | str] | None = None, *,
-                 fetcher: Fetcher | None = None, ca_bundle: Path | None = None) -> None:
+                 fetcher: Fetcher | None = None,
+                 ca_bundle: CATrust | Path | None = None) -> None:
         self.root = Path(root)
         self.local = {_normal(o): Path(p) for o, p in (local or {}).items()}
         self._fetcher = fetcher
-        self.ca_bundle = Path(ca_bundle) if ca_bundle is not None else None
+        self.trust = CATrust.of(ca_bundle)
 
     def mirror_path(self, origin: str) -> Path:
         """Where the bare mirror of ``origin`` lives."""
@@ -118,10 +120,12 @@ class GitMirrors:
         config: list[str] = []
         if protocol == "https":
             source, config = self._checked_https(source, cancel)
-            if self.ca_bundle is not None:
-                # The variable, not http.sslCAInfo: a GIT_SSL_CAINFO already in the
-                # environment would win over the setting.
+            # The variables, not http.sslCAInfo: a GIT_SSL_CAINFO already in the
+            # environment would win over the setting.
+            if self.trust.files:
                 env["GIT_SSL_CAINFO"] = str(self._ca_file())
+            if self.trust.dirs:
+                env["GIT_SSL_CAPATH"] = self.trust.capath() or ""
         shallow = self._git(mirror, "fetch", "--quiet", "--no-tags", "--depth", "1",
                             source, commit, cancel=cancel, env=env, config=config,
                             check=False)
@@ -241,7 +245,7 @@ class GitMirrors:
     def fetcher(self) -> Fetcher:
         """The fetcher whose policy https origins pass (built on first use)."""
         if self._fetcher is None:
-            self._fetcher = Fetcher(URLPolicy(), ca_bundle=self.ca_bundle)
+            self._fetcher = Fetcher(URLPolicy(), ca_bundle=self.trust)
         return self._fetcher
 
     def _checked_https(self, origin: str, cancel: Cancel | None) -> tuple[str, list[str]]:
@@ -277,11 +281,10 @@ class GitMirrors:
         return f"https://{host}:{target.port}{target.path}", config
 
     def _ca_file(self) -> Path:
-        """The public CAs plus ``ca_bundle``: git's CA file replaces its default set, where
+        """The public CAs plus the extra files: git's CA file replaces its default set, where
         the fetcher's bundle adds to it."""
-        assert self.ca_bundle is not None
         combined = self.root / "ca-bundle.pem"
-        text = Path(certifi.where()).read_text() + "\n" + self.ca_bundle.read_text()
+        text = self.trust.pem_text()
         if not combined.exists() or combined.read_text() != text:
             tmp = combined.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(text)

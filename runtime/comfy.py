@@ -29,6 +29,36 @@ NONCE_INPUT = "runflow_job"
 """Extra input put on every output node so ComfyUI's cache never reuses an earlier run's
 outputs (extra inputs enter the cache signature and are ignored by the node)."""
 _KEEP_FOLDERS = frozenset({"custom_nodes", "configs"})
+IMPORT_ERROR_HEAD_LINES = 6
+IMPORT_ERROR_TAIL_LINES = 14
+IMPORT_ERROR_MAX_CHARS = 4000
+
+
+class _WarningCapture(logging.Handler):
+    """Collects the warnings logged while one custom node pack loads: ComfyUI reports an
+    import error only as a logged traceback and a ``False``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(record.getMessage().splitlines())
+        except Exception:  # noqa: BLE001 - a message that cannot be formatted is left out
+            pass
+
+    def excerpt(self) -> str:
+        """The first and last lines of what was logged, bounded in size."""
+        lines = [line for line in self.lines if line.strip()]
+        if len(lines) > IMPORT_ERROR_HEAD_LINES + IMPORT_ERROR_TAIL_LINES:
+            lines = [*lines[:IMPORT_ERROR_HEAD_LINES], "...",
+                     *lines[-IMPORT_ERROR_TAIL_LINES:]]
+        text = "\n".join(lines)
+        if len(text) > IMPORT_ERROR_MAX_CHARS:
+            half = IMPORT_ERROR_MAX_CHARS // 2
+            text = text[:half] + "\n...\n" + text[-half:]
+        return text or "the pack did not load (no error logged)"
 
 
 def git_commit(path: str) -> str | None:
@@ -146,7 +176,7 @@ class ComfyEmbedding:
         try:
             self.loop.run_until_complete(
                 nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-            failures = self._load_custom_nodes()
+            failures, errors = self._load_custom_nodes()
         finally:
             hook_breaker_ac10a0.restore_functions()
         self._register_runflow_nodes()
@@ -159,14 +189,17 @@ class ComfyEmbedding:
             comfyui_commit=git_commit(comfy_dir),
             node_count=len(nodes.NODE_CLASS_MAPPINGS),
             import_failures=tuple(failures),
+            import_errors=errors,
             init_s=time.perf_counter() - start,
             device=str(self._mm.get_torch_device()),
             gpu_model=gpu_model,
         )
 
-    def _load_custom_nodes(self) -> list[str]:
+    def _load_custom_nodes(self) -> tuple[list[str], dict[str, str]]:
+        """Load every pack; return the entries that failed and, for each, what was logged."""
         base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
         failures: list[str] = []
+        errors: dict[str, str] = {}
         for root in self.config.get("custom_node_dirs") or ():
             if not os.path.isdir(root):
                 continue
@@ -176,11 +209,18 @@ class ComfyEmbedding:
                     continue
                 if os.path.isfile(path) and not entry.endswith(".py"):
                     continue
-                ok = self.loop.run_until_complete(
-                    self._nodes.load_custom_node(path, base_names, module_parent="custom_nodes"))
+                capture = _WarningCapture()
+                root_logger = logging.getLogger()
+                root_logger.addHandler(capture)
+                try:
+                    ok = self.loop.run_until_complete(self._nodes.load_custom_node(
+                        path, base_names, module_parent="custom_nodes"))
+                finally:
+                    root_logger.removeHandler(capture)
                 if not ok:
                     failures.append(entry)
-        return failures
+                    errors[entry] = capture.excerpt()
+        return failures, errors
 
     def _register_runflow_nodes(self) -> None:
         from runtime import nodepack

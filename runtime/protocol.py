@@ -98,6 +98,9 @@ class Ready:
     init_s: float
     device: str
     gpu_model: str | None = None
+    import_errors: dict[str, str] = field(default_factory=dict)
+    """Entry of ``import_failures`` -> what ComfyUI logged about it (an excerpt of the
+    traceback, first and last lines)."""
 
 
 @dataclass(frozen=True)
@@ -361,6 +364,15 @@ _OPT_ID = _optional(_ID)
 _TEXT = _str(TEXT_MAX_CHARS)
 _DETAILS = _object(_json(TEXT_MAX_CHARS, DEPTH_MAX))
 
+
+def _text_map(value: Any, where: str) -> dict[str, str]:
+    """A child's name -> text map: names and texts within the limits, a bounded count."""
+    if type(value) is not dict:
+        raise _wrong(where, "an object", value)
+    if len(value) > LIST_MAX_ITEMS:
+        raise ProtocolError(f"{where} has {len(value)} items, over the {LIST_MAX_ITEMS} limit")
+    return {_ID(k, f"{where} key"): _TEXT(v, f"{where}[{_show(k)}]") for k, v in value.items()}
+
 _OUTPUT_FILE: dict[str, _Check] = {"node_id": _ID, "node_type": _ID,
                                    "relpath": _str(PATH_MAX_CHARS), "output_id": _OPT_ID}
 
@@ -374,7 +386,7 @@ def _output_file(value: Any, where: str) -> OutputFile:
 CHILD_SCHEMA: dict[str, tuple[type, dict[str, _Check]]] = {
     "Ready": (Ready, {"comfyui_commit": _OPT_ID, "node_count": _int,
                       "import_failures": _list(_ID), "init_s": _number, "device": _ID,
-                      "gpu_model": _OPT_ID}),
+                      "gpu_model": _OPT_ID, "import_errors": _text_map}),
     "InitFailed": (InitFailed, {"message": _TEXT, "traceback": _TEXT}),
     "NodeStarted": (NodeStarted, {"job_id": _ID, "node_id": _ID, "node_type": _OPT_ID}),
     "Progress": (Progress, {"job_id": _ID, "node_id": _OPT_ID, "value": _int,
@@ -476,6 +488,9 @@ def _clip(obj: dict[str, Any], max_text: int, max_items: int) -> dict[str, Any]:
         limit = _LIMITS.get(name, ID_MAX_CHARS)
         if name == "details":
             out[name] = _clip_json(value, max_text, max_items)
+        elif name == "import_errors":
+            out[name] = {_cut(k, ID_MAX_CHARS): _cut(v, max_text)
+                         for k, v in list(value.items())[:max_items]}
         elif isinstance(value, str) and name != "type":
             out[name] = _cut(value, min(limit, max_text))
         elif isinstance(value, list):

@@ -29,8 +29,9 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_every_setting_is_documented_in_the_readme() -> None:
     text = README.read_text()
-    missing = [f"RUNFLOW_{name.upper()}" for name in Settings.model_fields
-               if f"`RUNFLOW_{name.upper()}`" not in text]
+    names = [field.validation_alias if isinstance(field.validation_alias, str)
+             else f"RUNFLOW_{name.upper()}" for name, field in Settings.model_fields.items()]
+    missing = [name for name in names if f"`{name}`" not in text]
     assert missing == []
 
 

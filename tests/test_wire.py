@@ -65,7 +65,7 @@ def test_malformed_payloads_are_wire_errors(payload: bytes, error: str | None) -
         with pytest.raises(ProtocolError, match="Ready.init_s must be a finite number"):
             p.child_message({"type": "Ready", "comfyui_commit": None, "node_count": 1,
                              "import_failures": [], "init_s": infinite, "device": "cpu",
-                             "gpu_model": None})
+                             "gpu_model": None, "import_errors": {}})
         return
     with pytest.raises(wire.WireError, match=error.replace("(", r"\(").replace(")", r"\)")):
         wire.decode_payload(payload)
@@ -112,7 +112,7 @@ def _progress(**changes: object) -> dict[str, object]:
       "outputs": [{"node_id": "1", "node_type": "S", "relpath": 7, "output_id": None}]},
      r"Done.outputs\[0\].relpath must be a string, got int 7"),
     ({"type": "Ready", "comfyui_commit": None, "node_count": 1, "import_failures": "x",
-      "init_s": "1", "device": "cpu", "gpu_model": None},
+      "init_s": "1", "device": "cpu", "gpu_model": None, "import_errors": {}},
      "Ready.import_failures must be a list, got str"),
 ])
 def test_the_schema_names_the_violation(obj: dict, error: str) -> None:

@@ -39,10 +39,12 @@ from worker.settings import Settings
 
 
 def build_fetcher(settings: Settings) -> Fetcher:
-    """The SSRF-safe fetcher configured from the settings (allowlist, CA bundle, limits)."""
+    """The SSRF-safe fetcher configured from the settings (allowlist, trusted CAs, per-host
+    download credentials, limits)."""
     return Fetcher(
         URLPolicy(settings.url_allow),
-        ca_bundle=settings.ca_bundle,
+        ca_bundle=settings.ca_trust,
+        credentials=settings.credentials,
         timeout_s=settings.fetch_timeout_s,
         max_bytes=settings.fetch_max_bytes,
         direct_io=settings.cache_direct_io,
@@ -91,11 +93,13 @@ def build_environments(settings: Settings, fetcher: Fetcher | None = None) -> En
     return Environments(
         settings.cache_dir / "envs",
         GitMirrors(settings.cache_dir / "git", settings.git_mirror_map(),
-                   fetcher=fetcher or build_fetcher(settings), ca_bundle=settings.ca_bundle),
+                   fetcher=fetcher or build_fetcher(settings), ca_bundle=settings.ca_trust),
         pip_index_url=settings.pip_index_url,
         pip_find_links=settings.pip_find_links,
         max_count=settings.env_max_count,
         sandbox=build_sandbox(settings),
+        installer=settings.installer[0],
+        uv_bin=settings.installer[1],
     )
 
 

@@ -78,7 +78,8 @@ def build_poster(settings: Settings) -> Poster:
     from cache.fetcher import Fetcher
     from cache.urlpolicy import URLPolicy
 
-    return Fetcher(URLPolicy(settings.url_allow), ca_bundle=settings.ca_bundle,
+    # The system's trust too (SSL_CERT_FILE / SSL_CERT_DIR); never a download credential.
+    return Fetcher(URLPolicy(settings.url_allow), ca_bundle=settings.ca_trust,
                    timeout_s=settings.fetch_timeout_s, deadline_s=DELIVERY_DEADLINE_S,
                    max_bytes=1 << 20)
 

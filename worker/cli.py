@@ -1,15 +1,24 @@
-"""The ``runflow-worker`` command line: serve, run, submit, status, cache, doctor."""
+"""The ``runflow-worker`` command line: serve, run, submit, status, prepare, cache, doctor."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from runtime.spawn import guard_parent
-from worker import cache_cli, doctor_cli, run_cli, serve_cli
+from worker import cache_cli, doctor_cli, prepare_cli, run_cli, serve_cli
 from worker.errors import ConfigError
 from worker.logs import redact
 from worker.settings import Settings
+
+
+def package_version() -> str:
+    """The installed package's version (``unknown`` when run from a checkout not installed)."""
+    try:
+        return importlib.metadata.version("runflow-worker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,9 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="GPU worker that runs deployed ComfyUI workflows (configuration: "
         "RUNFLOW_* environment variables, see the README)",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"runflow-worker {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_cli.add_parser(sub)
     run_cli.add_parser(sub)
+    prepare_cli.add_parser(sub)
     cache_cli.add_parser(sub)
     doctor_cli.add_parser(sub)
     return parser

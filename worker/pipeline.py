@@ -280,6 +280,31 @@ class Pipeline:
         result.timings_ms = phases.timings_ms
         return result
 
+    def prepare(self, message: c.RunMessage, control: RunControl, *,
+                models: bool = True) -> RunResult:
+        """Ready a workflow without running it (``runflow-worker prepare``): its environment
+        built and ComfyUI started in it, its custom nodes imported (a declared pack that
+        fails, fails it), then with ``models`` its models and resources fetched into the
+        store. Never raises for these failures: the result's status and failure say."""
+        result = RunResult(status=c.RunStatus.FAILED)
+        phases = _Phases()
+        try:
+            with phases.phase("environment"):
+                self._runner(message, result, control.stop_reason)
+            if models:
+                # The models land in the store; the run's links to them go with its dirs.
+                run = self._run_dirs.create(message.run_id)
+                try:
+                    with phases.phase("models"):
+                        self._materialise_models(message, run, control, control.stop_reason)
+                finally:
+                    run.remove()
+            result.status = c.RunStatus.SUCCEEDED
+        except RunFailure as exc:
+            result.failure = exc
+        result.timings_ms = phases.timings_ms
+        return result
+
     # ------------------------------------------------------------------ phases
 
     def _restart_if_died(self, runner: Any, owner: str | None, result: RunResult,
@@ -366,6 +391,9 @@ class Pipeline:
                                                       comfyui_dir)
         result.environment.update(environment)
         result.warnings.extend(warnings)
+        broken = self._report.pack_failure(message, runner.ready)
+        if broken is not None:
+            raise broken  # before any GPU work: a declared pack that did not import
         return runner
 
     def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:

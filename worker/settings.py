@@ -14,8 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import os
 import re
 import shutil
+import ssl
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
@@ -32,6 +34,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from cache.credentials import CredentialsError, URLCredentials
+from cache.installer import resolve_installer
+from cache.trust import CATrust
 from cache.urlpolicy import allow_entry_problem
 from worker.errors import ConfigError
 from worker.logs import redact
@@ -65,7 +70,10 @@ class InvalidSettings(ConfigError, ValueError):
 
 
 def env_name(field: str) -> str:
-    """The environment variable of a settings field (``lease_s`` -> ``RUNFLOW_LEASE_S``)."""
+    """The environment variable of a settings field (``lease_s`` -> ``RUNFLOW_LEASE_S``); a
+    field read from a variable of another convention is named by it (``SSL_CERT_FILE``)."""
+    if field.isupper():
+        return field
     return f"{ENV_PREFIX}{field.upper()}"
 
 
@@ -200,6 +208,17 @@ class Settings(BaseSettings):
     child_network: str = "none"
     """``none``: the sandboxed ComfyUI child has only its own loopback; ``host``: it shares
     the worker's network (API nodes need it; so does whatever a hostile node sends)."""
+    env_installer: str | None = Field(None, validate_default=True)
+    """What installs environments' requirements: ``uv`` or ``pip``; unset, uv where it is
+    installed, else pip (``cache.installer``)."""
+    url_credentials: str | None = Field(None, validate_default=True)
+    """Per-host credential headers for downloads (``cache.credentials``): entries, or the path
+    of a file holding them; ``HF_TOKEN`` counts for Hugging Face hosts."""
+    # The system's trust settings, by the names OpenSSL, curl, pip and httpx read.
+    ssl_cert_file: Path | None = Field(None, validation_alias="SSL_CERT_FILE")
+    """A PEM bundle trusted besides the public roots (skipped when it does not exist)."""
+    ssl_cert_dir: str | None = Field(None, validation_alias="SSL_CERT_DIR")
+    """Hashed certificate directories (``:``-separated) trusted besides the public roots."""
 
     def __init__(self, **values: Any) -> None:
         """Read the environment (``values`` override it); InvalidSettings when a value is bad."""
@@ -220,6 +239,32 @@ class Settings(BaseSettings):
     def _check_ca_bundle(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{value} is not a file (expected a PEM CA bundle)")
+        return value
+
+    @field_validator("ssl_cert_file", mode="after")
+    @classmethod
+    def _check_ssl_cert_file(cls, value: Path | None) -> Path | None:
+        if value is None or not value.is_file():
+            return value  # OpenSSL skips a file that is not there; so does the worker
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except (ssl.SSLError, OSError, ValueError):
+            raise ValueError(f"{value} holds no usable PEM certificate") from None
+        return value
+
+    @field_validator("env_installer", mode="after")
+    @classmethod
+    def _check_env_installer(cls, value: str | None) -> str | None:
+        resolve_installer(value)  # ValueError: unknown, or uv asked for and not installed
+        return value
+
+    @field_validator("url_credentials", mode="after")
+    @classmethod
+    def _check_url_credentials(cls, value: str | None) -> str | None:
+        try:  # the secrets themselves are read (once more) by ``credentials``
+            URLCredentials.parse(value, os.environ)
+        except CredentialsError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("redis_url", mode="after")
@@ -381,6 +426,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"entry {name!r} is not an environment variable name "
                                  "(expected letters, digits and _, not starting with a digit)")
         return value
+
+    @cached_property
+    def installer(self) -> tuple[str, str | None]:
+        """``(installer, uv executable or None)`` that builds environments."""
+        return resolve_installer(self.env_installer)
+
+    @cached_property
+    def credentials(self) -> URLCredentials:
+        """The per-host download credentials, their secrets read from the environment once."""
+        return URLCredentials.parse(self.url_credentials, os.environ)
+
+    @cached_property
+    def ca_trust(self) -> CATrust:
+        """Authorities trusted for https besides the public roots: ``RUNFLOW_CA_BUNDLE``,
+        ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``."""
+        return CATrust.from_paths([self.ca_bundle, self.ssl_cert_file], [self.ssl_cert_dir])
 
     @cached_property
     def ladder(self) -> tuple[GpuClass, ...]:

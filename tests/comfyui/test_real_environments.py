@@ -59,6 +59,7 @@ def env_pipeline(tmp_path_factory: pytest.TempPathFactory):
                         pip_find_links=(str(wheels),))
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # nothing from a package index in tests
+    monkeypatch.setenv("UV_NO_INDEX", "1")  # the same for uv, the default installer
     pl = build_pipeline(settings, storage=LocalStorage(root / "store"), allow_local_files=True,
                         cpu=True, sandbox_read_only=SANDBOX_READ_ONLY)
     yield pl, comfy_commit, node_commit

@@ -21,17 +21,20 @@ Nodes (``class_type``):
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
 config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
 delays Ready; ``fake_wedged`` makes the child stop reading the channel after Ready (a
-wedged ComfyUI).
+wedged ComfyUI). A pack that raises at import is reported in ``import_failures`` and
+``import_errors`` (with its traceback).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 import types
 from pathlib import Path
 from typing import Any
@@ -52,9 +55,9 @@ def main(conn: Any, config: dict[str, Any]) -> None:
         send(p.InitFailed("fake init failure", "Traceback: fake"))
         return
     time.sleep(float(env.get("fake_init_delay_s", 0)))
-    failures = _load_packs(config.get("custom_node_dirs") or ())
-    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(failures),
-                 init_s=0.0, device="cpu", gpu_model=None))
+    errors = _load_packs(config.get("custom_node_dirs") or ())
+    send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(errors),
+                 init_s=0.0, device="cpu", gpu_model=None, import_errors=errors))
     if env.get("fake_wedged"):
         threading.Event().wait()  # never reads the channel again, until killed
     interrupted = threading.Event()
@@ -94,11 +97,11 @@ def main(conn: Any, config: dict[str, Any]) -> None:
 PACK_NODES: dict[str, Any] = {}
 
 
-def _load_packs(dirs: Any) -> list[str]:
-    """Import each pack of ``dirs`` (as ComfyUI loads custom nodes); the names that failed."""
-    import importlib.util
+def _load_packs(dirs: Any) -> dict[str, str]:
+    """Import each pack of ``dirs`` (as ComfyUI loads custom nodes); name -> traceback of
+    each that failed."""
 
-    failures: list[str] = []
+    failures: dict[str, str] = {}
     for root in dirs:
         if not os.path.isdir(root):
             continue
@@ -116,7 +119,7 @@ def _load_packs(dirs: Any) -> list[str]:
                 PACK_NODES.update(getattr(module, "NODE_CLASS_MAPPINGS", {}))
             except Exception:  # noqa: BLE001 - a pack that fails is reported, as ComfyUI does
                 log.exception("cannot import custom node %s", entry)
-                failures.append(entry)
+                failures[entry] = traceback.format_exc()
     return failures
 
 

@@ -23,6 +23,7 @@ Modes (``Mode``):
 - ``DRIP``: sends the body ``drip_bytes`` at a time, pausing ``drip_interval_s`` between
   pieces: a server that is alive but too slow.
 - ``REDIRECT``: answers ``status`` (default 302) with ``Location: location``.
+- any mode with ``authorization=...``: 401 unless the request's ``Authorization`` is that.
 - ``STATUS``: answers ``status`` with the body.
 - ``RAW``: sends the body as the whole response (status line, headers and all, as it is),
   ``drip_bytes`` at a time if ``raw_pieces`` is set (each piece its own TLS record), then
@@ -87,6 +88,9 @@ class Route:
     """From the second request on, serve these bytes instead (the file was replaced)."""
     raw_pieces: bool = False
     """``RAW`` mode: send the response ``drip_bytes`` at a time, without pauses."""
+    authorization: str | None = None
+    """Answer 401 to a request whose ``Authorization`` header is not exactly this (a gated
+    file); with it, the mode decides."""
     redirect_after_hits: int | None = None
     """Answer the first N requests as the mode says, every later one with a redirect to
     ``location`` (a server that answers one client's request differently from the next)."""
@@ -194,6 +198,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             redirect_now = (route.redirect_after_hits is not None
                             and route.hits > route.redirect_after_hits)
             route.range_headers.append(self.headers.get("Range"))
+        required = getattr(route, "authorization", None)  # routes of tests' own kinds too
+        if required is not None and self.headers.get("Authorization") != required:
+            self._simple(401, b"token required")
+            return
         if route.mode is Mode.REDIRECT or redirect_now:
             self.send_response(route.status if route.status != 200 else 302)
             self.send_header("Location", route.location or "/")
