@@ -74,11 +74,11 @@ EVENT_FLUSH_TIMEOUT_S = 2.0
 PERMANENT_ERROR_RETRIES = 5
 """Terminal-write attempts after a non-connection Redis error before giving up."""
 TERMINAL_WRITE_RETRY_CAP_S = 1.0
+"""Longest wait between tries of a terminal write while Redis is away (short: once Redis is
+back, the outcome should land before anything else happens to the run)."""
 EXIT_UNFIT = 3
 """Exit code of ``serve`` after ``RUNFLOW_MAX_UNFIT_STARTS`` starts failed through the
 worker's own fault (0 is every orderly stop, 2 bad configuration)."""
-"""Longest wait between tries of a terminal write while Redis is away (short: once Redis is
-back, the outcome should land before anything else happens to the run)."""
 
 
 class Worker:
@@ -366,6 +366,10 @@ class Worker:
             self.unfit_starts += 1
             self.unfit_reason = unfit
             self.metrics.unfit_starts.inc()
+            log.error("ComfyUI cannot start on this worker (%d of %d before it exits): %s",
+                      self.unfit_starts, self.settings.max_unfit_starts, unfit,
+                      extra={"run_id": message.run_id, "event": "worker_unfit",
+                             "reason": unfit, "unfit_starts": self.unfit_starts})
         # The record goes back to ``queued`` (billing as the message carries it: a released
         # attempt is not billed) so that nobody reads a run no worker holds as ``running``.
         queued = record_for(message, RunStatus.QUEUED, billing=message.billing).to_json()

@@ -22,7 +22,6 @@ environment build): ``ENVIRONMENT_FAILED``, as before.
 from __future__ import annotations
 
 import errno
-import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +29,6 @@ from pathlib import Path
 from cache.errors import InsufficientDisk
 from runtime.errors import RunnerStartFailed
 from runtime.runner import Runner, RunnerConfig
-
-log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 64 * 2**20
 """Below this much free space on the cache volume a failed start or build counts as a full
@@ -100,9 +97,5 @@ def start_failure_cause(config: RunnerConfig, work_dir: Path, comfyui_dir: Path 
     Cheapest checks first; the device check starts a process (seconds), and only runs when
     the others found nothing.
     """
-    cause = (checkout_problem(comfyui_dir) or disk_problem(work_dir, exc)
-             or device_problem(config))
-    if cause is not None:
-        log.error("ComfyUI cannot start on this worker: %s", cause,
-                  extra={"event": "worker_unfit", "reason": cause})
-    return cause
+    return (checkout_problem(comfyui_dir) or disk_problem(work_dir, exc)
+            or device_problem(config))

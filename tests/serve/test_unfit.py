@@ -131,6 +131,7 @@ def test_serve_with_missing_checkout_exits_3_and_fails_no_run(r: redis.Redis, sp
     released = unfit.logged("run_released")
     assert len(released) == 2
     assert all("no-such-checkout" in (line.get("unfit") or "") for line in released)
+    assert [line["unfit_starts"] for line in unfit.logged("worker_unfit")] == [1, 2]
     assert [status_of(r, i) for i in ids] == ["queued"] * 3
     _assert_untouched_then_healthy(r, ids)
 
