@@ -147,3 +147,19 @@ def test_resolve_device() -> None:
     with mock.patch("worker.gpu.detect_gpu", return_value=l4):
         assert resolve_device(Settings(), "l4") == "cuda"
         assert resolve_device(Settings(device="cuda"), "cpu") == "cuda"
+
+
+def test_run_and_every_other_pipeline_honour_the_device(tmp_path: Path) -> None:
+    from worker.assembly import build_pipeline
+
+    def cpu_of(**values: object) -> bool | None:
+        pipeline = build_pipeline(Settings(cache_dir=tmp_path / "cache", **values))
+        try:
+            return pipeline.config.cpu
+        finally:
+            pipeline.close()
+
+    assert cpu_of(gpu_class="l4", device="cpu") is True
+    assert cpu_of(gpu_class="cpu", device="cuda") is False
+    assert cpu_of(gpu_class="cpu") is True
+    assert cpu_of(gpu_class="l4") is None  # detection, as before
