@@ -7,8 +7,16 @@
 # cold start.
 set -euo pipefail
 user=${RUNFLOW_USER:-runflow}
+cache=${RUNFLOW_CACHE_DIR:-/cache}
 if [ "$(id -u)" = 0 ] && id "$user" >/dev/null 2>&1; then
-  exec setpriv --reuid="$(id -u "$user")" --regid="$(id -g "$user")" --init-groups -- "$0" "$@"
+  uid=$(id -u "$user")
+  gid=$(id -g "$user")
+  # A host directory mounted as the cache (one per node) arrives owned by root: hand it
+  # (not what is in it) to the worker. Any other owner was chosen by the operator: kept.
+  if [ -d "$cache" ] && [ "$(stat -c %u "$cache")" = 0 ]; then
+    chown "$uid:$gid" "$cache" || echo "entrypoint: cannot hand $cache to $user" >&2
+  fi
+  exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$0" "$@"
 fi
-mkdir -p "${RUNFLOW_CACHE_DIR:-/cache}"
+mkdir -p "$cache"
 exec runflow-worker "$@"

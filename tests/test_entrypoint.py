@@ -52,3 +52,18 @@ def test_root_drops_to_the_workers_user(stub_dir: Path) -> None:
 def test_without_that_user_the_worker_runs_as_started(stub_dir: Path) -> None:
     assert _run(stub_dir, "no-such-user-here") == (
         f"uid={os.geteuid()} args=serve --burst cache=made")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="dropping to another user needs root and setpriv (util-linux)")
+def test_a_root_owned_cache_directory_is_handed_to_the_worker(stub_dir: Path) -> None:
+    """A host directory mounted as the cache arrives owned by root: the worker gets it (the
+    directory itself, not what is already in it)."""
+    cache = stub_dir / "cache"
+    cache.mkdir()
+    os.chown(cache, 0, 0)
+    (cache / "kept").touch()
+    nobody = pwd.getpwnam("nobody")
+    _run(stub_dir, "nobody")
+    assert (cache.stat().st_uid, cache.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert (cache / "kept").stat().st_uid == 0

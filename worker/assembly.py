@@ -45,13 +45,20 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    cpu: bool | None = None,
                    sandbox_read_only: tuple[Path, ...] = ()) -> Pipeline:
     """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child;
-    ``sandbox_read_only`` adds paths the sandboxed child may read, for tests)."""
+    ``sandbox_read_only`` adds paths the sandboxed child may read, for tests).
+
+    ``cpu`` (True: ComfyUI on the CPU, False: on CUDA) defaults to ``RUNFLOW_DEVICE``, else
+    to the CPU for the class ``cpu`` and detection (CUDA where torch finds it) otherwise.
+    """
     from worker.cache_cli import build_blob_store, build_environments, build_fetcher
 
+    if cpu is None:
+        cpu = (settings.device == "cpu" if settings.device is not None
+               else settings.gpu_class == "cpu" or None)
     config = PipelineConfig(
         work_dir=settings.cache_dir / WORK_SUBDIR,
         comfyui_dir=settings.comfyui_dir,
-        cpu=cpu if cpu is not None else (settings.gpu_class == "cpu" or None),
+        cpu=cpu,
         allow_local_files=allow_local_files,
         input_max_bytes=settings.input_max_bytes,
         image_max_pixels=settings.image_max_pixels,

@@ -12,6 +12,12 @@ Signals follow rq: the first SIGTERM is a *warm* stop (take no new run, let the 
 finish within ``grace_s``, else interrupt it and leave it pending for another worker); a
 second SIGTERM or SIGINT is a *cold* stop (interrupt now, leave it pending). Both exit 0.
 
+A worker on which ComfyUI cannot start through no fault of the run (``worker.fitness``:
+CUDA unusable, the cache volume full, the baked checkout missing) releases each such run
+untouched, reports not ready on ``/readyz``, and after ``RUNFLOW_MAX_UNFIT_STARTS`` such
+starts in a row exits ``EXIT_UNFIT`` so its orchestrator replaces it: it never fails the
+queue's runs one after the other (a black hole).
+
 Redis outages never kill the daemon: reads back off (capped, jittered) and retry; a run
 that already executed keeps its outcome in memory and retries the terminal write until
 Redis is back, so it is written once and never executed again by this worker.
@@ -71,6 +77,9 @@ PERMANENT_ERROR_RETRIES = 5
 TERMINAL_WRITE_RETRY_CAP_S = 1.0
 """Longest wait between tries of a terminal write while Redis is away (short: once Redis is
 back, the outcome should land before anything else happens to the run)."""
+EXIT_UNFIT = 3
+"""Exit code of ``serve`` after ``RUNFLOW_MAX_UNFIT_STARTS`` starts failed through the
+worker's own fault (0 is every orderly stop, 2 bad configuration)."""
 
 
 class Worker:
@@ -110,6 +119,11 @@ class Worker:
         self._alive = False
         self._runner_restarts_seen = 0
         self._cache_seen = (0, 0)
+        self.unfit_starts = 0
+        """ComfyUI starts in a row that failed through this worker's fault (reset by a run
+        that reaches its outcome)."""
+        self.unfit_reason: str | None = None
+        self.exit_code = 0
         total_bytes = getattr(pipeline.blobs, "total_bytes", None)
         if callable(total_bytes):
             # Scanned when /metrics is scraped, never on the run path.
@@ -133,8 +147,8 @@ class Worker:
             reason = self._loop(burst=burst, max_runs=max_runs)
             log.info("worker stopping: %s", reason,
                      extra={"event": "worker_stopping", "reason": reason,
-                            "runs": self.runs_performed})
-            return 0
+                            "runs": self.runs_performed, "exit_code": self.exit_code})
+            return self.exit_code
         finally:
             self._alive = False
             self._close()
@@ -148,6 +162,10 @@ class Worker:
                 return "stop requested (cold)"
             if self.shutdown.requested:
                 return "stop requested (warm)"
+            if self.unfit_starts >= self.settings.max_unfit_starts:
+                self.exit_code = EXIT_UNFIT
+                return (f"ComfyUI cannot start here ({self.unfit_reason}); "
+                        f"{self.unfit_starts} runs released")
             if max_runs is not None and self.runs_performed >= max_runs:
                 return f"performed {self.runs_performed} runs (--max-runs)"
             try:
@@ -281,8 +299,9 @@ class Worker:
                                 message.run_id, extra={**extra, "event": "run_fenced"})
                 elif result.release:
                     self.keeper.unwatch()  # a renewal would undo the release's idle time
-                    self.release_run(delivery, message, token)
+                    self.release_run(delivery, message, token, unfit=result.unfit)
                 else:
+                    self.unfit_starts, self.unfit_reason = 0, None
                     self.finalise_run(delivery, token, message, result,
                                       started_at=started_at, picked_up=picked_up,
                                       queue_ms=queue_ms)
@@ -339,8 +358,22 @@ class Worker:
             callback=job))
         self._after_finalise(message, record, outcome, promoted_to=target)
 
-    def release_run(self, delivery: Delivery, message: RunMessage, token: int) -> None:
-        """Leave an interrupted run pending so another worker takes it at once."""
+    def release_run(self, delivery: Delivery, message: RunMessage, token: int, *,
+                    unfit: str | None = None) -> None:
+        """Leave an interrupted run pending so another worker takes it at once.
+
+        ``unfit``: the release is not a shutdown's but a failed start's that was this
+        worker's fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker
+        not ready until a run reaches its outcome here again.
+        """
+        if unfit is not None:
+            self.unfit_starts += 1
+            self.unfit_reason = unfit
+            self.metrics.unfit_starts.inc()
+            log.error("ComfyUI cannot start on this worker (%d of %d before it exits): %s",
+                      self.unfit_starts, self.settings.max_unfit_starts, unfit,
+                      extra={"run_id": message.run_id, "event": "worker_unfit",
+                             "reason": unfit, "unfit_starts": self.unfit_starts})
         # The record goes back to ``queued`` (billing as the message carries it: a released
         # attempt is not billed) so that nobody reads a run no worker holds as ``running``.
         queued = record_for(message, RunStatus.QUEUED, billing=message.billing).to_json()
@@ -354,9 +387,10 @@ class Worker:
             log.warning("could not release run %s (%s); it is reclaimed after the lease",
                         message.run_id, exc, extra={"run_id": message.run_id,
                                                     "event": "release_failed"})
-        log.info("run %s released for redelivery (shutdown)", message.run_id,
+        why = "shutdown" if unfit is None else f"this worker cannot start ComfyUI: {unfit}"
+        log.info("run %s released for redelivery (%s)", message.run_id, why,
                  extra={"run_id": message.run_id, "attempt": message.attempt,
-                        "event": "run_released", "released": released})
+                        "event": "run_released", "released": released, "unfit": unfit})
 
     def dead_letter_run(self, delivery: Delivery, message: RunMessage, started_at: datetime,
                         queue_ms: int) -> None:
@@ -531,7 +565,8 @@ class Worker:
         if not self.http_port:
             return
         self.health = HealthServer(self.metrics, alive=lambda: self._alive,
-                                   ready=lambda: self._redis_ok and not self.shutdown.requested,
+                                   ready=lambda: (self._redis_ok and self.unfit_reason is None
+                                                  and not self.shutdown.requested),
                                    port=self.http_port,
                                    warnings=self.settings_warnings).start()
 

@@ -9,6 +9,7 @@ Hierarchy::
     └── RunFailure              a run ends failed/canceled with a contract error code
         ├── RunRejected         a SPEC section 3 rule failed before any GPU work (bills 0)
         └── RunInterrupted      cancel / timeout / shutdown reached the run
+            └── WorkerUnfit     ComfyUI cannot start here through the worker's fault (released)
 
 Foreign errors (redis, botocore, cache, runtime) are translated at the boundary with
 ``raise ... from exc`` so callers only ever see these classes.
@@ -136,3 +137,14 @@ class RunInterrupted(RunFailure):
         super().__init__(code=code, message=message)
         self.release = release
         """True when the run must go back to the queue instead of being finalised."""
+
+
+class WorkerUnfit(RunInterrupted):
+    """ComfyUI cannot start on this worker for a reason that is not the run's (CUDA unusable,
+    the cache volume full, the baked checkout missing): the run goes back to the queue
+    untouched, as on a shutdown, and the worker counts the start against its own health."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.WORKER_LOST, f"this worker cannot start ComfyUI: {reason}",
+                         release=True)
+        self.reason = reason

@@ -131,3 +131,21 @@ def next_larger_class(current: str, ladder: Iterable[GpuClass], *,
         if allowed is None or name in allowed:
             return name
     return None
+
+
+def resolve_device(settings: Settings, gpu_class: str) -> str:
+    """Where ComfyUI runs for ``gpu_class``: ``RUNFLOW_DEVICE``, else ``cpu`` for the class
+    ``cpu`` and ``cuda`` for every other class.
+
+    ``cuda`` needs a GPU NVML can see: without one the worker would take runs it cannot run,
+    so a ConfigError (one line: what is missing and how to run on the CPU instead) stops it
+    before it takes any. A GPU NVML sees but CUDA cannot use (a driver too old for the
+    image's CUDA) is found at the first ComfyUI start instead (``worker.fitness``).
+    """
+    device = settings.device or (CPU_CLASS if gpu_class == CPU_CLASS else "cuda")
+    if device == "cuda" and detect_gpu() is None:
+        raise ConfigError(
+            f"GPU class {gpu_class!r} needs a CUDA device and none is usable here (NVML "
+            "finds no GPU: no NVIDIA driver, no device in the container, or nvidia-ml-py "
+            "missing); set RUNFLOW_DEVICE=cpu to run ComfyUI on the CPU")
+    return device

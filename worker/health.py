@@ -1,9 +1,10 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` over HTTP, served from a background thread.
 
 - ``/healthz``: 200 while the daemon's loop is alive (a liveness probe restarts it otherwise).
-- ``/readyz``: 200 while it can take runs (Redis reachable, not shutting down), else 503;
-  the body's ``warnings`` list what the operator must know (``RUNFLOW_SANDBOX=none``: the
-  worker is unsandboxed), without making it unready.
+- ``/readyz``: 200 while it can take runs (Redis reachable, not shutting down, ComfyUI not
+  failing to start through the worker's own fault: ``worker.fitness``), else 503; the body's
+  ``warnings`` list what the operator must know (``RUNFLOW_SANDBOX=none``: the worker is
+  unsandboxed), without making it unready.
 - ``/metrics``: the Prometheus text format.
 """
 

@@ -56,6 +56,9 @@ class Metrics:
                                     registry=r)
         self.callbacks = Counter("runflow_callbacks", "Callback deliveries by outcome.",
                                  ["outcome"], registry=r)
+        self.unfit_starts = Counter("runflow_unfit_starts",
+                                    "ComfyUI starts that failed through the worker's own "
+                                    "fault (the run was released).", registry=r)
         self.busy = Gauge("runflow_worker_busy", "1 while a run is in progress.", registry=r)
 
     def observe_cache(self, *, hits: int = 0, misses: int = 0, total_bytes: int | None = None,

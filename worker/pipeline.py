@@ -29,7 +29,8 @@ from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
 from runtime.sandbox import SandboxPlan
 from worker import contract as c
 from worker.envreport import EnvironmentReport
-from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
+from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected, WorkerUnfit
+from worker.fitness import checkout_problem, disk_full_error, disk_problem, start_failure_cause
 from worker.inputs import FileFetcher, materialise_inputs
 from worker.outputs import discard_outputs_later, store_outputs
 from worker.rundirs import RunDirs, RunPaths
@@ -90,7 +91,10 @@ class RunResult:
     gpu_work: bool = False
     """False when the run was rejected before any GPU work (it bills 0)."""
     release: bool = False
-    """True when the run must go back to the queue unfinalised (shutdown)."""
+    """True when the run must go back to the queue unfinalised (shutdown, ``unfit``)."""
+    unfit: str | None = None
+    """Why ComfyUI cannot start on this worker, when that (not the run) is at fault: the
+    run is released and the worker counts it against its health (``worker.fitness``)."""
     cold_start_s: float = 0.0
     gpu_model: str | None = None
     peak_vram_bytes: int | None = None
@@ -263,6 +267,7 @@ class Pipeline:
         except RunInterrupted as exc:
             result.failure = exc
             result.release = exc.release
+            result.unfit = exc.reason if isinstance(exc, WorkerUnfit) else None
             result.status = (c.RunStatus.CANCELED if exc.code is ErrorCode.CANCELED
                              else c.RunStatus.FAILED)
         except RunFailure as exc:
@@ -271,9 +276,13 @@ class Pipeline:
             if isinstance(exc, RunRejected):
                 result.gpu_work = False
         except Exception as exc:  # a bug: the run still reaches one terminal record
-            log.exception("internal error in run %s", message.run_id)
-            result.failure = RunFailure(ErrorCode.INTERNAL,
-                                        f"internal error: {type(exc).__name__}: {exc}")
+            if disk_full_error(exc):  # e.g. its run directory: the volume, not the run
+                unfit = WorkerUnfit(disk_problem(self.config.work_dir, exc) or str(exc))
+                result.failure, result.release, result.unfit = unfit, True, unfit.reason
+            else:
+                log.exception("internal error in run %s", message.run_id)
+                result.failure = RunFailure(ErrorCode.INTERNAL,
+                                            f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if run is not None and not self.config.keep_run_dirs:
                 run.remove()
@@ -334,6 +343,10 @@ class Pipeline:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except RunnerStartFailed as exc:
             self._unpin_environments(keep=None)
+            cause = start_failure_cause(config, self.config.work_dir,
+                                        self.config.comfyui_dir, exc)
+            if cause is not None:
+                raise WorkerUnfit(cause) from exc
             raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                              f"ComfyUI failed to start: {exc}",
                              details={"traceback": exc.traceback[-4000:]}) from exc
@@ -354,6 +367,9 @@ class Pipeline:
         # RUNFLOW_COMFYUI_DIR overrides: every run uses that checkout. Without it, each run
         # gets the environment its workflow pins, built once per environment key.
         if self.config.comfyui_dir is not None:
+            missing = checkout_problem(self.config.comfyui_dir)
+            if missing is not None:  # no start to try: every run would fail the same way
+                raise WorkerUnfit(missing)
             comfyui_dir, env_key, sys_path = self.config.comfyui_dir, "baked", ()
         else:
             env = self._prepare_environment(message, stop_reason)
@@ -452,6 +468,9 @@ class Pipeline:
                 raise RunFailure(ErrorCode.FORBIDDEN_ORIGIN,
                                  f"building environment {spec.key} failed: {exc}",
                                  details={"env_key": spec.key}) from exc
+            full = disk_problem(self.config.work_dir, exc)
+            if isinstance(exc, (CacheError, OSError)) and full is not None:
+                raise WorkerUnfit(full) from exc
             if isinstance(exc, CacheError):
                 raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                                  f"building environment {spec.key} failed: {exc}",

@@ -65,14 +65,16 @@ def add_parser(subparsers: Any) -> None:
 # --------------------------------------------------------------------------- serve
 
 
-def _build_pipeline(settings: Settings, gpu_class: str) -> Any:
+def _build_pipeline(settings: Settings, device: str) -> Any:
     from worker.assembly import build_pipeline
 
-    return build_pipeline(settings, cpu=gpu_class == "cpu")
+    return build_pipeline(settings, cpu=device == "cpu")
 
 
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the daemon until it stops; 0 on every orderly stop, 2 on bad configuration."""
+    """Run the daemon until it stops: 0 on every orderly stop, 2 on bad configuration (a
+    GPU class without a usable CUDA device included), 3 when ComfyUI cannot start through
+    the worker's own fault (``RUNFLOW_MAX_UNFIT_STARTS``)."""
     from worker.control import ShutdownState
 
     # Before anything slow: a SIGTERM while the pipeline is being built is a stop request,
@@ -82,7 +84,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 
     from worker.callbacks import build_sender
     from worker.daemon import Worker
-    from worker.gpu import resolve_gpu_class
+    from worker.gpu import resolve_device, resolve_gpu_class
     from worker.logs import configure_logging
     from worker.metrics import Metrics
     from worker.sandboxing import refuse_without_sandbox
@@ -94,6 +96,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         gpu_class = resolve_gpu_class(settings, args.gpu_class)
+        device = resolve_device(settings, gpu_class)
     except ConfigError as exc:
         print(f"runflow-worker serve: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +104,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         print("runflow-worker serve: --max-runs must be at least 1", file=sys.stderr)
         return 2
     metrics = Metrics()
-    pipeline = _build_pipeline(settings, gpu_class)
+    pipeline = _build_pipeline(settings, device)
     callbacks = build_sender(settings, metrics)
     worker = Worker(settings, pipeline, gpu_class=gpu_class, metrics=metrics,
                     callbacks=callbacks, shutdown=shutdown,

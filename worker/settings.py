@@ -52,6 +52,7 @@ MAX_PRESIGN_TTL_S = 7 * 24 * 3600
 MAX_SECONDS = 365 * 24 * 3600.0
 """Upper bound of every duration setting (a year; larger values overflow timers)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEVICES = ("cuda", "cpu")
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ENTRY_POINT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -199,6 +200,12 @@ class Settings(BaseSettings):
     """Renew the lease of the running entry (only tests turn this off)."""
     startup_timeout_s: Seconds = Field(600.0, gt=0)
     """How long ComfyUI may take to import and load its nodes."""
+    device: str | None = None
+    """Where ComfyUI runs: ``cuda`` or ``cpu``; unset, ``cpu`` for the class ``cpu`` and
+    ``cuda`` for every other class (``worker.gpu.resolve_device``)."""
+    max_unfit_starts: int = Field(3, ge=1)
+    """Consecutive ComfyUI starts that failed through the worker's own fault (CUDA, a full
+    disk, a missing checkout) after which ``serve`` exits 3 so it is replaced."""
     child_env_pass: CsvTuple = ()
     """Environment variables passed to the ComfyUI child despite its credential scrub."""
     sandbox: str = "bwrap"
@@ -392,6 +399,16 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown level {value!r} (expected one of {', '.join(LOG_LEVELS)})")
         return level
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _check_device(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        device = value.strip().lower()
+        if device not in DEVICES:
+            raise ValueError(f"unknown device {value!r} (expected one of {', '.join(DEVICES)})")
+        return device
 
     @field_validator("runner_entry", mode="after")
     @classmethod

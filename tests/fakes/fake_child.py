@@ -19,7 +19,8 @@ Nodes (``class_type``):
   is called as ``cls().run(job=<the job's directories>, **inputs)``, and the text it
   returns is saved as an output like ``FakeSave``'s (None: the node made the file itself).
 Runflow Input nodes pass their value through (an image input: its LoadImage's file). The
-config ``env`` key ``fake_init_fail`` makes initialisation fail; ``fake_init_delay_s``
+config ``env`` key ``fake_init_fail`` makes initialisation fail (and so does ``cpu: False``
+where CUDA is unusable: the child initialises CUDA first, as ComfyUI does); ``fake_init_delay_s``
 delays Ready; ``fake_wedged`` makes the child stop reading the channel after Ready (a
 wedged ComfyUI). A pack that raises at import is reported in ``import_failures`` and
 ``import_errors`` (with its traceback).
@@ -54,6 +55,16 @@ def main(conn: Any, config: dict[str, Any]) -> None:
     if env.get("fake_init_fail"):
         send(p.InitFailed("fake init failure", "Traceback: fake"))
         return
+    if config.get("cpu") is False:
+        # Like ComfyUI told not to use the CPU: CUDA is initialised first, and fails the
+        # start where there is no usable CUDA (as on the machines the tests run on).
+        try:
+            import torch
+
+            torch.cuda.init()
+        except Exception as exc:  # noqa: BLE001 - reported like ComfyUI's import error
+            send(p.InitFailed(f"{type(exc).__name__}: {exc}", "Traceback: torch.cuda.init"))
+            return
     time.sleep(float(env.get("fake_init_delay_s", 0)))
     errors = _load_packs(config.get("custom_node_dirs") or ())
     send(p.Ready(comfyui_commit="0" * 40, node_count=7, import_failures=tuple(errors),
