@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
+
+from worker.pipeline import StopReason
 
 
 def describe_event(kind: str | None, data: dict[str, Any]) -> str | None:
@@ -57,3 +60,28 @@ class DownloadBars:
         if self._started:
             self._progress.stop()
             self._started = False
+
+
+class CliControl:
+    """The ``RunControl`` of a command run by hand: Ctrl-C (``canceled``) cancels; download
+    progress as bars, other events as lines on stderr (nothing with ``quiet``)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.canceled = threading.Event()
+        self.quiet = quiet
+        self.bars = DownloadBars()
+
+    def stop_reason(self) -> StopReason | None:
+        """CANCELED once ``canceled`` is set."""
+        return StopReason.CANCELED if self.canceled.is_set() else None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Show one event of the run."""
+        if self.quiet:
+            return
+        if data.get("phase") == "models" and "bytes" in data:
+            self.bars.update(data)
+            return
+        line = describe_event(kind, data)
+        if line is not None:
+            print(line, file=sys.stderr)

@@ -16,16 +16,14 @@ import json
 import signal
 import sys
 import tempfile
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 from worker import contract as c
 from worker.cli_inputs import load_deployed
-from worker.cli_progress import DownloadBars, describe_event
+from worker.cli_progress import CliControl
 from worker.errors import RunRejected
-from worker.pipeline import StopReason
 from worker.settings import Settings
 from worker.storage import LocalStorage
 
@@ -40,28 +38,6 @@ def add_parser(subparsers: Any) -> None:
                    help="also fetch the workflow's models and resources into the store")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=prepare_command)
-
-
-class _PrepareControl:
-    """Ctrl-C cancels; download progress as bars, other progress as lines on stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.canceled = threading.Event()
-        self.quiet = quiet
-        self.bars = DownloadBars()
-
-    def stop_reason(self) -> StopReason | None:
-        return StopReason.CANCELED if self.canceled.is_set() else None
-
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        if data.get("phase") == "models" and "bytes" in data:
-            self.bars.update(data)
-            return
-        line = describe_event(kind, data)
-        if line is not None:
-            print(line, file=sys.stderr)
 
 
 def workflow_message(path: Path) -> c.RunMessage:
@@ -89,7 +65,7 @@ def prepare_command(args: argparse.Namespace, settings: Settings) -> int:
     except RunRejected as exc:
         print(json.dumps({"status": "failed", "error": exc.as_error()}, indent=2))
         return 2
-    control = _PrepareControl(args.quiet)
+    control = CliControl(args.quiet)
     previous = signal.signal(signal.SIGINT, lambda *_: control.canceled.set())
     if not args.quiet:
         what = "environment and models" if args.models else "environment"

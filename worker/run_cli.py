@@ -10,16 +10,15 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from worker.cli_inputs import message_from_args
-from worker.cli_progress import DownloadBars, describe_event
+from worker.cli_progress import CliControl
 from worker.contract import RunStatus, utcnow
 from worker.errors import RunRejected
-from worker.pipeline import RunResult, StopReason
+from worker.pipeline import RunResult
 from worker.report import terminal_record
 from worker.settings import Settings
 from worker.storage import LocalStorage
@@ -38,28 +37,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--timeout-s", type=float, help="stop the run after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run_command)
-
-
-class _CliControl:
-    """Ctrl-C cancels the run; progress lines go to stderr."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.canceled = threading.Event()
-        self.quiet = quiet
-        self.bars = DownloadBars()
-
-    def stop_reason(self) -> StopReason | None:
-        return StopReason.CANCELED if self.canceled.is_set() else None
-
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        if data.get("phase") == "models" and "bytes" in data:
-            self.bars.update(data)
-            return
-        line = describe_event(kind, data)
-        if line is not None:
-            print(line, file=sys.stderr)
 
 
 def run_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,7 +62,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         record = {"id": args.run_id, "status": "failed", "error": exc.as_error()}
         print(json.dumps(record, indent=2))
         return 2
-    control = _CliControl(args.quiet)
+    control = CliControl(args.quiet)
     previous = signal.signal(signal.SIGINT, lambda *_: control.canceled.set())
     pipeline = build_pipeline(settings, storage=LocalStorage(args.out.resolve()),
                               allow_local_files=True)
