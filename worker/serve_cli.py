@@ -90,15 +90,15 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker.sandboxing import refuse_without_sandbox
 
     configure_logging(settings.log_level)
-    refusal = refuse_without_sandbox(settings, "serve")
-    if refusal is not None:
-        print(refusal, file=sys.stderr)
-        return 2
     try:
         gpu_class = resolve_gpu_class(settings, args.gpu_class)
         device = resolve_device(settings, gpu_class)
     except ConfigError as exc:
         print(f"runflow-worker serve: {exc}", file=sys.stderr)
+        return 2
+    refusal = refuse_without_sandbox(settings, "serve")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     if args.max_runs is not None and args.max_runs < 1:
         print("runflow-worker serve: --max-runs must be at least 1", file=sys.stderr)
