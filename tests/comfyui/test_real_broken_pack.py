@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.conftest import COMFY, Control
+from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control
 from tests.factories import workflow
 from worker.contract import RunStatus, parse_message
 from worker.errors import ErrorCode
@@ -34,7 +34,8 @@ def test_a_declared_pack_raising_at_import_fails_the_run(tmp_path: Path) -> None
     settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=Path(COMFY), gpu_class="cpu",
                         extra_custom_nodes=(str(packs),))
     pipeline = build_pipeline(settings, storage=LocalStorage(tmp_path / "store"),
-                              allow_local_files=True, cpu=True)
+                              allow_local_files=True, cpu=True,
+                              sandbox_read_only=SANDBOX_READ_ONLY)
     graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
              "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
     wf = workflow(graph)

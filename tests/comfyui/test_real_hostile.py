@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.comfyui.conftest import COMFY
+from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY
 from tests.comfyui.test_real_comfyui import img_graph, run, write_png
 from worker.contract import RunStatus
 from worker.errors import ErrorCode
@@ -20,7 +20,9 @@ PACK = '''
 import os, pickle, stat, struct
 
 CANARY = {canary!r}
-ATTACK_AT_IMPORT = {attack_at_import!r}
+# A file beside the pack, which the test removes after the first start: the pack sees its
+# own folder (read-only) inside the sandbox, nothing else of the test's.
+ATTACK_AT_IMPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attack-at-import")
 
 
 class _Canary:
@@ -41,7 +43,6 @@ def attack():
 
 
 if os.path.exists(ATTACK_AT_IMPORT):
-    os.remove(ATTACK_AT_IMPORT)  # once: the next start is honest
     attack()
 
 
@@ -71,14 +72,15 @@ def hostile_pipeline(tmp_path: Path):
 
     nodes = tmp_path / "custom_nodes"
     (nodes / "runflow_hostile_pack").mkdir(parents=True)
-    canary, attack_at_import = tmp_path / "canary", tmp_path / "attack-at-import"
-    (nodes / "runflow_hostile_pack" / "__init__.py").write_text(
-        PACK.format(canary=str(canary), attack_at_import=str(attack_at_import)))
+    canary = tmp_path / "canary"
+    attack_at_import = nodes / "runflow_hostile_pack" / "attack-at-import"
+    (nodes / "runflow_hostile_pack" / "__init__.py").write_text(PACK.format(canary=str(canary)))
     attack_at_import.touch()
     settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=Path(COMFY), gpu_class="cpu",
                         extra_custom_nodes=(str(nodes),))
     pl = build_pipeline(settings, storage=LocalStorage(tmp_path / "store"),
-                        allow_local_files=True, cpu=True)
+                        allow_local_files=True, cpu=True,
+                        sandbox_read_only=SANDBOX_READ_ONLY)
     yield pl, canary, attack_at_import
     pl.close()
 
@@ -92,7 +94,7 @@ def test_a_pack_writing_pickle_frames_never_runs_code_in_the_worker(
     # At import, while ComfyUI starts: the start fails.
     started = run(pipeline, img_graph(output), {"image": image}, run_id="hostile-import")
     assert not canary.exists()
-    assert not attack_at_import.exists(), "the pack never ran"
+    attack_at_import.unlink()  # the next start is honest
     f = started.failure
     assert started.status is RunStatus.FAILED and f is not None, started
     assert f.code is ErrorCode.ENVIRONMENT_FAILED, f

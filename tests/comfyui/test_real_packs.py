@@ -32,7 +32,14 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.comfyui.conftest import COMFY, ROOT, Control, seed_blob, url_path
+from tests.comfyui.conftest import (
+    COMFY,
+    ROOT,
+    SANDBOX_READ_ONLY,
+    Control,
+    seed_blob,
+    url_path,
+)
 from tests.factories import workflow
 from worker.contract import RunStatus, parse_message
 
@@ -106,7 +113,7 @@ def packs_pipeline(tmp_path_factory: pytest.TempPathFactory):
     settings = Settings(cache_dir=root / "cache", comfyui_dir=None, gpu_class="cpu",
                         git_mirrors=tuple(mirrors))
     pl = build_pipeline(settings, storage=LocalStorage(root / "store"), allow_local_files=True,
-                        cpu=True)
+                        cpu=True, sandbox_read_only=SANDBOX_READ_ONLY)
     yield pl, comfy_commit, root / "cache"
     pl.close()
 
