@@ -54,6 +54,30 @@ def test_capabilities_are_dropped_after_the_scratch_layer_is_mounted(tmp_path: P
 
 
 @HAVE_BWRAP
+def test_a_sandbox_without_scratch_layers_has_no_capability_either(tmp_path: Path) -> None:
+    """An environment build's sandbox (no scratch layer): were the worker root, bwrap would
+    keep its capabilities inside its user namespace, enough to remount a read-only bind
+    writable or unmount the tmpfs hiding the cache volume."""
+    shown = tmp_path / "shown"
+    (shown / "hidden").mkdir(parents=True)
+    (shown / "hidden" / "blob").write_text("another tenant's")
+    code = ("import json, subprocess\n"
+            "caps = {l.split(':')[0]: l.split(':')[1].strip() for l in open('/proc/self/status')"
+            " if l.startswith('Cap')}\n"
+            "def ok(*argv):\n"
+            "    return subprocess.run(argv, capture_output=True).returncode == 0\n"
+            "print(json.dumps({'caps': caps,\n"
+            "    'remount': ok('mount', '-o', 'remount,bind,rw', '%s'),\n"
+            "    'unmask': ok('umount', '-l', '%s')}))\n" % (shown, shown / "hidden"))
+    done = _inside(SandboxPlan(read_only=(str(shown),), hidden=(str(shown / "hidden"),)), code)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    for name in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(seen["caps"][name], 16) == 0, seen["caps"]
+    assert seen["remount"] is False and seen["unmask"] is False
+
+
+@HAVE_BWRAP
 def test_only_the_whitelist_is_visible_and_only_writable_paths_are_writable(
         tmp_path: Path) -> None:
     secret = tmp_path / "elsewhere" / "secret.txt"
