@@ -136,6 +136,9 @@ class PipelineConfig:
     cache volume); the run's own directories are shown again inside them."""
 
 
+_Wanted = tuple[str, str, list[str], int | None, Path, Path]
+"""One blob a run needs: field, sha256, sources, size, link path, links directory."""
+
 _FAILURE_CODES = {
     p.FailureKind.INVALID_WORKFLOW: ErrorCode.INVALID_WORKFLOW,
     p.FailureKind.NODE_ERROR: ErrorCode.NODE_ERROR,
@@ -234,7 +237,7 @@ class Pipeline:
                        else nullcontext())
                 with pin:
                     with phases.phase("models"):
-                        self._materialise_models(message, run, control, stop_reason)
+                        wanted = self._fetch_models(message, run, control, stop_reason)
                     self._check_stop(stop_reason)
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
@@ -246,6 +249,10 @@ class Pipeline:
                     with phases.phase("environment"):
                         runner = self._restart_if_died(runner, wf.owner, result,
                                                        stop_reason)
+                    # Linked only now: the links directory is visible to the warm child,
+                    # which until the runner was acquired may be another owner's.
+                    with phases.phase("models"):
+                        self._link_models(wanted, run, wf.owner, stop_reason)
                     with phases.phase("execute"):
                         run.enter()
                         outcome = self._run_graph(runner, message, graph, run, control,
@@ -448,15 +455,13 @@ class Pipeline:
             return None
         return runner.config.env_key
 
-    def _materialise_models(self, message: c.RunMessage, run: RunPaths,
-                            control: RunControl,
-                            stop_reason: Callable[[], StopReason | None]) -> None:
-        """Fetch the run's missing blobs in parallel, then hard-link each at its exact path
-        in the run's read-only ``links`` (a resource also gets a symlink to it in the run's
-        input directory, where ComfyUI looks for it by key)."""
+    def _fetch_models(self, message: c.RunMessage, run: RunPaths, control: RunControl,
+                      stop_reason: Callable[[], StopReason | None]) -> list[_Wanted]:
+        """Fetch the run's missing blobs in parallel (proving another owner's private ones);
+        what ``_link_models`` links once the run's own child is there."""
         wf = message.workflow
         models, resources = run.links / "models", run.links / "input"
-        wanted: list[tuple[str, str, list[str], int | None, Path, Path]] = []
+        wanted: list[_Wanted] = []
         for key, ref in wf.models.items():
             sources = [ref.url] if ref.url else []
             wanted.append((f"workflow.models.{key}", ref.sha256.lower(), sources,
@@ -468,11 +473,10 @@ class Pipeline:
             wanted.append((f"workflow.resources.{key}", res.sha256.lower(), sources,
                            res.size_bytes, resources / key, resources))
         if not wanted:
-            return
+            return wanted
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
         from cache.blobs import BlobRequest
-        from cache.errors import CacheError, FetchCanceled
 
         fields_of: dict[str, list[str]] = {}
         for field_name, sha, *_ in wanted:
@@ -482,22 +486,43 @@ class Pipeline:
             control.emit("progress", {"phase": "models", "sha256": sha,
                                       "fields": fields_of[sha], "bytes": done, "total": total})
 
-        try:
+        with self._model_errors(wanted, wf.owner, stop_reason):
             self.blobs.ensure_many(
                 [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
                 owner=wf.owner,  # another owner's private blob only after a proof
                 max_parallel=self.config.model_fetch_parallel, progress=progress,
                 cancel=lambda: stop_reason() is not None)
-            for field_name, sha, _, _, dest, base in wanted:
+        return wanted
+
+    def _link_models(self, wanted: list[_Wanted], run: RunPaths, owner: str | None,
+                     stop_reason: Callable[[], StopReason | None]) -> None:
+        """Hard-link each fetched blob at its exact path in the run's read-only ``links``
+        (a resource also gets a symlink to it in the run's input directory, where ComfyUI
+        looks for it by key). Called once the run's own child is acquired: ``links`` is
+        bound into the warm child, and the one before may have been another owner's."""
+        if not wanted or self.blobs is None:
+            return
+        with self._model_errors(wanted, owner, stop_reason):
+            for _, sha, _, _, dest, base in wanted:
                 self.blobs.hardlink(sha, dest, base=base)
-                if base == resources:
+                if base == run.links / "input":
                     _symlink_resource(dest, run.staged("input") / dest.relative_to(base))
+
+    @contextmanager
+    def _model_errors(self, wanted: list[_Wanted], owner: str | None,
+                      stop_reason: Callable[[], StopReason | None]) -> Iterator[None]:
+        """The blob store's failures as the run's: MODEL_FETCH_FAILED naming the fields."""
+        from cache.errors import CacheError, FetchCanceled
+
+        assert self.blobs is not None
+        try:
+            yield
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
         except CacheError as exc:
             # Only what this owner may have counts as present: a failed proof of another
             # owner's blob names its field like a failed download.
-            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, wf.owner)] or [
+            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, owner)] or [
                 f for f, *_ in wanted]
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
                              details={"fields": missing}) from exc
