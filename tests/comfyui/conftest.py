@@ -13,6 +13,8 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from cache.access import AccessRecords
+
 COMFY = os.environ.get("RUNFLOW_TEST_COMFYUI")
 SANDBOX_READ_ONLY = tuple(Path(p) for p in
                           os.environ.get("RUNFLOW_TEST_SANDBOX_READ_ONLY", "").split(",") if p)
@@ -34,6 +36,8 @@ def seed_blob(blobs_root: Path, path: Path) -> str:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
         dest.chmod(0o444)
+    # As a public source leaves it: a blob without an access record is served to nobody.
+    AccessRecords(blobs_root / "access").record(digest, None, private=False)
     return digest
 
 
