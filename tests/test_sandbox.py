@@ -363,3 +363,31 @@ def test_a_new_child_finds_its_root_empty_whatever_the_last_one_left(tmp_path: P
     _empty_dir(str(root))
     assert root.is_dir() and list(root.iterdir()) == []
     assert not list(tmp_path.glob("child.old-*"))  # removed, unreadable directory and all
+
+
+def test_emptying_the_child_root_never_changes_what_a_link_there_points_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's link in a directory it made read-only: a worker that is not root cannot
+    remove the link at first, and making it removable must not chmod the link's target (a
+    file of the worker)."""
+    from runtime.runner import _empty_dir
+
+    victim = tmp_path / "worker-file"
+    victim.write_text("the worker's")
+    victim.chmod(0o644)
+    root = tmp_path / "child"
+    (root / "ro").mkdir(parents=True)
+    (root / "ro" / "link").symlink_to(victim)
+    real_unlink = os.unlink
+    refused: list[str] = []
+
+    def unlink(path, *, dir_fd=None):
+        if path == "link" and not refused:  # what EACCES looks like to a worker not root
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    _empty_dir(str(root))
+    assert refused and list(root.iterdir()) == []
+    assert victim.stat().st_mode & 0o777 == 0o644
