@@ -341,6 +341,11 @@ class Pipeline:
             env = self._prepare_environment(message, stop_reason)
             comfyui_dir, env_key = env.comfyui_dir, env.key
             sys_path = tuple(str(p) for p in env.sys_path)
+            # Checked out at the pinned commit by the worker itself; its .git is what the
+            # build's code left, so no git of the worker's ever reads it (a ref linked to a
+            # worker's file would put that file into the record).
+            self._commits[comfyui_dir] = (message.workflow.environment.comfyui.commit
+                                          or "").lower() or None
         node_dirs = (str(comfyui_dir / "custom_nodes"),
                      *(str(d) for d in self.config.extra_custom_node_dirs))
         child_root = self._run_dirs.child_root
@@ -376,7 +381,9 @@ class Pipeline:
         return runner
 
     def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
-        """``ready`` with the checkout's commit as the worker reads it (once per checkout).
+        """``ready`` with the checkout's commit as the worker knows it: the pinned commit
+        of an environment it checked out, else (a baked checkout, the operator's) read by
+        git once per checkout.
 
         The child's own word is not taken: it is sent after custom nodes ran, and in the
         sandbox a pinned environment's git metadata (in the mirror) is out of its sight.
