@@ -67,8 +67,8 @@ def test_a_sandbox_without_scratch_layers_has_no_capability_either(tmp_path: Pat
             "def ok(*argv):\n"
             "    return subprocess.run(argv, capture_output=True).returncode == 0\n"
             "print(json.dumps({'caps': caps,\n"
-            "    'remount': ok('mount', '-o', 'remount,bind,rw', '%s'),\n"
-            "    'unmask': ok('umount', '-l', '%s')}))\n" % (shown, shown / "hidden"))
+            f"    'remount': ok('mount', '-o', 'remount,bind,rw', '{shown}'),\n"
+            f"    'unmask': ok('umount', '-l', '{shown / 'hidden'}')}}))\n")
     done = _inside(SandboxPlan(read_only=(str(shown),), hidden=(str(shown / "hidden"),)), code)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
