@@ -11,7 +11,6 @@ run never raises out of ``execute``: every outcome is a result with one status.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -33,6 +32,7 @@ from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected
 from worker.inputs import FileFetcher, materialise_inputs
 from worker.outputs import discard_outputs_later, store_outputs
 from worker.rundirs import RunDirs, RunPaths
+from worker.runmodels import ModelStore, WantedBlob, fetch_blobs, link_blobs, wanted_blobs
 from worker.storage import Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,6 @@ class RunControl(Protocol):
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Publish a ``progress`` or ``log`` event of this run."""
-
-
-class ModelStore(Protocol):
-    """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
-
-    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int = 4,
-                    progress: Callable[[str, int, int | None], None] | None = None,
-                    cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
-
-    def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
-
-    def usable(self, sha256: str, owner: str | None) -> bool: ...
-
-    def pin(self, digests: Any) -> Any: ...
 
 
 class EnvironmentBuilder(Protocol):
@@ -135,9 +121,6 @@ class PipelineConfig:
     """Paths the sandboxed child never sees although a path it reads contains them (the
     cache volume); the run's own directories are shown again inside them."""
 
-
-_Wanted = tuple[str, str, list[str], int | None, Path, Path]
-"""One blob a run needs: field, sha256, sources, size, link path, links directory."""
 
 _FAILURE_CODES = {
     p.FailureKind.INVALID_WORKFLOW: ErrorCode.INVALID_WORKFLOW,
@@ -251,8 +234,10 @@ class Pipeline:
                                                        stop_reason)
                     # Linked only now: the links directory is visible to the warm child,
                     # which until the runner was acquired may be another owner's.
-                    with phases.phase("models"):
-                        self._link_models(wanted, run, wf.owner, stop_reason)
+                    if wanted:
+                        assert self.blobs is not None
+                        with phases.phase("models"):
+                            link_blobs(self.blobs, wanted, run, wf.owner)
                     with phases.phase("execute"):
                         run.enter()
                         outcome = self._run_graph(runner, message, graph, run, control,
@@ -463,76 +448,31 @@ class Pipeline:
         return runner.config.env_key
 
     def _fetch_models(self, message: c.RunMessage, run: RunPaths, control: RunControl,
-                      stop_reason: Callable[[], StopReason | None]) -> list[_Wanted]:
-        """Fetch the run's missing blobs in parallel (proving another owner's private ones);
-        what ``_link_models`` links once the run's own child is there."""
-        wf = message.workflow
-        models, resources = run.links / "models", run.links / "input"
-        wanted: list[_Wanted] = []
-        for key, ref in wf.models.items():
-            sources = [ref.url] if ref.url else []
-            wanted.append((f"workflow.models.{key}", ref.sha256.lower(), sources,
-                           ref.size_bytes, models / key, models))
-        for key, res in wf.resources.items():
-            sources = [res.url] if res.url else []
-            if res.asset_id:
-                sources.append(f"runflow://assets/{res.asset_id}")
-            wanted.append((f"workflow.resources.{key}", res.sha256.lower(), sources,
-                           res.size_bytes, resources / key, resources))
+                      stop_reason: Callable[[], StopReason | None]) -> list[WantedBlob]:
+        """Fetch the run's missing blobs in parallel (``worker.runmodels``); they are linked
+        once the run's own child is there."""
+        wanted = wanted_blobs(message.workflow, run)
         if not wanted:
             return wanted
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
-        from cache.blobs import BlobRequest
+        from cache.errors import FetchCanceled
 
         fields_of: dict[str, list[str]] = {}
-        for field_name, sha, *_ in wanted:
-            fields_of.setdefault(sha, []).append(field_name)
+        for w in wanted:
+            fields_of.setdefault(w.sha256, []).append(w.field)
 
         def progress(sha: str, done: int, total: int | None) -> None:
             control.emit("progress", {"phase": "models", "sha256": sha,
                                       "fields": fields_of[sha], "bytes": done, "total": total})
 
-        with self._model_errors(wanted, wf.owner, stop_reason):
-            self.blobs.ensure_many(
-                [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
-                owner=wf.owner,  # another owner's private blob only after a proof
-                max_parallel=self.config.model_fetch_parallel, progress=progress,
-                cancel=lambda: stop_reason() is not None)
-        return wanted
-
-    def _link_models(self, wanted: list[_Wanted], run: RunPaths, owner: str | None,
-                     stop_reason: Callable[[], StopReason | None]) -> None:
-        """Hard-link each fetched blob at its exact path in the run's read-only ``links``
-        (a resource also gets a symlink to it in the run's input directory, where ComfyUI
-        looks for it by key). Called once the run's own child is acquired: ``links`` is
-        bound into the warm child, and the one before may have been another owner's."""
-        if not wanted or self.blobs is None:
-            return
-        with self._model_errors(wanted, owner, stop_reason):
-            for _, sha, _, _, dest, base in wanted:
-                self.blobs.hardlink(sha, dest, base=base)
-                if base == run.links / "input":
-                    _symlink_resource(dest, run.staged("input") / dest.relative_to(base))
-
-    @contextmanager
-    def _model_errors(self, wanted: list[_Wanted], owner: str | None,
-                      stop_reason: Callable[[], StopReason | None]) -> Iterator[None]:
-        """The blob store's failures as the run's: MODEL_FETCH_FAILED naming the fields."""
-        from cache.errors import CacheError, FetchCanceled
-
-        assert self.blobs is not None
         try:
-            yield
+            fetch_blobs(self.blobs, wanted, message.workflow.owner,
+                        max_parallel=self.config.model_fetch_parallel, progress=progress,
+                        cancel=lambda: stop_reason() is not None)
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except CacheError as exc:
-            # Only what this owner may have counts as present: a failed proof of another
-            # owner's blob names its field like a failed download.
-            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, owner)] or [
-                f for f, *_ in wanted]
-            raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
-                             details={"fields": missing}) from exc
+        return wanted
 
     def _upload(self, files: Any, run: RunPaths, run_id: str,
                 stop_reason: Callable[[], StopReason | None]) -> list[c.OutputEntry]:
@@ -618,15 +558,6 @@ class Pipeline:
             details["exception_type"] = outcome.exception_type
         return RunFailure(_FAILURE_CODES[outcome.kind], outcome.message,
                           node_id=outcome.node_id, node_type=outcome.node_type, details=details)
-
-
-def _symlink_resource(target: Path, link: Path) -> None:
-    """A symlink at ``link`` (in the run's staged input directory) to the resource's hard
-    link ``target``: the same absolute path inside the sandbox and out."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(target, link)
 
 
 def _interrupted(reason: StopReason) -> RunInterrupted:
