@@ -448,7 +448,11 @@ class Environments:
                           _site_dirs(env_dir / "python", existing_only=True))
         root = env_dir.resolve()
         for path in (env.comfyui_dir, env.custom_nodes_dir, *env.sys_path):
-            if not path.resolve().is_relative_to(root):
+            try:
+                inside = path.resolve().is_relative_to(root)
+            except (OSError, RuntimeError):  # a symlink loop
+                inside = False
+            if not inside:
                 raise EnvironmentBuildError(
                     f"environment {key}: {path.relative_to(env_dir)} leads out of the "
                     "environment (a symlink its build left); refusing to use it")

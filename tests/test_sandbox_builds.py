@@ -113,18 +113,26 @@ def _hostile_build(tmp_path: Path, script: str, comfy_files: dict[str, str] | No
                                  install_scripts=True)
 
 
+@pytest.mark.parametrize("swap", ["site-packages", "custom_nodes"])
 def test_a_build_cannot_make_the_child_bind_a_directory_outside_its_environment(
-        tmp_path: Path) -> None:
+        tmp_path: Path, swap: str) -> None:
     """The child's sandbox binds the environment's site-packages where they really are: a
-    build that swapped them for a symlink to the worker's home would have it shown."""
+    build that swapped them for a symlink to the worker's home would have it shown (a
+    symlink loop in place of custom_nodes is refused alike)."""
     home = tmp_path / "home" / ".aws"
     home.mkdir(parents=True)
     (home / "credentials").write_text(f"key={MARK}x\n")
     script = ("import os, sys\n"
-              "env = os.path.abspath(os.path.join(os.getcwd(), '..', '..', '..'))\n"
-              "site = os.path.join(env, 'python', 'lib', 'python%d.%d' % sys.version_info[:2])\n"
-              "os.makedirs(site, exist_ok=True)\n"
-              f"os.symlink({str(home)!r}, os.path.join(site, 'site-packages'))\n")
+              "env = os.path.abspath(os.path.join(os.getcwd(), '..', '..', '..'))\n")
+    if swap == "site-packages":
+        script += ("site = os.path.join(env, 'python', 'lib', 'python%d.%d' % "
+                   "sys.version_info[:2])\n"
+                   "os.makedirs(site, exist_ok=True)\n"
+                   f"os.symlink({str(home)!r}, os.path.join(site, 'site-packages'))\n")
+    else:
+        script += ("nodes = os.path.join(env, 'ComfyUI', 'custom_nodes')\n"
+                   "os.rename(nodes, nodes + '.old')\n"
+                   "os.symlink(nodes, nodes)\n")  # a loop
     envs, spec = _hostile_build(tmp_path, script)
     with pytest.raises(EnvironmentBuildError, match="out of the environment"):
         envs.prepare(spec)
