@@ -309,6 +309,10 @@ class BlobStore:
                 if isinstance(candidate, CacheError):
                     errors.append(candidate)
                     continue
+                if candidate.private:
+                    # Never resumed by another download (another owner's source could
+                    # then show just the tail of these bytes and have them all).
+                    partial = self.partials.set_aside(partial)
                 offset = partial.size()
                 try:
                     result = candidate.fetch(
@@ -352,7 +356,7 @@ class BlobStore:
             raise combine_errors(digest, errors)
         finally:
             self._release(reserved)
-            if keep_partial and partial.path.exists():
+            if keep_partial and not self.partials.is_aside(partial) and partial.path.exists():
                 partial.close()  # left unlocked: the next download of this digest resumes it
             else:
                 partial.remove()

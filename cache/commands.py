@@ -38,8 +38,9 @@ OUTPUT_KEEP_BYTES = 1 << 20
 """The most of a command's stdout, and of its stderr, read back into memory (the end)."""
 
 _DROP_PREFIXES = ("RUNFLOW_", "AWS_")
-_DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL")
-_DROP_SUFFIXES = ("_KEY",)
+_DROP_PARTS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "APIKEY", "PRIVATE_KEY",
+               "CONNECTION_STRING", "AUTH")
+_DROP_SUFFIXES = ("_KEY", "_PASS", "_PWD")
 # ``scheme://user:password@``: a non-empty password in a URL's userinfo, anywhere in a value
 # (a list of URLs too). Userinfo holds no ``/ ? #`` (RFC 3986), so ``https://host:8080/@x``
 # is no credential. The user may be empty (``redis://:pw@host``).
@@ -52,8 +53,9 @@ def is_secret_name(name: str) -> bool:
     """True for variables that processes running foreign code never get unless passed.
 
     ``RUNFLOW_*`` (the worker's own settings: Redis URL, webhook secret; nothing else reads
-    them), ``AWS_*``, and names containing SECRET, TOKEN, PASSWORD, PASSWD or CREDENTIAL or
-    ending with ``_KEY`` (any case).
+    them), ``AWS_*``, and names containing SECRET, TOKEN, PASSWORD, PASSWD, CREDENTIAL,
+    APIKEY, PRIVATE_KEY, CONNECTION_STRING or AUTH or ending with ``_KEY``, ``_PASS`` or
+    ``_PWD`` (any case).
     """
     upper = name.upper()
     return (upper.startswith(_DROP_PREFIXES) or upper.endswith(_DROP_SUFFIXES)

@@ -33,7 +33,11 @@ Sandbox: with a ``BuildSandbox`` (the worker's default), pip and every ``install
 inside it (``runtime.sandbox``: the network allowed for the package index, writable only
 the environment being built and a private ``/tmp``, the rest of the filesystem read-only,
 nothing else of the cache volume visible). The git checkouts are not sandboxed: git runs no
-code of the repositories it checks out.
+code of the repositories it checks out. What a build leaves is hostile too: an environment
+whose ComfyUI, ``custom_nodes/`` or site-packages lead out of it (a symlink; the child's
+sandbox would bind its target) is refused, the worker replaces rather than writes through
+whatever sits at the names of its own records, and a ComfyUI checkout whose
+``custom_nodes`` or ``requirements.txt`` is a symlink fails the build.
 
 Building takes a lock per key, so workers sharing the volume build an environment once; a
 build that died half-way (no ``READY``) is removed and redone.
@@ -331,6 +335,12 @@ class Environments:
         env_dir.mkdir(parents=True)
         comfy = env_dir / "ComfyUI"
         self.git.checkout(spec.comfyui_origin, spec.comfyui_commit, comfy, cancel=cancel)
+        # The origin is any https repository: a symlink there would have the worker check
+        # custom nodes out, or read a file, wherever it points.
+        for name in ("custom_nodes", "requirements.txt"):
+            if (comfy / name).is_symlink():
+                raise EnvironmentBuildError(f"ComfyUI's {name} at {spec.comfyui_commit} is a "
+                                            "symlink; refusing to follow it")
         requirements: list[tuple[str, Path]] = []
         if (comfy / "requirements.txt").is_file():
             # Another ComfyUI commit than the image's may need packages the image lacks.
@@ -344,7 +354,9 @@ class Environments:
                 raise EnvironmentBuildError(f"custom node name {pin.name!r} is not a "
                                             "directory name")
             node_dir = comfy / "custom_nodes" / pin.name
-            if node_dir.exists():  # the ComfyUI commit itself ships a directory of that name
+            if node_dir.is_symlink():
+                node_dir.unlink()
+            elif node_dir.exists():  # the ComfyUI commit itself ships a directory of that name
                 shutil.rmtree(node_dir)
             self.git.checkout(pin.origin, pin.commit, node_dir, cancel=cancel)
             if (node_dir / "requirements.txt").is_file():
@@ -360,11 +372,14 @@ class Environments:
             self._run_install_script(script, env_dir, constraints, cancel)
         if requirements or scripts:
             _check_image_unchanged(image, scripts)
+            self._describe(spec.key, env_dir)  # the build's code left nothing linking out
         record = {"key": spec.key, "spec": asdict(spec), "size_bytes": _tree_bytes(env_dir),
                   "built_at": time.time(), "installer": self.installer}
-        (env_dir / "environment.json").write_text(json.dumps(record, indent=2))
+        # The build's code could write here too: what it left at these names is replaced,
+        # never written through (a symlink to the worker's files).
+        _write_new(env_dir / "environment.json", json.dumps(record, indent=2))
         ready = env_dir / "READY.tmp"
-        ready.write_text(spec.key)
+        _write_new(ready, spec.key)
         os.replace(ready, env_dir / "READY")
 
     def _install(self, requirements: list[tuple[str, Path]], env_dir: Path, constraints: Path,
@@ -440,8 +455,36 @@ class Environments:
                 f"of the image are kept at their installed versions): {result.error_tail}")
 
     def _describe(self, key: str, env_dir: Path) -> Environment:
-        return Environment(key, env_dir, env_dir / "ComfyUI",
-                           _site_dirs(env_dir / "python", existing_only=True))
+        """The environment in ``env_dir``; ``EnvironmentBuildError`` when a directory the
+        ComfyUI child's sandbox binds leads out of it (a build's code can replace any of
+        them with a symlink, and the sandbox binds a path where it really is: a symlink to
+        the worker's home would have that shown to the child)."""
+        env = Environment(key, env_dir, env_dir / "ComfyUI",
+                          _site_dirs(env_dir / "python", existing_only=True))
+        root = env_dir.resolve()
+        for path in (env.comfyui_dir, env.custom_nodes_dir, *env.sys_path):
+            try:
+                inside = path.resolve().is_relative_to(root)
+            except (OSError, RuntimeError):  # a symlink loop
+                inside = False
+            if not inside:
+                raise EnvironmentBuildError(
+                    f"environment {key}: {path.relative_to(env_dir)} leads out of the "
+                    "environment (a symlink its build left); refusing to use it")
+        return env
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Write ``text`` into a new file at ``path``, removing whatever is there first (a
+    symlink is removed, never followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
 
 
 def _without_server_packages(requirements: str) -> str:

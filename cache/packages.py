@@ -10,6 +10,7 @@ package it uses is the usual suspect; ``package_differences`` lists those, for t
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,30 @@ def installed_versions(paths: Sequence[str] | None = None) -> dict[str, str]:
         name = dist.metadata.get("Name")
         if name and dist.version:
             found.setdefault(canonicalize_name(name), dist.version)
+    return found
+
+
+def built_versions(paths: Sequence[str]) -> dict[str, str]:
+    """Canonical name -> version of the distributions an environment build left on ``paths``,
+    told by their ``<name>-<version>.dist-info`` directory names alone (the first on the
+    path wins).
+
+    Why not their ``METADATA``: the build ran hostile code, which may have left a FIFO there
+    (the worker's read would block for good), a sparse file of terabytes, or a symlink to a
+    file of the worker (read into a run's record). pip names every directory it installs
+    that way (a wheel's, an sdist built into one), so the names say what the files would.
+    """
+    found: dict[str, str] = {}
+    for path in paths:
+        try:
+            names = sorted(os.listdir(path))
+        except OSError:
+            continue
+        for entry in names:
+            stem = entry.removesuffix(".dist-info")
+            name, sep, version = stem.partition("-")
+            if stem != entry and sep and name and version:
+                found.setdefault(canonicalize_name(name), version)
     return found
 
 

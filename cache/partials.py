@@ -25,6 +25,8 @@ from pathlib import Path
 from cache.errors import CacheError
 
 SUFFIX = ".part"
+ASIDE_PREFIX = "aside-"
+"""Names of partials no download adopts (``Partials.set_aside``)."""
 
 
 @dataclass
@@ -114,6 +116,21 @@ class Partials:
         )
         os.rename(path, mine)  # the lock belongs to the file, so it follows the rename
         return Partial(mine, fd)
+
+    def set_aside(self, partial: Partial) -> Partial:
+        """``partial`` renamed so that no later download adopts it (``claim`` looks for names
+        starting with the digest): what a private source writes is continued by nobody
+        else's source, which would have shown only the rest of the bytes."""
+        if self.is_aside(partial):
+            return partial
+        path = partial.path.with_name(ASIDE_PREFIX + partial.path.name)
+        os.rename(partial.path, path)  # the lock belongs to the file, so it follows
+        return Partial(path, partial.fd)
+
+    @staticmethod
+    def is_aside(partial: Partial) -> bool:
+        """Whether ``partial`` was set aside (no download adopts it)."""
+        return partial.path.name.startswith(ASIDE_PREFIX)
 
     def clean(self, *, min_age_s: float = 0.0, keep: Path | None = None) -> int:
         """Remove orphaned temporary files older than ``min_age_s``; return how many."""

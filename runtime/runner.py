@@ -537,7 +537,8 @@ def _empty_dir(path: str) -> None:
         def writable_again(func: Any, name: str, _exc: Any) -> None:
             try:
                 os.chmod(os.path.dirname(name), 0o700)
-                os.chmod(name, 0o700)
+                if not os.path.islink(name):  # chmod follows a link: to a file of the worker
+                    os.chmod(name, 0o700)
                 func(name)
             except OSError:
                 pass

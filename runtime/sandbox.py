@@ -148,6 +148,11 @@ def command_prefix(plan: SandboxPlan, env: Mapping[str, str]) -> list[str]:
         # Root of its own user namespace (mapped to the worker's user) with capabilities,
         # for the first step's mounts only: it drops them all before exec.
         args += ["--unshare-user", "--uid", "0", "--gid", "0", "--cap-add", "ALL"]
+    else:
+        # A worker running as root would otherwise leave every capability (in the sandbox's
+        # user namespace) to the untrusted program: enough to remount a read-only bind
+        # writable or unmount the tmpfs that hides the cache volume.
+        args += ["--cap-drop", "ALL"]
     args += _system_mounts()
     args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for pattern in GPU_DEVICE_GLOBS:

@@ -16,7 +16,7 @@ from worker.contract import InputDef, InputType
 from worker.errors import ErrorCode, RunFailure
 from worker.inputs import check_image, materialise_inputs, safe_filename
 from worker.outputs import select_outputs, store_outputs
-from worker.storage import LocalStorage, open_storage
+from worker.storage import LocalStorage, UploadCanceled, open_storage
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (8, 6)) -> bytes:
@@ -211,3 +211,23 @@ def test_store_outputs_refuses_escaping_paths(tmp_path: Path) -> None:
         store_outputs([OutputFile("3", "X", "../secret", None)], out_dir, "r",
                       LocalStorage(tmp_path / "store"))
     assert info.value.code is ErrorCode.NODE_ERROR
+
+
+@pytest.mark.timeout(30)
+def test_a_huge_sparse_output_is_abandoned_once_the_run_must_stop(tmp_path: Path) -> None:
+    """A node can announce a sparse file of terabytes (no disk used): hashing it would
+    take days, so the hash stops with the run (its timeout, a cancel) like the transfer."""
+    out = tmp_path / "output"
+    out.mkdir()
+    with (out / "huge.bin").open("wb") as fh:
+        fh.truncate(2**43)
+    polls = []
+
+    def should_stop() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # the run's timeout comes while the file is hashed
+
+    with pytest.raises(UploadCanceled):
+        store_outputs([OutputFile("1", "Save", "huge.bin", "blob")], out, "run-1",
+                      LocalStorage(tmp_path / "store"), should_stop=should_stop)
+    assert not any((tmp_path / "store").rglob("huge.bin"))

@@ -207,3 +207,31 @@ def test_install_scripts_run_when_the_operator_turns_them_on(
     assert result.environment["env_key"] == key
     node_dir = tmp_path / "cache" / "envs" / key / "ComfyUI" / "custom_nodes" / "ComfyUI-Foo"
     assert (node_dir / "ran.txt").exists()
+
+
+def test_the_recorded_commit_is_the_pinned_one_never_what_a_build_left_in_git(
+        pipeline: Pipeline, origins: dict[str, Any], tmp_path: Path) -> None:
+    """A build's code may rewrite the checkout's ``.git``: a ref linked to a worker's file
+    holding 40 hex digits (a token) would have the worker's own ``git rev-parse`` put that
+    file into the run's record."""
+    secret = tmp_path / "token"
+    secret.write_text("0123456789abcdef" * 2 + "89abcdef\n")
+    first = pipeline.execute(_message(origins["v1"]), Control())
+    assert first.status is RunStatus.SUCCEEDED, first.failure
+    comfy = Path(pipeline.supervisor.runner.config.comfyui_dir)
+    fake = comfy.parent / "fakegit"  # what a build could leave (it writes its environment)
+    (fake / "refs" / "heads").mkdir(parents=True)
+    (fake / "objects").mkdir()
+    (fake / "HEAD").write_text("ref: refs/heads/main\n")
+    (fake / "refs" / "heads" / "main").symlink_to(secret)
+    (comfy / ".git").write_text(f"gitdir: {fake}\n")
+    other = Pipeline(PipelineConfig(work_dir=tmp_path / "work2", comfyui_dir=None,
+                                    child_entry=FAKE),
+                     storage=LocalStorage(tmp_path / "store"),
+                     environments=pipeline.environments)
+    try:
+        again = other.execute(_message(origins["v1"], run_id="env-2"), Control())
+    finally:
+        other.close()
+    assert again.status is RunStatus.SUCCEEDED, again.failure
+    assert again.environment["comfyui_commit"] == origins["v1"]

@@ -409,6 +409,16 @@ def test_child_environment_rules() -> None:
                    "EXTRA": "1"}
 
 
+@pytest.mark.parametrize("name", ["SMTP_PASS", "MYSQL_PWD", "AZURE_STORAGE_CONNECTION_STRING",
+                                  "STRIPE_APIKEY", "DEPLOY_PRIVATE_KEY_PEM", "DOCKER_AUTH_CONFIG",
+                                  "NPM_AUTH"])
+def test_more_credential_names_are_dropped(name: str) -> None:
+    """Names credentials commonly go by although no SECRET, TOKEN or PASSWORD is in them."""
+    kept = child_environment({name: "hunter2", "PWD": "/app", "OLDPWD": "/",
+                              "PASSAGE": "kept"})
+    assert kept == {"PWD": "/app", "OLDPWD": "/", "PASSAGE": "kept"}
+
+
 @pytest.mark.parametrize(("value", "credential"), [
     ("https://user:tok@pypi.internal/simple", True),
     ("redis://:pw@redis:6379/0", True),  # no user, a password

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,3 +152,58 @@ def test_pipeline_shares_a_child_without_custom_nodes(tmp_path: Path) -> None:
             assert again == pid and result.cold_start_s == 0
     finally:
         pipeline.close()
+
+
+class _SpyBlobs:
+    """A blob store whose every blob is present; it notes whose child was warm at each
+    link (the links directory is bound into the warm child)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.linked = threading.Event()
+        self.seen: list[tuple[str, object]] = []
+
+    def ensure_many(self, items, **_: object) -> dict:
+        return {}
+
+    def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path:
+        self.seen.append((dest.name, self.pipeline.supervisor.tenant))
+        dest.write_text(sha256)
+        self.linked.set()
+        return dest
+
+    def usable(self, sha256: str, owner: str | None) -> bool:
+        return True
+
+    def pin(self, digests: object) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+def test_a_run_links_its_models_only_once_the_previous_owners_child_is_gone(
+        tmp_path: Path) -> None:
+    """The models (and resources) are linked where every warm child can read them: never
+    while the child of the run before, another owner's, is still there."""
+    pipeline = make_pipeline(tmp_path, with_nodes=True)
+    blobs = pipeline.blobs = _SpyBlobs(pipeline)
+    acquire = pipeline.supervisor.acquire
+
+    def slow_acquire(config: RunnerConfig, *, owner: str | None = None, **kw: object):
+        # The switch to another owner's child is slow (a cold start): the models phase,
+        # running meanwhile, may link first only if it does not wait for it.
+        if owner == "globex":
+            blobs.linked.wait(timeout=3)
+        return acquire(config, owner=owner, **kw)
+
+    pipeline.supervisor.acquire = slow_acquire  # type: ignore[method-assign]
+    try:
+        for owner, name in (("acme", "acme.safetensors"), ("globex", "globex.safetensors")):
+            blobs.linked.clear()
+            wf = workflow(owner=owner, models={name: {"sha256": "ab" * 32,
+                                                      "url": "https://models.invalid/m"}})
+            result = pipeline.execute(parse_message(message(wf=wf, run_id=f"link-{owner}")),
+                                      Control())
+            assert result.status is RunStatus.SUCCEEDED, result.failure
+    finally:
+        pipeline.close()
+    assert blobs.seen == [("acme.safetensors", ("owner", "acme")),
+                          ("globex.safetensors", ("owner", "globex"))]

@@ -54,6 +54,30 @@ def test_capabilities_are_dropped_after_the_scratch_layer_is_mounted(tmp_path: P
 
 
 @HAVE_BWRAP
+def test_a_sandbox_without_scratch_layers_has_no_capability_either(tmp_path: Path) -> None:
+    """An environment build's sandbox (no scratch layer): were the worker root, bwrap would
+    keep its capabilities inside its user namespace, enough to remount a read-only bind
+    writable or unmount the tmpfs hiding the cache volume."""
+    shown = tmp_path / "shown"
+    (shown / "hidden").mkdir(parents=True)
+    (shown / "hidden" / "blob").write_text("another tenant's")
+    code = ("import json, subprocess\n"
+            "caps = {l.split(':')[0]: l.split(':')[1].strip() for l in open('/proc/self/status')"
+            " if l.startswith('Cap')}\n"
+            "def ok(*argv):\n"
+            "    return subprocess.run(argv, capture_output=True).returncode == 0\n"
+            "print(json.dumps({'caps': caps,\n"
+            f"    'remount': ok('mount', '-o', 'remount,bind,rw', '{shown}'),\n"
+            f"    'unmask': ok('umount', '-l', '{shown / 'hidden'}')}}))\n")
+    done = _inside(SandboxPlan(read_only=(str(shown),), hidden=(str(shown / "hidden"),)), code)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    for name in ("CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"):
+        assert int(seen["caps"][name], 16) == 0, seen["caps"]
+    assert seen["remount"] is False and seen["unmask"] is False
+
+
+@HAVE_BWRAP
 def test_only_the_whitelist_is_visible_and_only_writable_paths_are_writable(
         tmp_path: Path) -> None:
     secret = tmp_path / "elsewhere" / "secret.txt"
@@ -339,3 +363,31 @@ def test_a_new_child_finds_its_root_empty_whatever_the_last_one_left(tmp_path: P
     _empty_dir(str(root))
     assert root.is_dir() and list(root.iterdir()) == []
     assert not list(tmp_path.glob("child.old-*"))  # removed, unreadable directory and all
+
+
+def test_emptying_the_child_root_never_changes_what_a_link_there_points_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's link in a directory it made read-only: a worker that is not root cannot
+    remove the link at first, and making it removable must not chmod the link's target (a
+    file of the worker)."""
+    from runtime.runner import _empty_dir
+
+    victim = tmp_path / "worker-file"
+    victim.write_text("the worker's")
+    victim.chmod(0o644)
+    root = tmp_path / "child"
+    (root / "ro").mkdir(parents=True)
+    (root / "ro" / "link").symlink_to(victim)
+    real_unlink = os.unlink
+    refused: list[str] = []
+
+    def unlink(path, *, dir_fd=None):
+        if path == "link" and not refused:  # what EACCES looks like to a worker not root
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    _empty_dir(str(root))
+    assert refused and list(root.iterdir()) == []
+    assert victim.stat().st_mode & 0o777 == 0o644

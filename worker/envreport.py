@@ -162,11 +162,15 @@ class EnvironmentReport:
 
     def _package_differences(self, message: c.RunMessage, config: RunnerConfig,
                              environment: dict[str, Any]) -> str | None:
-        from cache.packages import installed_versions, package_differences
+        from cache.packages import built_versions, installed_versions, package_differences
 
         if self._installed is None or self._installed[0] != config:
             # The child imports from the environment's directories first, then the image's.
-            self._installed = (config, installed_versions([*config.extra_sys_path, *sys.path]))
+            # The environment's are read by name only: a hostile build wrote them.
+            found = built_versions(config.extra_sys_path)
+            for name, version in installed_versions(sys.path).items():
+                found.setdefault(name, version)
+            self._installed = (config, found)
         differences = package_differences(
             ((pin.name, pin.version) for pin in message.workflow.environment.packages),
             self._installed[1])

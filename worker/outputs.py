@@ -52,10 +52,20 @@ def content_type_of(name: str) -> str:
     return _EXTRA_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file."""
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+HASH_CHUNK_BYTES = 4 << 20
+
+
+def sha256_of(path: Path, should_stop: ShouldStop | None = None) -> str:
+    """Hex sha256 of a file; ``UploadCanceled`` once ``should_stop`` returns True (checked
+    every ``HASH_CHUNK_BYTES``: a node's sparse "output" of terabytes costs no disk but
+    would keep the worker hashing for hours)."""
+    digest = hashlib.sha256()
+    with path.open("rb", buffering=0) as fh:
+        while chunk := fh.read(HASH_CHUNK_BYTES):
+            if should_stop is not None and should_stop():
+                raise UploadCanceled(f"hashing {path.name} stopped")
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class UnsafeOutput(OSError):
@@ -184,7 +194,7 @@ def _store_one(fd: int, relpath: Path, f: OutputFile, output_id: str, run_id: st
         key = object_key(run_id, output_id, f"{relpath.stem}_{n}{relpath.suffix}")
     used_keys.add(key)
     path = Path(f"/proc/self/fd/{fd}")
-    digest = sha256_of(path)
+    digest = sha256_of(path, should_stop)
     content_type = content_type_of(filename)
     if written is not None:
         written.append(key)

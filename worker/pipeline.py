@@ -11,7 +11,6 @@ run never raises out of ``execute``: every outcome is a result with one status.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -34,6 +33,7 @@ from worker.fitness import checkout_problem, disk_full_error, disk_problem, star
 from worker.inputs import FileFetcher, materialise_inputs
 from worker.outputs import discard_outputs_later, store_outputs
 from worker.rundirs import RunDirs, RunPaths
+from worker.runmodels import ModelStore, WantedBlob, fetch_blobs, link_blobs, wanted_blobs
 from worker.storage import Storage, UploadCanceled
 
 log = logging.getLogger(__name__)
@@ -56,20 +56,6 @@ class RunControl(Protocol):
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Publish a ``progress`` or ``log`` event of this run."""
-
-
-class ModelStore(Protocol):
-    """The part of the blob store the pipeline uses (``cache.blobs.BlobStore``)."""
-
-    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int = 4,
-                    progress: Callable[[str, int, int | None], None] | None = None,
-                    cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
-
-    def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path: ...
-
-    def usable(self, sha256: str, owner: str | None) -> bool: ...
-
-    def pin(self, digests: Any) -> Any: ...
 
 
 class EnvironmentBuilder(Protocol):
@@ -238,7 +224,7 @@ class Pipeline:
                        else nullcontext())
                 with pin:
                     with phases.phase("models"):
-                        self._materialise_models(message, run, control, stop_reason)
+                        wanted = self._fetch_models(message, run, control, stop_reason)
                     self._check_stop(stop_reason)
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
@@ -250,6 +236,12 @@ class Pipeline:
                     with phases.phase("environment"):
                         runner = self._restart_if_died(runner, wf.owner, result,
                                                        stop_reason)
+                    # Linked only now: the links directory is visible to the warm child,
+                    # which until the runner was acquired may be another owner's.
+                    if wanted:
+                        assert self.blobs is not None
+                        with phases.phase("models"):
+                            link_blobs(self.blobs, wanted, run, wf.owner)
                     with phases.phase("execute"):
                         run.enter()
                         outcome = self._run_graph(runner, message, graph, run, control,
@@ -301,11 +293,11 @@ class Pipeline:
             with phases.phase("environment"):
                 self._runner(message, result, control.stop_reason)
             if models:
-                # The models land in the store; the run's links to them go with its dirs.
+                # The models land in the store (the run's dirs, never linked, go at once).
                 run = self._run_dirs.create(message.run_id)
                 try:
                     with phases.phase("models"):
-                        self._materialise_models(message, run, control, control.stop_reason)
+                        self._fetch_models(message, run, control, control.stop_reason)
                 finally:
                     run.remove()
             result.status = c.RunStatus.SUCCEEDED
@@ -375,6 +367,11 @@ class Pipeline:
             env = self._prepare_environment(message, stop_reason)
             comfyui_dir, env_key = env.comfyui_dir, env.key
             sys_path = tuple(str(p) for p in env.sys_path)
+            # Checked out at the pinned commit by the worker itself; its .git is what the
+            # build's code left, so no git of the worker's ever reads it (a ref linked to a
+            # worker's file would put that file into the record).
+            self._commits[comfyui_dir] = (message.workflow.environment.comfyui.commit
+                                          or "").lower() or None
         node_dirs = (str(comfyui_dir / "custom_nodes"),
                      *(str(d) for d in self.config.extra_custom_node_dirs))
         child_root = self._run_dirs.child_root
@@ -413,7 +410,9 @@ class Pipeline:
         return runner
 
     def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
-        """``ready`` with the checkout's commit as the worker reads it (once per checkout).
+        """``ready`` with the checkout's commit as the worker knows it: the pinned commit
+        of an environment it checked out, else (a baked checkout, the operator's) read by
+        git once per checkout.
 
         The child's own word is not taken: it is sent after custom nodes ran, and in the
         sandbox a pinned environment's git metadata (in the mirror) is out of its sight.
@@ -495,59 +494,32 @@ class Pipeline:
             return None
         return runner.config.env_key
 
-    def _materialise_models(self, message: c.RunMessage, run: RunPaths,
-                            control: RunControl,
-                            stop_reason: Callable[[], StopReason | None]) -> None:
-        """Fetch the run's missing blobs in parallel, then hard-link each at its exact path
-        in the run's read-only ``links`` (a resource also gets a symlink to it in the run's
-        input directory, where ComfyUI looks for it by key)."""
-        wf = message.workflow
-        models, resources = run.links / "models", run.links / "input"
-        wanted: list[tuple[str, str, list[str], int | None, Path, Path]] = []
-        for key, ref in wf.models.items():
-            sources = [ref.url] if ref.url else []
-            wanted.append((f"workflow.models.{key}", ref.sha256.lower(), sources,
-                           ref.size_bytes, models / key, models))
-        for key, res in wf.resources.items():
-            sources = [res.url] if res.url else []
-            if res.asset_id:
-                sources.append(f"runflow://assets/{res.asset_id}")
-            wanted.append((f"workflow.resources.{key}", res.sha256.lower(), sources,
-                           res.size_bytes, resources / key, resources))
+    def _fetch_models(self, message: c.RunMessage, run: RunPaths, control: RunControl,
+                      stop_reason: Callable[[], StopReason | None]) -> list[WantedBlob]:
+        """Fetch the run's missing blobs in parallel (``worker.runmodels``); they are linked
+        once the run's own child is there."""
+        wanted = wanted_blobs(message.workflow, run)
         if not wanted:
-            return
+            return wanted
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
-        from cache.blobs import BlobRequest
-        from cache.errors import CacheError, FetchCanceled
+        from cache.errors import FetchCanceled
 
         fields_of: dict[str, list[str]] = {}
-        for field_name, sha, *_ in wanted:
-            fields_of.setdefault(sha, []).append(field_name)
+        for w in wanted:
+            fields_of.setdefault(w.sha256, []).append(w.field)
 
         def progress(sha: str, done: int, total: int | None) -> None:
             control.emit("progress", {"phase": "models", "sha256": sha,
                                       "fields": fields_of[sha], "bytes": done, "total": total})
 
         try:
-            self.blobs.ensure_many(
-                [BlobRequest(sha, sources, size) for _, sha, sources, size, _, _ in wanted],
-                owner=wf.owner,  # another owner's private blob only after a proof
-                max_parallel=self.config.model_fetch_parallel, progress=progress,
-                cancel=lambda: stop_reason() is not None)
-            for field_name, sha, _, _, dest, base in wanted:
-                self.blobs.hardlink(sha, dest, base=base)
-                if base == resources:
-                    _symlink_resource(dest, run.staged("input") / dest.relative_to(base))
+            fetch_blobs(self.blobs, wanted, message.workflow.owner,
+                        max_parallel=self.config.model_fetch_parallel, progress=progress,
+                        cancel=lambda: stop_reason() is not None)
         except FetchCanceled as exc:
             raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except CacheError as exc:
-            # Only what this owner may have counts as present: a failed proof of another
-            # owner's blob names its field like a failed download.
-            missing = [f for f, sha, *_ in wanted if not self.blobs.usable(sha, wf.owner)] or [
-                f for f, *_ in wanted]
-            raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
-                             details={"fields": missing}) from exc
+        return wanted
 
     def _upload(self, files: Any, run: RunPaths, run_id: str,
                 stop_reason: Callable[[], StopReason | None]) -> list[c.OutputEntry]:
@@ -633,15 +605,6 @@ class Pipeline:
             details["exception_type"] = outcome.exception_type
         return RunFailure(_FAILURE_CODES[outcome.kind], outcome.message,
                           node_id=outcome.node_id, node_type=outcome.node_type, details=details)
-
-
-def _symlink_resource(target: Path, link: Path) -> None:
-    """A symlink at ``link`` (in the run's staged input directory) to the resource's hard
-    link ``target``: the same absolute path inside the sandbox and out."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    os.symlink(target, link)
 
 
 def _interrupted(reason: StopReason) -> RunInterrupted:

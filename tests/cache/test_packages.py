@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from cache.packages import PackageDifference, installed_versions, package_differences
+import pytest
+
+from cache.packages import (
+    PackageDifference,
+    built_versions,
+    installed_versions,
+    package_differences,
+)
+from runtime.runner import RunnerConfig
+from tests.factories import message, workflow
+from worker.contract import parse_message
+from worker.envreport import EnvironmentReport
 
 
 def _dist(site: Path, name: str, version: str) -> None:
@@ -41,3 +53,33 @@ def test_differences_by_pep440_and_canonical_names() -> None:
         PackageDifference("torch", "2.5.1+cu121", "2.5.1+cu124"),
     ]
     assert package_differences([("torch", "2.5.1+cu124"), ("odd", "build-7")], installed) == []
+
+
+@pytest.mark.timeout(20)
+def test_a_builds_packages_are_read_from_their_names_never_their_files(tmp_path: Path) -> None:
+    """An environment's site-packages are what hostile build code left: a METADATA that is
+    a FIFO would block the worker for good, one that links to a worker's file would have
+    the worker read that file into a run's record."""
+    env, image = tmp_path / "env", tmp_path / "image"
+    secret = tmp_path / "secret"
+    secret.write_text("Name: linked\nVersion: SECRET-VALUE\n")
+    (env / "blocking-1.0.dist-info").mkdir(parents=True)
+    os.mkfifo(env / "blocking-1.0.dist-info" / "METADATA")
+    (env / "linked-2.0.dist-info").mkdir()
+    (env / "linked-2.0.dist-info" / "METADATA").symlink_to(secret)
+    _dist(env, "Foo_Bar", "2.0+cu1")
+    _dist(image, "foo-bar", "1.0")
+    _dist(image, "other", "3.1")
+    assert built_versions([str(env)]) == {"blocking": "1.0", "linked": "2.0",
+                                          "foo-bar": "2.0+cu1"}
+    report = EnvironmentReport()
+    config = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path),
+                          extra_sys_path=(str(env),))
+    wf = workflow()
+    wf["environment"]["packages"] = [{"name": "linked", "version": "9"},
+                                     {"name": "blocking", "version": "9"}]
+    msg = parse_message(message(wf=wf))
+    environment, _ = report.describe(msg, config, None, tmp_path)
+    assert environment["package_differences"] == [
+        {"name": "blocking", "deployed": "9", "here": "1.0"},
+        {"name": "linked", "deployed": "9", "here": "2.0"}]

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 from cache.blobs import BlobStore
-from cache.errors import CacheError, IntegrityError, SourceUnavailable
+from cache.errors import CacheError, FetchTimeout, IntegrityError, SourceUnavailable
 from cache.fetcher import Fetcher
 from cache.sources import Sources
-from tests.cache.helpers import make_body, partial_files, sha256_hex
+from cache.urlpolicy import URLPolicy
+from tests.cache.helpers import LOOPBACK_ALLOW, make_body, partial_files, sha256_hex
 from tests.serve.s3_servers import aws_test_credentials, moto_s3
-from tests.support.https_server import HTTPSServer
+from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -210,3 +211,23 @@ def test_a_private_source_finishing_an_earlier_download_proves_the_whole_blob(
     assert s3.gets == ["alice/model", "alice/model"]
     assert store.access.describe(DIGEST).owners == 1 and store.usable(DIGEST, "alice")
     assert partial_files(store) == []
+
+
+def test_a_public_source_never_finishes_another_owners_private_download(
+        tmp_path: Path, https_server: HTTPSServer, ca_bundle: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alice's download from a source needing credentials was cut off half-way. Bob's public
+    URL must show every byte itself: had it only sent the rest (a ``Range`` resume of
+    alice's partial), the blob would be public with its first half never shown by any
+    public source, and bob handed alice's bytes for knowing the tail."""
+    https_server.add("/alice", BODY, mode=Mode.STALL, cut_at=1_000_000)
+    https_server.add("/bob", BODY)
+    fetcher = Fetcher(URLPolicy(LOOPBACK_ALLOW), ca_bundle=ca_bundle, timeout_s=0.5)
+    monkeypatch.setattr(fetcher, "sends_credentials", lambda url: url.endswith("/alice"),
+                        raising=False)
+    store = BlobStore(tmp_path / "blobs", sources=Sources(fetcher=fetcher))
+    with pytest.raises(FetchTimeout):  # the server went quiet: a resumable cut
+        store.ensure(DIGEST, [https_server.url("/alice")], owner="alice")
+    https_server.routes["/alice"].release()
+    assert store.ensure(DIGEST, [https_server.url("/bob")], owner="bob").read_bytes() == BODY
+    assert https_server.routes["/bob"].range_headers in ([None], ["bytes=0-"])
