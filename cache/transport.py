@@ -7,7 +7,9 @@
 - ``GuardedStream`` wraps each connection. While response headers are read it hands
   ``httpcore`` nothing past the end of a header block, so the body's bytes stay in the stream
   and ``readinto`` can decrypt them straight into the caller's buffer (the fast path of
-  ``Fetcher.fetch_to_file``); ``read`` serves everything else through ``httpcore``.
+  ``Fetcher.fetch_to_file``); ``read`` serves everything else through ``httpcore``. A stream
+  kept alive between requests (``cache.connpool``) leaves one request's guard on
+  ``release`` and joins the next one's on ``adopt``.
 """
 
 from __future__ import annotations
@@ -122,7 +124,39 @@ class GuardedStream(httpcore.NetworkStream):
         self._pending = b""  # received, not yet handed out
         self._in_headers = True
         self._tail = b""  # the last bytes handed out in the header phase
+        self.bytes_in = 0
+        """Bytes received since the connection was made or last adopted by a request."""
         guard.watch(sock)
+
+    def adopt(self, guard: Guard) -> None:
+        """Serve a new request on this kept-alive connection, under that request's guard."""
+        self._guard = guard
+        self._in_headers = True
+        self._tail = b""
+        self.bytes_in = 0
+        guard.watch(self._sock)
+
+    def release(self) -> None:
+        """Leave the current request's guard: the connection goes idle in a pool."""
+        self._guard.watch(None)
+
+    def drained(self) -> bool:
+        """Whether nothing received is left unread (a pooled connection must be at a
+        message boundary)."""
+        return not self._pending and not (self._ssl_sock is not None and self._ssl_sock.pending())
+
+    def tls_session(self) -> ssl.SSLSession | None:
+        """The TLS session, to resume on a later connection; None on a plain socket."""
+        if self._ssl_sock is None:
+            return None
+        try:
+            return self._ssl_sock.session
+        except (OSError, ValueError):
+            return None
+
+    def session_reused(self) -> bool:
+        """Whether the TLS handshake resumed an earlier session."""
+        return self._ssl_sock is not None and self._ssl_sock.session_reused
 
     def end_headers(self) -> None:
         """The final response's headers are in: hand out data as it comes from now on."""
@@ -133,6 +167,7 @@ class GuardedStream(httpcore.NetworkStream):
             data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
         else:
             data = self._read_batch(max_bytes, timeout)
+            self.bytes_in += len(data)
         if self._in_headers and data:
             data = self._stop_at_header_end(data)
         return data
@@ -154,6 +189,7 @@ class GuardedStream(httpcore.NetworkStream):
             got = sock.recv_into(view)
             if got == 0:
                 return 0
+            self.bytes_in += got
             # TLS hands out one record (16 KiB at most) per read. Taking the records already
             # here in the same call, without waiting, keeps the caller's rounds per MiB few.
             sock.settimeout(0.0)
@@ -163,6 +199,7 @@ class GuardedStream(httpcore.NetworkStream):
                     if n == 0:
                         break
                     got += n
+                    self.bytes_in += n
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 pass  # nothing more has arrived (or TLS must write first): the next call waits
             return got
@@ -239,12 +276,14 @@ class GuardedStream(httpcore.NetworkStream):
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
+        session: ssl.SSLSession | None = None,
+    ) -> GuardedStream:
+        """Wrap the connection in TLS (resuming ``session`` when the server agrees)."""
         self._sock.settimeout(timeout)
         # The handshake runs after the TLS socket, which takes over the descriptor, is known
         # to the guard: a cancel during a slow handshake shuts it down at once.
         tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname,
-                                      do_handshake_on_connect=False)
+                                      do_handshake_on_connect=False, session=session)
         self._guard.watch(tls)
         try:
             tls.do_handshake()
@@ -282,6 +321,8 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._resolved = resolved
         self._guard = guard
         self._connect_timeout_s = connect_timeout_s
+        self.connected_address: str | None = None
+        """The checked address the last ``connect_tcp`` reached."""
 
     def connect_tcp(
         self,
@@ -317,6 +358,7 @@ class PinnedBackend(httpcore.NetworkBackend):
                 self._guard.check()  # shut down by the watchdog: canceled, not refused
                 error = httpcore.ConnectError(f"connect failed: {exc}")
                 continue
+            self.connected_address = str(address)
             return GuardedStream(sock, self._guard)
         self._guard.watch(None)
         raise error
