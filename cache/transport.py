@@ -2,8 +2,9 @@
 
 - ``PinnedBackend`` (an ``httpcore`` network backend) connects only to the addresses the URL
   policy returned for the one origin it was made for, never resolving the name again;
-- ``Guard`` holds one request's cancel callable and deadline; its watchdog thread shuts the
-  socket down when either fires, which wakes a read blocked on a silent server;
+- ``Guard`` holds one request's cancel callable and deadline; the watchdog thread (one for
+  all guards) shuts the socket down when either fires, which wakes a read blocked on a
+  silent server;
 - ``GuardedStream`` wraps each connection. While response headers are read it hands
   ``httpcore`` nothing past the end of a header block, so the body's bytes stay in the stream
   and ``readinto`` can decrypt them straight into the caller's buffer (the fast path of
@@ -41,7 +42,8 @@ _HEADER_END = re.compile(b"\n\r?\n")
 _HEADER_END_MAX = 3
 
 class Guard:
-    """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
+    """Cancel and deadline of one request; the watchdog shuts the socket down when either
+    fires."""
 
     def __init__(self, cancel: Cancel | None, deadline_at: float) -> None:
         self._cancel = cancel
@@ -49,9 +51,8 @@ class Guard:
         self.fired: str | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
-        self._thread.start()
+        self._stopped = False
+        _WATCHDOG.add(self)
 
     def remaining_s(self) -> float:
         """Seconds until the deadline (never below a small positive floor)."""
@@ -78,38 +79,88 @@ class Guard:
         return FetchTimeout("overall deadline exceeded", reason="deadline")
 
     def stop(self) -> None:
-        """End the watchdog."""
-        self._stop.set()
-        self._thread.join()
+        """End the watch: once this returns, the guard never shuts a socket down."""
+        with self._lock:
+            self._stopped = True
+        _WATCHDOG.remove(self)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL_S):
-            if self._cancel is not None:
-                try:
-                    canceled = bool(self._cancel())
-                except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
-                    canceled = False
-                if canceled:
-                    self.fired = "cancel"
-            if self.fired is None and time.monotonic() >= self.deadline_at:
-                self.fired = "deadline"
-            if self.fired is not None:
-                self._shutdown()
-                return
+    def tick(self) -> bool:
+        """One look at cancel and the deadline (the watchdog's); True once the guard is done
+        with (fired or stopped)."""
+        if self._stopped:
+            return True
+        if self._cancel is not None:
+            try:
+                canceled = bool(self._cancel())
+            except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
+                canceled = False
+            if canceled:
+                self.fired = "cancel"
+        if self.fired is None and time.monotonic() >= self.deadline_at:
+            self.fired = "deadline"
+        if self.fired is not None:
+            self._shutdown()
+            return True
+        return False
 
     def _shutdown(self) -> None:
         with self._lock:
-            sock = self._sock
-        if sock is None:
-            return
-        try:
-            # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object
-            # under the reading thread's feet. A shut-down socket wakes a blocked recv at once.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+            if self._stopped or self._sock is None:
+                return
+            try:
+                # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL
+                # object under the reading thread's feet. A shut-down socket wakes a blocked
+                # recv at once.
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
+class _Watchdog:
+    """One thread for every live guard of the process: it looks at each about ten times a
+    second while there are guards, and waits without waking while there are none.
+
+    One shared thread, rather than one per request, because starting a thread costs a
+    request on the run path about as much as its kept-alive connection does (and cancel
+    callables are flag reads, cheap to call one after another).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._guards: set[Guard] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: Guard) -> None:
+        """Watch ``guard`` until it is done."""
+        with self._cond:
+            self._guards.add(guard)
+            # is_alive: a forked child has the object but not the thread.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, guard: Guard) -> None:
+        """Stop watching ``guard``."""
+        with self._cond:
+            self._guards.discard(guard)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._guards:
+                    self._cond.wait()
+            time.sleep(WATCH_INTERVAL_S)
+            with self._cond:
+                guards = list(self._guards)
+            done = [guard for guard in guards if guard.tick()]
+            if done:
+                with self._cond:
+                    self._guards.difference_update(done)
+
+
+_WATCHDOG = _Watchdog()
 
 
 class GuardedStream(httpcore.NetworkStream):

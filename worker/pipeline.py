@@ -193,6 +193,11 @@ class Pipeline:
         if not self.config.keep_run_dirs:
             self._run_dirs.close()
 
+    def settle(self) -> None:
+        """Wait until the directories of the runs that ended are removed (that happens on a
+        background thread, after each run's result is handed back)."""
+        self._run_dirs.settle()
+
     # ------------------------------------------------------------------ run
 
     def execute(self, message: c.RunMessage, control: RunControl, *,
@@ -276,7 +281,7 @@ class Pipeline:
                                         f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if run is not None and not self.config.keep_run_dirs:
-                run.remove()
+                self._run_dirs.discard(run)  # removed off the run's path
         result.timings_ms = phases.timings_ms
         return result
 

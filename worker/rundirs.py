@@ -12,7 +12,11 @@ Everything lives in ``runs-<owner>/`` of the work directory (``WORK_SUBDIR`` of 
 The worker fills a run's ``stage`` directory out of the child's sight and renames it into
 ``child/`` just before the run executes (a warm child that ran hostile code could otherwise
 plant symlinks where the worker writes); a resource appears in the run's ``input`` as a
-symlink to its hard link in ``links``. All three are removed when the run ends.
+symlink to its hard link in ``links``. All three are removed when the run ends, on a
+background thread (``RunDirs.discard``), after the run's result is handed back: removing a
+run's directories costs several file-system operations, each of which can wait on the
+journal behind the run's own fsyncs, and the caller's terminal record need not wait for
+them. ``RunDirs.close`` waits for the removals still queued.
 
 ``<owner>`` names one pipeline (one worker process): it holds an exclusive ``flock`` on
 ``runs-<owner>.lock`` beside its directory for as long as it lives. A worker killed mid-run
@@ -29,6 +33,7 @@ import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +114,7 @@ class RunDirs:
         self.work_dir = work_dir
         self._owner: Path | None = None
         self._lock_fd = -1
+        self._remover: ThreadPoolExecutor | None = None
 
     @property
     def owner(self) -> Path:
@@ -143,8 +149,22 @@ class RunDirs:
         (paths.links / "input").mkdir()
         return paths
 
+    def discard(self, paths: RunPaths) -> None:
+        """Remove a finished run's directories on the remover thread (see the module
+        docstring); ``settle`` or ``close`` waits for it."""
+        if self._remover is None:
+            self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-dirs")
+        self._remover.submit(paths.remove)
+
+    def settle(self) -> None:
+        """Wait until the directories handed to ``discard`` are removed."""
+        remover, self._remover = self._remover, None
+        if remover is not None:
+            remover.shutdown(wait=True)
+
     def close(self) -> None:
-        """Remove this pipeline's directory and let its lock go."""
+        """Wait for queued removals, remove this pipeline's directory, let its lock go."""
+        self.settle()
         if self._owner is not None:
             shutil.rmtree(self._owner, ignore_errors=True)
             _unlink(self._owner.with_suffix(".lock"))
