@@ -119,10 +119,14 @@ class IdleConnections:
             old.close()
 
     def remember_session(self, key: PoolKey, stream: GuardedStream) -> None:
-        """Keep the TLS session of ``stream`` for a later connection with the same key."""
+        """Keep the TLS session of ``stream`` for a later connection with the same key (once
+        per connection: reading it out of ``ssl`` costs about as much as a small request)."""
+        if stream.session_kept:
+            return
         session = stream.tls_session()
         if session is None:
             return
+        stream.session_kept = True
         with self._lock:
             self._sessions[key] = session
             self._sessions.move_to_end(key)

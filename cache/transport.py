@@ -177,6 +177,8 @@ class GuardedStream(httpcore.NetworkStream):
         self._tail = b""  # the last bytes handed out in the header phase
         self.bytes_in = 0
         """Bytes received since the connection was made or last adopted by a request."""
+        self.session_kept = False
+        """Whether a pool has kept this connection's TLS session already."""
         guard.watch(sock)
 
     def adopt(self, guard: Guard) -> None:
