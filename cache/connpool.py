@@ -33,6 +33,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import httpcore
+
 from cache.transport import GuardedStream
 
 DEFAULT_MAX_IDLE = 8
@@ -52,6 +54,18 @@ class PoolKey:
     """``id`` of the TLS context the connection was made with."""
     credential: str | None
     """Digest of the credential header (name and value), or None without one."""
+
+
+def keeps_alive(response: httpcore.Response) -> bool:
+    """Whether the server keeps the connection open after this response (HTTP/1.1 without
+    ``Connection: close``)."""
+    if response.extensions.get("http_version") != b"HTTP/1.1":
+        return False
+    for name, value in response.headers:
+        if name.lower() == b"connection" and b"close" in (
+                token.strip() for token in value.lower().split(b",")):
+            return False
+    return True
 
 
 def credential_tag(header: tuple[str, str] | None) -> str | None:

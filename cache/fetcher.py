@@ -45,6 +45,7 @@ from cache.connpool import (
     IdleConnections,
     PoolKey,
     credential_tag,
+    keeps_alive,
 )
 from cache.credentials import URLCredentials
 from cache.errors import (
@@ -66,7 +67,7 @@ from cache.progress import (
     resume_after_cuts,
     unsatisfied_total,
 )
-from cache.transport import Guard, GuardedStream, PinnedBackend, translate
+from cache.transport import Guard, GuardedStream, connect_pinned, translate
 from cache.trust import CATrust
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
@@ -88,17 +89,6 @@ class FetchResult:
     final_url: str
     credential_sent: bool = False
     """Whether a credential header (``cache.credentials``) went with the request."""
-
-
-def _keeps_alive(response: httpcore.Response) -> bool:
-    """Whether the server keeps the connection open after this response (HTTP/1.1 without
-    ``Connection: close``)."""
-    if response.extensions.get("http_version") != b"HTTP/1.1":
-        return False
-    for name, value in response.headers:
-        if name.lower() == b"connection" and b"close" in value.lower().split(b","):
-            return False
-    return True
 
 
 def make_ssl_context(ca_bundle: CATrust | Path | str | None = None) -> ssl.SSLContext:
@@ -434,27 +424,22 @@ class Fetcher:
         """A new TLS connection to one of the checked addresses (resuming a session kept for
         it), and its pool key."""
         target = resolved.target
-        backend = PinnedBackend(resolved, guard, self.connect_timeout_s)
-        try:
-            plain = backend.connect_tcp(target.host, target.port, timeout=timeout_s)
-            assert backend.connected_address is not None
-            key = PoolKey(target.host, target.port, backend.connected_address,
-                          id(self._ssl_context), tag)
-            stream = plain.start_tls(self._ssl_context, server_hostname=target.host,
-                                     timeout=timeout_s, session=self._idle.session(key))
-        except FetchError:
-            raise
-        except Exception as exc:
-            raise translate(exc, shown=redact_url(target.url), guard=guard,
-                            in_body=False) from exc
-        return key, stream
+
+        def key_for(address: str) -> PoolKey:
+            return PoolKey(target.host, target.port, address, id(self._ssl_context), tag)
+
+        address, stream = connect_pinned(
+            resolved, guard, self._ssl_context, timeout_s=timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            session_for=lambda address: self._idle.session(key_for(address)))
+        return key_for(address), stream
 
     def _finish(self, result: FetchResponse, response: httpcore.Response,
                 connection: httpcore.HTTP11Connection, stream: GuardedStream, key: PoolKey,
                 guard: Guard) -> None:
         """Keep the connection for the next request if its exchange ended cleanly, else close
         it."""
-        if result.body_read_raw_to_end() and _keeps_alive(response) and stream.drained():
+        if result.body_read_raw_to_end() and keeps_alive(response) and stream.drained():
             # The body went past the HTTP parser (readinto): the parser still waits for it,
             # so the connection is kept without closing the response, which would close it.
             reusable = True

@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httpcore
 
@@ -31,6 +31,7 @@ from cache.errors import (
     FetchError,
     FetchInterrupted,
     FetchTimeout,
+    redact_url,
 )
 from cache.progress import Cancel
 from cache.urlpolicy import ResolvedTarget
@@ -418,6 +419,33 @@ class PinnedBackend(httpcore.NetworkBackend):
 
     def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
         raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+def connect_pinned(
+    resolved: ResolvedTarget,
+    guard: Guard,
+    ssl_context: ssl.SSLContext,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float,
+    session_for: Callable[[str], ssl.SSLSession | None],
+) -> tuple[str, GuardedStream]:
+    """A new TLS connection to the first of the checked addresses that answers, offering the
+    TLS session ``session_for(address)`` returns; the address and the stream. Raises the
+    package's errors."""
+    target = resolved.target
+    backend = PinnedBackend(resolved, guard, connect_timeout_s)
+    try:
+        plain = backend.connect_tcp(target.host, target.port, timeout=timeout_s)
+        address = backend.connected_address
+        assert address is not None and isinstance(plain, GuardedStream)
+        stream = plain.start_tls(ssl_context, server_hostname=target.host, timeout=timeout_s,
+                                 session=session_for(address))
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise translate(exc, shown=redact_url(target.url), guard=guard, in_body=False) from exc
+    return address, stream
 
 
 def translate(exc: Exception, *, shown: str, guard: Guard, in_body: bool) -> FetchError:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import httpcore
 import pytest
 
+from cache.connpool import keeps_alive
 from cache.credentials import URLCredentials
 from cache.errors import FetchConnectError
 from cache.fetcher import Fetcher
@@ -174,3 +176,18 @@ def test_a_new_connection_resumes_the_tls_session(
         assert resp.read(1 << 20) == BODY
         assert resp.tls_session_reused is True
     fetcher.close()
+
+
+@pytest.mark.parametrize(("version", "connection", "kept"), [
+    (b"HTTP/1.1", None, True),
+    (b"HTTP/1.1", b"keep-alive", True),
+    (b"HTTP/1.1", b"Keep-Alive, Close", False),
+    (b"HTTP/1.1", b"close", False),
+    (b"HTTP/1.0", None, False),
+])
+def test_only_a_keep_alive_answer_keeps_its_connection(
+    version: bytes, connection: bytes | None, kept: bool
+) -> None:
+    headers = [(b"Content-Length", b"0")] + ([(b"Connection", connection)] if connection else [])
+    response = httpcore.Response(200, headers=headers, extensions={"http_version": version})
+    assert keeps_alive(response) is kept
