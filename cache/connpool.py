@@ -12,10 +12,10 @@ whose key matches exactly:
   (a digest, never the value), so a request with another credential, or none, opens its own.
 
 A redirect to another origin has another key, so it never rides on a connection of the
-first. The pool holds at most ``max_idle`` connections (the oldest goes first) and drops one
-idle for more than ``idle_timeout_s``. Before handing one out it checks the socket is quiet:
-an idle HTTP/1.1 connection with something to read is one the server closed (or one that
-misbehaves), and is closed instead.
+first. The pool holds at most ``max_idle`` connections (the oldest goes first) and closes one
+idle for more than ``idle_timeout_s`` (whenever it is used: no timer thread). Before handing
+one out it checks the socket is quiet: an idle HTTP/1.1 connection with something to read is
+one the server closed (or one that misbehaves), and is closed instead.
 
 TLS sessions of closed or pooled connections are kept per key too, so a new connection to
 the same place can resume (``ssl`` ``session=``), skipping the certificate exchange.
@@ -123,9 +123,14 @@ class IdleConnections:
         """Keep ``stream`` (its response fully read, keep-alive) for a later request."""
         self.remember_session(key, stream)
         evicted: list[GuardedStream] = []
+        now = time.monotonic()
         with self._lock:
+            for ticket, (_, old, idle_since) in list(self._idle.items()):
+                if now - idle_since > self.idle_timeout_s:
+                    del self._idle[ticket]
+                    evicted.append(old)
             self._ticket += 1
-            self._idle[self._ticket] = (key, stream, time.monotonic())
+            self._idle[self._ticket] = (key, stream, now)
             while len(self._idle) > self.max_idle:
                 _, (_, old, _) = self._idle.popitem(last=False)
                 evicted.append(old)

@@ -247,6 +247,7 @@ class Fetcher:
     ``direct_io``: ``fetch_to_file`` writes large bodies past the page cache (see
     ``cache.hashing``). ``ca_bundle``: extra trust (a PEM file or a ``CATrust``).
     ``credentials``: per-host headers for downloads (``cache.credentials``).
+    ``max_idle_connections`` / ``idle_timeout_s``: the kept-alive connections (``cache.connpool``).
     """
 
     def __init__(

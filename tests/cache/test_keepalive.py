@@ -191,3 +191,15 @@ def test_only_a_keep_alive_answer_keeps_its_connection(
     headers = [(b"Content-Length", b"0")] + ([(b"Connection", connection)] if connection else [])
     response = httpcore.Response(200, headers=headers, extensions={"http_version": version})
     assert keeps_alive(response) is kept
+
+
+def test_a_connection_idle_past_the_timeout_is_not_reused(
+    https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
+) -> None:
+    https_server.add("/a.bin", BODY)
+    fetcher = _fetcher(ca_bundle, idle_timeout_s=0.0)  # every idle one is already too old
+    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    _get(fetcher, https_server.url("/a.bin"), tmp_path / "b")
+    assert https_server.connections == 2
+    assert fetcher.idle_connections == 1  # the old one closed when the new one came in
+    fetcher.close()
