@@ -214,6 +214,9 @@ class Pipeline:
                 reason = StopReason.TIMEOUT
             return reason
 
+        # The last run's directories are gone before anything of this one (or a child start)
+        # happens: no run ever sees another's files. Usually long done by now.
+        self._run_dirs.settle()
         run: RunPaths | None = None
         try:
             with phases.phase("validate"):
@@ -291,6 +294,7 @@ class Pipeline:
         built and ComfyUI started in it, its custom nodes imported (a declared pack that
         fails, fails it), then with ``models`` its models and resources fetched into the
         store. Never raises for these failures: the result's status and failure say."""
+        self._run_dirs.settle()  # as in execute: a child starts only once they are gone
         result = RunResult(status=c.RunStatus.FAILED)
         phases = _Phases()
         try:
