@@ -73,7 +73,7 @@ def _normal_host(host: str) -> str:
 
 def _check_pattern(pattern: str) -> str | None:
     """Why ``pattern`` is not a host pattern, or None."""
-    name = pattern.removeprefix("*.")
+    name = pattern[2:] if pattern.startswith("*.") else pattern
     labels = name.split(".")
     if not name or not all(_LABEL.fullmatch(label) for label in labels):
         return "has no host name or *.domain before '='"
