@@ -14,6 +14,9 @@
   is decrypted from the socket straight into the writer's buffers (``FetchResponse.readinto``),
   without passing through the HTTP parser: on a fast link that parser's copies and per-piece
   work, not the network, would set the pace;
+- a connection whose response was read to its end is kept alive for the next request with
+  the same host, checked address, TLS settings and credential (``cache.connpool``); every
+  request still passes the policy first, and only an address it returned is reused;
 - downloads (``fetch_to_file``) carry the configured per-host credential
   (``cache.credentials``) to the host of the URL asked for, and to no other: the first
   redirect to another origin drops it for good (Hugging Face and Civitai redirect to CDNs
@@ -36,6 +39,14 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 import httpx
 
+from cache.connpool import (
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_IDLE,
+    IdleConnections,
+    PoolKey,
+    credential_tag,
+    keeps_alive,
+)
 from cache.credentials import URLCredentials
 from cache.errors import (
     FetchError,
@@ -56,7 +67,7 @@ from cache.progress import (
     resume_after_cuts,
     unsatisfied_total,
 )
-from cache.transport import Guard, GuardedStream, PinnedBackend, translate
+from cache.transport import Guard, GuardedStream, connect_pinned, translate
 from cache.trust import CATrust
 from cache.urlpolicy import ResolvedTarget, URLPolicy
 
@@ -113,11 +124,15 @@ class FetchResponse:
             stream.end_headers()
             # A body that is neither chunked nor compressed is the bytes on the wire up to
             # Content-Length (or to the end of the connection): readinto takes them from the
-            # socket itself, and the connection is dropped afterwards, as it always is here.
+            # socket itself.
             if (method != "HEAD" and self.status_code not in (204, 304)
                     and "transfer-encoding" not in self.headers):
                 self._raw = stream
+        self.tls_session_reused = bool(stream.session_reused()) if isinstance(
+            stream, GuardedStream) else False
+        """Whether the connection resumed an earlier TLS session (no full handshake)."""
         self._raw_left = self.content_length
+        self._parsed = False  # the body went (or started to go) through the HTTP parser
         self._chunks: Iterator[bytes] | None = None
         self._leftover = memoryview(b"")
 
@@ -137,6 +152,7 @@ class FetchResponse:
     def iter_bytes(self) -> Iterator[bytes]:
         """Yield the body in pieces as they arrive; raise a ``FetchError`` on failure."""
         shown = redact_url(self.url)
+        self._parsed = True
         iterator = iter(self._response.iter_stream())
         while True:
             try:
@@ -179,6 +195,11 @@ class FetchResponse:
             if got == 0 and self._raw_left > 0:
                 raise FetchInterrupted(f"connection to {redact_url(self.url)} dropped mid-body")
         return got
+
+    def body_read_raw_to_end(self) -> bool:
+        """Whether the whole Content-Length body came through ``readinto`` past the parser
+        (or there was none), so the connection stands at the end of this response."""
+        return self._raw is not None and self._raw_left == 0 and not self._parsed
 
     def _readinto_from_chunks(self, view: memoryview) -> int:
         if self._chunks is None:
@@ -226,6 +247,7 @@ class Fetcher:
     ``direct_io``: ``fetch_to_file`` writes large bodies past the page cache (see
     ``cache.hashing``). ``ca_bundle``: extra trust (a PEM file or a ``CATrust``).
     ``credentials``: per-host headers for downloads (``cache.credentials``).
+    ``max_idle_connections`` / ``idle_timeout_s``: the kept-alive connections (``cache.connpool``).
     """
 
     def __init__(
@@ -241,6 +263,8 @@ class Fetcher:
         max_redirects: int = 5,
         resume_attempts: int = 5,
         direct_io: bool = True,
+        max_idle_connections: int = DEFAULT_MAX_IDLE,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self.policy = policy
         self.timeout_s = timeout_s
@@ -251,6 +275,8 @@ class Fetcher:
         self.resume_attempts = resume_attempts
         self.direct_io = direct_io
         self._ssl_context = make_ssl_context(ca_bundle)
+        self._ssl_context.set_alpn_protocols(["http/1.1"])
+        self._idle = IdleConnections(max_idle=max_idle_connections, idle_timeout_s=idle_timeout_s)
         self.credentials = credentials or URLCredentials()
 
     @contextmanager
@@ -292,13 +318,15 @@ class Fetcher:
                 if hop_origin != origin:
                     credential = None  # left the origin: never sent again, even on a return
                 hop_headers = request_headers
+                pair = None
                 if credential is not None:
-                    name, value = credential.header_pair()
+                    pair = name, value = credential.header_pair()
                     hop_headers = {k: v for k, v in request_headers.items()
                                    if k.lower() != name.lower()}
                     hop_headers[name] = value
                     sent = True
-                with self._send(resolved, method, hop_headers, content, start, guard) as resp:
+                with self._send(resolved, method, hop_headers, content, start, guard,
+                                pair) as resp:
                     resp.credential_sent = sent
                     location = resp.headers.get("location")
                     if not (follow and resp.status_code in REDIRECT_STATUSES and location):
@@ -328,6 +356,7 @@ class Fetcher:
         content: bytes | None,
         start: int,
         guard: Guard,
+        credential: tuple[str, str] | None,
     ) -> Iterator[FetchResponse]:
         target = resolved.target
         shown = redact_url(target.url)
@@ -342,39 +371,100 @@ class Fetcher:
                 wire_headers.append((key.encode("latin-1"), value.encode("latin-1")))
         if start > 0:
             wire_headers.append((b"Range", f"bytes={start}-".encode()))
+        if content and not any(k.lower() in (b"content-length", b"transfer-encoding")
+                               for k, _ in wire_headers):
+            # What httpcore's request() adds; handle_request, used directly, does not.
+            wire_headers.append((b"Content-Length", str(len(content)).encode()))
         timeout_s = min(self.timeout_s, guard.remaining_s())
         timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
-        pool = httpcore.ConnectionPool(
-            ssl_context=self._ssl_context,
-            network_backend=PinnedBackend(resolved, guard, self.connect_timeout_s),
-            max_connections=1,
-            retries=0,
-        )
         wire_url = httpcore.URL(
             scheme=b"https",
             host=target.host.encode("ascii"),
             port=target.port,
             target=target.path.encode("ascii"),
         )
-        with pool:
+        request = httpcore.Request(method, wire_url, headers=wire_headers, content=content,
+                                   extensions={"timeout": timeouts})
+        tag = credential_tag(credential)
+        keys = [PoolKey(target.host, target.port, str(address), id(self._ssl_context), tag)
+                for address in resolved.addresses]
+        taken = self._idle.take(keys)
+        while True:
+            if taken is not None:
+                key, stream = taken
+                stream.adopt(guard)
+            else:
+                key, stream = self._connect(resolved, guard, timeout_s, tag)
+            connection = httpcore.HTTP11Connection(origin=wire_url.origin, stream=stream)
             try:
-                stream = pool.stream(
-                    method, wire_url, headers=wire_headers, content=content,
-                    extensions={"timeout": timeouts},
-                )
-                response = stream.__enter__()
+                response = connection.handle_request(request)
             except FetchError:
+                stream.close()
                 raise
             except Exception as exc:
+                stream.close()  # handle_request closed it already, unless it failed early
+                # A kept-alive connection the server closed just as it was reused: nothing
+                # of an answer came, so a GET or HEAD goes again, once, on a new connection.
+                if (taken is not None and stream.bytes_in == 0 and guard.fired is None
+                        and method in ("GET", "HEAD") and content is None
+                        and isinstance(exc, (httpcore.NetworkError,
+                                             httpcore.RemoteProtocolError))):
+                    taken = None
+                    continue
                 raise translate(exc, shown=shown, guard=guard, in_body=False) from exc
+            break
+        result = FetchResponse(response, target.url, guard, method=method,
+                               read_timeout_s=timeout_s)
+        try:
+            yield result
+        finally:
+            self._finish(result, response, connection, stream, key, guard)
+
+    def _connect(self, resolved: ResolvedTarget, guard: Guard, timeout_s: float,
+                 tag: str | None) -> tuple[PoolKey, GuardedStream]:
+        """A new TLS connection to one of the checked addresses (resuming a session kept for
+        it), and its pool key."""
+        target = resolved.target
+
+        def key_for(address: str) -> PoolKey:
+            return PoolKey(target.host, target.port, address, id(self._ssl_context), tag)
+
+        address, stream = connect_pinned(
+            resolved, guard, self._ssl_context, timeout_s=timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            session_for=lambda address: self._idle.session(key_for(address)))
+        return key_for(address), stream
+
+    def _finish(self, result: FetchResponse, response: httpcore.Response,
+                connection: httpcore.HTTP11Connection, stream: GuardedStream, key: PoolKey,
+                guard: Guard) -> None:
+        """Keep the connection for the next request if its exchange ended cleanly, else close
+        it."""
+        if result.body_read_raw_to_end() and keeps_alive(response) and stream.drained():
+            # The body went past the HTTP parser (readinto): the parser still waits for it,
+            # so the connection is kept without closing the response, which would close it.
+            reusable = True
+        else:
             try:
-                yield FetchResponse(response, target.url, guard, method=method,
-                                    read_timeout_s=timeout_s)
-            finally:
-                try:
-                    stream.__exit__(None, None, None)
-                except (httpcore.NetworkError, httpcore.ProtocolError, OSError):
-                    pass  # closing a half-read response; the connection is dropped anyway
+                response.close()  # the connection goes idle if the exchange is complete
+            except (httpcore.NetworkError, httpcore.ProtocolError, OSError):
+                pass  # closing a half-read response; the connection is dropped
+            reusable = connection.is_idle() and stream.drained()
+        if reusable and guard.fired is None and self._idle.max_idle > 0:
+            stream.release()
+            self._idle.put(key, stream)
+        else:
+            self._idle.remember_session(key, stream)
+            stream.close()
+
+    @property
+    def idle_connections(self) -> int:
+        """How many connections are kept idle for later requests."""
+        return len(self._idle)
+
+    def close(self) -> None:
+        """Close the idle connections kept for later requests."""
+        self._idle.close()
 
     def post(
         self,

@@ -4,7 +4,9 @@
 ``buffer`` / ``commit``) in 1 MiB batches, which go through two threads in turn: one hashes
 each batch, the next writes it. ``hashlib`` and ``os.pwrite`` release the GIL, so hashing and
 disk writes overlap with the reader's socket reads and with each other instead of adding to
-them; a few reused buffers bound the memory (8 MiB a file).
+them; a few reused buffers bound the memory (8 MiB a file). The threads start with the
+first full batch: a file that fits in one (an input image) is hashed and written at
+``close`` by the caller, without them.
 
 Large files (``DIRECT_IO_MIN_BYTES`` and up, when the caller allows it) are written with
 ``O_DIRECT``: from the aligned batch buffers straight to the disk, past the page cache. Copying
@@ -129,8 +131,10 @@ class HashingFileWriter:
         self._hashed: queue.Queue[tuple[mmap.mmap, int] | bytes | None] = queue.Queue()
         self._hasher = threading.Thread(target=self._hash_loop, name="hasher", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
-        self._hasher.start()
-        self._writer.start()
+        # The threads start with the first batch that leaves before ``close``: a file of one
+        # batch or less (an input image) is hashed and written by the caller at ``close``,
+        # which costs less than starting two threads and passing the batch between them.
+        self._threads_started = False
 
     def write(self, data: bytes) -> None:
         """Queue ``data`` for hashing and writing; raise if the writer thread has failed."""
@@ -138,6 +142,7 @@ class HashingFileWriter:
             raise self._error
         if len(data) >= self._batch_bytes and not self._direct_io:
             self._flush_buffer()
+            self._start_threads()
             self.size += len(data)
             self._full.put(data)  # large enough to go as it is
             return
@@ -172,7 +177,6 @@ class HashingFileWriter:
     def close(self, *, fsync: bool = True) -> tuple[str, int]:
         """Write everything, optionally fsync, close; return ``(hex sha256, size in bytes)``."""
         try:
-            self._flush_buffer()
             self._finish()
             if self._error is not None:
                 raise self._error
@@ -187,21 +191,47 @@ class HashingFileWriter:
 
     def abort(self) -> None:
         """Write what was received (so a later resume can use it), close, never raise."""
-        self._flush_buffer()
         self._finish()
         self._close_fds()
 
     def _flush_buffer(self) -> None:
         if self._buffer is not None:
+            self._start_threads()
             self._full.put((self._buffer, self._used))
             self._buffer = None
             self._used = 0
 
+    def _start_threads(self) -> None:
+        if not self._threads_started:
+            self._threads_started = True
+            self._hasher.start()
+            self._writer.start()
+
     def _finish(self) -> None:
+        """Hash and write everything still held, then stop the threads."""
+        if not self._threads_started:
+            self._finish_inline()
+            return
+        self._flush_buffer()
         if self._hasher.is_alive():
             self._full.put(None)
         self._hasher.join()
         self._writer.join()
+
+    def _finish_inline(self) -> None:
+        # What the two threads would do with the only batch, in the caller's thread.
+        try:
+            self._hash_prefix()
+            if self._buffer is not None:
+                data = memoryview(self._buffer)[: self._used]
+                self._digest.update(data)
+                self._write_at_end(data)
+        except OSError as exc:
+            self._fail(exc)
+        if self._buffer is not None:
+            self._free.put(self._buffer)
+            self._buffer = None
+            self._used = 0
 
     def _close_fds(self) -> None:
         for fd in (self._direct_fd, self._fd):

@@ -89,9 +89,11 @@ class Source(Protocol):
         progress: Progress | None = None,
         cancel: Cancel | None = None,
         before_body: BeforeBody | None = None,
+        fsync: bool = True,
     ) -> FetchResult:
         """Write the content into ``dest`` (keeping its first ``start_offset`` bytes if the
-        source can continue from there) and return size and sha256 of the whole file."""
+        source can continue from there) and return size and sha256 of the whole file.
+        ``fsync=False``: leave the bytes to the page cache (a file that dies with the run)."""
         ...
 
 
@@ -113,11 +115,12 @@ class HttpsSource:
         progress: Progress | None = None,
         cancel: Cancel | None = None,
         before_body: BeforeBody | None = None,
+        fsync: bool = True,
     ) -> FetchResult:
         """Download the URL into ``dest`` (see ``Fetcher.fetch_to_file``)."""
         return self._fetcher.fetch_to_file(
             self.url, dest, max_bytes=max_bytes, cancel=cancel, progress=progress,
-            start_offset=start_offset, before_body=before_body,
+            start_offset=start_offset, before_body=before_body, fsync=fsync,
         )
 
 
@@ -141,6 +144,7 @@ class FileSource:
         progress: Progress | None = None,
         cancel: Cancel | None = None,
         before_body: BeforeBody | None = None,
+        fsync: bool = True,
     ) -> FetchResult:
         """Copy the file into ``dest``, hashing as it goes (a copy, never a link: the mirror
         may be read-only or change later)."""
@@ -173,7 +177,7 @@ class FileSource:
             except BaseException:
                 writer.abort()
                 raise
-            digest, size = writer.close()
+            digest, size = writer.close(fsync=fsync)
             throttle(size, total, final=True)
         return FetchResult(dest, size, digest, None, self.label)
 
@@ -227,6 +231,7 @@ class S3Source:
         progress: Progress | None = None,
         cancel: Cancel | None = None,
         before_body: BeforeBody | None = None,
+        fsync: bool = True,
     ) -> FetchResult:
         """Download the object into ``dest``, resuming after a cut up to RESUME_ATTEMPTS times."""
         checker = CancelCheck(cancel)
@@ -234,7 +239,7 @@ class S3Source:
         version: dict[str, str] = {}  # the ETag of the object the download started on
         return resume_after_cuts(
             lambda offset: self._transfer(dest, offset, max_bytes, checker, throttle,
-                                          before_body, version),
+                                          before_body, version, fsync),
             dest, start_offset=start_offset, attempts=RESUME_ATTEMPTS)
 
     def _transfer(
@@ -246,6 +251,7 @@ class S3Source:
         throttle: ProgressThrottle,
         before_body: BeforeBody | None,
         version: dict[str, str],
+        fsync: bool,
     ) -> FetchResult:
         checker.raise_if_canceled()
         request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
@@ -261,7 +267,7 @@ class S3Source:
             if offset > 0 and _error_code(exc) in ("PreconditionFailed", "412"):
                 version.clear()
                 return self._transfer(dest, 0, max_bytes, checker, throttle, before_body,
-                                      version)
+                                      version, fsync)
             if offset > 0 and _error_code(exc) == "InvalidRange":
                 if self._size() == offset and offset <= max_bytes:
                     # The file already holds every byte (its writer was killed before
@@ -270,7 +276,7 @@ class S3Source:
                     throttle(size, size, final=True)
                     return FetchResult(dest, size, digest, None, self.label)
                 return self._transfer(dest, 0, max_bytes, checker, throttle, before_body,
-                                      version)
+                                      version, fsync)
             raise self._translate(exc) from exc
         except (BotoCoreError, OSError) as exc:
             raise self._translate(exc) from exc
@@ -279,7 +285,8 @@ class S3Source:
             offset = 0  # the store ignored Range: the body is the whole object
         elif offset > 0 and not continues_at(response.get("ContentRange"), offset, length):
             response["Body"].close()  # a range that continues nothing: start again
-            return self._transfer(dest, 0, max_bytes, checker, throttle, before_body, version)
+            return self._transfer(dest, 0, max_bytes, checker, throttle, before_body, version,
+                                  fsync)
         if offset == 0 and response.get("ETag"):
             version["etag"] = response["ETag"]
         total = offset + length if length is not None else None
@@ -304,7 +311,7 @@ class S3Source:
             except BaseException:
                 writer.abort()
                 raise
-            digest, size = writer.close()
+            digest, size = writer.close(fsync=fsync)
         finally:
             body.close()
         if total is not None and size != total:
@@ -423,13 +430,15 @@ class Sources:
         max_bytes: int = DEFAULT_MAX_BYTES,
         cancel: Cancel | None = None,
         progress: Progress | None = None,
+        fsync: bool = True,
     ) -> FetchResult:
         """Fetch one URL of any accepted scheme into ``dest`` (no digest known: caller files).
+        ``fsync=False`` leaves the bytes to the page cache.
 
         Raises ``URLRefused`` for schemes this instance does not accept.
         """
         return self.source_for(url).fetch(dest, max_bytes=max_bytes, cancel=cancel,
-                                          progress=progress)
+                                          progress=progress, fsync=fsync)
 
     def for_digest(self, sha256: str, urls: Sequence[str]) -> list[Source | CacheError]:
         """Mirrors first, then one entry per URL: a Source, or the error that rules it out."""

@@ -2,12 +2,15 @@
 
 - ``PinnedBackend`` (an ``httpcore`` network backend) connects only to the addresses the URL
   policy returned for the one origin it was made for, never resolving the name again;
-- ``Guard`` holds one request's cancel callable and deadline; its watchdog thread shuts the
-  socket down when either fires, which wakes a read blocked on a silent server;
+- ``Guard`` holds one request's cancel callable and deadline; the watchdog thread (one for
+  all guards) shuts the socket down when either fires, which wakes a read blocked on a
+  silent server;
 - ``GuardedStream`` wraps each connection. While response headers are read it hands
   ``httpcore`` nothing past the end of a header block, so the body's bytes stay in the stream
   and ``readinto`` can decrypt them straight into the caller's buffer (the fast path of
-  ``Fetcher.fetch_to_file``); ``read`` serves everything else through ``httpcore``.
+  ``Fetcher.fetch_to_file``); ``read`` serves everything else through ``httpcore``. A stream
+  kept alive between requests (``cache.connpool``) leaves one request's guard on
+  ``release`` and joins the next one's on ``adopt``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import httpcore
 
@@ -28,6 +31,7 @@ from cache.errors import (
     FetchError,
     FetchInterrupted,
     FetchTimeout,
+    redact_url,
 )
 from cache.progress import Cancel
 from cache.urlpolicy import ResolvedTarget
@@ -39,7 +43,8 @@ _HEADER_END = re.compile(b"\n\r?\n")
 _HEADER_END_MAX = 3
 
 class Guard:
-    """Cancel and deadline of one request; a watchdog shuts the socket down when either fires."""
+    """Cancel and deadline of one request; the watchdog shuts the socket down when either
+    fires."""
 
     def __init__(self, cancel: Cancel | None, deadline_at: float) -> None:
         self._cancel = cancel
@@ -47,9 +52,8 @@ class Guard:
         self.fired: str | None = None
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="fetch-watchdog", daemon=True)
-        self._thread.start()
+        self._stopped = False
+        _WATCHDOG.add(self)
 
     def remaining_s(self) -> float:
         """Seconds until the deadline (never below a small positive floor)."""
@@ -76,38 +80,88 @@ class Guard:
         return FetchTimeout("overall deadline exceeded", reason="deadline")
 
     def stop(self) -> None:
-        """End the watchdog."""
-        self._stop.set()
-        self._thread.join()
+        """End the watch: once this returns, the guard never shuts a socket down."""
+        with self._lock:
+            self._stopped = True
+        _WATCHDOG.remove(self)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(WATCH_INTERVAL_S):
-            if self._cancel is not None:
-                try:
-                    canceled = bool(self._cancel())
-                except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
-                    canceled = False
-                if canceled:
-                    self.fired = "cancel"
-            if self.fired is None and time.monotonic() >= self.deadline_at:
-                self.fired = "deadline"
-            if self.fired is not None:
-                self._shutdown()
-                return
+    def tick(self) -> bool:
+        """One look at cancel and the deadline (the watchdog's); True once the guard is done
+        with (fired or stopped)."""
+        if self._stopped:
+            return True
+        if self._cancel is not None:
+            try:
+                canceled = bool(self._cancel())
+            except Exception:  # noqa: BLE001 - a failing cancel check must not kill the transfer
+                canceled = False
+            if canceled:
+                self.fired = "cancel"
+        if self.fired is None and time.monotonic() >= self.deadline_at:
+            self.fired = "deadline"
+        if self.fired is not None:
+            self._shutdown()
+            return True
+        return False
 
     def _shutdown(self) -> None:
         with self._lock:
-            sock = self._sock
-        if sock is None:
-            return
-        try:
-            # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL object
-            # under the reading thread's feet. A shut-down socket wakes a blocked recv at once.
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
+            if self._stopped or self._sock is None:
+                return
+            try:
+                # socket.socket.shutdown, not SSLSocket.shutdown: the latter drops the SSL
+                # object under the reading thread's feet. A shut-down socket wakes a blocked
+                # recv at once.
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
+class _Watchdog:
+    """One thread for every live guard of the process: it looks at each about ten times a
+    second while there are guards, and waits without waking while there are none.
+
+    One shared thread, rather than one per request, because starting a thread costs a
+    request on the run path about as much as its kept-alive connection does (and cancel
+    callables are flag reads, cheap to call one after another).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._guards: set[Guard] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: Guard) -> None:
+        """Watch ``guard`` until it is done."""
+        with self._cond:
+            self._guards.add(guard)
+            # is_alive: a forked child has the object but not the thread.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="fetch-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, guard: Guard) -> None:
+        """Stop watching ``guard``."""
+        with self._cond:
+            self._guards.discard(guard)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._guards:
+                    self._cond.wait()
+            time.sleep(WATCH_INTERVAL_S)
+            with self._cond:
+                guards = list(self._guards)
+            done = [guard for guard in guards if guard.tick()]
+            if done:
+                with self._cond:
+                    self._guards.difference_update(done)
+
+
+_WATCHDOG = _Watchdog()
 
 
 class GuardedStream(httpcore.NetworkStream):
@@ -122,7 +176,41 @@ class GuardedStream(httpcore.NetworkStream):
         self._pending = b""  # received, not yet handed out
         self._in_headers = True
         self._tail = b""  # the last bytes handed out in the header phase
+        self.bytes_in = 0
+        """Bytes received since the connection was made or last adopted by a request."""
+        self.session_kept = False
+        """Whether a pool has kept this connection's TLS session already."""
         guard.watch(sock)
+
+    def adopt(self, guard: Guard) -> None:
+        """Serve a new request on this kept-alive connection, under that request's guard."""
+        self._guard = guard
+        self._in_headers = True
+        self._tail = b""
+        self.bytes_in = 0
+        guard.watch(self._sock)
+
+    def release(self) -> None:
+        """Leave the current request's guard: the connection goes idle in a pool."""
+        self._guard.watch(None)
+
+    def drained(self) -> bool:
+        """Whether nothing received is left unread (a pooled connection must be at a
+        message boundary)."""
+        return not self._pending and not (self._ssl_sock is not None and self._ssl_sock.pending())
+
+    def tls_session(self) -> ssl.SSLSession | None:
+        """The TLS session, to resume on a later connection; None on a plain socket."""
+        if self._ssl_sock is None:
+            return None
+        try:
+            return self._ssl_sock.session
+        except (OSError, ValueError):
+            return None
+
+    def session_reused(self) -> bool:
+        """Whether the TLS handshake resumed an earlier session."""
+        return self._ssl_sock is not None and self._ssl_sock.session_reused
 
     def end_headers(self) -> None:
         """The final response's headers are in: hand out data as it comes from now on."""
@@ -133,6 +221,7 @@ class GuardedStream(httpcore.NetworkStream):
             data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
         else:
             data = self._read_batch(max_bytes, timeout)
+            self.bytes_in += len(data)
         if self._in_headers and data:
             data = self._stop_at_header_end(data)
         return data
@@ -154,6 +243,7 @@ class GuardedStream(httpcore.NetworkStream):
             got = sock.recv_into(view)
             if got == 0:
                 return 0
+            self.bytes_in += got
             # TLS hands out one record (16 KiB at most) per read. Taking the records already
             # here in the same call, without waiting, keeps the caller's rounds per MiB few.
             sock.settimeout(0.0)
@@ -163,6 +253,7 @@ class GuardedStream(httpcore.NetworkStream):
                     if n == 0:
                         break
                     got += n
+                    self.bytes_in += n
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                 pass  # nothing more has arrived (or TLS must write first): the next call waits
             return got
@@ -239,12 +330,14 @@ class GuardedStream(httpcore.NetworkStream):
         ssl_context: ssl.SSLContext,
         server_hostname: str | None = None,
         timeout: float | None = None,
-    ) -> httpcore.NetworkStream:
+        session: ssl.SSLSession | None = None,
+    ) -> GuardedStream:
+        """Wrap the connection in TLS (resuming ``session`` when the server agrees)."""
         self._sock.settimeout(timeout)
         # The handshake runs after the TLS socket, which takes over the descriptor, is known
         # to the guard: a cancel during a slow handshake shuts it down at once.
         tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname,
-                                      do_handshake_on_connect=False)
+                                      do_handshake_on_connect=False, session=session)
         self._guard.watch(tls)
         try:
             tls.do_handshake()
@@ -282,6 +375,8 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._resolved = resolved
         self._guard = guard
         self._connect_timeout_s = connect_timeout_s
+        self.connected_address: str | None = None
+        """The checked address the last ``connect_tcp`` reached."""
 
     def connect_tcp(
         self,
@@ -317,12 +412,40 @@ class PinnedBackend(httpcore.NetworkBackend):
                 self._guard.check()  # shut down by the watchdog: canceled, not refused
                 error = httpcore.ConnectError(f"connect failed: {exc}")
                 continue
+            self.connected_address = str(address)
             return GuardedStream(sock, self._guard)
         self._guard.watch(None)
         raise error
 
     def connect_unix_socket(self, *args: object, **kwargs: object) -> httpcore.NetworkStream:
         raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+def connect_pinned(
+    resolved: ResolvedTarget,
+    guard: Guard,
+    ssl_context: ssl.SSLContext,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float,
+    session_for: Callable[[str], ssl.SSLSession | None],
+) -> tuple[str, GuardedStream]:
+    """A new TLS connection to the first of the checked addresses that answers, offering the
+    TLS session ``session_for(address)`` returns; the address and the stream. Raises the
+    package's errors."""
+    target = resolved.target
+    backend = PinnedBackend(resolved, guard, connect_timeout_s)
+    try:
+        plain = backend.connect_tcp(target.host, target.port, timeout=timeout_s)
+        address = backend.connected_address
+        assert address is not None and isinstance(plain, GuardedStream)
+        stream = plain.start_tls(ssl_context, server_hostname=target.host, timeout=timeout_s,
+                                 session=session_for(address))
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise translate(exc, shown=redact_url(target.url), guard=guard, in_body=False) from exc
+    return address, stream
 
 
 def translate(exc: Exception, *, shown: str, guard: Guard, in_body: bool) -> FetchError:

@@ -63,7 +63,8 @@ def test_success_outputs_and_isolation(pipeline: Pipeline) -> None:
     assert set(result.timings_ms) >= {"validate", "environment", "models", "inputs",
                                       "execute", "upload"}
     assert result.gpu_work
-    # Run directories are removed after the outputs are stored.
+    # Run directories are removed after the outputs are stored (off the run's path).
+    pipeline.settle()
     assert list(pipeline.config.work_dir.rglob("ok-1-*")) == []
     second = run(pipeline, message(run_id="ok-2", input={"prompt": "second"}))
     assert Path(unquote(urlsplit(second.output.outputs[0].url).path)).read_text() == "second"

@@ -35,7 +35,8 @@ def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
                 raise URLRefused("local files are not accepted here")
             shutil.copyfile(unquote(urlsplit(url).path), dest)
             return
-        sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel)
+        # No fsync: the file lives as long as the run, which a crash ends anyway.
+        sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel, fsync=False)
 
     return fetch
 

@@ -183,6 +183,11 @@ class Pipeline:
         if not self.config.keep_run_dirs:
             self._run_dirs.close()
 
+    def settle(self) -> None:
+        """Wait until the directories of the runs that ended are removed (that happens on a
+        background thread, after each run's result is handed back)."""
+        self._run_dirs.settle()
+
     # ------------------------------------------------------------------ run
 
     def execute(self, message: c.RunMessage, control: RunControl, *,
@@ -199,6 +204,9 @@ class Pipeline:
                 reason = StopReason.TIMEOUT
             return reason
 
+        # The last run's directories are gone before anything of this one (or a child start)
+        # happens: no run ever sees another's files. Usually long done by now.
+        self._run_dirs.settle()
         run: RunPaths | None = None
         try:
             with phases.phase("validate"):
@@ -277,7 +285,7 @@ class Pipeline:
                                             f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if run is not None and not self.config.keep_run_dirs:
-                run.remove()
+                self._run_dirs.discard(run)  # removed off the run's path
         result.timings_ms = phases.timings_ms
         return result
 
@@ -287,6 +295,7 @@ class Pipeline:
         built and ComfyUI started in it, its custom nodes imported (a declared pack that
         fails, fails it), then with ``models`` its models and resources fetched into the
         store. Never raises for these failures: the result's status and failure say."""
+        self._run_dirs.settle()  # as in execute: a child starts only once they are gone
         result = RunResult(status=c.RunStatus.FAILED)
         phases = _Phases()
         try:

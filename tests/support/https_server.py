@@ -24,6 +24,10 @@ Modes (``Mode``):
   pieces: a server that is alive but too slow.
 - ``REDIRECT``: answers ``status`` (default 302) with ``Location: location``.
 - any mode with ``authorization=...``: 401 unless the request's ``Authorization`` is that.
+- any mode with ``unanswered=N``: the first N requests get no answer, their connection closed.
+
+``connections`` counts the connections accepted (a kept-alive one once, however many
+requests it carries); ``drop_connections()`` shuts the open ones down.
 - ``STATUS``: answers ``status`` with the body.
 - ``RAW``: sends the body as the whole response (status line, headers and all, as it is),
   ``drip_bytes`` at a time if ``raw_pieces`` is set (each piece its own TLS record), then
@@ -94,6 +98,9 @@ class Route:
     redirect_after_hits: int | None = None
     """Answer the first N requests as the mode says, every later one with a redirect to
     ``location`` (a server that answers one client's request differently from the next)."""
+    unanswered: int = 0
+    """Close the connection without a word of answer to the first N requests (a server that
+    dropped a kept-alive connection just as the client reused it)."""
     hits: int = 0
     range_headers: list[str | None] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
@@ -157,7 +164,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # The TLS handshake runs here, in the connection's own thread, so one slow or broken
         # client cannot hold up the accept loop.
         self.request = self.server.ssl_context.wrap_socket(self.request, server_side=True)
+        # The TLS socket took the descriptor over: it is the one to shut down from now on.
+        with self.server.owner._lock:
+            self.server.owner._open.add(self.request)
         super().setup()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.owner._lock:
+                self.server.owner._open.discard(self.request)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -198,6 +215,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             redirect_now = (route.redirect_after_hits is not None
                             and route.hits > route.redirect_after_hits)
             route.range_headers.append(self.headers.get("Range"))
+        if route.hits <= getattr(route, "unanswered", 0):
+            self.close_connection = True
+            return
         required = getattr(route, "authorization", None)  # routes of tests' own kinds too
         if required is not None and self.headers.get("Authorization") != required:
             self._simple(401, b"token required")
@@ -388,15 +408,22 @@ class HTTPSServer:
         for route in self.routes.values():
             route.release()
         self._httpd.shutdown()
+        self.drop_connections()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def drop_connections(self) -> None:
+        """Shut down every open connection (kept-alive ones included), as a server that
+        closes idle connections does; the server goes on accepting new ones."""
         with self._lock:
             conns = list(self._open)
         for conn in conns:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                # socket.socket's shutdown, not SSLSocket's: that one drops the TLS state
+                # under the feet of the connection's own thread.
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
 
     def __enter__(self) -> Self:
         return self.start()
