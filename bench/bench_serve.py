@@ -22,7 +22,9 @@ to that run's terminal record; ``runflow-worker run`` launched to its exit.
 ``--sandbox both`` runs two serve daemons, one of each, on two queues, alternating, and
 reports both (the cost of the sandbox, measured in the same run).
 
-Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>``. Without it, the fake ComfyUI child of
+Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (and ``RUNFLOW_TEST_SANDBOX_READ_ONLY``,
+passed on as ``RUNFLOW_SANDBOX_READ_ONLY``, where the machine's Python loads libraries from
+outside its installation). Without it, the fake ComfyUI child of
 the tests runs a toy graph, there is no bare row, and the output says so.
 
     python bench/bench_serve.py [--runs 30] [--graphs A,B] [--sandbox none] [--json out.json]
@@ -427,6 +429,8 @@ def main() -> int:
         "RUNFLOW_MODEL_MIRRORS": str(mirror), "RUNFLOW_GPU_CLASS": "cpu",
         "RUNFLOW_DEVICE": "cpu",  # ComfyUI on the CPU, said explicitly
     })
+    if os.environ.get("RUNFLOW_TEST_SANDBOX_READ_ONLY"):  # what this machine's Python loads
+        env["RUNFLOW_SANDBOX_READ_ONLY"] = os.environ["RUNFLOW_TEST_SANDBOX_READ_ONLY"]
     sandboxes = {"both": ["bwrap", "none"], None: [None]}.get(args.sandbox, [args.sandbox])
     if not real:
         env["RUNFLOW_RUNNER_ENTRY"] = FAKE_CHILD

@@ -107,6 +107,8 @@ BAD_VALUES = [
     ("RUNFLOW_RUNNER_ENTRY", "runtime.child", "module:function"),
     ("RUNFLOW_CHILD_ENV_PASS", "HF_TOKEN,2FA", "'2FA' is not an environment variable name"),
     ("RUNFLOW_CHILD_ENV_PASS", f"HF_TOKEN={SECRET}", "names only"),
+    ("RUNFLOW_SANDBOX_READ_ONLY", "lib/nvidia", "'lib/nvidia' is not an absolute path"),
+    ("RUNFLOW_SANDBOX_READ_ONLY", "/no/such/driver", "'/no/such/driver' does not exist"),
 ]
 
 
@@ -193,5 +195,20 @@ def test_child_env_pass_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch,
     pipeline = build_pipeline(settings)
     try:
         assert pipeline.config.child_env_pass == ("HF_TOKEN", "CIVITAI_TOKEN")
+    finally:
+        pipeline.close()
+
+
+def test_sandbox_read_only_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    from worker.assembly import build_pipeline
+
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    monkeypatch.setenv("RUNFLOW_SANDBOX_READ_ONLY", str(driver))
+    settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=tmp_path, gpu_class="cpu")
+    pipeline = build_pipeline(settings, sandbox_read_only=(tmp_path / "tests",))
+    try:
+        assert pipeline.config.sandbox_read_only == (driver, tmp_path / "tests")
     finally:
         pipeline.close()

@@ -46,7 +46,8 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    cpu: bool | None = None,
                    sandbox_read_only: tuple[Path, ...] = ()) -> Pipeline:
     """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child;
-    ``sandbox_read_only`` adds paths the sandboxed child may read, for tests).
+    ``sandbox_read_only`` adds paths the sandboxed child may read to
+    ``RUNFLOW_SANDBOX_READ_ONLY``'s, for tests).
 
     ``cpu`` (True: ComfyUI on the CPU, False: on CUDA) defaults to ``RUNFLOW_DEVICE``, else
     to the CPU for the class ``cpu`` and detection (CUDA where torch finds it) otherwise.
@@ -73,7 +74,8 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         sandbox=settings.sandboxed,
         child_network=settings.child_network == "host",
         sandbox_hidden=(settings.cache_dir,),
-        sandbox_read_only=sandbox_read_only,
+        sandbox_read_only=(*(Path(p) for p in settings.sandbox_read_only),
+                           *sandbox_read_only),
     )
     fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
     return Pipeline(

@@ -215,6 +215,9 @@ class Settings(BaseSettings):
     child_network: str = "none"
     """``none``: the sandboxed ComfyUI child has only its own loopback; ``host``: it shares
     the worker's network (API nodes need it; so does whatever a hostile node sends)."""
+    sandbox_read_only: CsvTuple = ()
+    """Absolute paths the sandboxed child may read besides the system and its environment:
+    libraries the machine's Python or GPU driver loads from elsewhere (``docs/sandbox.md``)."""
     env_installer: str | None = Field(None, validate_default=True)
     """What installs environments' requirements: ``uv`` or ``pip``; unset, uv where it is
     installed, else pip (``cache.installer``)."""
@@ -416,6 +419,16 @@ class Settings(BaseSettings):
         if not _ENTRY_POINT.fullmatch(value.strip()):
             raise ValueError(f"{value!r} is not module:function")
         return value.strip()
+
+    @field_validator("sandbox_read_only", mode="after")
+    @classmethod
+    def _check_read_only(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if not os.path.isabs(entry):
+                raise ValueError(f"{entry!r} is not an absolute path")
+            if not os.path.exists(entry):
+                raise ValueError(f"{entry!r} does not exist")
+        return value
 
     @field_validator("sandbox", "child_network", mode="after")
     @classmethod
