@@ -398,6 +398,8 @@ def main() -> int:
     parser.add_argument("--graphs", default="A,B", help="comma-separated: A, B")
     parser.add_argument("--sandbox", choices=("bwrap", "none", "both"), default=None,
                         help="RUNFLOW_SANDBOX of the worker's rows (default: as set)")
+    parser.add_argument("--cold-repeats", type=int, default=1,
+                        help="cold starts of each kind, alternating (medians reported)")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
@@ -449,25 +451,38 @@ def main() -> int:
     inproc: InProcess | None = None
     try:
         first_wf, first_bare = next(iter(chosen.values()))
+        colds: dict[str, list[float]] = {}
         # Cold starts first, one at a time, on an otherwise idle machine.
         if real:
             bare = Bare(comfy_dir, work / "bare-base", bare_models)
-            result["cold_start"]["bare_launch_to_first_result_s"] = round(
-                bare.first_result_s(first_bare), 3)
+            colds["bare_launch_to_first_result_s"] = [bare.first_result_s(first_bare)]
             result["cold_start"]["bare_comfyui_init_s"] = bare.ready["init_s"]
-        for i, sandbox in enumerate(sandboxes):
-            denv = dict(env)
-            if sandbox is not None:
-                denv["RUNFLOW_SANDBOX"] = sandbox
-            label = f"serve[{sandbox}]" if sandbox else "serve"
-            daemon = daemons[label] = Serve(denv, ("cpu", "cpu-b")[i], client)
-            cold_s, rec = daemon.cold(first_wf, inputs.next())
-            result["cold_start"][f"{label}_launch_to_first_record_s"] = round(cold_s, 3)
-            result["cold_start"][f"{label}_record_timings_ms"] = rec["timings_ms"]
-            result["cold_start"][f"{label}_cold_start_seconds_billed"] = (
-                rec["billing"]["attempts"][0]["cold_start_seconds"])
-            result["cold_start"][f"run_cli[{sandbox or 'default'}]_launch_to_exit_s"] = round(
-                run_cli_cold(denv, first_wf, inputs.next(), work), 3)
+        # Cold starts repeat ``--cold-repeats`` times, the modes alternating; each repeat
+        # but the last stops its daemon (the last ones serve the warm runs).
+        for repeat in range(args.cold_repeats):
+            for i, sandbox in enumerate(sandboxes):
+                denv = dict(env)
+                if sandbox is not None:
+                    denv["RUNFLOW_SANDBOX"] = sandbox
+                label = f"serve[{sandbox}]" if sandbox else "serve"
+                if label in daemons:
+                    daemons.pop(label).close()
+                daemon = daemons[label] = Serve(denv, ("cpu", "cpu-b")[i], client)
+                cold_s, rec = daemon.cold(first_wf, inputs.next())
+                colds.setdefault(f"{label}_launch_to_first_record_s", []).append(cold_s)
+                colds.setdefault(f"{label}_cold_start_seconds_billed", []).append(
+                    rec["billing"]["attempts"][0]["cold_start_seconds"])
+                result["cold_start"][f"{label}_record_timings_ms"] = rec["timings_ms"]
+                colds.setdefault(f"run_cli[{sandbox or 'default'}]_launch_to_exit_s",
+                                 []).append(run_cli_cold(denv, first_wf, inputs.next(), work))
+            if real and repeat:
+                bare.close()
+                bare = Bare(comfy_dir, work / "bare-base", bare_models)
+                colds.setdefault("bare_launch_to_first_result_s", []).append(
+                    bare.first_result_s(first_bare))
+        for key, values in colds.items():
+            result["cold_start"][key] = round(statistics.median(values), 3)
+            result["cold_start"][key + "_all"] = [round(v, 3) for v in values]
         inproc = InProcess({**env, **({"RUNFLOW_SANDBOX": sandboxes[0]} if sandboxes[0]
                                       else {})})
         for name, (wf, bare_graph) in chosen.items():
