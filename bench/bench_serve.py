@@ -1,7 +1,8 @@
 """Benchmark of ``runflow-worker serve`` against bare in-process ComfyUI.
 
 Everything below runs side by side in one invocation on one machine, the warm runs of the
-rows alternating so drift (thermal, page cache, noisy neighbours) hits every row alike:
+rows interleaved (a new random order each round) so drift (thermal, page cache, noisy
+neighbours) hits every row alike and no row always follows the same other row:
 
 - **bare**: ComfyUI in a plain process (``bench/bare_comfyui.py``): ``validate_prompt`` +
   ``PromptExecutor.execute`` of the same graph with ``LoadImage``/``SaveImage``, the
@@ -38,6 +39,7 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import socket
 import statistics
@@ -47,6 +49,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -497,18 +500,18 @@ def main() -> int:
             phases: dict[str, list[dict[str, float]]] = {label: [] for label in rows}
             if bare is not None:
                 rows["bare"], phases["bare"] = [], []
+            steps: list[tuple[str, Callable[[], tuple[float, dict[str, Any]]]]] = [
+                (label, lambda d=daemon: d.run(wf, inputs.next()))
+                for label, daemon in daemons.items()]
+            steps.append(("pipeline", lambda: inproc.run(wf, inputs.next())))
+            if bare is not None:
+                steps.append(("bare", lambda: bare.run(bare_graph)))
             for _ in range(args.runs):
-                for label, daemon in daemons.items():
-                    ms, ph = daemon.run(wf, inputs.next())
+                # A new order every round: no row always follows the same other row.
+                for label, step in random.sample(steps, len(steps)):
+                    ms, ph = step()
                     rows[label].append(ms)
                     phases[label].append(ph)
-                ms, ph = inproc.run(wf, inputs.next())
-                rows["pipeline"].append(ms)
-                phases["pipeline"].append(ph)
-                if bare is not None:
-                    ms, ph = bare.run(bare_graph)
-                    rows["bare"].append(ms)
-                    phases["bare"].append(ph)
             g: dict[str, Any] = {label: summary(values) for label, values in rows.items()}
             g["phase_medians_ms"] = {label: phase_medians(ph) for label, ph in phases.items()}
             if "bare" in rows:
