@@ -105,6 +105,8 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     metrics = Metrics()
     pipeline = _build_pipeline(settings, device)
+    # ComfyUI's start (seconds) overlaps the rest of the boot: Redis, the first dequeue.
+    pipeline.prestart()
     callbacks = build_sender(settings, metrics)
     worker = Worker(settings, pipeline, gpu_class=gpu_class, metrics=metrics,
                     callbacks=callbacks, shutdown=shutdown,
