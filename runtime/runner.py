@@ -604,6 +604,8 @@ class RunnerSupervisor:
         self._closed = False
         self.prestart_began = threading.Event()
         """Set once ``prestart`` has made its runner (or decided to make none)."""
+        self.prestart_awaited = threading.Event()
+        """Set once a call of ``acquire`` has waited for a start in progress."""
 
     def prestart(self, config: RunnerConfig) -> bool:
         """Start a child for ``config`` before any run asks for one (``serve`` at boot);
@@ -656,6 +658,7 @@ class RunnerSupervisor:
         waited = False
         while not self._lock.acquire(timeout=self.poll_s):
             waited = True  # a pre-start holds it: its remaining start is this run's wait
+            self.prestart_awaited.set()
             if should_stop is not None and should_stop():
                 raise RunnerStartCanceled("ComfyUI start was interrupted")
         try:

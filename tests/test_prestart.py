@@ -80,6 +80,7 @@ def test_a_run_that_arrives_while_the_child_starts_bills_its_wait(tmp_path: Path
             target=lambda: results.append(run_as(pipeline, "acme", "pre-wait")))
         run_began = time.monotonic()
         runner_thread.start()
+        assert pipeline.supervisor.prestart_awaited.wait(10)  # the run waits for the child
         (tmp_path / "gate").touch()
         assert starting.result(timeout=30) is True
         runner_thread.join(30)
