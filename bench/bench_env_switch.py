@@ -36,11 +36,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.environments import Environments, EnvironmentSpec  # noqa: E402
-from cache.git import GitMirrors  # noqa: E402
-from worker.contract import RunStatus, parse_message  # noqa: E402
-from worker.pipeline import Pipeline, PipelineConfig, StopReason  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
+from cache.environments import Environments, EnvironmentSpec
+from cache.git import GitMirrors
+from worker.contract import RunStatus, parse_message
+from worker.pipeline import Pipeline, PipelineConfig, StopReason
+from worker.storage import LocalStorage
 
 ORIGINS = ("https://git.example/one/ComfyUI", "https://git.example/two/ComfyUI")
 

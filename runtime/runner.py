@@ -628,7 +628,12 @@ class RunnerSupervisor:
             self._prestart_cancel.clear()
             try:
                 runner.start(self._prestart_cancel.is_set)
-            except (RunnerStartFailed, RunnerStartCanceled) as exc:
+            except RunnerStartCanceled:
+                log.info("pre-start of ComfyUI canceled (a run for another environment, or "
+                         "the worker stops)", extra={"event": "prestart_canceled"})
+                self.runner, self.tenant = None, None
+                return False
+            except RunnerStartFailed as exc:
                 log.warning("pre-starting ComfyUI failed (the next run starts its own): %s",
                             exc, extra={"event": "prestart_failed"})
                 self.runner, self.tenant = None, None

@@ -256,6 +256,6 @@ def serve_child(fd: int, boot: dict[str, Any]) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing to flush
+        except Exception:  # noqa: BLE001, S110 - a closed or broken stream: nothing to flush
             pass
     os._exit(0)

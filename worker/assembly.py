@@ -5,9 +5,8 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
-
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
 
 from worker.pipeline import Pipeline, PipelineConfig
 from worker.rundirs import WORK_SUBDIR
