@@ -3,12 +3,16 @@ finds it READY or STARTING, bills only its wait, and the owner rules hold for it
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from cache.environments import Environment, Environments
+from cache.git import GitMirrors
 from runtime.runner import RunnerConfig, RunnerState, RunnerSupervisor
 from tests.factories import message, workflow
 from tests.test_pipeline import FAKE, Control
@@ -197,3 +201,67 @@ def test_prestart_after_a_child_exists_does_nothing(sup: RunnerSupervisor,
     pid = sup.acquire(cfg, owner="alice").runner.pid
     assert sup.prestart(cfg) is False
     assert sup.runner.pid == pid and sup.tenant == ("owner", "alice")
+
+
+# ------------------------------------------------------------------ on the volume
+
+
+def _env_dir(root: Path, key: str, mtime: float, *, ready: bool = True) -> Path:
+    env_dir = root / key
+    (env_dir / "ComfyUI" / "custom_nodes").mkdir(parents=True)
+    (env_dir / "python").mkdir()
+    if ready:
+        (env_dir / "READY").write_text("")
+        os.utime(env_dir / "READY", (mtime, mtime))
+    os.utime(env_dir, (mtime, mtime))
+    return env_dir
+
+
+def test_most_recent_is_the_last_used_complete_environment(tmp_path: Path) -> None:
+    root = tmp_path / "envs"
+    _env_dir(root, "a" * 24, 1_000)
+    newer = _env_dir(root, "b" * 24, 2_000)
+    _env_dir(root, "c" * 24, 3_000, ready=False)  # a build in progress: not a candidate
+    envs = Environments(root, GitMirrors(tmp_path / "git", {}))
+    env = envs.most_recent()
+    assert env is not None and env.key == "b" * 24 and env.comfyui_dir == newer / "ComfyUI"
+    assert os.stat(newer / "READY").st_mtime == 2_000  # its last use is not touched
+    assert Environments(tmp_path / "none", GitMirrors(tmp_path / "git", {})).most_recent() is None
+
+
+class _OneEnvironment:
+    """An environment builder with one prepared environment (every spec gets it)."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env
+        self.pinned: list[str] = []
+
+    def most_recent(self) -> Environment:
+        return self.env
+
+    def prepare(self, spec: object, *, cancel: object = None) -> Environment:
+        return self.env
+
+    def pin(self, key: str) -> contextlib.AbstractContextManager[None]:
+        self.pinned.append(key)
+        return contextlib.nullcontext()
+
+
+def test_without_a_checkout_the_most_recent_environment_is_prestarted(tmp_path: Path) -> None:
+    env_dir = _env_dir(tmp_path / "envs", "d" * 24, 1_000)
+    env = Environment("d" * 24, env_dir, env_dir / "ComfyUI", ())
+    builder = _OneEnvironment(env)
+    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
+                                       child_entry=FAKE),
+                        storage=LocalStorage(tmp_path / "store"), environments=builder)
+    try:
+        starting = pipeline.prestart()
+        assert starting is not None and starting.result(timeout=30) is True
+        assert builder.pinned == [env.key]  # kept from gc while its child runs
+        pid = pipeline.supervisor.runner.pid
+        result = run_as(pipeline, "acme", "env-1")
+        assert result.status is RunStatus.SUCCEEDED, result.failure
+        assert pipeline.supervisor.runner.pid == pid and result.cold_start_s == 0
+        assert result.environment["env_key"] == env.key
+    finally:
+        pipeline.close()
