@@ -270,6 +270,17 @@ class Environments:
         infos.sort(key=lambda i: i.last_used, reverse=True)
         return infos
 
+    def most_recent(self) -> Environment | None:
+        """The most recently used complete environment (the one ``serve`` starts ComfyUI in
+        before its first run), or None; its last use is not touched."""
+        for info in self.ls():
+            if info.ready:
+                try:
+                    return self._describe(info.key, info.path)
+                except EnvironmentBuildError:
+                    continue  # refused for every run too
+        return None
+
     def gc(self, max_count: int | None = None) -> EnvironmentGcResult:
         """Keep at most ``max_count`` (default ``self.max_count``; 0: all) complete
         environments, evicting the least recently used unpinned ones, and remove unpinned

@@ -160,6 +160,8 @@ class Runner:
         self._sender: _Sender | None = None
         self._job_id: str | None = None
         """The job running now (what the child's log lines are tagged with)."""
+        self.spawned = threading.Event()
+        """Set once the child process exists (a waiter's event: ``pid`` is set then)."""
 
     # ------------------------------------------------------------------ state
 
@@ -201,6 +203,7 @@ class Runner:
             prefix = self._sandbox_prefix(env)
             self._proc, self._conn = spawn(self.config.child_entry, asdict(self.config), env,
                                            argv_prefix=prefix, job_of=lambda: self._job_id)
+            self.spawned.set()
         except Exception as exc:  # never stay STARTING
             self._transition(RunnerState.DEFUNCT)
             raise RunnerStartFailed(f"cannot spawn the ComfyUI process: {exc}") from exc
@@ -557,6 +560,10 @@ class _ChildGone:
 _SHARED: tuple[str | None, ...] = ("shared",)
 """The tenant of a child without custom nodes: every owner's runs may use it."""
 
+_UNBOUND: tuple[str | None, ...] = ("unbound",)
+"""The tenant of a pre-started child (``RunnerSupervisor.prestart``) before its first run:
+it has served no one, so the first run of any owner may take it, which binds it."""
+
 
 @dataclass(frozen=True)
 class RunnerLease:
@@ -566,6 +573,7 @@ class RunnerLease:
 
     runner: Runner
     started: bool
+    """Also True when the call waited for a pre-started child to finish its start."""
 
 
 class RunnerSupervisor:
@@ -580,11 +588,62 @@ class RunnerSupervisor:
     the new one starts.
     """
 
+    poll_s = 0.05
+    """How often a call waiting for a pre-start checks its ``should_stop``."""
+
     def __init__(self) -> None:
         self.runner: Runner | None = None
         self.restarts = 0
         self.tenant: tuple[str | None, ...] | None = None
         """Whose runs the warm child serves (see ``tenant_of``); None without a child."""
+        # Held by whoever starts or stops a child: a pre-start on its own thread, a run's
+        # acquire, close. A run that finds it held waits for the pre-start (its cold start).
+        self._lock = threading.Lock()
+        self._prestarting: RunnerConfig | None = None
+        self._prestart_cancel = threading.Event()
+        self._closed = False
+        self.prestart_began = threading.Event()
+        """Set once ``prestart`` has made its runner (or decided to make none)."""
+        self.prestart_awaited = threading.Event()
+        """Set once a call of ``acquire`` has waited for a start in progress."""
+
+    def prestart(self, config: RunnerConfig) -> bool:
+        """Start a child for ``config`` before any run asks for one (``serve`` at boot);
+        True when it is READY. Blocking: call it on a thread of its own.
+
+        The child is bound to no owner yet: the first run of any owner that acquires the same
+        config takes it, and it is then that owner's (or shared, without custom code) like a
+        child started for that run. A failed or canceled pre-start only logs: the runner is
+        dropped, counts as no restart, and the next run starts its own child as if there had
+        been none. A run for another config, or ``close``, cancels it.
+        """
+        with self._lock:
+            if self._closed or self.runner is not None:
+                self.prestart_began.set()
+                return False
+            runner = self.runner = Runner(config)
+            self.tenant = _UNBOUND
+            self.prestart_began.set()
+            self._prestarting = config
+            self._prestart_cancel.clear()
+            try:
+                runner.start(self._prestart_cancel.is_set)
+            except RunnerStartCanceled:
+                log.info("pre-start of ComfyUI canceled (a run for another environment, or "
+                         "the worker stops)", extra={"event": "prestart_canceled"})
+                self.runner, self.tenant = None, None
+                return False
+            except RunnerStartFailed as exc:
+                log.warning("pre-starting ComfyUI failed (the next run starts its own): %s",
+                            exc, extra={"event": "prestart_failed"})
+                self.runner, self.tenant = None, None
+                return False
+            finally:
+                self._prestarting = None
+            log.info("pre-started ComfyUI for environment %s", config.env_key,
+                     extra={"event": "child_prestarted", "env_key": config.env_key,
+                            "pid": runner.pid})
+            return True
 
     @staticmethod
     def tenant_of(config: RunnerConfig, owner: str | None) -> tuple[str | None, ...]:
@@ -598,8 +657,28 @@ class RunnerSupervisor:
 
         Raises ``RunnerStartFailed`` / ``RunnerStartCanceled`` like ``Runner.start``.
         """
+        prestarting = self._prestarting
+        if prestarting is not None and prestarting != config:
+            self._prestart_cancel.set()  # the wrong environment: do not wait for it
+        waited = False
+        while not self._lock.acquire(timeout=self.poll_s):
+            waited = True  # a pre-start holds it: its remaining start is this run's wait
+            self.prestart_awaited.set()
+            if should_stop is not None and should_stop():
+                raise RunnerStartCanceled("ComfyUI start was interrupted")
+        try:
+            lease = self._acquire(config, owner, should_stop)
+        finally:
+            self._lock.release()
+        return replace(lease, started=lease.started or waited) if waited else lease
+
+    def _acquire(self, config: RunnerConfig, owner: str | None,
+                 should_stop: Callable[[], bool] | None) -> RunnerLease:
         tenant = self.tenant_of(config, owner)
         runner = self.runner
+        if runner is not None and self.tenant == _UNBOUND and runner.config == config:
+            # A pre-started child has served no one: this run's owner takes and binds it.
+            self.tenant = tenant
         if runner is not None and (runner.config != config or self.tenant != tenant):
             runner.stop()  # before the next one starts: one child's GPU memory at a time
             runner = self.runner = None
@@ -622,8 +701,11 @@ class RunnerSupervisor:
         return self.acquire(config, owner=owner, should_stop=should_stop).runner
 
     def close(self) -> None:
-        """Stop the child, if any."""
-        if self.runner is not None:
-            self.runner.stop()
-            self.runner = None
-            self.tenant = None
+        """Stop the child, if any (a pre-start in progress is canceled)."""
+        self._closed = True
+        self._prestart_cancel.set()
+        with self._lock:
+            if self.runner is not None:
+                self.runner.stop()
+                self.runner = None
+                self.tenant = None

@@ -5,14 +5,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from cache.errors import URLRefused
-from cache.fetcher import Fetcher
 from worker.pipeline import Pipeline, PipelineConfig
 from worker.rundirs import WORK_SUBDIR
 from worker.settings import Settings
 from worker.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from cache.fetcher import Fetcher
 
 
 def build_storage(settings: Settings, storage_url: str | None = None) -> Storage:
@@ -25,6 +27,7 @@ def build_storage(settings: Settings, storage_url: str | None = None) -> Storage
 def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
                        allow_local_files: bool = False):
     """The function that fetches one caller file (https, runflow assets, local files)."""
+    from cache.errors import URLRefused
     from worker.cache_cli import build_sources
 
     sources = build_sources(settings, fetcher)
@@ -44,10 +47,15 @@ def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
 def build_pipeline(settings: Settings, *, storage: Storage | None = None,
                    allow_local_files: bool = False, child_entry: str | None = None,
                    cpu: bool | None = None,
-                   sandbox_read_only: tuple[Path, ...] = ()) -> Pipeline:
+                   sandbox_read_only: tuple[Path, ...] = (),
+                   prestart: bool = False) -> Pipeline:
     """A pipeline wired from the settings (``child_entry`` swaps the ComfyUI child;
     ``sandbox_read_only`` adds paths the sandboxed child may read to
     ``RUNFLOW_SANDBOX_READ_ONLY``'s, for tests).
+
+    ``prestart`` starts the ComfyUI child for the likely next run (``Pipeline.prestart``)
+    as early as it can: on a baked checkout before the cache parts are built (their imports
+    overlap ComfyUI's), otherwise once the environments are known.
 
     ``cpu`` (True: ComfyUI on the CPU, False: on CUDA) defaults to ``RUNFLOW_DEVICE``, else
     to the CPU for the class ``cpu`` and detection (CUDA where torch finds it) otherwise.
@@ -77,11 +85,18 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         sandbox_read_only=(*(Path(p) for p in settings.sandbox_read_only),
                            *sandbox_read_only),
     )
-    fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
-    return Pipeline(
-        config,
-        storage=storage or build_storage(settings),
-        blobs=build_blob_store(settings, fetcher),
-        fetch_input=make_input_fetcher(settings, fetcher, allow_local_files=allow_local_files),
-        environments=build_environments(settings, fetcher),
-    )
+    pipeline = Pipeline(config, storage=storage or build_storage(settings))
+    if prestart and config.comfyui_dir is not None:
+        pipeline.prestart()
+    try:
+        fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
+        pipeline.blobs = build_blob_store(settings, fetcher)
+        pipeline.fetch_input = make_input_fetcher(settings, fetcher,
+                                                  allow_local_files=allow_local_files)
+        pipeline.environments = build_environments(settings, fetcher)
+    except BaseException:
+        pipeline.close()  # a pre-started child must not outlive a failed build
+        raise
+    if prestart and config.comfyui_dir is None:
+        pipeline.prestart()
+    return pipeline

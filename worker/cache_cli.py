@@ -23,24 +23,27 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cache.access import Access
-from cache.blobs import BlobStore, check_digest
-from cache.environments import Environments
-from cache.errors import CacheError
-from cache.fetcher import Fetcher
-from cache.git import GitMirrors
-from cache.sources import Sources
-from cache.urlpolicy import URLPolicy
-from worker.rundirs import WORK_SUBDIR, remove_abandoned_run_dirs
-from worker.sandboxing import build_sandbox
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from cache.access import Access
+    from cache.blobs import BlobStore
+    from cache.environments import Environments
+    from cache.fetcher import Fetcher
+    from cache.sources import Sources
+
+# The cache modules (httpx, the fetcher, the store) are imported where they are used, not
+# with the command line: ``serve`` starts its ComfyUI child before it needs them.
 
 
 def build_fetcher(settings: Settings) -> Fetcher:
     """The SSRF-safe fetcher configured from the settings (allowlist, trusted CAs, per-host
     download credentials, limits)."""
+    from cache.fetcher import Fetcher
+    from cache.urlpolicy import URLPolicy
+
     return Fetcher(
         URLPolicy(settings.url_allow),
         ca_bundle=settings.ca_trust,
@@ -67,6 +70,8 @@ def build_sources(
 ) -> Sources:
     """Sources for URLs: https (through ``fetcher``), ``runflow://assets/<uuid>`` and, with
     ``allow_s3`` (deployment-supplied URLs only, never caller-supplied), ``s3://``."""
+    from cache.sources import Sources
+
     return Sources(
         fetcher=fetcher or build_fetcher(settings),
         s3_client=_s3_client_factory(settings),
@@ -79,6 +84,8 @@ def build_sources(
 
 def build_blob_store(settings: Settings, fetcher: Fetcher | None = None) -> BlobStore:
     """The model store at ``<cache>/blobs`` with the configured budget and sources."""
+    from cache.blobs import BlobStore
+
     return BlobStore(
         settings.blobs_dir,
         sources=build_sources(settings, fetcher, allow_s3=True),
@@ -90,6 +97,10 @@ def build_blob_store(settings: Settings, fetcher: Fetcher | None = None) -> Blob
 def build_environments(settings: Settings, fetcher: Fetcher | None = None) -> Environments:
     """The environment builder: git mirrors and environments under the cache directory; git
     origins are checked by ``fetcher``'s URL policy."""
+    from cache.environments import Environments
+    from cache.git import GitMirrors
+    from worker.sandboxing import build_sandbox
+
     return Environments(
         settings.cache_dir / "envs",
         GitMirrors(settings.cache_dir / "git", settings.git_mirror_map(),
@@ -136,6 +147,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run_cache_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run a ``cache`` action; return the exit code (0 ok, 1 failed, 2 bad arguments)."""
+    from cache.errors import CacheError
+    from worker.rundirs import WORK_SUBDIR, remove_abandoned_run_dirs
+
     try:
         store = build_blob_store(settings)
         action = args.cache_command
@@ -260,6 +274,8 @@ def _pull(store: BlobStore, sha256: str, urls: list[str], size: int | None) -> i
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+
+    from cache.blobs import check_digest
 
     digest = check_digest(sha256)
     columns = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())

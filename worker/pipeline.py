@@ -168,6 +168,7 @@ class Pipeline:
         self.environments = environments
         self._starter = futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="environment")
+        self._prestarter: futures.ThreadPoolExecutor | None = None
         # Pins of the environments this worker uses (by key): the warm child's, and the
         # one being prepared, so no gc on the volume removes them meanwhile.
         self._env_pins: dict[str, ExitStack] = {}
@@ -175,10 +176,46 @@ class Pipeline:
         self._report = EnvironmentReport()
         self._commits: dict[Path, str | None] = {}
 
+    def prestart(self) -> futures.Future[bool] | None:
+        """Start the ComfyUI child the next run most likely needs, on a thread of its own,
+        before any run arrives (``serve`` at boot); None when there is no guess.
+
+        The guess: ``RUNFLOW_COMFYUI_DIR`` (every run uses it), else the most recently used
+        prepared environment on the volume. The future's result says whether the child is
+        READY; it never raises. A wrong guess, or a failed start, costs a run nothing but
+        the wait for what is already under way (``RunnerSupervisor.prestart``).
+        """
+        try:
+            config = self._prestart_config()
+        except Exception as exc:  # noqa: BLE001 - a guess must never stop the worker
+            log.warning("no ComfyUI pre-start: %s", exc, extra={"event": "prestart_failed"})
+            return None
+        if config is None:
+            return None
+        self._prestarter = futures.ThreadPoolExecutor(max_workers=1,
+                                                      thread_name_prefix="prestart")
+        return self._prestarter.submit(self.supervisor.prestart, config)
+
+    def _prestart_config(self) -> RunnerConfig | None:
+        if self.config.comfyui_dir is not None:
+            if checkout_problem(self.config.comfyui_dir) is not None:
+                return None  # the first run reports it (the worker is unfit)
+            return self._runner_config(self.config.comfyui_dir, "baked", (),
+                                       declares_nodes=False)
+        most_recent = getattr(self.environments, "most_recent", None)
+        env = most_recent() if most_recent is not None else None
+        if env is None:
+            return None
+        self._pin_environment(env.key)  # until a run switches away from it
+        return self._runner_config(env.comfyui_dir, env.key,
+                                   tuple(str(p) for p in env.sys_path), declares_nodes=False)
+
     def close(self) -> None:
-        """Stop the ComfyUI child and let its environment go."""
+        """Stop the ComfyUI child (or its pre-start) and let its environment go."""
         self._starter.shutdown(wait=True)
         self.supervisor.close()
+        if self._prestarter is not None:
+            self._prestarter.shutdown(wait=True)
         self._unpin_environments(keep=None)
         if not self.config.keep_run_dirs:
             self._run_dirs.close()
@@ -381,23 +418,8 @@ class Pipeline:
             # worker's file would put that file into the record).
             self._commits[comfyui_dir] = (message.workflow.environment.comfyui.commit
                                           or "").lower() or None
-        node_dirs = (str(comfyui_dir / "custom_nodes"),
-                     *(str(d) for d in self.config.extra_custom_node_dirs))
-        child_root = self._run_dirs.child_root
-        config = RunnerConfig(
-            comfyui_dir=str(comfyui_dir),
-            base_dir=str(child_root / "base"),
-            env_key=env_key,
-            custom_node_dirs=node_dirs,
-            extra_sys_path=sys_path,
-            cpu=self.config.cpu,
-            child_entry=self.config.child_entry,
-            startup_timeout_s=self.config.startup_timeout_s,
-            env_pass=self.config.child_env_pass,
-            sandbox=self._sandbox_plan(child_root),
-            # A child that loads a stranger's code serves one owner only (SPEC §9).
-            custom_code=bool(message.workflow.custom_nodes) or loads_custom_nodes(node_dirs),
-        )
+        config = self._runner_config(comfyui_dir, env_key, sys_path,
+                                     declares_nodes=bool(message.workflow.custom_nodes))
         start = time.monotonic()
         lease = self._start_runner(config, message.workflow.owner, stop_reason)
         runner = lease.runner
@@ -417,6 +439,27 @@ class Pipeline:
         if broken is not None:
             raise broken  # before any GPU work: a declared pack that did not import
         return runner
+
+    def _runner_config(self, comfyui_dir: Path, env_key: str, sys_path: tuple[str, ...], *,
+                       declares_nodes: bool) -> RunnerConfig:
+        """The child's config for an environment (a run's, or the pre-start's guess)."""
+        node_dirs = (str(comfyui_dir / "custom_nodes"),
+                     *(str(d) for d in self.config.extra_custom_node_dirs))
+        child_root = self._run_dirs.child_root
+        return RunnerConfig(
+            comfyui_dir=str(comfyui_dir),
+            base_dir=str(child_root / "base"),
+            env_key=env_key,
+            custom_node_dirs=node_dirs,
+            extra_sys_path=sys_path,
+            cpu=self.config.cpu,
+            child_entry=self.config.child_entry,
+            startup_timeout_s=self.config.startup_timeout_s,
+            env_pass=self.config.child_env_pass,
+            sandbox=self._sandbox_plan(child_root),
+            # A child that loads a stranger's code serves one owner only (SPEC §9).
+            custom_code=declares_nodes or loads_custom_nodes(node_dirs),
+        )
 
     def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
         """``ready`` with the checkout's commit as the worker knows it: the pinned commit

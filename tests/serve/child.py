@@ -2,6 +2,8 @@
 
 - ``TestMark``: when the job arrives, appends ``inputs["tag"]`` and a newline to
   ``inputs["path"]`` (one line per execution: the tests count executions with it).
+- ``TestPid``: when the job arrives, writes the child's pid to ``inputs["path"]`` (which
+  child ran the job).
 - ``TestKillWorker``: when the job arrives, SIGKILLs the worker process (the child's parent):
   a run that takes its whole container down every time (a poison run).
 
@@ -25,6 +27,9 @@ def _side_effects(job: p.Execute) -> None:
             inputs = node.get("inputs", {})
             with open(inputs["path"], "a") as fh:
                 fh.write(f"{inputs['tag']}\n")
+        if node.get("class_type") == "TestPid":
+            with open(node["inputs"]["path"], "w") as fh:
+                fh.write(str(os.getpid()))
     if any(node.get("class_type") == "TestKillWorker" for node in nodes):
         os.kill(os.getppid(), signal.SIGKILL)
 
