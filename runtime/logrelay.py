@@ -88,7 +88,9 @@ class LogRelay:
         self._lock = threading.Lock()
         self._stopping = False
         self._closed = False
-        self._switch = threading.Event()
+        # Held while reading the pipe and while switching jobs: ``job_changed`` drains in
+        # the caller's thread, so lines are read by one thread at a time.
+        self._read_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(fd, False)
@@ -98,9 +100,19 @@ class LogRelay:
 
     def job_changed(self) -> None:
         """The parent's job changed (``job_of`` answers anew): lines already in the pipe
-        keep the job they were written under; later ones get the new one."""
-        self._switch.set()
-        self._wake()
+        keep the job they were written under; later ones get the new one.
+
+        Done here, in the caller's thread, before it returns: the child writes a job's
+        lines before it reports the job's end, so they are in the pipe by the time the
+        parent moves on. Left to the reader thread, a short job could end before that
+        thread ran, and its lines would be read under the next job (or none).
+        """
+        with self._read_lock:
+            if self._closed:
+                return
+            self._drain(_DRAIN_MAX_BYTES)
+            self._job = self._job_of()
+        self._wake()  # the reader thread looks again (an end of file seen here, say)
 
     def stop(self) -> None:
         """End the thread after it read what is in the pipe now (never blocks)."""
@@ -127,13 +139,8 @@ class LogRelay:
     def _run(self) -> None:
         try:
             while True:
-                switch = self._switch.is_set()
-                self._switch.clear()
-                # Drain before taking the new job: what was written before the change
-                # belongs to the job it was written under.
-                eof = self._drain(_DRAIN_MAX_BYTES)
-                if switch:
-                    self._job = self._job_of()
+                with self._read_lock:
+                    eof = self._drain(_DRAIN_MAX_BYTES)
                 with self._lock:
                     stopping = self._stopping
                 if eof or stopping:
@@ -144,7 +151,7 @@ class LogRelay:
             self._log.exception("reading the ComfyUI process's output failed")
         finally:
             self._report_dropped()
-            with self._lock:
+            with self._read_lock, self._lock:
                 self._closed = True
                 for fd in (self._fd, self._wake_r, self._wake_w):
                     os.close(fd)

@@ -489,11 +489,14 @@ class Runner:
 
 
 class _Sender:
-    """Writes messages to the child, in order, from its own thread.
+    """Writes messages to the child, in order, never blocking the supervising thread.
 
-    Why a thread: a socket write blocks while the child does not read (a wedged child, a
-    graph larger than the socket buffer), and the supervising thread must keep watching
-    the interrupt, the timeout and the child's pidfd meanwhile.
+    A message the socket takes whole is written directly (a job, an interrupt: the usual
+    case, and no thread to start and join per run). Once one is not taken whole, its rest
+    and every later message go through a thread of their own. Why a thread then: a socket
+    write blocks while the child does not read (a wedged child, a graph larger than the
+    socket buffer), and the supervising thread must keep watching the interrupt, the
+    timeout and the child's pidfd meanwhile.
     """
 
     def __init__(self, conn: Channel) -> None:
@@ -501,17 +504,40 @@ class _Sender:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.error: BaseException | None = None
         """The first failed write (later messages are dropped)."""
-        self._thread = threading.Thread(target=self._run, name="runflow-runner-send",
-                                        daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        # ``stop`` may send from another thread than the supervising one: one writer at a
+        # time, or two frames could interleave on the socket.
+        self._lock = threading.Lock()
 
     def send(self, msg: Any) -> None:
-        """Queue ``msg``; it is written after every message queued before it."""
-        self._queue.put(msg)
+        """Write ``msg`` now or queue it; it is written after every message sent before it."""
+        with self._lock:
+            self._send_locked(msg)
+
+    def _send_locked(self, msg: Any) -> None:
+        if self._thread is not None:
+            self._queue.put(msg)
+            return
+        if self.error is not None:
+            return
+        try:
+            rest = self._conn.send_nowait(p.to_wire(msg))
+        except BaseException as exc:  # noqa: BLE001 - seen by the supervising thread
+            self.error = exc
+            return
+        if rest:
+            self._queue.put(rest)  # the frame's rest first, then whatever follows
+            self._thread = threading.Thread(target=self._run, name="runflow-runner-send",
+                                            daemon=True)
+            self._thread.start()
 
     def close(self, timeout_s: float) -> bool:
-        """End the thread once the queue is written; True when it ended within ``timeout_s``."""
-        self._queue.put(None)
+        """End the thread once the queue is written; True when it ended within ``timeout_s``
+        (or never had to start)."""
+        with self._lock:
+            if self._thread is None:
+                return True
+            self._queue.put(None)
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
@@ -520,7 +546,10 @@ class _Sender:
             if self.error is not None:
                 continue
             try:
-                self._conn.send(p.to_wire(msg))
+                if isinstance(msg, bytes):
+                    self._conn.send_bytes(msg)
+                else:
+                    self._conn.send(p.to_wire(msg))
             except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
                 self.error = exc
 

@@ -143,6 +143,22 @@ class Channel:
         frame = encode_frame(obj, self._send_max_bytes, allow_nan=self._nan_out)
         self._sock.sendall(frame)
 
+    def send_nowait(self, obj: dict[str, Any]) -> bytes:
+        """Write as much of ``obj``'s frame as the socket takes without blocking; return
+        the rest (empty once all of it went), to be written with ``send_bytes``. Errors as
+        ``send``."""
+        frame = memoryview(encode_frame(obj, self._send_max_bytes, allow_nan=self._nan_out))
+        while frame:
+            try:
+                frame = frame[self._sock.send(frame, socket.MSG_DONTWAIT):]
+            except (BlockingIOError, InterruptedError):
+                break
+        return bytes(frame)
+
+    def send_bytes(self, data: bytes) -> None:
+        """Write the rest of a frame ``send_nowait`` began (blocks until written)."""
+        self._sock.sendall(data)
+
     @property
     def buffered(self) -> bool:
         """True when a complete frame was read and not yet returned."""

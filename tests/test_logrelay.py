@@ -146,3 +146,26 @@ def test_the_childs_stderr_is_relayed_with_the_run_the_parent_runs(
     # 3000 lines at once: the burst passes, the rest is counted.
     dropped = sum(getattr(r, "dropped", 0) for r in records.records)
     assert len(forged) + dropped == 3000 and len(forged) <= 1100
+
+
+def test_lines_written_before_a_job_change_keep_their_job_however_short_the_job(
+        records: Records) -> None:
+    # A job that ends before the relay's thread ever ran: its lines are in the pipe when
+    # the parent learns of the end, and must still carry it, not the next job (or none).
+    r, w = os.pipe()
+    jobs: list[str | None] = [None]
+    relay = LogRelay(r, lambda: jobs[-1])
+    try:
+        for job in ("run-a:1:1", "run-b:1:2"):
+            jobs.append(job)
+            relay.job_changed()
+            os.write(w, f"line of {job}\n".encode())
+            jobs.append(None)
+            relay.job_changed()  # the job's end: its lines are read before this returns
+            got = [(rec.getMessage(), getattr(rec, "job_id", None)) for rec in records.records]
+            assert got[-1] == (f"line of {job}", job)
+        os.write(w, b"between jobs\n")
+    finally:
+        os.close(w)
+        assert relay.join(timeout_s=30)
+    assert getattr(records.records[-1], "job_id", None) is None

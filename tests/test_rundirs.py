@@ -61,3 +61,46 @@ def test_a_new_pipeline_sweeps_when_it_first_creates(tmp_path: Path) -> None:
     proc.wait()
     RunDirs(work).create("after-restart")
     assert not victim.exists()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
+        tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        first = dirs.create("first")
+        (first.staged("input") / "caller.png").write_bytes(b"first run's bytes")
+        (first.links / "input" / "res").write_bytes(b"x")
+        dirs.discard(first)
+        dirs.settle()
+        owner = dirs.owner
+        assert any(p.name.startswith(".spare-") for p in (owner / "stage").iterdir())
+        second = dirs.create("second")
+        assert second.name.startswith("second-") and second.stage.is_dir()
+        # The spare became this run's: renamed, nothing of the first run in it or beside it.
+        assert _tree(second.stage) == ["input", "output", "temp"]
+        assert _tree(second.links) == ["input", "models"]
+        assert [p.name for p in (owner / "stage").iterdir()] == [second.name]
+        assert not first.stage.exists() and not first.links.exists()
+        second.enter()
+        assert _tree(second.live) == ["input", "output", "temp"]
+    finally:
+        dirs.close()
+
+
+def test_a_spare_that_vanished_is_replaced_by_new_directories(tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        dirs.discard(dirs.create("first"))
+        dirs.settle()
+        for spare in (dirs.owner / "links").iterdir():
+            spare.rename(tmp_path / "elsewhere")  # the spare's links are gone
+        second = dirs.create("second")
+        assert _tree(second.stage) == ["input", "output", "temp"]
+        assert _tree(second.links) == ["input", "models"]
+        assert [p.name for p in (dirs.owner / "stage").iterdir()] == [second.name]
+    finally:
+        dirs.close()

@@ -180,3 +180,26 @@ def test_a_done_with_more_outputs_than_a_list_may_hold_is_never_cut() -> None:
                     for i in range(p.LIST_MAX_ITEMS + 1))
     out = _fits(p.Done("j", outputs, 1.0))
     assert isinstance(out, p.Failed) and "10001 output files" in out.message
+
+
+def test_send_nowait_writes_what_fits_and_the_rest_completes_the_frame() -> None:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    left = wire.Channel(a.detach(), recv_max_bytes=1 << 22, send_max_bytes=1 << 22)
+    right = wire.Channel(b.detach(), recv_max_bytes=1 << 22, send_max_bytes=1 << 22)
+    try:
+        assert left.send_nowait({"type": "small"}) == b""  # taken whole: nothing left
+        assert right.recv(timeout_s=5) == {"type": "small"}
+        big = {"type": "big", "s": "x" * (1 << 21)}  # far over the socket's buffers
+        rest = left.send_nowait(big)
+        assert 0 < len(rest) < len(wire.encode_frame(big, 1 << 22))
+        assert right.recv(timeout_s=0) is None  # only part of the frame arrived
+        import threading
+        writer = threading.Thread(target=left.send_bytes, args=(rest,))
+        writer.start()
+        got = right.recv(timeout_s=None)
+        writer.join(5)
+        assert got == big
+    finally:
+        left.close()
+        right.close()

@@ -15,6 +15,7 @@ answering: see ``S3Storage.put``). Foreign errors (botocore, boto3, OS) leave as
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -110,9 +111,14 @@ class LocalStorage:
         """Local storage has no prefix: the key is the path under ``root``."""
         return key
 
+    @functools.cached_property
+    def _root_resolved(self) -> Path:
+        # Once: resolving the root walks every component of its path, twice a stored output.
+        return self.root.resolve()
+
     def _path(self, key: str) -> Path:
         path = (self.root / check_key(key)).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+        if not path.is_relative_to(self._root_resolved):
             raise StorageError(f"key {key!r} escapes the storage directory")
         return path
 
@@ -146,7 +152,7 @@ class LocalStorage:
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot delete output {key!r}: {exc.strerror or exc}") from exc
-        root = self.root.resolve()
+        root = self._root_resolved
         for parent in path.parents:
             if parent == root or not parent.is_relative_to(root):
                 break
