@@ -300,3 +300,19 @@ def test_an_output_symlinked_to_the_workers_file_is_refused(tmp_path: Path) -> N
         result.failure)
     stored = tmp_path / "cache" / "outputs"
     assert not any(MARK.encode() in p.read_bytes() for p in stored.rglob("*") if p.is_file())
+
+
+@pytest.mark.timeout(120)
+def test_a_child_started_before_any_run_sees_the_first_runs_models(tmp_path: Path) -> None:
+    """``serve`` starts the child before its first run (``Pipeline.prestart``), when no run
+    has made the directories the child's sandbox binds yet: the run's models must still be
+    visible to it, read-only."""
+    pl = _pipeline(tmp_path, _comfy(tmp_path, "hostile_pack"))
+    try:
+        _put_blob(pl, b"model weights")
+        starting = pl.prestart()
+        assert starting is not None and starting.result(timeout=60) is True
+        report = _run(pl, "HostileRead", "after-prestart", model_keys=json.dumps(["m.bin"]))
+        assert report["models"] == {"m.bin": "model weights"}
+    finally:
+        pl.close()

@@ -484,6 +484,10 @@ class Pipeline:
         if not self.config.sandbox:
             return None
         hidden = (self.config.work_dir, *self.config.sandbox_hidden)
+        # The sandbox binds only what exists when the child starts, which can be before any
+        # run made these (``prestart``): a links root made later would stay out of its sight.
+        for root in (child_root, self._run_dirs.links_root):
+            root.mkdir(parents=True, exist_ok=True)
         return SandboxPlan(
             read_only=(str(self._run_dirs.links_root),
                        *(str(p) for p in self.config.sandbox_read_only)),

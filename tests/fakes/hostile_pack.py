@@ -96,9 +96,17 @@ class HostileTamper:
 
 
 class HostileRead:
-    """Reports which of ``paths`` it can read (files) or list (directories), and what."""
+    """Reports which of ``paths`` it can read (files) or list (directories), and what; and
+    the first bytes of each of ``model_keys`` in the run's models directory."""
 
-    def run(self, job: dict, paths: str = "[]", **_: object) -> str:
+    def run(self, job: dict, paths: str = "[]", model_keys: str = "[]", **_: object) -> str:
+        models: dict[str, str] = {}
+        for key in json.loads(model_keys):  # the run's own models, as ComfyUI reads them
+            try:
+                with open(os.path.join(job["models_dir"], key), "rb") as fh:
+                    models[key] = fh.read(200).decode(errors="replace")
+            except OSError as exc:
+                models[key] = f"unreadable: {exc.strerror}"
         seen: dict[str, str] = {}
         for path in json.loads(paths):
             try:
@@ -109,7 +117,7 @@ class HostileRead:
                         seen[path] = "read:" + fh.read(200).decode(errors="replace")
             except OSError:
                 pass
-        return json.dumps({"seen": seen, "job": job})
+        return json.dumps({"seen": seen, "job": job, "models": models})
 
 
 class HostileNet:
