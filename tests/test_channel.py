@@ -9,7 +9,8 @@ import pytest
 
 from runtime import protocol as p
 from runtime.errors import RunnerStartFailed
-from runtime.runner import Runner, RunnerConfig, RunnerState, RunnerSupervisor
+from runtime.runner import Runner, RunnerConfig, RunnerState
+from runtime.supervisor import RunnerSupervisor
 from tests.fakes.hostile_child import pickle_frame
 
 pytestmark = pytest.mark.timeout(120)

@@ -16,7 +16,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
-from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
+from runtime.runner import RunnerConfig
+from runtime.supervisor import RunnerLease, RunnerSupervisor
 from tests.factories import message
 from tests.test_pipeline import FAKE, Control
 from worker.contract import RunStatus, parse_message

@@ -13,7 +13,8 @@ import pytest
 
 from cache.environments import Environment, Environments
 from cache.git import GitMirrors
-from runtime.runner import RunnerConfig, RunnerState, RunnerSupervisor
+from runtime.runner import RunnerConfig, RunnerState
+from runtime.supervisor import RunnerSupervisor
 from tests.factories import message, workflow
 from tests.test_pipeline import FAKE, Control
 from tests.test_runner_owners import gone, make_pipeline

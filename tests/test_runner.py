@@ -18,7 +18,8 @@ from cache.commands import child_environment, has_url_credentials
 from runtime import childlog
 from runtime import protocol as p
 from runtime.errors import RunnerStartFailed, RunnerStateError
-from runtime.runner import Runner, RunnerConfig, RunnerState, RunnerSupervisor, describe_exit
+from runtime.runner import Runner, RunnerConfig, RunnerState, describe_exit
+from runtime.supervisor import RunnerSupervisor
 
 FAKE = "tests.fakes.fake_child:main"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from runtime.customnodes import custom_node_entries, loads_custom_nodes
-from runtime.runner import RunnerConfig, RunnerState, RunnerSupervisor
+from runtime.runner import RunnerConfig, RunnerState
+from runtime.supervisor import RunnerSupervisor
 from tests.factories import message, workflow
 from tests.test_pipeline import FAKE, Control
 from worker.contract import RunStatus, parse_message

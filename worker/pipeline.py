@@ -24,8 +24,9 @@ from runtime import protocol as p
 from runtime.customnodes import loads_custom_nodes
 from runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runtime.rewrite import inject_inputs
-from runtime.runner import RunnerConfig, RunnerLease, RunnerSupervisor
+from runtime.runner import RunnerConfig
 from runtime.sandbox import SandboxPlan
+from runtime.supervisor import RunnerLease, RunnerSupervisor
 from worker import contract as c
 from worker.envreport import EnvironmentReport
 from worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected, WorkerUnfit
