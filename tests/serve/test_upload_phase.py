@@ -9,6 +9,7 @@ either, and neither may deleting what was stored: the record is written first.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -55,7 +56,9 @@ def _two_files() -> dict[str, Any]:
 
 
 def _stored_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+    # os.walk skips a directory removed while it walks: the deletions run meanwhile, and
+    # rglob raised FileNotFoundError for a folder that went between its listing and its scan.
+    return [Path(d) / f for d, _, files in os.walk(root) for f in files]
 
 
 def _assert_stopped_in_time(r, run_id: str, how: str, asked: float, timeout_s: float,
