@@ -10,16 +10,14 @@ from typing import Any
 
 import pytest
 
-from tests.cache.gitrepos import commit, make_repo
+from tests.cache.gitrepos import PACK_BROKEN, PACK_COMFY, PACK_GOOD, pack_origins
 from tests.factories import workflow
 from tests.support.https_server import HTTPSServer
 from tests.test_cli_run import cli
 
 pytestmark = pytest.mark.timeout(120)
 
-COMFY = "https://git.example/comfyanonymous/ComfyUI"
-GOOD = "https://git.example/acme/ComfyUI-Good"
-BROKEN = "https://git.example/acme/ComfyUI-Broken"
+COMFY, GOOD, BROKEN = PACK_COMFY, PACK_GOOD, PACK_BROKEN
 GRAPH = {
     "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
     "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}},
@@ -29,15 +27,9 @@ WEIGHTS = b"tiny model weights" * 1000
 
 @pytest.fixture
 def origins(tmp_path: Path) -> dict[str, Any]:
-    comfy = make_repo(tmp_path / "origins" / "ComfyUI")
-    good = make_repo(tmp_path / "origins" / "ComfyUI-Good")
-    broken = make_repo(tmp_path / "origins" / "ComfyUI-Broken")
-    return {
-        "comfy": commit(comfy, {"main.py": "1\n"}),
-        "good": commit(good, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"}),
-        "broken": commit(broken, {"__init__.py": "raise ImportError('needs libfoo')\n"}),
-        "mirrors": f"{COMFY}={comfy},{GOOD}={good},{BROKEN}={broken}",
-    }
+    found = pack_origins(tmp_path / "origins", "raise ImportError('needs libfoo')\n")
+    found["mirrors"] = ",".join(f"{url}={path}" for url, path in found["paths"].items())
+    return found
 
 
 @pytest.fixture

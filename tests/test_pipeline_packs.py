@@ -11,7 +11,7 @@ import pytest
 
 from cache.environments import Environments
 from cache.git import GitMirrors
-from tests.cache.gitrepos import commit, make_repo
+from tests.cache.gitrepos import PACK_BROKEN, PACK_COMFY, PACK_GOOD, commit, make_repo, pack_origins
 from tests.factories import message, workflow
 from tests.test_pipeline import FAKE, Control
 from worker.contract import RunStatus, parse_message
@@ -22,9 +22,7 @@ from worker.storage import LocalStorage
 
 pytestmark = pytest.mark.timeout(120)
 
-COMFY = "https://git.example/comfyanonymous/ComfyUI"
-GOOD = "https://git.example/acme/ComfyUI-Good"
-BROKEN = "https://git.example/acme/ComfyUI-Broken"
+COMFY, GOOD, BROKEN = PACK_COMFY, PACK_GOOD, PACK_BROKEN
 BROKEN_INIT = (
     "import helper_that_is_not_installed  # a requirement the environment lacks\n"
     "NODE_CLASS_MAPPINGS = {}\n"
@@ -33,15 +31,7 @@ BROKEN_INIT = (
 
 @pytest.fixture
 def origins(tmp_path: Path) -> dict[str, Any]:
-    comfy = make_repo(tmp_path / "origins" / "ComfyUI")
-    good = make_repo(tmp_path / "origins" / "ComfyUI-Good")
-    broken = make_repo(tmp_path / "origins" / "ComfyUI-Broken")
-    return {
-        "comfy": commit(comfy, {"main.py": "1\n"}),
-        "good": commit(good, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"}),
-        "broken": commit(broken, {"__init__.py": BROKEN_INIT}),
-        "paths": {COMFY: comfy, GOOD: good, BROKEN: broken},
-    }
+    return pack_origins(tmp_path / "origins", BROKEN_INIT)
 
 
 def _pipeline(tmp_path: Path, origins: dict[str, Any], **config: Any) -> Pipeline:

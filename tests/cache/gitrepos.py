@@ -8,6 +8,7 @@ import os
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 _IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
              "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
@@ -36,6 +37,25 @@ def commit(repo: Path, files: dict[str, str], message: str = "change") -> str:
     git(repo, "add", "--all")
     git(repo, "commit", "--quiet", "--allow-empty", "-m", message)
     return git(repo, "rev-parse", "HEAD")
+
+
+PACK_COMFY = "https://git.example/comfyanonymous/ComfyUI"
+PACK_GOOD = "https://git.example/acme/ComfyUI-Good"
+PACK_BROKEN = "https://git.example/acme/ComfyUI-Broken"
+
+
+def pack_origins(root: Path, broken_init: str) -> dict[str, Any]:
+    """Local origins of a ComfyUI and two custom node packs, one that imports and one whose
+    ``__init__.py`` is ``broken_init``: their commits, and origin URL -> repository."""
+    comfy = make_repo(root / "ComfyUI")
+    good = make_repo(root / "ComfyUI-Good")
+    broken = make_repo(root / "ComfyUI-Broken")
+    return {
+        "comfy": commit(comfy, {"main.py": "1\n"}),
+        "good": commit(good, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"}),
+        "broken": commit(broken, {"__init__.py": broken_init}),
+        "paths": {PACK_COMFY: comfy, PACK_GOOD: good, PACK_BROKEN: broken},
+    }
 
 
 def make_wheel(directory: Path, name: str, version: str, module_text: str) -> Path:
