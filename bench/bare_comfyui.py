@@ -71,9 +71,9 @@ def main() -> int:
 
     comfy_args.cpu = not torch.cuda.is_available()
     comfy_args.base_directory = str(args.base_dir)
-    import utils.extra_config  # noqa: F401  (before nodes: see docs/runtime.md)
     import folder_paths
     import server
+    import utils.extra_config  # noqa: F401  (before nodes: see docs/runtime.md)
 
     server.PromptServer.instance = srv = _Server()
     import execution

@@ -1,6 +1,6 @@
 """Benchmark: ``serve``'s cold start, two source trees (two commits) alternating.
 
-Each launch is ``python -m worker.cli serve --max-runs 1`` from one tree, with one run
+Each launch is ``python -m runflow_worker.cli.main serve --max-runs 1`` from one tree, with one run
 (EmptyImage -> Runflow output, no input to fetch) queued before the launch; measured from
 the launch to the run's terminal record in Redis (read every 5 ms). The trees alternate, the
 order flipping each round, so the load of a shared machine hits both alike. Real ComfyUI
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_serve import start_redis
-from worker import keys
-from worker.contract import parse_message
-from worker.serve_cli import enqueue_message
+from runflow_worker.run.contract import parse_message
+from runflow_worker.serve import keys
+from runflow_worker.serve.submit import enqueue_message
 
 
 def workflow(comfy: Path) -> dict:
@@ -64,7 +64,7 @@ def launch(tree: Path, client: redis.Redis, url: str, wf: dict, work: Path) -> d
                RUNFLOW_CACHE_DIR=str(work / "cache"),
                RUNFLOW_STORAGE_URL=(work / "out").as_uri(), RUNFLOW_HTTP_PORT="0")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--max-runs", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "runflow_worker.cli.main", "serve", "--max-runs", "1"],
                             cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

@@ -39,9 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cache.environments import Environments, EnvironmentSpec, NodePin
-from cache.git import GitMirrors
-from cache.installer import PIP, UV, find_uv
+from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
+from runflow_worker.cache.git import GitMirrors
+from runflow_worker.cache.installer import PIP, UV, find_uv
 
 COMFY = "https://git.example/comfyanonymous/ComfyUI"
 PACK = "https://git.example/acme/ComfyUI-HeavyPack"

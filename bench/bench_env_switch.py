@@ -36,11 +36,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cache.environments import Environments, EnvironmentSpec
-from cache.git import GitMirrors
-from worker.contract import RunStatus, parse_message
-from worker.pipeline import Pipeline, PipelineConfig, StopReason
-from worker.storage import LocalStorage
+from runflow_worker.cache.environments import Environments, EnvironmentSpec
+from runflow_worker.cache.git import GitMirrors
+from runflow_worker.run.contract import RunStatus, parse_message
+from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
+from runflow_worker.run.storage import LocalStorage
 
 ORIGINS = ("https://git.example/one/ComfyUI", "https://git.example/two/ComfyUI")
 

@@ -41,10 +41,10 @@ from pathlib import Path
 
 import trustme
 
-from cache.blobs import BlobStore
-from cache.fetcher import Fetcher
-from cache.sources import Sources
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.sources import Sources
+from runflow_worker.cache.urlpolicy import URLPolicy
 
 CHUNK_BYTES = 8 << 20
 

@@ -48,17 +48,17 @@ import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runflow_worker.run.contract import RunStatus, parse_message
+from runflow_worker.serve import keys
+from runflow_worker.serve.submit import enqueue_message
 from tests.support.https_server import HTTPSServer, Mode
-from worker import keys
-from worker.contract import RunStatus, parse_message
-from worker.serve_cli import enqueue_message
 
 FAKE_CHILD = "tests.serve.child:main"
 COMMIT = "a125cd84b054a57729b5eecab930ca9408719832"
@@ -111,7 +111,7 @@ def upscaler_weights(mirror: Path) -> str:
     sys.path.insert(0, str(ROOT / "examples" / "upscale-x2"))
     from make_weights import write_weights
 
-    from cache.hashing import sha256_file
+    from runflow_worker.cache.hashing import sha256_file
 
     tmp = write_weights(mirror / "upscaler.tmp")
     digest = sha256_file(tmp)
@@ -314,7 +314,7 @@ class Serve:
         self.cursor = events_tail(self.client)
         enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "runflow_worker.cli.main", "serve"], cwd=ROOT,
                                      env=self.env)
         self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
         return time.perf_counter() - t0, check_record(self.client, msg.run_id)
@@ -338,8 +338,8 @@ class InProcess:
     """The same graph through ``Pipeline.execute`` in this process: no Redis, no daemon."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        from worker.assembly import build_pipeline
-        from worker.settings import Settings
+        from runflow_worker.run.assembly import build_pipeline
+        from runflow_worker.settings import Settings
 
         saved = dict(os.environ)
         os.environ.update({k: v for k, v in env.items() if k.startswith("RUNFLOW_")})
@@ -352,7 +352,7 @@ class InProcess:
 
     def run(self, wf: dict[str, Any], inputs: dict[str, Any]) -> tuple[float, dict[str, int]]:
         """Run once; return the wall time in ms and the phase timings."""
-        from worker.pipeline import StopReason
+        from runflow_worker.run.pipeline import StopReason
 
         class Control:
             def stop_reason(self) -> StopReason | None:
@@ -379,7 +379,7 @@ def run_cli_cold(env: dict[str, str], wf: dict[str, Any], inputs: dict[str, Any]
     """``runflow-worker run`` from launch to exit (a fresh process, a fresh ComfyUI)."""
     deployed = work / f"deployed-{uuid.uuid4().hex[:6]}.json"
     deployed.write_text(json.dumps(wf))
-    args = [sys.executable, "-m", "worker.cli", "run", str(deployed), "--out",
+    args = [sys.executable, "-m", "runflow_worker.cli.main", "run", str(deployed), "--out",
             str(work / "run-out")]
     for key, value in inputs.items():
         args += ["--input", f"{key}={value}"]

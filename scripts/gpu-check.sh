@@ -90,8 +90,8 @@ def _cuda():
 
 @check("nvml")
 def _nvml():
-    from worker.gpu import class_for_gpu, detect_gpu, resolve_device
-    from worker.settings import Settings
+    from runflow_worker.run.gpu import class_for_gpu, detect_gpu, resolve_device
+    from runflow_worker.settings import Settings
 
     settings = Settings()
     info = detect_gpu()
@@ -156,15 +156,15 @@ NODE_CLASS_MAPPINGS = {"GpuCheckAllocate": GpuCheckAllocate}
 def _oom():
     import torch
 
-    from worker.contract import RunStatus, parse_message, utcnow
-    from worker.errors import ErrorCode
-    from worker.gpu import class_for_gpu, detect_gpu, next_larger_class
-    from worker.keys import runs_stream
-    from worker.pipeline import Pipeline, PipelineConfig
-    from worker.records import promotion_for
-    from worker.report import terminal_record
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.contract import RunStatus, parse_message, utcnow
+    from runflow_worker.errors import ErrorCode
+    from runflow_worker.run.gpu import class_for_gpu, detect_gpu, next_larger_class
+    from runflow_worker.serve.keys import runs_stream
+    from runflow_worker.run.pipeline import Pipeline, PipelineConfig
+    from runflow_worker.serve.records import promotion_for
+    from runflow_worker.run.report import terminal_record
+    from runflow_worker.settings import Settings
+    from runflow_worker.run.storage import LocalStorage
 
     checkout = Path(os.environ["GPU_CHECK_COMFYUI"])
     if not (checkout / "comfy").is_dir():

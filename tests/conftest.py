@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# The shared fixtures (a TLS server and its CA, fetchers, stores, S3): every folder has them.
+pytest_plugins = ["tests.support.fixtures"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("RUNFLOW_TEST_COMFYUI"):

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker.cli import main
-from worker.errors import ConfigError
-from worker.settings import GpuClass, InvalidSettings, Settings, parse_ladder
+from runflow_worker.cli.main import main
+from runflow_worker.errors import ConfigError
+from runflow_worker.settings import GpuClass, InvalidSettings, Settings, parse_ladder
 
 README = Path(__file__).parent.parent / "README.md"
 REPO = Path(__file__).parent.parent
@@ -104,7 +104,7 @@ BAD_VALUES = [
     ("RUNFLOW_S3_ENDPOINT_URL", f"s3://key:{PASSWORD}@minio", "http(s)://host"),
     ("RUNFLOW_GPU_CLASS", "X100", "'x100' is not on the ladder"),
     ("RUNFLOW_CA_BUNDLE", "/no/such/ca.pem", "not a file"),
-    ("RUNFLOW_RUNNER_ENTRY", "runtime.child", "module:function"),
+    ("RUNFLOW_RUNNER_ENTRY", "runflow_worker.runtime.child", "module:function"),
     ("RUNFLOW_CHILD_ENV_PASS", "HF_TOKEN,2FA", "'2FA' is not an environment variable name"),
     ("RUNFLOW_CHILD_ENV_PASS", f"HF_TOKEN={SECRET}", "names only"),
     ("RUNFLOW_SANDBOX_READ_ONLY", "lib/nvidia", "'lib/nvidia' is not an absolute path"),
@@ -161,7 +161,7 @@ def test_cli_config_errors_of_a_command_exit_2(monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str],
                                                tmp_path: Path) -> None:
     """A ConfigError a command raises while starting is one line and exit 2 as well."""
-    from worker import doctor_cli
+    from runflow_worker.cli import doctor as doctor_cli
 
     def refuse(args: object, settings: Settings) -> int:
         raise ConfigError(f"storage URL 'https://user:{PASSWORD}@host/x' is refused")
@@ -178,7 +178,7 @@ def test_serve_with_bad_settings_exits_2_without_traceback(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
     env.update({"PYTHONPATH": str(REPO), "RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
                 "RUNFLOW_LEASE_S": "inf", "RUNFLOW_HTTP_PORT": ""})
-    proc = subprocess.run([sys.executable, "-m", "worker.cli", "serve", "--burst"],
+    proc = subprocess.run([sys.executable, "-m", "runflow_worker.cli.main", "serve", "--burst"],
                           capture_output=True, text=True, env=env, timeout=60, check=False,
                           cwd=tmp_path)
     assert proc.returncode == 2
@@ -188,7 +188,7 @@ def test_serve_with_bad_settings_exits_2_without_traceback(tmp_path: Path) -> No
 
 def test_child_env_pass_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
-    from worker.assembly import build_pipeline
+    from runflow_worker.run.assembly import build_pipeline
 
     monkeypatch.setenv("RUNFLOW_CHILD_ENV_PASS", "HF_TOKEN,CIVITAI_TOKEN")
     settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=tmp_path, gpu_class="cpu")
@@ -201,7 +201,7 @@ def test_child_env_pass_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch,
 
 def test_sandbox_read_only_reaches_the_pipeline(monkeypatch: pytest.MonkeyPatch,
                                                 tmp_path: Path) -> None:
-    from worker.assembly import build_pipeline
+    from runflow_worker.run.assembly import build_pipeline
 
     driver = tmp_path / "driver"
     driver.mkdir()

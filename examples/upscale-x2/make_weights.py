@@ -62,8 +62,8 @@ def main() -> int:
     import json
     import tempfile
 
-    from cache.blobs import BlobStore
-    from cache.sources import Sources
+    from runflow_worker.cache.blobs import BlobStore
+    from runflow_worker.cache.sources import Sources
 
     deployed = json.loads((Path(__file__).parent / "deployed.json").read_text())
     (entry,) = deployed["models"].values()

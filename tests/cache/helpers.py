@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Self
 
-from cache.blobs import BlobStore
+from runflow_worker.cache.blobs import BlobStore
 
 LOOPBACK_ALLOW = ("127.0.0.1/32",)
 TEST_HOSTNAMES = ("files.test", "redirector.test", "rebind.test")

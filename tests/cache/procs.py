@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cache.blobs import BlobStore
-from cache.fetcher import Fetcher
-from cache.hashing import sha256_file
-from cache.sources import Sources
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.hashing import sha256_file
+from runflow_worker.cache.sources import Sources
+from runflow_worker.cache.urlpolicy import URLPolicy
 
 
 class NoopLock:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import BlobStore
-from cache.sources import Sources
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.sources import Sources
 from tests.cache import procs
 from tests.cache.helpers import make_body, partial_files, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode

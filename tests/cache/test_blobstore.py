@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import BlobRequest, BlobStore
-from cache.errors import (
+from runflow_worker.cache.blobs import BlobRequest, BlobStore
+from runflow_worker.cache.errors import (
     BlobNotFound,
     FetchCanceled,
     HTTPStatusError,
@@ -253,8 +253,8 @@ def test_link_hard_and_symbolic(
 def test_link_by_symlink_from_a_relative_store_and_no_leftover_on_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cache.errors import CacheError
-    from cache.links import link_into
+    from runflow_worker.cache.errors import CacheError
+    from runflow_worker.cache.links import link_into
 
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / "blob").write_bytes(b"weights")
@@ -304,7 +304,7 @@ def test_verify_leaves_a_blob_another_worker_replaced_while_it_hashed(
     meanwhile: str, https_server: HTTPSServer, make_store: StoreFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import cache.blobs
+    from runflow_worker.cache import blobs as blobs_module
 
     https_server.add("/m", BODY)
     store = make_store()
@@ -312,7 +312,7 @@ def test_verify_leaves_a_blob_another_worker_replaced_while_it_hashed(
     os.chmod(path, 0o644)
     with path.open("r+b") as f:
         f.write(b"bitrot")
-    real_hash = cache.blobs.sha256_of
+    real_hash = blobs_module.sha256_of
 
     def hash_then_other_worker(f) -> str:
         digest = real_hash(f)
@@ -321,7 +321,7 @@ def test_verify_leaves_a_blob_another_worker_replaced_while_it_hashed(
             store.ensure(DIGEST, [https_server.url("/m")])
         return digest
 
-    monkeypatch.setattr(cache.blobs, "sha256_of", hash_then_other_worker)
+    monkeypatch.setattr(blobs_module, "sha256_of", hash_then_other_worker)
     result = store.verify()
     assert result.corrupt == [DIGEST] and result.quarantined == []
     assert store.has(DIGEST) is (meanwhile == "fetched-again")

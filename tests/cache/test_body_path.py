@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import FetchInterrupted
-from cache.fetcher import Fetcher
-from cache.transport import Guard, GuardedStream
+from runflow_worker.cache.errors import FetchInterrupted
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.transport import Guard, GuardedStream
 from tests.cache.helpers import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from cache.credentials import CredentialsError, URLCredentials
-from cache.errors import HTTPStatusError
-from cache.fetcher import Fetcher
-from cache.sources import Sources
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.credentials import CredentialsError, URLCredentials
+from runflow_worker.cache.errors import HTTPStatusError
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.sources import Sources
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(30)

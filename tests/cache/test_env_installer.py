@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.environments import EnvironmentSpec, NodePin
-from cache.errors import EnvironmentBuildError
-from cache.installer import (
+from runflow_worker.cache.environments import EnvironmentSpec, NodePin
+from runflow_worker.cache.errors import EnvironmentBuildError
+from runflow_worker.cache.installer import (
     PIP,
     UV,
     find_uv,
@@ -60,10 +60,10 @@ def test_argv_of_each_installer(tmp_path: Path) -> None:
 
 
 def test_choice_of_installer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cache.installer.find_uv", lambda: "/opt/uv")
+    monkeypatch.setattr("runflow_worker.cache.installer.find_uv", lambda: "/opt/uv")
     assert resolve_installer(None) == (UV, "/opt/uv")  # uv where it is installed
     assert resolve_installer("PIP") == (PIP, None)
-    monkeypatch.setattr("cache.installer.find_uv", lambda: None)
+    monkeypatch.setattr("runflow_worker.cache.installer.find_uv", lambda: None)
     assert resolve_installer(None) == (PIP, None)
     with pytest.raises(ValueError, match="uv is not installed"):
         resolve_installer("uv")

@@ -13,9 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cache.environments import Environments, EnvironmentSpec, NodePin
-from cache.errors import BuildCanceled, EnvironmentBuildError, GitError, OriginRefused
-from cache.git import GitMirrors
+from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
+from runflow_worker.cache.errors import (
+    BuildCanceled,
+    EnvironmentBuildError,
+    GitError,
+    OriginRefused,
+)
+from runflow_worker.cache.git import GitMirrors
 from tests.cache.gitrepos import commit, git, make_repo, make_wheel
 from tests.cache.helpers import RepeatedGc
 
@@ -192,7 +197,7 @@ def test_concurrent_builds_of_one_key_build_once(origins: Origins, tmp_path: Pat
 
 
 def test_cancel_stops_a_running_command_and_its_children(tmp_path: Path) -> None:
-    from cache.commands import run_command
+    from runflow_worker.cache.commands import run_command
 
     marker = tmp_path / "grandchild-survived"
     script = f"sleep 30 & wait; touch {marker}"
@@ -205,7 +210,7 @@ def test_cancel_stops_a_running_command_and_its_children(tmp_path: Path) -> None
 
 
 def test_command_timeout(tmp_path: Path) -> None:
-    from cache.commands import run_command
+    from runflow_worker.cache.commands import run_command
 
     with pytest.raises(TimeoutError):
         run_command(["sleep", "30"], timeout_s=0.3)
@@ -454,10 +459,10 @@ def test_a_canceled_run_stops_waiting_for_another_workers_build(
 def test_a_commands_output_is_kept_to_its_end_and_as_text(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # pip's and install.py's output is what their code prints: never all of it in memory.
-    import cache.commands
-    from cache.commands import run_command
+    from runflow_worker.cache import commands as commands_module
+    from runflow_worker.cache.commands import run_command
 
-    monkeypatch.setattr(cache.commands, "OUTPUT_KEEP_BYTES", 1000)
+    monkeypatch.setattr(commands_module, "OUTPUT_KEEP_BYTES", 1000)
     script = ("import sys; sys.stdout.write('x' * 50000 + 'END'); "
               "sys.stderr.buffer.write(b'\\xff' * 3000 + b' last words')")
     result = run_command([sys.executable, "-c", script], cwd=tmp_path)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import (
+from runflow_worker.cache.errors import (
     FetchCanceled,
     FetchConnectError,
     FetchTimeout,
     FetchTooLarge,
     HTTPStatusError,
 )
-from cache.fetcher import Fetcher
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.cache.helpers import LOOPBACK_ALLOW, make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 

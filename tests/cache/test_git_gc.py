@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from cache.environments import Environments, EnvironmentSpec, NodePin
-from cache.git import GitMirrors
+from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
+from runflow_worker.cache.git import GitMirrors
 from tests.cache.gitrepos import commit, git, make_repo
 from tests.cache.helpers import RepeatedGc
 

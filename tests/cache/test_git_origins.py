@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import GitError, OriginRefused
-from cache.fetcher import Fetcher
-from cache.git import GitMirrors
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.errors import GitError, OriginRefused
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.git import GitMirrors
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.cache.gitrepos import commit, git, make_repo
 from tests.support.https_server import HTTPSServer, Mode
 

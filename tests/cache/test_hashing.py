@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cache import hashing
-from cache.hashing import ALIGN, DIRECT_IO_MIN_BYTES, HashingFileWriter
+from runflow_worker.cache import hashing
+from runflow_worker.cache.hashing import ALIGN, DIRECT_IO_MIN_BYTES, HashingFileWriter
 from tests.cache.helpers import make_body, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)

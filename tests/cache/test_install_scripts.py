@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.environments import Environments, EnvironmentSpec, NodePin
-from cache.errors import BuildCanceled, EnvironmentBuildError
-from cache.git import GitMirrors
+from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
+from runflow_worker.cache.errors import BuildCanceled, EnvironmentBuildError
+from runflow_worker.cache.git import GitMirrors
 from tests.cache.gitrepos import commit, make_repo, make_wheel
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpcore
 import pytest
 
-from cache.connpool import keeps_alive
-from cache.credentials import URLCredentials
-from cache.errors import FetchConnectError
-from cache.fetcher import Fetcher
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.connpool import keeps_alive
+from runflow_worker.cache.credentials import URLCredentials
+from runflow_worker.cache.errors import FetchConnectError
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.cache.helpers import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.blobs import BlobStore
-from cache.errors import CacheError, IntegrityError, URLRefused
-from cache.pins import FileLock, Pins, lock_current
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.errors import CacheError, IntegrityError, URLRefused
+from runflow_worker.cache.pins import FileLock, Pins, lock_current
 from tests.cache.helpers import sha256_hex
 from tests.support.https_server import HTTPSServer
 
@@ -73,7 +73,7 @@ def test_a_lock_landing_on_a_removed_file_is_taken_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between our open and our flock, the holder removed the file and another process took
     a new one: our lock on the removed file must not count."""
-    import cache.pins as pins_module
+    import runflow_worker.cache.pins as pins_module
 
     path = tmp_path / "x.lock"
     path.touch()

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from cache.packages import (
+from runflow_worker.cache.packages import (
     PackageDifference,
     built_versions,
     installed_versions,
     package_differences,
 )
-from runtime.runner import RunnerConfig
+from runflow_worker.run.contract import parse_message
+from runflow_worker.run.envreport import EnvironmentReport
+from runflow_worker.runtime.runner import RunnerConfig
 from tests.factories import message, workflow
-from worker.contract import parse_message
-from worker.envreport import EnvironmentReport
 
 
 def _dist(site: Path, name: str, version: str) -> None:

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from cache.blobs import BlobStore
-from cache.errors import CacheError, FetchTimeout, IntegrityError, SourceUnavailable
-from cache.fetcher import Fetcher
-from cache.sources import Sources
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.errors import CacheError, FetchTimeout, IntegrityError, SourceUnavailable
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.sources import Sources
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.cache.helpers import LOOPBACK_ALLOW, make_body, partial_files, sha256_hex
 from tests.serve.s3_servers import aws_test_credentials, moto_s3
 from tests.support.https_server import HTTPSServer, Mode

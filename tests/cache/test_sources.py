@@ -9,10 +9,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from cache.blobs import BlobStore
-from cache.errors import IntegrityError, SourceUnavailable, URLRefused
-from cache.fetcher import Fetcher
-from cache.sources import S3Source, Sources
+from runflow_worker.cache.blobs import BlobStore
+from runflow_worker.cache.errors import IntegrityError, SourceUnavailable, URLRefused
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.sources import S3Source, Sources
 from tests.cache.helpers import make_body, partial_files, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)

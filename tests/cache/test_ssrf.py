@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import FetchConnectError, URLRefused
-from cache.fetcher import Fetcher
-from cache.urlpolicy import URLPolicy
+from runflow_worker.cache.errors import FetchConnectError, URLRefused
+from runflow_worker.cache.fetcher import Fetcher
+from runflow_worker.cache.urlpolicy import URLPolicy
 from tests.support.https_server import CountingListener, HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,7 +148,7 @@ def test_dns_rebinding_public_then_loopback(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_too_many_redirects(https_server: HTTPSServer, fetcher: Fetcher, tmp_path: Path) -> None:
-    from cache.errors import TooManyRedirects
+    from runflow_worker.cache.errors import TooManyRedirects
 
     for i in range(7):
         https_server.add(f"/r{i}", mode=Mode.REDIRECT, location=f"/r{i + 1}")

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from cache.errors import FetchConnectError
-from cache.git import GitMirrors
-from cache.trust import CATrust
+from runflow_worker.cache.errors import FetchConnectError
+from runflow_worker.cache.git import GitMirrors
+from runflow_worker.cache.trust import CATrust
+from runflow_worker.run.assembly import build_environments, build_fetcher
+from runflow_worker.serve.callbacks import build_poster
+from runflow_worker.settings import InvalidSettings, Settings
 from tests.cache.gitrepos import commit, git, make_repo
 from tests.support.https_server import HTTPSServer
-from worker.cache_cli import build_environments, build_fetcher
-from worker.callbacks import build_poster
-from worker.settings import InvalidSettings, Settings
 
 pytestmark = pytest.mark.timeout(60)
 

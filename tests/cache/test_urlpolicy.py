@@ -6,8 +6,13 @@ import ipaddress
 
 import pytest
 
-from cache.errors import FetchConnectError, URLRefused, redact_url
-from cache.urlpolicy import URLPolicy, address_problem, allow_entry_problem, parse_ipv4_host
+from runflow_worker.cache.errors import FetchConnectError, URLRefused, redact_url
+from runflow_worker.cache.urlpolicy import (
+    URLPolicy,
+    address_problem,
+    allow_entry_problem,
+    parse_ipv4_host,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from cache.access import AccessRecords
+from runflow_worker.cache.access import AccessRecords
 
 COMFY = os.environ.get("RUNFLOW_TEST_COMFYUI")
 SANDBOX_READ_ONLY = tuple(Path(p) for p in
@@ -57,7 +57,7 @@ class Control:
         self.canceled_at: float | None = None
 
     def stop_reason(self):
-        from worker.pipeline import StopReason
+        from runflow_worker.run.pipeline import StopReason
 
         return StopReason.CANCELED if self.canceled.is_set() else None
 
@@ -80,9 +80,9 @@ def comfy_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def pipeline(comfy_env: dict[str, Any]):
     """One warm ComfyUI child for the whole session (as a worker keeps it)."""
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     settings = Settings(cache_dir=comfy_env["cache"], comfyui_dir=Path(COMFY),
                         gpu_class="cpu", url_allow=("127.0.0.1/32",),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.errors import ErrorCode
+from runflow_worker.run.contract import RunStatus, parse_message
 from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control
 from tests.factories import workflow
-from worker.contract import RunStatus, parse_message
-from worker.errors import ErrorCode
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
@@ -24,9 +24,9 @@ NODE_CLASS_MAPPINGS = {}
 
 
 def test_a_declared_pack_raising_at_import_fails_the_run(tmp_path: Path) -> None:
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     packs = tmp_path / "packs"
     (packs / "ComfyUI-Raises").mkdir(parents=True)

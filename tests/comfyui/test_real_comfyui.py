@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from runflow_worker.errors import ErrorCode
+from runflow_worker.run.contract import RunStatus, parse_message
 from tests.comfyui.conftest import Control, seed_blob, url_path
 from tests.factories import workflow
-from worker.contract import RunStatus, parse_message
-from worker.errors import ErrorCode
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 ROOT = Path(__file__).parent.parent.parent

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from runflow_worker.run.contract import RunStatus, parse_message
 from tests.cache.gitrepos import commit, make_repo, make_wheel
 from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
 from tests.factories import workflow
-from worker.contract import RunStatus, parse_message
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
@@ -41,9 +41,9 @@ NODE_CLASS_MAPPINGS = {"RunflowEnvProbe": RunflowEnvProbe}
 
 @pytest.fixture(scope="module")
 def env_pipeline(tmp_path_factory: pytest.TempPathFactory):
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     root = tmp_path_factory.mktemp("envs")
     comfy = root / "origins" / "ComfyUI"

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.errors import ErrorCode
+from runflow_worker.run.contract import RunStatus
 from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY
 from tests.comfyui.test_real_comfyui import img_graph, run, write_png
-from worker.contract import RunStatus
-from worker.errors import ErrorCode
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
@@ -66,9 +66,9 @@ NODE_CLASS_MAPPINGS = {{"RunflowHostilePickle": RunflowHostilePickle}}
 
 @pytest.fixture
 def hostile_pipeline(tmp_path: Path):
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     nodes = tmp_path / "custom_nodes"
     (nodes / "runflow_hostile_pack").mkdir(parents=True)

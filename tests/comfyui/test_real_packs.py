@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from runflow_worker.run.contract import RunStatus, parse_message
 from tests.comfyui.conftest import (
     COMFY,
     ROOT,
@@ -41,7 +42,6 @@ from tests.comfyui.conftest import (
     url_path,
 )
 from tests.factories import workflow
-from worker.contract import RunStatus, parse_message
 
 PACKS_DIR = os.environ.get("RUNFLOW_TEST_PACKS")
 pytestmark = [
@@ -99,9 +99,9 @@ def _comfy_origin(root: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def packs_pipeline(tmp_path_factory: pytest.TempPathFactory):
     """A worker pipeline building environments, every origin mapped to a local copy."""
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     root = tmp_path_factory.mktemp("packs")
     comfy_repo, comfy_commit = _comfy_origin(root)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from runtime import protocol as p
-from runtime.runner import Runner, RunnerConfig, RunnerState
+from runflow_worker.errors import ErrorCode
+from runflow_worker.run.contract import RunStatus
+from runflow_worker.runtime import protocol as p
+from runflow_worker.runtime.runner import Runner, RunnerConfig, RunnerState
 from tests.comfyui.conftest import COMFY, HERE
 from tests.comfyui.test_real_comfyui import img_graph, run, write_png
-from worker.contract import RunStatus
-from worker.errors import ErrorCode
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 

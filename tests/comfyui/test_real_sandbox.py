@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.run.contract import RunStatus, parse_message
 from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
 from tests.factories import workflow
-from worker.contract import RunStatus, parse_message
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900),
               pytest.mark.skipif(shutil.which("bwrap") is None,
@@ -61,9 +61,9 @@ NODE_CLASS_MAPPINGS = {"RunflowSandboxProbe": RunflowSandboxProbe}
 
 
 def test_real_comfyui_runs_a_self_writing_pack_in_the_sandbox(tmp_path: Path) -> None:
-    from worker.assembly import build_pipeline
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.assembly import build_pipeline
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.settings import Settings
 
     nodes = tmp_path / "custom_nodes"
     (nodes / "sandbox_probe").mkdir(parents=True)

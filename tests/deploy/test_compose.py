@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.settings import Settings
 from tests.deploy.conftest import REPO, SCHEMAS, run_tool, tool, yaml
-from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from runflow_worker.serve import keys
+from runflow_worker.settings import Settings
 from tests.deploy.conftest import (
     ALL_OVERLAYS,
     CLASS_OVERLAYS,
@@ -22,8 +24,6 @@ from tests.deploy.conftest import (
     tool,
     yaml,
 )
-from worker import keys
-from worker.settings import Settings
 
 pytestmark = pytest.mark.timeout(180)
 

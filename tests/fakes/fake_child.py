@@ -40,11 +40,11 @@ import types
 from pathlib import Path
 from typing import Any
 
-from runtime import childlog
-from runtime import protocol as p
-from runtime.child import make_sender
-from runtime.errors import ProtocolError
-from runtime.wire import ChannelClosed, WireError
+from runflow_worker.runtime import childlog
+from runflow_worker.runtime import protocol as p
+from runflow_worker.runtime.child import make_sender
+from runflow_worker.runtime.errors import ProtocolError
+from runflow_worker.runtime.wire import ChannelClosed, WireError
 
 log = logging.getLogger("fake.node")
 

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from runtime import protocol as p
+from runflow_worker.runtime import protocol as p
 from tests.fakes import fake_child
 
 

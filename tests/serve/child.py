@@ -16,7 +16,7 @@ import os
 import signal
 from typing import Any
 
-from runtime import protocol as p
+from runflow_worker.runtime import protocol as p
 from tests.fakes import fake_child
 
 

@@ -24,10 +24,10 @@ from typing import Any
 import pytest
 import redis
 
+from runflow_worker.run.contract import parse_message
+from runflow_worker.serve import keys
+from runflow_worker.serve.submit import enqueue_message
 from tests import factories
-from worker import keys
-from worker.contract import parse_message
-from worker.serve_cli import enqueue_message
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD_ENTRY = "tests.serve.child:main"
@@ -148,7 +148,7 @@ def submit(client: redis.Redis, run_id: str, g: dict[str, Any] | None = None, *,
 def run_cli(argv: list[str], redis_url: str, monkeypatch: pytest.MonkeyPatch,
             capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """Run ``runflow-worker ARGV`` in this process against ``redis_url``: (code, out, err)."""
-    from worker.cli import main
+    from runflow_worker.cli.main import main
 
     monkeypatch.setenv("RUNFLOW_REDIS_URL", redis_url)
     monkeypatch.setenv("RUNFLOW_GPU_CLASS", "cpu")
@@ -218,20 +218,20 @@ def worker_env(tmp_path: Path, redis_server: RedisServer) -> dict[str, str]:
         "RUNFLOW_LOG_LEVEL": "INFO",
         # The test child reports by writing marks next to the test and can kill its worker
         # (a poison run): both reach outside any sandbox, by design. The sandboxed daemon
-        # has its own tests (tests/serve/test_sandboxed_serve.py, tests/test_sandbox_*.py).
+        # has its own tests (tests/serve/test_sandboxed_serve.py, tests/runtime/test_sandbox_*.py).
         "RUNFLOW_SANDBOX": "none",
     })
     return env
 
 
 class WorkerProcess:
-    """``python -m worker.cli serve ...`` (the console script's module) as a subprocess."""
+    """``python -m runflow_worker.cli.main serve ...`` (the console script's module) as a subprocess."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve", *args],
+            [sys.executable, "-m", "runflow_worker.cli.main", "serve", *args],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
@@ -316,10 +316,10 @@ class InProcessWorker:
 def inprocess_worker(tmp_path: Path, redis_server: RedisServer
                      ) -> Iterator[Callable[..., InProcessWorker]]:
     """Start ``Worker`` threads with settings overrides (and a ``storage``); stopped at teardown."""
-    from worker.daemon import Worker
-    from worker.pipeline import Pipeline, PipelineConfig
-    from worker.settings import Settings
-    from worker.storage import LocalStorage
+    from runflow_worker.run.pipeline import Pipeline, PipelineConfig
+    from runflow_worker.run.storage import LocalStorage
+    from runflow_worker.serve.daemon import Worker
+    from runflow_worker.settings import Settings
 
     started: list[InProcessWorker] = []
 

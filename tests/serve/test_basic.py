@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.serve import keys
 from tests.serve.conftest import (
     events,
     fence_value,
@@ -17,7 +18,6 @@ from tests.serve.conftest import (
     terminal_events,
     wait_for,
 )
-from worker import keys
 
 
 @pytest.mark.timeout(60)

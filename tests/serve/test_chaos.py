@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.serve import keys
 from tests.serve.conftest import graph, submit, terminal_events, wait_for
-from worker import keys
 
 RUNS = 210
 WORKERS = 3

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.cli.inputs import message_from_args
+from runflow_worker.errors import RunRejected
+from runflow_worker.serve import keys
+from runflow_worker.serve.queue import RunExists
 from tests import factories
 from tests.serve.conftest import (
     events,
@@ -25,10 +29,6 @@ from tests.serve.conftest import (
     terminal_events,
     wait_for,
 )
-from worker import keys
-from worker.cli_inputs import message_from_args
-from worker.errors import RunRejected
-from worker.queue import RunExists
 
 pytestmark = pytest.mark.timeout(60)
 

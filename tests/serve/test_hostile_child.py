@@ -11,7 +11,7 @@ import pytest
 from tests.serve.conftest import graph, record, submit, terminal_events
 
 HOSTILE = "tests.fakes.hostile_child:main"
-FORGED = {"level": "error", "logger": "worker.daemon", "msg": "forged by a node",
+FORGED = {"level": "error", "logger": "runflow_worker.serve.daemon", "msg": "forged by a node",
           "run_id": "someone-else", "event": "run_succeeded"}
 
 
@@ -38,5 +38,5 @@ def test_a_protocol_violation_fails_one_run_and_the_worker_serves_the_next(
     assert relayed, "the child's line never reached the worker's log"
     for line in relayed:
         assert line["logger"] == "runflow.comfyui" and line["origin"] == "comfyui"
-        assert line["run_id"] == good and line["child_logger"] == "worker.daemon"
+        assert line["run_id"] == good and line["child_logger"] == "runflow_worker.serve.daemon"
         assert "event" not in line

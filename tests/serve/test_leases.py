@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.serve import keys
 from tests.serve.conftest import (
     events,
     fence_value,
@@ -23,7 +24,6 @@ from tests.serve.conftest import (
     terminal_events,
     wait_for,
 )
-from worker import keys
 
 
 def _executions(mark: Path, tag: str) -> int:

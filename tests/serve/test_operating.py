@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.logs import JsonFormatter, redact
+from runflow_worker.run.gpu import GpuInfo, class_for_gpu, next_larger_class
+from runflow_worker.serve import keys
+from runflow_worker.settings import parse_ladder
 from tests import factories
 from tests.serve.conftest import (
     events,
@@ -21,10 +25,6 @@ from tests.serve.conftest import (
     submit,
     wait_for,
 )
-from worker import keys
-from worker.gpu import GpuInfo, class_for_gpu, next_larger_class
-from worker.logs import JsonFormatter, redact
-from worker.settings import parse_ladder
 
 OOM = {"8": {"class_type": "FakeOOM", "inputs": {}}}
 LADDER = parse_ladder("cpu:0,t4:16,l4:24,a10g:24,l40s:48,a100-40gb:40,a100-80gb:80,h100:80,"

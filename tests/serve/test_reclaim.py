@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.run.pipeline import Pipeline, PipelineConfig
+from runflow_worker.run.storage import LocalStorage
+from runflow_worker.serve import keys
+from runflow_worker.serve.daemon import Worker
+from runflow_worker.serve.queue import RunQueue
+from runflow_worker.settings import Settings
 from tests.serve.conftest import CHILD_ENTRY, InProcessWorker, graph, is_terminal, submit
-from worker import keys
-from worker.daemon import Worker
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.queue import RunQueue
-from worker.settings import Settings
-from worker.storage import LocalStorage
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.serve import keys
 from tests.serve.conftest import (
     events,
     graph,
@@ -18,7 +19,6 @@ from tests.serve.conftest import (
     terminal_events,
     wait_for,
 )
-from worker import keys
 
 
 def _pending(r) -> int:

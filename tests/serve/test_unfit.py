@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from runflow_worker.run.pipeline import Pipeline, PipelineConfig
+from runflow_worker.run.storage import LocalStorage
+from runflow_worker.serve import keys
+from runflow_worker.serve.daemon import EXIT_UNFIT, Worker
+from runflow_worker.settings import Settings
 from tests.serve.conftest import (
     InProcessWorker,
     RedisServer,
@@ -25,11 +30,6 @@ from tests.serve.conftest import (
     terminal_events,
     wait_for,
 )
-from worker import keys
-from worker.daemon import EXIT_UNFIT, Worker
-from worker.pipeline import Pipeline, PipelineConfig
-from worker.settings import Settings
-from worker.storage import LocalStorage
 
 
 def _cuda_usable() -> bool:
@@ -161,8 +161,8 @@ def test_a_run_whose_own_start_fails_still_fails(r: redis.Redis, redis_server: R
 
 def failing_child(conn, config) -> None:  # noqa: ANN001 - the child entry signature
     """A ComfyUI child whose custom node fails to import (child entry of the test above)."""
-    from runtime import protocol as p
-    from runtime.child import make_sender
+    from runflow_worker.runtime import protocol as p
+    from runflow_worker.runtime.child import make_sender
 
     make_sender(conn)(p.InitFailed("ImportError: No module named 'evil_pack'", ""))
 

@@ -11,12 +11,12 @@ import json
 
 import pytest
 
+from runflow_worker.errors import ErrorCode, RunRejected
+from runflow_worker.run.contract import RunMessage, parse_message_json
+from runflow_worker.serve import keys
+from runflow_worker.serve.salvage import parse_delivery, salvage_members
 from tests import factories
 from tests.serve.conftest import graph, is_terminal, record, terminal_events, wait_for
-from worker import keys
-from worker.contract import RunMessage, parse_message_json
-from worker.errors import ErrorCode, RunRejected
-from worker.salvage import parse_delivery, salvage_members
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -105,7 +105,7 @@ def test_a_crash_while_parsing_finalises_the_entry(r, inprocess_worker, monkeypa
     def explode(raw: str) -> None:
         raise RuntimeError("a bug in the parser")
 
-    monkeypatch.setattr("worker.salvage.parse_message_json", explode)
+    monkeypatch.setattr("runflow_worker.serve.salvage.parse_message_json", explode)
     r.xadd(STREAM, {keys.RUN_FIELD: json.dumps(factories.message(graph(), run_id="crash"))})
     inprocess_worker()
     wait_for(lambda: is_terminal(r, "crash"), 20, "the outcome")

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from runflow_worker.run.storage import LocalStorage, S3Storage
+from runflow_worker.serve import keys
 from tests.serve.conftest import graph, is_terminal, record, submit, terminal_events, wait_for
 from tests.serve.s3_servers import SilentServer, aws_test_credentials, moto_s3
-from worker import keys
-from worker.storage import LocalStorage, S3Storage
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,0 +1,1 @@
+"""The ``runflow-worker`` command: one module per subcommand."""

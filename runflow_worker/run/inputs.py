@@ -1,0 +1,131 @@
+"""Caller-supplied files: fetched into the run's input directory and checked by content.
+
+IMAGE inputs must be PNG, JPEG, WebP or GIF *by content* (never by name) and under a pixel
+limit (a decompression-bomb guard checked from the header, before any decode). FILE
+inputs may be any type. The file names the graph sees are made here, never taken from a
+caller unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from PIL import Image
+
+from runflow_worker.cache.hashing import sha256_file
+from runflow_worker.errors import ErrorCode, RunFailure
+from runflow_worker.run.contract import INPUTS_SUBDIR, InputDef, InputType
+
+# MPO (a JPEG with more pictures after the first, as phone cameras write) is a JPEG to
+# every reader; ComfyUI's LoadImage takes its first picture.
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "GIF": ".gif"}
+_OPENERS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's JPEG opener also reads MPO
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+CONTENT_HEX = 16
+"""Hex digits of a caller file's sha256 in its path (``<folder>/<digest>/<name>``)."""
+
+
+class FileFetcher(Protocol):
+    """Fetches one caller URL to a local file (raising the cache package's errors)."""
+
+    def __call__(self, url: str, dest: Path, *, max_bytes: int,
+                 cancel: Callable[[], bool]) -> None:
+        """Write the body of ``url`` to ``dest``."""
+
+
+def safe_filename(url: str, fallback: str) -> str:
+    """A harmless basename derived from a URL's path (or ``fallback``, made harmless too)."""
+    for candidate in (unquote(urlsplit(url).path.rsplit("/", 1)[-1]), fallback):
+        name = _SAFE.sub("_", candidate).strip("._")[:100]
+        if name:
+            return name
+    return "input"
+
+
+def input_folder(input_id: str) -> str:
+    """The folder (under ``runflow_inputs/``) of one input's file.
+
+    A plain ``input_id`` (letters, digits, ``._-``, starting with a letter or digit) is its
+    own folder. Any other gets a name made from it and its hash, starting with ``_`` so it
+    can never equal a plain one: two ids never share a folder, and none can climb out.
+    """
+    if _PLAIN.fullmatch(input_id):
+        return input_id
+    digest = hashlib.sha256(input_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"_{_SAFE.sub('_', input_id).strip('._')[:40]}-{digest}"
+
+
+def check_image(path: Path, *, max_pixels: int, field: str) -> str:
+    """Verify ``path`` is a PNG/JPEG/WebP/GIF within ``max_pixels``; return its extension."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is replaced by our explicit limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_OPENERS) as im:
+                fmt = im.format or ""
+                width, height = im.size
+                frames = getattr(im, "n_frames", 1) or 1
+    except Image.DecompressionBombError as exc:
+        raise RunFailure(ErrorCode.INVALID_INPUT, f"{field}: image is too large ({exc})",
+                         details={"fields": [field]}) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RunFailure(ErrorCode.INVALID_INPUT,
+                         f"{field}: not a PNG, JPEG, WebP or GIF image",
+                         details={"fields": [field]}) from exc
+    if fmt not in IMAGE_FORMATS:
+        raise RunFailure(ErrorCode.INVALID_INPUT, f"{field}: image format {fmt} not accepted",
+                         details={"fields": [field]})
+    pixels = width * height * frames
+    if pixels > max_pixels:
+        raise RunFailure(
+            ErrorCode.INVALID_INPUT,
+            f"{field}: {width}x{height}x{frames} frames exceeds the {max_pixels} pixel limit",
+            details={"fields": [field]},
+        )
+    return IMAGE_FORMATS[fmt]
+
+
+def materialise_inputs(
+    defs: dict[str, InputDef],
+    values: dict[str, Any],
+    input_dir: Path,
+    fetch: FileFetcher,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    cancel: Callable[[], bool],
+) -> dict[str, str]:
+    """Fetch every IMAGE/FILE value into ``input_dir``; return ``input_id -> relative name``."""
+    files: dict[str, str] = {}
+    for input_id, d in defs.items():
+        if d.type not in (InputType.IMAGE, InputType.FILE) or input_id not in values:
+            continue
+        url = values[input_id]
+        field = f"input.{input_id}"
+        name = input_folder(input_id)
+        folder = input_dir / INPUTS_SUBDIR / name
+        folder.mkdir(parents=True, exist_ok=True)
+        # Fetched to a name of its own, then renamed into place: whatever already stands at
+        # the final path (a link to a shared blob, say) is replaced, never written through.
+        part = folder / f".{uuid.uuid4().hex}.part"
+        fetch(url, part, max_bytes=max_bytes, cancel=cancel)
+        filename = safe_filename(url, "file")
+        if d.type is InputType.IMAGE:
+            filename = name + check_image(part, max_pixels=max_pixels, field=field)
+        # The path names the content: ComfyUI caches a node's outputs by its inputs, so a
+        # node reading a path that held another caller's bytes in an earlier run of the warm
+        # child would be served that run's result.
+        dest = folder / sha256_file(part)[:CONTENT_HEX] / filename
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(part, dest)
+        files[input_id] = dest.relative_to(input_dir).as_posix()
+    return files

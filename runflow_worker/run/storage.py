@@ -1,0 +1,393 @@
+"""Output storage: an S3-compatible bucket, or a local directory (the embedded default).
+
+``open_storage(url)`` takes ``s3://bucket/prefix`` or ``file:///dir``. Object keys are
+``[<prefix>/]runs/<run_id>/<output_id>/<filename>``; each object carries its sha256 as
+metadata. ``url_for`` gives a presigned GET (S3) or a ``file://`` URL (local).
+
+Every key is checked (``check_key``) before it is used: each segment passes the one path
+segment rule (``runtime.graph.path_segment_problem``), so nothing is ever written outside
+the storage prefix. A transfer polls the caller's ``should_stop`` and ends with
+``UploadCanceled`` once it returns True (a canceled or timed-out run stops within a fraction
+of a second, also in the middle of a large file, and also when an S3 server stops
+answering: see ``S3Storage.put``). Foreign errors (botocore, boto3, OS) leave as
+``StorageError`` without the worker's local file paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+from runflow_worker.errors import ConfigError, StorageError, WorkerError
+from runflow_worker.runtime.graph import path_segment_problem
+
+log = logging.getLogger(__name__)
+
+ShouldStop = Callable[[], bool]
+"""Polled during a transfer: True once the run must stop."""
+COPY_CHUNK_BYTES = 8 << 20
+"""Local copies (when a hard link is impossible) check ``should_stop`` between chunks."""
+MAX_KEY_SEGMENT_CHARS = 255
+"""Longest segment of an object key (output ids, file names: a file name's limit on most
+file systems; run ids are shorter by the message rules)."""
+
+S3_CONNECT_TIMEOUT_S = 5.0
+"""botocore connect timeout of the storage client."""
+S3_READ_TIMEOUT_S = 20.0
+"""botocore read timeout (no byte received for this long: the request failed)."""
+S3_MAX_ATTEMPTS = 3
+"""Attempts per S3 request, the first included ("standard" retry mode). With the timeouts
+above a request to a server that stopped answering gives up after about a minute; a run's
+stop never waits for that (``S3Storage.put``)."""
+STOP_POLL_S = 0.05
+"""How often a caller waiting on an S3 transfer polls ``should_stop``."""
+ABANDON_AFTER_S = 0.4
+"""After a stop is seen, how long the caller lets the transfer end by itself (its progress
+callback raises as the next bytes move, and s3transfer aborts a multipart upload) before
+abandoning it: a run's upload phase ends within about half a second of its stop."""
+
+
+class UploadCanceled(WorkerError):
+    """A transfer stopped because the caller's ``should_stop`` returned True."""
+
+
+def check_key(key: str) -> str:
+    """``key`` when it is a clean relative object key; StorageError otherwise.
+
+    Clean: every ``/``-separated segment passes ``path_segment_problem`` (so no empty, ``.``
+    or ``..`` segment, no leading slash, no backslash, no control character): normalising
+    it changes nothing, so it stays under the prefix. Defence in depth: the keys come from
+    ``run.outputs.object_key``, which checks its parts with the same rule.
+    """
+    for segment in key.split("/"):
+        why = path_segment_problem(segment, max_chars=MAX_KEY_SEGMENT_CHARS)
+        if why is not None:
+            raise StorageError(f"refusing object key {key!r}: not a clean relative path "
+                               f"(a segment {why})")
+    return key
+
+
+class Storage(Protocol):
+    """Where a run's output files go."""
+
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
+        """Store ``local_path`` under ``key`` (relative to the storage prefix); raise
+        ``UploadCanceled`` once ``should_stop`` returns True, StorageError on failure.
+        ``keep_if_late``: asked when a transfer given up after a stop completes all the
+        same; True keeps the object (another holder of the run writes that key now)."""
+
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (absent: nothing to do); StorageError on failure."""
+
+    def full_key(self, key: str) -> str:
+        """The object key with the storage prefix."""
+
+    def url_for(self, key: str) -> str:
+        """A URL a client can GET the object from."""
+
+
+def _stopped(should_stop: ShouldStop | None) -> bool:
+    return should_stop is not None and should_stop()
+
+
+@dataclass
+class LocalStorage:
+    """Outputs in a directory on disk, addressed by ``file://`` URLs."""
+
+    root: Path
+
+    def full_key(self, key: str) -> str:
+        """Local storage has no prefix: the key is the path under ``root``."""
+        return key
+
+    @functools.cached_property
+    def _root_resolved(self) -> Path:
+        # Once: resolving the root walks every component of its path, twice a stored output.
+        return self.root.resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if not path.is_relative_to(self._root_resolved):
+            raise StorageError(f"key {key!r} escapes the storage directory")
+        return path
+
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
+        """Copy the file in (same volume: hard link), written atomically (never given up,
+        so ``keep_if_late`` has nothing to decide)."""
+        dest = self._path(key)
+        if _stopped(should_stop):
+            raise UploadCanceled(f"upload of {key!r} stopped")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(local_path, tmp)
+            except OSError:
+                _copy(local_path, tmp, should_stop, key)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot write output {key!r}: {exc.strerror or exc}") from exc
+        except UploadCanceled:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def delete(self, key: str) -> None:
+        """Remove the file, then its directories up to ``root`` that are left empty."""
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete output {key!r}: {exc.strerror or exc}") from exc
+        root = self._root_resolved
+        for parent in path.parents:
+            if parent == root or not parent.is_relative_to(root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or gone): the directories above are not empty either
+
+    def url_for(self, key: str) -> str:
+        """A ``file://`` URL of the stored object."""
+        return self._path(key).as_uri()
+
+
+def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str) -> None:
+    """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so."""
+    if should_stop is None:
+        shutil.copyfile(src, dest)
+        return
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        while chunk := fin.read(COPY_CHUNK_BYTES):
+            if should_stop():
+                raise UploadCanceled(f"upload of {key!r} stopped")
+            fout.write(chunk)
+
+
+def _s3_reason(exc: BaseException) -> str:
+    """What went wrong, for messages: the S3 error code when there is one, else the type.
+
+    Never ``str(exc)``: boto3's messages name the worker's local file path.
+    """
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = exc
+    for _ in range(5):  # S3UploadFailedError wraps the ClientError as its context
+        if seen is None:
+            break
+        if isinstance(seen, ClientError):
+            code = seen.response.get("Error", {}).get("Code")
+            return f"{type(exc).__name__} ({code})" if code else type(exc).__name__
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
+class _Transfer:
+    """One S3 upload on its helper thread, and what its caller decided about it.
+
+    The caller may *abandon* a transfer that does not end after a stop (a server that
+    accepted the request and never answers: no bytes move, so the progress callback never
+    runs). The helper thread then runs on until botocore gives up; should the upload
+    complete after all, the thread deletes the object itself, so an abandoned upload leaves
+    nothing behind (best-effort).
+    """
+
+    def __init__(self, storage: S3Storage, key: str, should_stop: ShouldStop | None,
+                 keep_if_late: ShouldStop | None) -> None:
+        self.storage = storage
+        self.key = key
+        self.should_stop = should_stop
+        self.keep_if_late = keep_if_late
+        self.stop = threading.Event()
+        """Set by the caller once it saw the stop: the progress callback raises."""
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._finished = False
+        self._abandoned = False
+
+    def progress(self, _bytes: int) -> None:
+        """boto3's progress callback (its transfer threads, as bytes go out).
+
+        Raising fails the transfer (s3transfer aborts a multipart upload).
+        """
+        if self.stop.is_set() or _stopped(self.should_stop):
+            raise UploadCanceled(f"upload of {self.key!r} stopped")
+
+    def run(self, upload: Callable[[Callable[[int], None]], None]) -> None:
+        """The helper thread: ``upload(progress)``, then settle with the caller."""
+        try:
+            upload(self.progress)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            self.error = exc
+        with self._lock:
+            self._finished = True
+            orphan = self._abandoned and self.error is None
+        self.done.set()
+        # After a shutdown the run is released or taken over: its next holder writes this
+        # very key, and deleting it now could remove that holder's object.
+        if orphan and not _stopped(self.keep_if_late):
+            self.storage.delete_quietly(self.key, why="its upload completed after the run "
+                                                      "stopped waiting for it")
+
+    def abandon(self) -> bool:
+        """Give the transfer up; False when it has already finished (its outcome counts)."""
+        with self._lock:
+            if self._finished:
+                return False
+            self._abandoned = True
+            return True
+
+
+class S3Storage:
+    """Outputs in an S3-compatible bucket, returned as presigned GET URLs.
+
+    The client has explicit timeouts and a bounded retry count (``S3_CONNECT_TIMEOUT_S``,
+    ``S3_READ_TIMEOUT_S``, ``S3_MAX_ATTEMPTS``) instead of botocore's 60 s and 5 attempts.
+    """
+
+    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None,
+                 presign_ttl_s: int, client: object | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.presign_ttl_s = presign_ttl_s
+        self._client: Any = client or s3_client(endpoint_url)
+
+    def full_key(self, key: str) -> str:
+        """``<prefix>/<key>`` (or ``key`` without a prefix)."""
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+            should_stop: ShouldStop | None = None,
+            keep_if_late: ShouldStop | None = None) -> None:
+        """Upload (multipart for large files) with the sha256 as object metadata.
+
+        The transfer runs on a helper thread while this thread polls ``should_stop`` every
+        ``STOP_POLL_S``: once it returns True the transfer is told to stop (it ends at its
+        next bytes) and, if it has not ended ``ABANDON_AFTER_S`` later (a server that went
+        silent), it is abandoned and ``UploadCanceled`` raised anyway. ``should_stop`` is
+        also called from boto3's transfer threads.
+        """
+        full_key = self.full_key(key)
+        if _stopped(should_stop):
+            raise UploadCanceled(f"upload of {key!r} stopped")
+        transfer = _Transfer(self, key, should_stop, keep_if_late)
+
+        def upload(progress: Callable[[int], None]) -> None:
+            self._client.upload_file(
+                str(local_path), self.bucket, full_key,
+                ExtraArgs={"ContentType": content_type, "Metadata": {"sha256": sha256}},
+                Callback=progress,
+            )
+
+        # A daemon thread, so that it never holds the process's exit itself. (s3transfer's
+        # own pool threads may, for an abandoned transfer: until botocore gives up, at most
+        # about S3_MAX_ATTEMPTS x (connect + read timeout).)
+        threading.Thread(target=transfer.run, args=(upload,), name="s3-put",
+                         daemon=True).start()
+        stop_seen: float | None = None
+        while not transfer.done.wait(STOP_POLL_S):
+            if stop_seen is None and _stopped(should_stop):
+                stop_seen = time.monotonic()
+                transfer.stop.set()
+            if stop_seen is not None and time.monotonic() - stop_seen >= ABANDON_AFTER_S:
+                if transfer.abandon():
+                    log.warning("upload of %s abandoned: no answer %.1f s after the stop",
+                                key, ABANDON_AFTER_S, extra={"event": "upload_abandoned"})
+                    raise UploadCanceled(f"upload of {key!r} stopped (transfer abandoned)")
+                break  # it finished just now: its own outcome counts
+        self._raise_for(transfer, should_stop)
+
+    def _raise_for(self, transfer: _Transfer, should_stop: ShouldStop | None) -> None:
+        """Re-raise a finished transfer's error in the caller's thread, translated."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        exc = transfer.error
+        if exc is None:
+            return
+        key = transfer.key
+        if isinstance(exc, UploadCanceled):
+            raise UploadCanceled(f"upload of {key!r} stopped") from exc
+        if isinstance(exc, (Boto3Error, BotoCoreError, ClientError, OSError)):
+            if transfer.stop.is_set() or _stopped(should_stop):
+                # The stop surfaced as a transfer error.
+                raise UploadCanceled(f"upload of {key!r} stopped") from exc
+            raise StorageError(f"upload of {key!r} to bucket {self.bucket!r} failed: "
+                               f"{_s3_reason(exc)}") from exc
+        raise exc  # a bug, not a storage error: as it was raised
+
+    def delete_quietly(self, key: str, *, why: str) -> None:
+        """``delete``, logging a failure instead of raising (for background clean-ups)."""
+        try:
+            self.delete(key)
+        except StorageError as exc:
+            log.warning("could not delete %s (%s): %s", key, why, exc,
+                        extra={"event": "output_delete_failed"})
+        else:
+            log.info("deleted %s: %s", key, why, extra={"event": "output_deleted"})
+
+    def delete(self, key: str) -> None:
+        """Delete the object (S3 answers success for a missing key too)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(
+                Bucket=self.bucket, Key=self.full_key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot delete {key!r} from bucket {self.bucket!r}: "
+                               f"{_s3_reason(exc)}") from exc
+
+    def url_for(self, key: str) -> str:
+        """A presigned GET URL valid for ``presign_ttl_s``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self.full_key(key)},
+                ExpiresIn=self.presign_ttl_s,
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"cannot presign {key!r}: {type(exc).__name__}") from exc
+
+
+def s3_client(endpoint_url: str | None) -> Any:
+    """A boto3 S3 client with the storage's timeouts and bounded retries."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint_url,
+        config=Config(connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_READ_TIMEOUT_S,
+                      retries={"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                      s3={"addressing_style": "path"} if endpoint_url else {}),
+    )
+
+
+def open_storage(url: str, *, endpoint_url: str | None = None,
+                 presign_ttl_s: int = 3600) -> Storage:
+    """Storage for ``s3://bucket/prefix`` or ``file:///dir``; ConfigError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return LocalStorage(Path(unquote(parts.path)))
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"storage URL {url!r} has no bucket")
+        return S3Storage(parts.netloc, parts.path, endpoint_url=endpoint_url,
+                         presign_ttl_s=presign_ttl_s)
+    raise ConfigError(f"storage URL must be s3://bucket/prefix or file:///dir, not {url!r}")

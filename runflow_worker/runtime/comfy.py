@@ -1,0 +1,454 @@
+"""ComfyUI embedded as a library: the only module that imports ComfyUI.
+
+Written against ComfyUI 0.3.6x (commit a125cd8); every version-sensitive call is here.
+Order matters (see ``ComfyEmbedding.init``): cli args before ``folder_paths`` and
+``comfy.model_management`` are imported (both read args at import), ``utils.extra_config``
+before ``nodes`` (nodes.py puts ``comfy/`` first on sys.path), our own server object set
+before any node module is imported (custom nodes register routes at import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runflow_worker.runtime import protocol as p
+from runflow_worker.runtime.graph import file_reference_problem, is_link
+
+log = logging.getLogger(__name__)
+
+CLIENT_ID = "runflow"
+NONCE_INPUT = "runflow_job"
+"""Extra input put on every output node so ComfyUI's cache never reuses an earlier run's
+outputs (extra inputs enter the cache signature and are ignored by the node)."""
+_KEEP_FOLDERS = frozenset({"custom_nodes", "configs"})
+IMPORT_ERROR_HEAD_LINES = 6
+IMPORT_ERROR_TAIL_LINES = 14
+IMPORT_ERROR_MAX_CHARS = 4000
+
+
+class _WarningCapture(logging.Handler):
+    """Collects the warnings logged while one custom node pack loads: ComfyUI reports an
+    import error only as a logged traceback and a ``False``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(record.getMessage().splitlines())
+        except Exception:  # noqa: BLE001 - a message that cannot be formatted is left out
+            pass
+
+    def excerpt(self) -> str:
+        """The first and last lines of what was logged, bounded in size."""
+        lines = [line for line in self.lines if line.strip()]
+        if len(lines) > IMPORT_ERROR_HEAD_LINES + IMPORT_ERROR_TAIL_LINES:
+            lines = [*lines[:IMPORT_ERROR_HEAD_LINES], "...",
+                     *lines[-IMPORT_ERROR_TAIL_LINES:]]
+        text = "\n".join(lines)
+        if len(text) > IMPORT_ERROR_MAX_CHARS:
+            half = IMPORT_ERROR_MAX_CHARS // 2
+            text = text[:half] + "\n...\n" + text[-half:]
+        return text or "the pack did not load (no error logged)"
+
+
+def git_commit(path: str) -> str | None:
+    """The checkout's HEAD commit, or None when it is not a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+class _Server:
+    """Stands in for ``server.PromptServer.instance``; forwards events to ``sink``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        from aiohttp import web
+
+        self.client_id: str | None = None
+        self.last_node_id: str | None = None
+        self.last_prompt_id: str | None = None
+        self.sockets_metadata: dict[str, Any] = {}
+        self.routes = web.RouteTableDef()
+        self.app = web.Application()
+        self.loop = loop
+        # ComfyUI's server announces that it serves each node's WEB_DIRECTORY itself; packs
+        # that find the flag missing take ComfyUI for an old one and link or copy their
+        # JavaScript into ComfyUI's own web/extensions (ComfyUI-Custom-Scripts does).
+        self.supports: set[str] = {"custom_nodes_from_web"}
+        self.prompt_queue = None
+        self.sink: Callable[[str, dict[str, Any]], None] = lambda event, data: None
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        """ComfyUI's event entry point (executing, executed, progress...)."""
+        if isinstance(data, dict):
+            self.sink(event, data)
+
+    async def send(self, event: str, data: Any, sid: str | None = None) -> None:
+        """Async variant used by some nodes."""
+        self.send_sync(event, data, sid)
+
+    def send_progress_text(self, text: str, node_id: str | None, sid: str | None = None) -> None:
+        """Text a node shows under itself: forwarded as a log event."""
+        self.sink("progress_text", {"text": str(text), "node": node_id})
+
+    def add_on_prompt_handler(self, handler: Any) -> None:
+        """Accepted and ignored: prompts never arrive over HTTP here."""
+
+
+class ComfyEmbedding:
+    """One initialised ComfyUI in this process."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.server: _Server | None = None
+        self.executor: Any = None
+        self.file_digests: dict[str, str] = {}  # "models/<key>" / "input/<key>" -> sha256
+        self._job: p.Execute | None = None
+        self._send: Callable[[Any], None] = lambda msg: None
+        self._interrupt_requested = False
+
+    # ------------------------------------------------------------------ init
+
+    def init(self) -> p.Ready:
+        """Import and initialise ComfyUI; return the Ready message."""
+        start = time.perf_counter()
+        comfy_dir = str(Path(self.config["comfyui_dir"]).resolve())
+        base_dir = Path(self.config["base_dir"])
+        base_dir.mkdir(parents=True, exist_ok=True)
+        for extra in reversed(self.config.get("extra_sys_path") or ()):
+            sys.path.insert(0, extra)
+        sys.path.insert(0, comfy_dir)
+
+        import torch
+
+        cpu = self.config.get("cpu")
+        if cpu is None:
+            cpu = not torch.cuda.is_available()
+        from comfy.cli_args import args
+
+        args.cpu = bool(cpu)
+        args.base_directory = str(base_dir)
+        args.disable_all_custom_nodes = False
+        # isort: off
+        # The order is load-bearing (see the module docstring); never let a sorter touch it:
+        # ComfyUI's `utils` package must be imported before anything can shadow it with
+        # comfy/utils.py.
+        import utils.extra_config  # noqa: F401
+        import folder_paths
+        import server
+        # isort: on
+
+        asyncio.set_event_loop(self.loop)
+        self.server = _Server(self.loop)
+        self.server.sink = self._on_event
+        server.PromptServer.instance = self.server
+
+        import comfy.model_management
+        import comfy.utils
+        import execution
+        import hook_breaker_ac10a0
+        import nodes
+
+        self._folder_paths = folder_paths
+        self._nodes = nodes
+        self._mm = comfy.model_management
+        self._execution = execution
+        self._defaults = {k: (list(v[0]), v[1]) for k, v in
+                          folder_paths.folder_names_and_paths.items()}
+        self._models_root = os.path.abspath(folder_paths.models_dir)
+
+        hook_breaker_ac10a0.save_functions()
+        try:
+            self.loop.run_until_complete(
+                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+            failures, errors = self._load_custom_nodes()
+        finally:
+            hook_breaker_ac10a0.restore_functions()
+        self._register_runflow_nodes()
+        comfy.utils.set_progress_bar_global_hook(self._progress_hook)
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self._defaults = {k: (list(v[0]), v[1]) for k, v in
+                          folder_paths.folder_names_and_paths.items()}
+        gpu_model = torch.cuda.get_device_name() if torch.cuda.is_available() and not cpu else None
+        return p.Ready(
+            comfyui_commit=git_commit(comfy_dir),
+            node_count=len(nodes.NODE_CLASS_MAPPINGS),
+            import_failures=tuple(failures),
+            import_errors=errors,
+            init_s=time.perf_counter() - start,
+            device=str(self._mm.get_torch_device()),
+            gpu_model=gpu_model,
+        )
+
+    def _load_custom_nodes(self) -> tuple[list[str], dict[str, str]]:
+        """Load every pack; return the entries that failed and, for each, what was logged."""
+        base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
+        failures: list[str] = []
+        errors: dict[str, str] = {}
+        for root in self.config.get("custom_node_dirs") or ():
+            if not os.path.isdir(root):
+                continue
+            for entry in sorted(os.listdir(root)):
+                path = os.path.join(root, entry)
+                if entry == "__pycache__" or entry.endswith(".disabled"):
+                    continue
+                if os.path.isfile(path) and not entry.endswith(".py"):
+                    continue
+                capture = _WarningCapture()
+                root_logger = logging.getLogger()
+                root_logger.addHandler(capture)
+                try:
+                    ok = self.loop.run_until_complete(self._nodes.load_custom_node(
+                        path, base_names, module_parent="custom_nodes"))
+                finally:
+                    root_logger.removeHandler(capture)
+                if not ok:
+                    failures.append(entry)
+                    errors[entry] = capture.excerpt()
+        return failures, errors
+
+    def _register_runflow_nodes(self) -> None:
+        from runflow_worker.runtime import nodepack
+
+        for name, cls in nodepack.NODE_CLASS_MAPPINGS.items():
+            # The environment's own custom nodes win: they were loaded first.
+            if name not in self._nodes.NODE_CLASS_MAPPINGS:
+                self._nodes.NODE_CLASS_MAPPINGS[name] = cls
+                self._nodes.NODE_DISPLAY_NAME_MAPPINGS[name] = nodepack.NODE_DISPLAY_NAME_MAPPINGS[
+                    name]
+
+    # ------------------------------------------------------------------ events
+
+    def _on_event(self, event: str, data: dict[str, Any]) -> None:
+        job = self._job
+        if job is None:
+            return
+        if event == "executing" and data.get("node") is not None:
+            node_id = str(data["node"])
+            node = job.graph.get(node_id) or {}
+            self._send(p.NodeStarted(job.job_id, node_id, node.get("class_type")))
+            if self._interrupt_requested:
+                # An interrupt that arrived before execute_async started was cleared by it.
+                self._mm.interrupt_current_processing(True)
+        elif event == "progress_text":
+            self._send(p.Log(job.job_id, data.get("node"), data.get("text", "")))
+
+    def _progress_hook(self, value: int, total: int, preview: Any, prompt_id: Any = None,
+                       node_id: Any = None) -> None:
+        # Must raise on interrupt, or a running sampler never stops (ComfyUI's main.py
+        # does the same in its own hook).
+        self._mm.throw_exception_if_processing_interrupted()
+        job = self._job
+        if job is None:
+            return
+        if node_id is None and self.server is not None:
+            node_id = self.server.last_node_id
+        self._send(p.Progress(job.job_id, None if node_id is None else str(node_id),
+                              int(value), int(total)))
+
+    def interrupt(self, job_id: str) -> None:
+        """Interrupt the running job (called from the channel reader thread)."""
+        if self._job is not None and self._job.job_id == job_id:
+            self._interrupt_requested = True
+            self._mm.interrupt_current_processing(True)
+
+    # ------------------------------------------------------------------ execute
+
+    def _point_folders(self, job: p.Execute) -> None:
+        fp = self._folder_paths
+        fp.set_input_directory(job.input_dir)
+        fp.set_output_directory(job.output_dir)
+        fp.set_temp_directory(job.temp_dir)
+        for name, (paths, exts) in self._defaults.items():
+            if name in _KEEP_FOLDERS:
+                fp.folder_names_and_paths[name] = (list(paths), exts)
+                continue
+            new_paths: list[str] = []
+            for path in paths:
+                absolute = os.path.abspath(path)
+                if absolute.startswith(self._models_root + os.sep):
+                    # The shared models/ tree is replaced by the run's own (only its
+                    # declared models are visible); a custom node's own folders stay.
+                    if job.models_dir:
+                        rel = os.path.relpath(absolute, self._models_root)
+                        new_paths.append(os.path.join(job.models_dir, rel))
+                else:
+                    new_paths.append(path)
+            fp.folder_names_and_paths[name] = (new_paths, exts)
+        fp.filename_list_cache.clear()
+
+    def _forget_changed_models(self, job: p.Execute) -> None:
+        digests = {**{f"models/{k}": d for k, d in job.model_digests.items()},
+                   **{f"input/{k}": d for k, d in job.resource_digests.items()}}
+        changed = [k for k, d in digests.items() if self.file_digests.get(k, d) != d]
+        self.file_digests.update(digests)
+        if changed:
+            # Loader outputs are cached by file *name* (and any node reading a path by that
+            # path): a name now holding other bytes must not be served from the cache.
+            log.info("files changed under the same name (%s): resetting caches", changed)
+            self.executor.reset()
+            self._mm.unload_all_models()
+
+    def _check_file_inputs(self, graph: dict[str, Any]) -> p.Failed | None:
+        mappings = self._nodes.NODE_CLASS_MAPPINGS
+        for node_id, node in graph.items():
+            cls = mappings.get(node.get("class_type"))
+            if cls is None:
+                continue
+            try:
+                spec = cls.INPUT_TYPES()
+            except Exception:  # noqa: BLE001, S112 - validation reports a broken INPUT_TYPES
+                continue
+            declared = {**spec.get("required", {}), **spec.get("optional", {})}
+            for name, value in (node.get("inputs") or {}).items():
+                if not isinstance(value, str) or is_link(value) or name not in declared:
+                    continue
+                entry = declared[name]
+                kind = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+                opts = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 else {}
+                file_like = isinstance(kind, list) or kind == "COMBO" or (
+                    isinstance(opts, dict) and any("upload" in str(k) for k in opts))
+                why = file_reference_problem(value) if file_like else None
+                if why:
+                    return p.Failed("", p.FailureKind.INVALID_WORKFLOW,
+                                    f"input {name!r} of node {node_id}: file reference {why}",
+                                    node_id=str(node_id), node_type=node.get("class_type"))
+        return None
+
+    def execute(self, job: p.Execute, send: Callable[[Any], None]) -> p.Done | p.Failed:
+        """Validate and execute one job; report events through ``send``."""
+        import torch
+
+        self._send = send
+        self._interrupt_requested = False
+        graph = {str(k): v for k, v in job.graph.items()}
+        mappings = self._nodes.NODE_CLASS_MAPPINGS
+        for node in graph.values():
+            cls = mappings.get(node.get("class_type"))
+            if cls is not None and getattr(cls, "OUTPUT_NODE", False):
+                node.setdefault("inputs", {})[NONCE_INPUT] = job.job_id
+        # Folders first: INPUT_TYPES of loader nodes lists this run's files, not the last run's.
+        self._point_folders(job)
+        bad = self._check_file_inputs(graph)
+        if bad is not None:
+            return p.Failed(job.job_id, bad.kind, bad.message, bad.node_id, bad.node_type)
+        self._forget_changed_models(job)
+        cuda = torch.cuda.is_available() and self._mm.cpu_state != self._mm.CPUState.CPU
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        self._job = job
+        try:
+            valid, error, outputs, node_errors = self.loop.run_until_complete(
+                self._execution.validate_prompt(job.job_id, graph, None))
+            if not valid:
+                return self._validation_failure(job, graph, error, node_errors)
+            if self._interrupt_requested:
+                return p.Failed(job.job_id, p.FailureKind.INTERRUPTED, "interrupted")
+            self.loop.run_until_complete(self.executor.execute_async(
+                graph, job.job_id, {"client_id": CLIENT_ID}, outputs))
+        except BaseException as exc:  # KeyboardInterrupt from a node escapes the executor
+            if isinstance(exc, SystemExit):
+                raise
+            return p.Failed(job.job_id, p.FailureKind.INTERNAL,
+                            f"ComfyUI raised {type(exc).__name__}: {exc}",
+                            exception_type=type(exc).__name__)
+        finally:
+            self._job = None
+        peak = int(torch.cuda.max_memory_allocated()) if cuda else None
+        return self._outcome(job, graph, time.perf_counter() - start, peak)
+
+    def _validation_failure(self, job: p.Execute, graph: dict[str, Any], error: Any,
+                            node_errors: Any) -> p.Failed:
+        for node_id, info in (node_errors or {}).items():
+            errs = info.get("errors") or [{}]
+            first = errs[0]
+            text = "; ".join(
+                f"{e.get('message', '')}: {e.get('details', '')}".strip(": ") for e in errs)
+            # The errors' ``extra_info.input_config`` is the node's INPUT_TYPES entry and
+            # may hold a custom node's own objects: the child's send makes them plain data.
+            return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW, text,
+                            node_id=str(node_id), node_type=info.get("class_type"),
+                            details={"type": first.get("type"), "errors": errs[:10]})
+        error = error or {}
+        details = str(error.get("details", ""))
+        node_id = None
+        if details.startswith("Node ID '#"):
+            node_id = details[len("Node ID '#"):].rstrip("'")
+        node_type = (graph.get(node_id) or {}).get("class_type") if node_id else None
+        return p.Failed(job.job_id, p.FailureKind.INVALID_WORKFLOW,
+                        str(error.get("message", "invalid prompt")), node_id=node_id,
+                        node_type=node_type, details={"type": error.get("type")})
+
+    def _outcome(self, job: p.Execute, graph: dict[str, Any], execute_s: float,
+                 peak: int | None) -> p.Done | p.Failed:
+        messages = self.executor.status_messages
+        last_event, last = messages[-1] if messages else ("", {})
+        if last_event == "execution_error":
+            exc_type = str(last.get("exception_type", ""))
+            kind = (p.FailureKind.OUT_OF_MEMORY if "OutOfMemoryError" in exc_type
+                    else p.FailureKind.NODE_ERROR)
+            message = str(last.get("exception_message", "")).strip()
+            if kind is p.FailureKind.OUT_OF_MEMORY:
+                message = message.split("\nTIPS:")[0].strip() or "out of memory"
+            tb = "".join(last.get("traceback") or [])[-4000:]
+            return p.Failed(job.job_id, kind, message, node_id=str(last.get("node_id")),
+                            node_type=last.get("node_type"), exception_type=exc_type,
+                            details={"traceback": tb}, peak_vram_bytes=peak)
+        if last_event == "execution_interrupted":
+            return p.Failed(job.job_id, p.FailureKind.INTERRUPTED, "interrupted",
+                            node_id=str(last.get("node_id")), node_type=last.get("node_type"),
+                            peak_vram_bytes=peak)
+        if last_event != "execution_success":
+            return p.Failed(job.job_id, p.FailureKind.INTERNAL,
+                            f"ComfyUI ended without a result ({last_event or 'no status'})")
+        return p.Done(job.job_id, tuple(self._output_files(graph)), execute_s, peak)
+
+    def _output_files(self, graph: dict[str, Any]) -> list[p.OutputFile]:
+        files: list[p.OutputFile] = []
+        mappings = self._nodes.NODE_CLASS_MAPPINGS
+        for node_id, ui in (self.executor.history_result.get("outputs") or {}).items():
+            node = graph.get(str(node_id)) or {}
+            class_type = node.get("class_type", "")
+            cls = mappings.get(class_type)
+            output_id = None
+            if getattr(cls, "RUNFLOW_IO", None) == "output":
+                output_id = (node.get("inputs") or {}).get("output_id") or str(node_id)
+            for items in (ui or {}).values():
+                if not isinstance(items, list):
+                    continue
+                for item in items:
+                    if not isinstance(item, dict) or item.get("type") != "output":
+                        continue
+                    name = item.get("filename")
+                    if not isinstance(name, str) or not name:
+                        continue
+                    sub = item.get("subfolder") or ""
+                    rel = f"{sub}/{name}" if sub else name
+                    files.append(p.OutputFile(str(node_id), class_type, rel, output_id))
+        return files
+
+    def collect_idle(self) -> None:
+        """Housekeeping while idle: a full GC off the run path, free cached VRAM."""
+        import gc
+
+        gc.collect()
+        try:
+            self._mm.soft_empty_cache()
+        except Exception:  # never let housekeeping kill the child
+            log.debug("soft_empty_cache failed", exc_info=True)

@@ -1,0 +1,204 @@
+"""What the serve daemon tells a running pipeline: stop now (and why), and where events go.
+
+``ServeControl.stop_reason()`` is polled by the pipeline every ~50 ms, so it only reads
+flags. The flags are set elsewhere: ``cancel``/``lease lost`` by ``LeaseKeeper`` (a
+background thread that renews the run's lease and reads its cancel flag a few times a
+second), ``shutdown`` by the daemon's signal handlers through ``ShutdownState``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from runflow_worker.errors import QueueError
+from runflow_worker.run.pipeline import StopReason
+from runflow_worker.serve.queue import Delivery, RunQueue
+from runflow_worker.serve.records import EventPublisher
+
+log = logging.getLogger(__name__)
+
+STOP_POLL_S = 0.05
+"""Granularity of backoff sleeps that a stop request cuts short (error paths only)."""
+CANCEL_POLL_S = 0.25
+"""How often a running run's cancel flag is read (cancellation lands within ~0.3 s)."""
+
+
+class ShutdownState:
+    """Stop requests from signals: warm (finish within the grace period) or cold (now)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        """No new run may start."""
+        self.hard = False
+        """Cold stop: interrupt the current run now and release it."""
+        self.deadline: float | None = None
+        """Monotonic time after which the current run is interrupted and released."""
+
+    # Only plain attribute writes here: these run inside signal handlers, where taking a
+    # lock (threading.Event.set does) can deadlock against the interrupted main thread.
+
+    def request_warm(self, grace_s: float) -> None:
+        """Take no new run; give the current one ``grace_s`` to finish."""
+        if not self.requested:
+            self.deadline = time.monotonic() + grace_s
+            self.requested = True
+
+    def request_cold(self) -> None:
+        """Stop at once."""
+        self.deadline = time.monotonic()
+        self.hard = True
+        self.requested = True
+
+    def sleep(self, seconds: float, *, until_cold: bool = False) -> None:
+        """Sleep up to ``seconds``, cut short by any stop request (or only a cold one)."""
+        end = time.monotonic() + seconds
+        while (remaining := end - time.monotonic()) > 0:
+            if self.hard or (self.requested and not until_cold):
+                return
+            time.sleep(min(remaining, STOP_POLL_S))
+
+    def install_signal_handlers(self, grace_s: float) -> dict[int, Any]:
+        """SIGTERM: warm stop, then cold on a second one; SIGINT: cold. Returns the previous
+        handlers. Main thread only (Python delivers signals there)."""
+
+        def on_sigterm(signum: int, frame: object) -> None:
+            # Flags only: no logging or I/O inside a signal handler.
+            if self.requested:
+                self.request_cold()
+            else:
+                self.request_warm(grace_s)
+
+        return {signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm),
+                signal.SIGINT: signal.signal(signal.SIGINT, lambda s, f: self.request_cold())}
+
+    def grace_left_s(self) -> float:
+        """Seconds of grace left (0 after a cold stop, infinity when no stop was asked)."""
+        if self.hard:
+            return 0.0
+        if self.deadline is None:
+            return float("inf")
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class ServeControl:
+    """The ``RunControl`` of one pickup in the serve daemon."""
+
+    def __init__(self, shutdown: ShutdownState, publisher: EventPublisher) -> None:
+        self.shutdown = shutdown
+        self.publisher = publisher
+        self.canceled = False
+        self.lease_lost = False
+
+    def stop_reason(self) -> StopReason | None:
+        """Why the run must stop now, or None (flags only: called every ~50 ms)."""
+        if self.shutdown.hard or self.lease_lost:
+            return StopReason.SHUTDOWN
+        if self.canceled:
+            return StopReason.CANCELED
+        deadline = self.shutdown.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            return StopReason.SHUTDOWN
+        return None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        """Queue a ``progress`` or ``log`` event (sent by the publisher thread)."""
+        self.publisher.publish(kind, data)
+
+
+class LeaseKeeper:
+    """Background thread that keeps the current run's lease and watches its cancel flag.
+
+    Every ``CANCEL_POLL_S`` (or faster for short leases) one fenced script renews the lease
+    when due (every quarter lease, so the entry's idle time never passes a third of it) and
+    reports the cancel flag. A refused tick means another worker picked the run up: the
+    control's ``lease_lost`` makes the pipeline stop, and nothing more is written.
+    """
+
+    def __init__(self, queue: RunQueue, *, lease_s: float, renew: bool = True) -> None:
+        self.queue = queue
+        self.renew = renew
+        self.renew_every_s = lease_s / 4
+        self.tick_s = min(CANCEL_POLL_S, self.renew_every_s)
+        self.renewals = 0
+        self._cond = threading.Condition()
+        self._current: tuple[Delivery, str, int, ServeControl] | None = None
+        self._generation = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="runflow-lease", daemon=True)
+        self._thread.start()
+
+    def watch(self, delivery: Delivery, run_id: str, token: int, control: ServeControl) -> None:
+        """Start keeping the lease of this pickup."""
+        with self._cond:
+            self._current = (delivery, run_id, token, control)
+            self._generation += 1
+            self._cond.notify_all()
+
+    def unwatch(self) -> None:
+        """Stop keeping the current lease (the run is over)."""
+        with self._cond:
+            self._current = None
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._current = None
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        done_generation = -1
+        while True:
+            with self._cond:
+                # A watch is kept once: after a lost lease, wait for the next watch.
+                self._cond.wait_for(lambda done=done_generation: self._closed or (
+                    self._current is not None and self._generation != done))
+                if self._closed:
+                    return
+                assert self._current is not None
+                delivery, run_id, token, control = self._current
+                generation = self._generation
+            self._keep(delivery, run_id, token, control, generation)
+            done_generation = generation
+
+    def _keep(self, delivery: Delivery, run_id: str, token: int, control: ServeControl,
+              generation: int) -> None:
+        """Tick until the watch ends; the first tick comes one period after pickup."""
+        last_renew = time.monotonic()
+        failing = False
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._generation != generation or self._closed,
+                                    timeout=self.tick_s)
+                if self._generation != generation or self._closed:
+                    return
+            now = time.monotonic()
+            renew = self.renew and now - last_renew >= self.renew_every_s - self.tick_s / 2
+            try:
+                tick = self.queue.lease_tick(delivery, run_id, token, renew=renew)
+            except QueueError as exc:
+                if not failing:
+                    log.warning("lease tick of run %s failed: %s", run_id, exc,
+                                extra={"run_id": run_id, "event": "lease_tick_failed"})
+                failing = True
+                continue
+            failing = False
+            if renew:
+                last_renew = now
+                self.renewals += 1
+            if not tick.held:
+                log.warning("run %s was taken over by another worker; stopping it",
+                            run_id, extra={"run_id": run_id, "event": "lease_lost"})
+                control.lease_lost = True
+                return
+            if tick.canceled and not control.canceled:
+                log.info("run %s canceled", run_id, extra={"run_id": run_id,
+                                                             "event": "cancel_seen"})
+                control.canceled = True

@@ -1,0 +1,603 @@
+"""The serve daemon: one run at a time from the GPU class's Redis stream (SPEC §2, §7, §8).
+
+Loop (``Worker.work``)::
+
+    boot (connect, create the group) -> [reclaim an expired entry | read a new one]
+        -> perform_run: parse -> dead-letter? -> begin (fence token, running record)
+           -> execute (LeaseKeeper renews the lease and watches the cancel flag)
+           -> finalise (record + status event + ack in one script) | release | promote
+        -> exit on burst (stream empty), --max-runs, idle window, or signals
+
+Signals follow rq: the first SIGTERM is a *warm* stop (take no new run, let the current one
+finish within ``grace_s``, else interrupt it and leave it pending for another worker); a
+second SIGTERM or SIGINT is a *cold* stop (interrupt now, leave it pending). Both exit 0.
+
+A worker on which ComfyUI cannot start through no fault of the run (``run.fitness``:
+CUDA unusable, the cache volume full, the baked checkout missing) releases each such run
+untouched, reports not ready on ``/readyz``, and after ``RUNFLOW_MAX_UNFIT_STARTS`` such
+starts in a row exits ``EXIT_UNFIT`` so its orchestrator replaces it: it never fails the
+queue's runs one after the other (a black hole).
+
+Redis outages never kill the daemon: reads back off (capped, jittered) and retry; a run
+that already executed keeps its outcome in memory and retries the terminal write until
+Redis is back, so it is written once and never executed again by this worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import redis
+
+from runflow_worker.errors import ErrorCode, QueueError, RunInterrupted, RunRejected
+from runflow_worker.run.contract import RunMessage, RunRecord, RunStatus, record_for, utcnow
+from runflow_worker.run.gpu import next_larger_class
+from runflow_worker.run.pipeline import Pipeline, RunResult
+from runflow_worker.run.report import terminal_record
+from runflow_worker.run.sandboxing import UNSANDBOXED
+from runflow_worker.serve import keys
+from runflow_worker.serve.boot import process_age_s
+from runflow_worker.serve.callbacks import CallbackSender
+from runflow_worker.serve.control import LeaseKeeper, ServeControl, ShutdownState
+from runflow_worker.serve.health import HealthServer
+from runflow_worker.serve.metrics import Metrics
+from runflow_worker.serve.queue import (
+    Backoff,
+    Delivery,
+    GroupMissing,
+    RedisUnavailable,
+    RunQueue,
+    connect,
+)
+from runflow_worker.serve.records import (
+    Begin,
+    CallbackJob,
+    DeadLetter,
+    EventPublisher,
+    Finalised,
+    NotSerialisable,
+    RecordStore,
+    event_json,
+    promotion_for,
+    worker_lost,
+)
+from runflow_worker.serve.salvage import parse_delivery, unparseable_record, unreadable
+from runflow_worker.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BLOCK_S = 1.0
+"""Longest XREADGROUP BLOCK: bounds how long an idle worker takes to notice a stop request.
+A new entry wakes the read at once, so this adds no latency to runs."""
+EVENT_FLUSH_TIMEOUT_S = 2.0
+"""How long the terminal write waits for the run's progress events to be sent."""
+PERMANENT_ERROR_RETRIES = 5
+"""Terminal-write attempts after a non-connection Redis error before giving up."""
+TERMINAL_WRITE_RETRY_CAP_S = 1.0
+"""Longest wait between tries of a terminal write while Redis is away (short: once Redis is
+back, the outcome should land before anything else happens to the run)."""
+EXIT_UNFIT = 3
+"""Exit code of ``serve`` after ``RUNFLOW_MAX_UNFIT_STARTS`` starts failed through the
+worker's own fault (0 is every orderly stop, 2 bad configuration)."""
+
+
+class Worker:
+    """One serve daemon: a consumer of ``runflow:runs:<gpu_class>`` running one run at a time."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, *, gpu_class: str,
+                 client: redis.Redis | None = None, consumer: str | None = None,
+                 renew_leases: bool = True, metrics: Metrics | None = None,
+                 callbacks: CallbackSender | None = None, http_port: int | None = None,
+                 shutdown: ShutdownState | None = None) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.gpu_class = gpu_class
+        self.consumer = consumer or keys.consumer_name(os.uname().nodename, os.getpid(),
+                                                       os.urandom(3).hex())
+        self.client = client or connect(settings.redis_url, block_s=MAX_BLOCK_S)
+        self.queue = RunQueue(self.client, gpu_class, self.consumer, lease_s=settings.lease_s)
+        self.records = RecordStore(self.client, events_maxlen=settings.events_maxlen)
+        self.metrics = metrics or Metrics()
+        self.callbacks = callbacks
+        if callbacks is not None:
+            callbacks.attach(self.client)
+        self.shutdown = shutdown or ShutdownState()
+        self.publisher = EventPublisher(self.records)
+        self.keeper = LeaseKeeper(self.queue, lease_s=settings.lease_s, renew=renew_leases)
+        self.http_port = settings.http_port if http_port is None else http_port
+        self.health: HealthServer | None = None
+        self.settings_warnings: tuple[str, ...] = (
+            () if settings.sandboxed else (UNSANDBOXED,))
+        """What ``/readyz`` tells besides readiness (an unsandboxed worker)."""
+        self.reclaim_every_s = min(settings.lease_s / 2, 30.0)
+        self.boot_s = 0.0
+        self.runs_performed = 0
+        self._boot_billed = False
+        self._next_reclaim = 0.0
+        self._redis_ok = False
+        self._alive = False
+        self._runner_restarts_seen = 0
+        self._cache_seen = (0, 0)
+        self.unfit_starts = 0
+        """ComfyUI starts in a row that failed through this worker's fault (reset by a run
+        that reaches its outcome)."""
+        self.unfit_reason: str | None = None
+        self.exit_code = 0
+        total_bytes = getattr(pipeline.blobs, "total_bytes", None)
+        if callable(total_bytes):
+            # Scanned when /metrics is scraped, never on the run path.
+            self.metrics.cache_bytes.set_function(lambda: _safe_call(total_bytes))
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ main loop
+
+    def work(self, *, burst: bool = False, max_runs: int | None = None) -> int:
+        """Serve until burst-empty, ``max_runs``, the idle window or a signal; return 0."""
+        self._install_signal_handlers()
+        self._alive = True
+        try:
+            self._start_health()
+            if not self._boot():
+                return 0
+            self.boot_s = process_age_s()
+            log.info("serving %s as %s", self.queue.stream, self.consumer,
+                     extra={"event": "worker_started", "gpu_class": self.gpu_class,
+                            "consumer": self.consumer, "boot_s": round(self.boot_s, 3)})
+            reason = self._loop(burst=burst, max_runs=max_runs)
+            log.info("worker stopping: %s", reason,
+                     extra={"event": "worker_stopping", "reason": reason,
+                            "runs": self.runs_performed, "exit_code": self.exit_code})
+            return self.exit_code
+        finally:
+            self._alive = False
+            self._close()
+
+    def _loop(self, *, burst: bool, max_runs: int | None) -> str:
+        backoff = Backoff()
+        idle_since = time.monotonic()
+        idle_exit_s = self.settings.idle_exit_s
+        while True:
+            if self.shutdown.hard:
+                return "stop requested (cold)"
+            if self.shutdown.requested:
+                return "stop requested (warm)"
+            if self.unfit_starts >= self.settings.max_unfit_starts:
+                self.exit_code = EXIT_UNFIT
+                return (f"ComfyUI cannot start here ({self.unfit_reason}); "
+                        f"{self.unfit_starts} runs released")
+            if max_runs is not None and self.runs_performed >= max_runs:
+                return f"performed {self.runs_performed} runs (--max-runs)"
+            try:
+                delivery = self.reclaim_or_dequeue_run(burst=burst, idle_since=idle_since)
+            except GroupMissing:
+                log.warning("consumer group missing; recreating it",
+                            extra={"event": "group_missing", "stream": self.queue.stream})
+                self._wait_after_redis_error(backoff, lambda: self.queue.ensure_group())
+                continue
+            except QueueError as exc:
+                self._redis_ok = False
+                self.metrics.redis_errors.inc()
+                log.warning("queue read failed: %s", exc, extra={"event": "redis_error"})
+                self._wait_after_redis_error(backoff, self.queue.ensure_group)
+                continue
+            self._redis_ok = True
+            backoff.reset()
+            if delivery is None:
+                if burst:
+                    return "burst: the stream is empty"
+                if idle_exit_s and time.monotonic() - idle_since >= idle_exit_s:
+                    return f"idle for {idle_exit_s:g} s (scale to zero)"
+                continue
+            if self.shutdown.requested:
+                self._give_back(delivery)
+                continue
+            try:
+                self.perform_run(delivery)
+            except QueueError as exc:
+                # The entry stays pending with us and is reclaimed after the lease.
+                self.metrics.redis_errors.inc()
+                log.warning("run of entry %s interrupted by a Redis error: %s",
+                            delivery.entry_id, exc, extra={"event": "redis_error"})
+                self._wait_after_redis_error(backoff, None)
+            except Exception:
+                # A bug, not the run's fault: the entry stays pending, is redelivered after
+                # the lease and, if it keeps failing, dead-lettered. The daemon lives on.
+                log.exception("internal error on entry %s", delivery.entry_id,
+                              extra={"event": "internal_error", "entry_id": delivery.entry_id})
+                self._wait_after_redis_error(backoff, None)
+            self._observe_cache()
+            self.runs_performed += 1
+            idle_since = time.monotonic()
+
+    def reclaim_or_dequeue_run(self, *, burst: bool, idle_since: float) -> Delivery | None:
+        """The next delivery: an expired entry when a reclaim is due, else a new entry.
+
+        Burst mode reads without waiting and then reclaims; otherwise the read blocks (at
+        most ``MAX_BLOCK_S``, the time to the next reclaim, or the rest of the idle window).
+        """
+        if burst:
+            return self.queue.read_new(block_ms=None) or self.queue.reclaim_expired()
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            reclaimed = self.queue.reclaim_expired()
+            # Found one: look again right after this run (there may be more).
+            self._next_reclaim = now if reclaimed else now + self.reclaim_every_s
+            if reclaimed is not None:
+                return reclaimed
+        wait_s = min(MAX_BLOCK_S, max(0.0, self._next_reclaim - now))
+        idle_exit_s = self.settings.idle_exit_s
+        if idle_exit_s:
+            wait_s = min(wait_s, max(0.0, idle_since + idle_exit_s - now))
+        delivery = self.queue.read_new(block_ms=max(1, int(wait_s * 1000)))
+        if delivery is None and idle_exit_s and time.monotonic() - idle_since >= idle_exit_s:
+            # About to exit "with nothing queued": a run released back by a stopping worker
+            # (or left by a dead one) is queued too, though only a reclaim sees it.
+            delivery = self.queue.reclaim_expired()
+        return delivery
+
+    # ------------------------------------------------------------------ one run
+
+    def perform_run(self, delivery: Delivery) -> None:
+        """Take one delivery to exactly one outcome: skipped, finalised, promoted or released."""
+        picked_up = time.monotonic()
+        started_at = utcnow()
+        self.metrics.busy.set(1)
+        try:
+            if delivery.reclaimed:
+                self.metrics.reclaims.inc()
+            queue_ms = max(0, int(time.time() * 1000) - delivery.enqueued_unix_ms)
+            self.metrics.queue_wait_seconds.observe(queue_ms / 1000)
+            over_limit = delivery.deliveries > self.settings.max_deliveries
+            message, rejection = parse_delivery(delivery.payload)
+            if message is None:
+                # Over the limit too: the earlier deliveries crashed on it, so it is both
+                # finalised and copied to the dead letters.
+                self.reject_unparseable_run(delivery, rejection, started_at, queue_ms,
+                                            dead_letter=over_limit)
+                return
+            extra = {"run_id": message.run_id, "attempt": message.attempt,
+                     "entry_id": delivery.entry_id, "deliveries": delivery.deliveries}
+            try:
+                if over_limit:
+                    self.dead_letter_run(delivery, message, started_at, queue_ms)
+                    return
+                running = record_for(message, RunStatus.RUNNING, started_at=started_at,
+                                     billing=message.billing)
+                begin, token = self.records.begin_attempt(
+                    delivery, message.run_id, message.attempt, running=running,
+                    event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
+                                "deliveries": delivery.deliveries,
+                                "reclaimed": delivery.reclaimed})
+            except NotSerialisable as exc:
+                # Parsed, but nested deeper than the record serialiser allows (found at the
+                # first record written, not by serialising every message): a rejection.
+                self.reject_unparseable_run(delivery, unreadable(exc.__cause__), started_at,
+                                            queue_ms, dead_letter=over_limit)
+                return
+            if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
+                log.info("run %s skipped: %s", message.run_id, begin.value,
+                         extra={**extra, "event": f"run_skipped_{begin.value}"})
+                return
+            if begin is Begin.CANCELED:
+                result = RunResult(status=RunStatus.CANCELED, failure=RunInterrupted(
+                    ErrorCode.CANCELED, "the run was canceled before it started"))
+                self.finalise_run(delivery, token, message, result, started_at=started_at,
+                                  picked_up=picked_up, queue_ms=queue_ms)
+                return
+            log.info("run %s started", message.run_id,
+                     extra={**extra, "event": "run_started", "reclaimed": delivery.reclaimed})
+            control = ServeControl(self.shutdown, self.publisher)
+            # The lease is kept until the outcome is written: a terminal write that waits
+            # for Redis must not let another worker reclaim (and re-execute) the run.
+            self.keeper.watch(delivery, message.run_id, token, control)
+            try:
+                result = self.execute_run(message, token, control, picked_up)
+                if control.lease_lost:
+                    self.metrics.fenced_writes.inc()
+                    log.warning("run %s: lease lost to another worker; outcome dropped",
+                                message.run_id, extra={**extra, "event": "run_fenced"})
+                elif result.release:
+                    self.keeper.unwatch()  # a renewal would undo the release's idle time
+                    self.release_run(delivery, message, token, unfit=result.unfit)
+                else:
+                    self.unfit_starts, self.unfit_reason = 0, None
+                    self.finalise_run(delivery, token, message, result,
+                                      started_at=started_at, picked_up=picked_up,
+                                      queue_ms=queue_ms)
+            finally:
+                self.keeper.unwatch()
+        finally:
+            self.metrics.busy.set(0)
+
+    def execute_run(self, message: RunMessage, token: int, control: ServeControl,
+                    picked_up: float) -> RunResult:
+        """Run the pipeline with this pickup's control; its events are flushed on return."""
+        self.publisher.bind(message.run_id, message.attempt, token)
+        try:
+            return self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
+        finally:
+            self.publisher.flush(EVENT_FLUSH_TIMEOUT_S)
+            self.publisher.unbind()
+
+    def finalise_run(self, delivery: Delivery, token: int, message: RunMessage,
+                     result: RunResult, *, started_at: datetime, picked_up: float,
+                     queue_ms: int) -> None:
+        """Write the terminal record (or the OOM re-enqueue) with its event and the ack."""
+        gpu_s = time.monotonic() - picked_up if result.gpu_work else 0.0
+        record = terminal_record(message, result, started_at=started_at,
+                                 gpu_class=self.gpu_class, gpu_seconds=gpu_s,
+                                 cold_start_s=self._cold_start_s(result), queue_ms=queue_ms)
+        promotion, target = None, None
+        if result.oom:
+            wf = message.workflow
+            target = next_larger_class(
+                self.gpu_class, self.settings.ladder,
+                explicit=wf.gpu_explicit_models if wf.gpu_mode == "explicit" else None)
+        if target is not None:
+            try:
+                promotion, written_record = promotion_for(message, record,
+                                                          keys.runs_stream(target))
+            except NotSerialisable:
+                # Too deeply nested to be re-enqueued (its records, without the graph,
+                # were fine): this attempt's out-of-memory failure is final.
+                record.warnings.append(f"not re-enqueued on {target}: the run message is "
+                                       "nested too deeply to serialise")
+                target = None
+        if target is not None:
+            event_data: dict[str, Any] = {"reason": "out_of_memory", "from": self.gpu_class,
+                                          "gpu_class": target}
+        else:
+            written_record = record
+            event_data = {"error": record.error and record.error.get("code"),
+                          "duration_ms": record.duration_ms, "worker": self.consumer}
+        job = None if promotion is not None else self._callback_job(message.callback_url,
+                                                                    record)
+        outcome = self._retry_terminal_write(message.run_id, lambda: self.records.finalise(
+            delivery, token, written_record, event_data=event_data, promotion=promotion,
+            callback=job))
+        self._after_finalise(message, record, outcome, promoted_to=target)
+
+    def release_run(self, delivery: Delivery, message: RunMessage, token: int, *,
+                    unfit: str | None = None) -> None:
+        """Leave an interrupted run pending so another worker takes it at once.
+
+        ``unfit``: the release is not a shutdown's but a failed start's that was this
+        worker's fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker
+        not ready until a run reaches its outcome here again.
+        """
+        if unfit is not None:
+            self.unfit_starts += 1
+            self.unfit_reason = unfit
+            self.metrics.unfit_starts.inc()
+            log.error("ComfyUI cannot start on this worker (%d of %d before it exits): %s",
+                      self.unfit_starts, self.settings.max_unfit_starts, unfit,
+                      extra={"run_id": message.run_id, "event": "worker_unfit",
+                             "reason": unfit, "unfit_starts": self.unfit_starts})
+        # The record goes back to ``queued`` (billing as the message carries it: a released
+        # attempt is not billed) so that nobody reads a run no worker holds as ``running``.
+        queued = record_for(message, RunStatus.QUEUED, billing=message.billing).to_json()
+        event = event_json({"released": True, "worker": self.consumer})
+        try:
+            released = self.queue.release(
+                delivery, message.run_id, token,
+                queued=(queued, message.attempt, event, self.settings.events_maxlen))
+        except QueueError as exc:
+            released = False
+            log.warning("could not release run %s (%s); it is reclaimed after the lease",
+                        message.run_id, exc, extra={"run_id": message.run_id,
+                                                    "event": "release_failed"})
+        why = "shutdown" if unfit is None else f"this worker cannot start ComfyUI: {unfit}"
+        log.info("run %s released for redelivery (%s)", message.run_id, why,
+                 extra={"run_id": message.run_id, "attempt": message.attempt,
+                        "event": "run_released", "released": released, "unfit": unfit})
+
+    def dead_letter_run(self, delivery: Delivery, message: RunMessage, started_at: datetime,
+                        queue_ms: int) -> None:
+        """Copy an entry delivered too often to the dead letters and fail it WORKER_LOST."""
+        result = RunResult(status=RunStatus.FAILED, failure=worker_lost(
+            delivery.deliveries, self.settings.max_deliveries))
+        record = terminal_record(message, result, started_at=started_at,
+                                 gpu_class=self.gpu_class, gpu_seconds=0.0, queue_ms=queue_ms)
+        self._finalise_unexecuted(delivery, record, message.callback_url, dead_letter=True)
+
+    def reject_unparseable_run(self, delivery: Delivery, exc: RunRejected | None,
+                               started_at: datetime, queue_ms: int, *,
+                               dead_letter: bool = False) -> None:
+        """Fail an entry whose message does not parse (or dead-letter it without a run id).
+
+        With ``dead_letter`` (past ``max_deliveries``) the run fails ``WORKER_LOST`` like
+        any run whose holders kept dying (SPEC §2), the rejection kept in the error's
+        details, and the entry is copied to the dead letters in the same step.
+        """
+        exc = exc or unreadable(None)
+        error = (worker_lost(delivery.deliveries, self.settings.max_deliveries, rejection=exc)
+                 if dead_letter else exc)
+        record, callback_url = unparseable_record(
+            delivery.payload, error, gpu_class=self.gpu_class, started_at=started_at,
+            queue_ms=queue_ms, read_record=self.records.read)
+        if record is None:
+            self.queue.dead_letter_unidentified(delivery, reason=f"unparseable: {exc.message}"[:500])
+            self.metrics.dead_letters.inc()
+            log.error("entry %s has no usable run id; dead-lettered", delivery.entry_id,
+                      extra={"event": "entry_dead_lettered", "entry_id": delivery.entry_id})
+            return
+        self._finalise_unexecuted(delivery, record, callback_url, dead_letter=dead_letter)
+
+    def _finalise_unexecuted(self, delivery: Delivery, record: RunRecord,
+                             callback_url: str | None, *, dead_letter: bool) -> None:
+        """Write the terminal ``record`` of a run that never executed (+ the dead letter)."""
+        begin, token = self.records.begin_attempt(delivery, record.id, record.attempt,
+                                                  running=None, event_data={})
+        if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
+            return
+        event_data: dict[str, Any] = {"error": (record.error or {}).get("code")}
+        if dead_letter:
+            event_data["dead_letter"] = True
+        outcome = self._retry_terminal_write(record.id, lambda: self.records.finalise(
+            delivery, token, record, event_data=event_data,
+            dead_letter=DeadLetter(reason="max_deliveries") if dead_letter else None,
+            callback=self._callback_job(callback_url, record)))
+        if outcome is Finalised.WRITTEN and dead_letter:
+            self.metrics.dead_letters.inc()
+            log.error("run %s dead-lettered after %d deliveries", record.id,
+                      delivery.deliveries - 1,
+                      extra={"run_id": record.id, "attempt": record.attempt,
+                             "event": "run_dead_lettered", "entry_id": delivery.entry_id})
+        self._after_finalise(None, record, outcome)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _cold_start_s(self, result: RunResult) -> float:
+        """The child's start in this run, plus the container boot on the first GPU run."""
+        if not result.gpu_work:
+            return 0.0
+        cold = result.cold_start_s
+        if not self._boot_billed:
+            self._boot_billed = True
+            cold += self.boot_s
+        return cold
+
+    def _retry_terminal_write(self, run_id: str, write: Callable[[], T]) -> T | None:
+        """Run ``write`` until Redis takes it; None only on a cold stop or a persistent bug."""
+        backoff = Backoff(cap_s=TERMINAL_WRITE_RETRY_CAP_S)
+        permanent = 0
+        while True:
+            try:
+                return write()
+            except QueueError as exc:
+                self.metrics.redis_errors.inc()
+                if not isinstance(exc, RedisUnavailable):
+                    permanent += 1
+                if self.shutdown.hard or permanent > PERMANENT_ERROR_RETRIES:
+                    log.error("outcome of run %s not written: %s", run_id, exc,
+                              extra={"run_id": run_id, "event": "finalise_abandoned"})
+                    return None
+                if backoff.failures == 0:
+                    log.warning("outcome of run %s waits for Redis: %s", run_id, exc,
+                                extra={"run_id": run_id, "event": "finalise_retry"})
+                self.shutdown.sleep(backoff.next_delay_s(), until_cold=True)
+
+    def _callback_job(self, url: str | None, record: RunRecord) -> CallbackJob | None:
+        """The callback to queue with ``record``'s terminal write (None: nothing to send)."""
+        if not url or self.callbacks is None:
+            return None
+        return self.callbacks.job_for(url, record)
+
+    def _after_finalise(self, message: RunMessage | None, record: RunRecord,
+                        outcome: Finalised | None, *, promoted_to: str | None = None) -> None:
+        """Metrics, the log line and the callback's first delivery after a terminal write."""
+        extra = {"run_id": record.id, "attempt": record.attempt}
+        if outcome is Finalised.FENCED:
+            self.metrics.fenced_writes.inc()
+            log.warning("run %s: outcome refused, a newer pickup holds the run", record.id,
+                        extra={**extra, "event": "run_fenced"})
+            return
+        if outcome is not Finalised.WRITTEN:
+            return
+        this = record.billing.attempts[-1] if record.billing.attempts else None
+        if this is not None and this.gpu_seconds:
+            self.metrics.gpu_seconds.labels(self.gpu_class).inc(this.gpu_seconds)
+        restarts = self.pipeline.supervisor.restarts
+        if restarts > self._runner_restarts_seen:
+            self.metrics.runner_restarts.inc(restarts - self._runner_restarts_seen)
+            self._runner_restarts_seen = restarts
+        for phase, ms in record.timings_ms.items():
+            if phase != "queue":
+                self.metrics.phase_seconds.labels(phase).observe(ms / 1000)
+        if promoted_to is not None:
+            self.metrics.oom_promotions.inc()
+            log.info("run %s out of memory on %s: re-enqueued on %s", record.id,
+                     self.gpu_class, promoted_to,
+                     extra={**extra, "event": "run_promoted", "gpu_class": promoted_to})
+            return
+        code = (record.error or {}).get("code") or ""
+        self.metrics.runs.labels(record.status.value, code).inc()
+        log.info("run %s %s", record.id, record.status.value,
+                 extra={**extra, "event": "run_finished", "status": record.status.value,
+                        "error_code": code or None, "duration_ms": record.duration_ms,
+                        "timings_ms": record.timings_ms})
+        if self.callbacks is not None:
+            self.callbacks.wake()  # its job was queued with the record: deliver it now
+
+    def _observe_cache(self) -> None:
+        """Feed the blob store's hit and miss counters into the metrics."""
+        stats = getattr(self.pipeline.blobs, "stats", None)
+        if stats is None:
+            return
+        hits, misses = int(getattr(stats, "hits", 0)), int(getattr(stats, "misses", 0))
+        self.metrics.observe_cache(hits=hits - self._cache_seen[0],
+                                   misses=misses - self._cache_seen[1])
+        self._cache_seen = (hits, misses)
+
+    def _give_back(self, delivery: Delivery) -> None:
+        """Return an entry read just as a stop was requested (it was never started)."""
+        try:
+            self.queue.release(delivery, None, None)
+        except QueueError:
+            pass  # it is reclaimed after the lease
+
+    def _boot(self) -> bool:
+        """Create the group, retrying while Redis is away; False if stopped meanwhile."""
+        backoff = Backoff()
+        while not self.shutdown.requested:
+            try:
+                self.queue.ensure_group()
+                self._redis_ok = True
+                return True
+            except QueueError as exc:
+                self.metrics.redis_errors.inc()
+                if backoff.failures == 0:
+                    log.warning("waiting for Redis: %s", exc, extra={"event": "redis_error"})
+                self.shutdown.sleep(backoff.next_delay_s())
+        return False
+
+    def _wait_after_redis_error(self, backoff: Backoff, then: Callable[[], None] | None) -> None:
+        """Back off (a stop request cuts the wait short), then try ``then`` once."""
+        self.shutdown.sleep(backoff.next_delay_s())
+        if then is not None and not self.shutdown.requested:
+            try:
+                then()
+            except QueueError:
+                pass
+
+    def _start_health(self) -> None:
+        if not self.http_port:
+            return
+        self.health = HealthServer(self.metrics, alive=lambda: self._alive,
+                                   ready=lambda: (self._redis_ok and self.unfit_reason is None
+                                                  and not self.shutdown.requested),
+                                   port=self.http_port,
+                                   warnings=self.settings_warnings).start()
+
+    def _install_signal_handlers(self) -> None:
+        # Signal handlers only work in the main thread (tests run workers in threads too).
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handlers = self.shutdown.install_signal_handlers(
+                self.settings.grace_s)
+
+    def _close(self) -> None:
+        self.keeper.close()
+        self.publisher.close()
+        if self.health is not None:
+            self.health.close()
+        if self.callbacks is not None:
+            left = self.shutdown.grace_left_s()
+            self.callbacks.close(timeout_s=min(left, self.settings.grace_s))
+        for sig, previous in self._previous_handlers.items():
+            signal.signal(sig, previous)
+        self._previous_handlers.clear()
+
+
+def _safe_call(fn: Callable[[], int]) -> float:
+    try:
+        return float(fn())
+    except Exception:  # noqa: BLE001 - a metric must never break a scrape
+        return 0.0

@@ -1,0 +1,281 @@
+"""The run pipeline end to end with a fake ComfyUI child: every outcome is one result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from runflow_worker.cache.errors import FetchConnectError
+from runflow_worker.errors import ErrorCode
+from runflow_worker.run.contract import RunStatus, parse_message
+from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
+from runflow_worker.run.report import terminal_record
+from runflow_worker.run.storage import LocalStorage
+from tests.factories import message, workflow
+
+FAKE = "tests.fakes.fake_child:main"
+
+
+class Control:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.cancel = threading.Event()
+        self.reason = StopReason.CANCELED
+
+    def stop_reason(self) -> StopReason | None:
+        return self.reason if self.cancel.is_set() else None
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        self.events.append((kind, data))
+
+
+def _fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+    shutil.copyfile(unquote(urlsplit(url).path), dest)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("pipeline")
+    pl = Pipeline(PipelineConfig(work_dir=root / "work", comfyui_dir=root, child_entry=FAKE,
+                                 allow_local_files=True),
+                  storage=LocalStorage(root / "store"), fetch_input=_fetch)
+    yield pl
+    pl.close()
+
+
+def run(pipeline: Pipeline, msg: dict, control: Control | None = None):
+    return pipeline.execute(parse_message(msg), control or Control())
+
+
+def test_success_outputs_and_isolation(pipeline: Pipeline) -> None:
+    result = run(pipeline, message(run_id="ok-1", input={"prompt": "first"}))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    (entry,) = result.output.outputs
+    assert entry.output_id == "out" and entry.key == "runs/ok-1/out/out_00001_.txt"
+    assert Path(unquote(urlsplit(entry.url).path)).read_text() == "first"
+    assert set(result.timings_ms) >= {"validate", "environment", "models", "inputs",
+                                      "execute", "upload"}
+    assert result.gpu_work
+    # Run directories are removed after the outputs are stored (off the run's path).
+    pipeline.settle()
+    assert list(pipeline.config.work_dir.rglob("ok-1-*")) == []
+    second = run(pipeline, message(run_id="ok-2", input={"prompt": "second"}))
+    assert Path(unquote(urlsplit(second.output.outputs[0].url).path)).read_text() == "second"
+
+
+def test_local_file_input(pipeline: Pipeline, tmp_path: Path) -> None:
+    src = tmp_path / "note.txt"
+    src.write_text("from a file")
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
+                                                         "output_id": "copy"}}}
+    result = run(pipeline, message(graph, input={"doc": src.as_uri()}))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert Path(unquote(urlsplit(result.output.outputs[0].url).path)).read_text() == "from a file"
+
+
+def test_rejected_before_gpu_work_bills_zero(pipeline: Pipeline) -> None:
+    msg = message(input={"prompt": 5})
+    result = run(pipeline, msg)
+    assert result.status is RunStatus.FAILED and not result.gpu_work
+    assert result.failure.code is ErrorCode.INVALID_INPUT
+    record = terminal_record(parse_message(msg), result, started_at=_now(), gpu_class="l4",
+                             gpu_seconds=3.0, cold_start_s=2.0)
+    assert record.billing.gpu_seconds == 0 and record.billing.attempts[0].gpu_seconds == 0
+    assert record.error["details"]["fields"] == ["input.prompt"]
+
+
+@pytest.mark.parametrize(("node", "code"), [("FakeError", ErrorCode.NODE_ERROR),
+                                             ("FakeOOM", ErrorCode.OUT_OF_MEMORY),
+                                             ("FakeUnknown", ErrorCode.INVALID_WORKFLOW)])
+def test_node_failures_map_to_codes(pipeline: Pipeline, node: str, code: ErrorCode) -> None:
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+             "5": {"class_type": node, "inputs": {}}}
+    result = run(pipeline, message(graph))
+    assert result.status is RunStatus.FAILED and result.failure.code is code
+    assert result.failure.node_id == "5" and result.failure.node_type == node
+    assert result.oom == (code is ErrorCode.OUT_OF_MEMORY)
+
+
+def test_child_death_is_internal_then_next_run_works(pipeline: Pipeline) -> None:
+    graph = {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+             "2": {"class_type": "FakeCrash", "inputs": {}}}
+    result = run(pipeline, message(graph))
+    assert result.failure.code is ErrorCode.INTERNAL
+    assert "SIGKILL" in result.failure.message
+    ok = run(pipeline, message(run_id="after-crash"))
+    assert ok.status is RunStatus.SUCCEEDED and ok.cold_start_s > 0
+
+
+def _sleep_graph(seconds: float) -> dict:
+    return {"1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
+            "2": {"class_type": "FakeSleep", "inputs": {"seconds": seconds}}}
+
+
+def test_cancel_mid_run(pipeline: Pipeline) -> None:
+    control = Control()
+    first_step = threading.Event()
+    original = control.emit
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        original(kind, data)
+        if "step" in data:
+            first_step.set()
+
+    control.emit = emit  # type: ignore[method-assign]
+    threading.Thread(target=lambda: first_step.wait(30) and control.cancel.set()).start()
+    t0 = time.monotonic()
+    result = run(pipeline, message(_sleep_graph(60)), control)
+    assert result.status is RunStatus.CANCELED and result.failure.code is ErrorCode.CANCELED
+    assert time.monotonic() - t0 < 20
+    assert any("step" in d for _, d in control.events)
+
+
+def test_timeout(pipeline: Pipeline) -> None:
+    result = run(pipeline, message(_sleep_graph(60), timeout_s=0.5))
+    assert result.status is RunStatus.FAILED and result.failure.code is ErrorCode.TIMEOUT
+
+
+def test_shutdown_releases(pipeline: Pipeline) -> None:
+    control = Control()
+    control.reason = StopReason.SHUTDOWN
+    threading.Timer(0.3, control.cancel.set).start()
+    result = run(pipeline, message(_sleep_graph(60)), control)
+    assert result.release and result.failure.code is ErrorCode.WORKER_LOST
+
+
+def test_no_comfyui_is_environment_failed(tmp_path: Path) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path, comfyui_dir=None),
+                  storage=LocalStorage(tmp_path))
+    result = pl.execute(parse_message(message()), Control())
+    assert result.failure.code is ErrorCode.ENVIRONMENT_FAILED
+
+
+def test_models_without_store_fail_cleanly(pipeline: Pipeline) -> None:
+    wf = workflow(models={"checkpoints/a.safetensors": {"sha256": "ab" * 32}})
+    result = run(pipeline, message(wf=wf))
+    assert result.failure.code is ErrorCode.MODEL_FETCH_FAILED
+
+
+def test_commit_mismatch_is_a_warning(pipeline: Pipeline) -> None:
+    result = run(pipeline, message())
+    assert any("commit mismatch" in w for w in result.warnings)
+    assert json.dumps(result.environment)
+
+
+def test_the_path_of_a_file_input_names_its_content(pipeline: Pipeline, tmp_path: Path) -> None:
+    # ComfyUI caches a node's outputs by its inputs: the path the graph gets for a caller's
+    # file must change with the bytes (the fake child echoes the path it got).
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "path"}}}
+    paths = []
+    for i, body in enumerate(["alice's notes", "bob's notes", "alice's notes"]):
+        src = tmp_path / str(i) / "notes.txt"  # one file name for all three
+        src.parent.mkdir()
+        src.write_text(body)
+        result = run(pipeline, message(graph, input={"doc": src.as_uri()}, run_id=f"path-{i}"))
+        assert result.status is RunStatus.SUCCEEDED, result.failure
+        paths.append(Path(unquote(urlsplit(result.output.outputs[0].url).path)).read_text())
+    assert paths[0] != paths[1] and paths[0] == paths[2]
+    assert all(p.startswith("runflow_inputs/doc/") and p.endswith("/notes.txt") for p in paths)
+
+
+def test_deployed_package_versions_are_compared(pipeline: Pipeline) -> None:
+    import importlib.metadata
+
+    pytest_here = importlib.metadata.version("pytest")
+    pydantic_here = importlib.metadata.version("pydantic")
+    wf = workflow()
+    wf["environment"]["packages"] = [
+        {"name": "PyTest", "version": "0.0.1"},  # another version: reported, under its name
+        {"name": "pydantic", "version": pydantic_here},  # the same: not reported
+        {"name": "not-installed-anywhere", "version": "1.0"},  # not here: left out
+    ]
+    result = run(pipeline, message(wf=wf))
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert result.environment["package_differences"] == [
+        {"name": "PyTest", "deployed": "0.0.1", "here": pytest_here}]
+    (warning,) = [w for w in result.warnings if "deploying machine" in w]
+    assert f"PyTest 0.0.1 -> {pytest_here}" in warning
+    assert "pydantic" not in warning and "not-installed" not in warning
+    # Without a package list nothing is compared.
+    assert "package_differences" not in run(pipeline, message()).environment
+
+
+def _now():
+    from runflow_worker.run.contract import utcnow
+
+    return utcnow()
+
+
+def test_cancel_during_comfyui_start(tmp_path: Path) -> None:
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry="tests.fakes.slow_start_child:main"),
+                  storage=LocalStorage(tmp_path / "store"))
+    control = Control()
+    threading.Timer(0.3, control.cancel.set).start()
+    t0 = time.monotonic()
+    try:
+        result = pl.execute(parse_message(message()), control)
+    finally:
+        pl.close()
+    assert result.status is RunStatus.CANCELED
+    assert time.monotonic() - t0 < 0.3 + 2.0
+    assert result.timings_ms["environment"] < 2300
+
+
+def test_comfyui_starts_while_inputs_download(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The child's start waits for a gate that only the input download opens: run one after
+    # the other, the start would time out; run side by side, the run succeeds.
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("RUNFLOW_TEST_START_GATE", str(gate))
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+        gate.touch()
+        _fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry="tests.fakes.gated_start_child:main",
+                                 startup_timeout_s=20, allow_local_files=True),
+                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    src = tmp_path / "note.txt"
+    src.write_text("downloaded while ComfyUI started")
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
+                                                         "output_id": "copy"}}}
+    try:
+        result = run(pl, message(graph, input={"doc": src.as_uri()}))
+    finally:
+        pl.close()
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    assert result.cold_start_s > 0
+    assert set(result.timings_ms) >= {"environment", "inputs", "execute"}
+
+
+def test_failed_download_waits_for_the_start(tmp_path: Path) -> None:
+    # A run whose input cannot be fetched ends only once ComfyUI's start is over, and leaves
+    # the child warm for the next run.
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
+        raise FetchConnectError("cannot connect to the input's host")
+
+    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
+                                 child_entry=FAKE, allow_local_files=True),
+                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+             "2": {"class_type": "FakeSave", "inputs": {"text": "x", "output_id": "copy"}}}
+    try:
+        failed = run(pl, message(graph, input={"doc": (tmp_path / "x").as_uri()}))
+        assert failed.failure.code is ErrorCode.INPUT_FETCH_FAILED
+        assert pl.supervisor.runner is not None and pl.supervisor.runner.state.value == "ready"
+        ok = run(pl, message(run_id="after", input={"prompt": "warm"}))
+        assert ok.status is RunStatus.SUCCEEDED and ok.cold_start_s == 0
+    finally:
+        pl.close()

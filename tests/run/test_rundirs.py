@@ -1,0 +1,106 @@
+"""Run directories: removed after each run, and after a worker killed mid-run by the next."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runflow_worker.run.rundirs import RunDirs, remove_abandoned_run_dirs
+
+pytestmark = pytest.mark.timeout(60)
+
+# A worker process that claims a run directory, says where, then waits to be killed.
+HOLDER = """
+import sys
+from pathlib import Path
+from runflow_worker.run.rundirs import RunDirs
+run_dir = RunDirs(Path(sys.argv[1])).create("victim").stage
+(run_dir / "secret.txt").write_text("left behind")
+print(run_dir, flush=True)
+sys.stdin.read()
+"""
+
+
+def start_holder(work: Path) -> tuple[subprocess.Popen[str], Path]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(work)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert proc.stdout is not None
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_a_killed_workers_run_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc, victim = start_holder(work)
+    try:
+        assert victim.is_dir() and victim.parent.parent.parent == work
+        # Alive: another pipeline on the volume leaves it alone.
+        assert remove_abandoned_run_dirs(work) == []
+        mine = RunDirs(work)
+        run_dir = mine.create("next").stage
+        assert victim.is_dir() and run_dir.is_dir()
+    finally:
+        proc.kill()
+        proc.wait()
+    # Killed: its lock is gone, and the next sweep (a start, or `cache gc`) removes it.
+    owner = victim.parent.parent
+    assert remove_abandoned_run_dirs(work) == [owner.name]
+    assert not owner.exists()
+    assert not owner.with_suffix(".lock").exists()
+    assert run_dir.is_dir()  # the live pipeline's directory stays
+    mine.close()
+    assert sorted(p.name for p in work.iterdir()) == []
+
+
+def test_a_new_pipeline_sweeps_when_it_first_creates(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    proc, victim = start_holder(work)
+    proc.kill()
+    proc.wait()
+    RunDirs(work).create("after-restart")
+    assert not victim.exists()
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
+        tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        first = dirs.create("first")
+        (first.staged("input") / "caller.png").write_bytes(b"first run's bytes")
+        (first.links / "input" / "res").write_bytes(b"x")
+        dirs.discard(first)
+        dirs.settle()
+        owner = dirs.owner
+        assert any(p.name.startswith(".spare-") for p in (owner / "stage").iterdir())
+        second = dirs.create("second")
+        assert second.name.startswith("second-") and second.stage.is_dir()
+        # The spare became this run's: renamed, nothing of the first run in it or beside it.
+        assert _tree(second.stage) == ["input", "output", "temp"]
+        assert _tree(second.links) == ["input", "models"]
+        assert [p.name for p in (owner / "stage").iterdir()] == [second.name]
+        assert not first.stage.exists() and not first.links.exists()
+        second.enter()
+        assert _tree(second.live) == ["input", "output", "temp"]
+    finally:
+        dirs.close()
+
+
+def test_a_spare_that_vanished_is_replaced_by_new_directories(tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        dirs.discard(dirs.create("first"))
+        dirs.settle()
+        for spare in (dirs.owner / "links").iterdir():
+            spare.rename(tmp_path / "elsewhere")  # the spare's links are gone
+        second = dirs.create("second")
+        assert _tree(second.stage) == ["input", "output", "temp"]
+        assert _tree(second.links) == ["input", "models"]
+        assert [p.name for p in (dirs.owner / "stage").iterdir()] == [second.name]
+    finally:
+        dirs.close()
