@@ -6,11 +6,7 @@ import argparse
 import importlib.metadata
 import sys
 
-from runflow_worker.cli import cache as cache_cli
-from runflow_worker.cli import doctor as doctor_cli
-from runflow_worker.cli import prepare as prepare_cli
-from runflow_worker.cli import run as run_cli
-from runflow_worker.cli import serve as serve_cli
+from runflow_worker.cli import cache, doctor, prepare, run, serve
 from runflow_worker.errors import ConfigError
 from runflow_worker.logs import redact
 from runflow_worker.runtime.spawn import guard_parent
@@ -35,11 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"runflow-worker {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve_cli.add_parser(sub)
-    run_cli.add_parser(sub)
-    prepare_cli.add_parser(sub)
-    cache_cli.add_parser(sub)
-    doctor_cli.add_parser(sub)
+    for command in (serve, run, prepare, cache, doctor):
+        command.add_parser(sub)
     return parser
 
 
