@@ -161,8 +161,8 @@ def _oom():
     from runflow_worker.run.gpu import class_for_gpu, detect_gpu, next_larger_class
     from runflow_worker.serve.keys import runs_stream
     from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-    from runflow_worker.serve.records import promotion_for
-    from runflow_worker.run.report import terminal_record
+    from runflow_worker.run.record import promoted_run, terminal_record
+    from runflow_worker.serve.recordstore import Promotion
     from runflow_worker.settings import Settings
     from runflow_worker.run.storage import LocalStorage
 
@@ -220,7 +220,8 @@ def _oom():
             if target is None:
                 promoted = "none (the top of the ladder: the run fails OUT_OF_MEMORY)"
             else:
-                promotion, queued = promotion_for(oom, record, runs_stream(target))
+                following, queued = promoted_run(oom, record)
+                promotion = Promotion.of(runs_stream(target), following)
                 nxt = parse_message(json.loads(promotion.message_json))
                 billed = [(a.attempt, a.gpu_class, a.outcome) for a in nxt.billing.attempts]
                 if (promotion.stream != runs_stream(target) or nxt.attempt != 2

@@ -10,16 +10,15 @@ import argparse
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from runflow_worker.cli.inputs import message_from_args
 from runflow_worker.cli.progress import CliControl
 from runflow_worker.errors import RunRejected
-from runflow_worker.run.contract import RunStatus, utcnow
+from runflow_worker.run.contract import RunStatus
 from runflow_worker.run.pipeline import RunResult
-from runflow_worker.run.report import terminal_record
+from runflow_worker.run.record import AttemptStart, terminal_record
 from runflow_worker.run.storage import LocalStorage
 from runflow_worker.settings import Settings
 
@@ -54,8 +53,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         print(refusal, file=sys.stderr)
         return 2
     gpu_class = resolve_gpu_class(settings)
-    started_at = utcnow()
-    picked_up = time.monotonic()
+    start = AttemptStart.now()
     try:
         message = message_from_args(args)
     except RunRejected as exc:
@@ -67,15 +65,14 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = build_pipeline(settings, storage=LocalStorage(args.out.resolve()),
                               allow_local_files=True)
     try:
-        result: RunResult = pipeline.execute(message, control, picked_up_monotonic=picked_up)
+        result: RunResult = pipeline.execute(message, control,
+                                             picked_up_monotonic=start.monotonic_s)
     finally:
         control.bars.close()
         pipeline.close()
         signal.signal(signal.SIGINT, previous)
-    record = terminal_record(
-        message, result, started_at=started_at, gpu_class=gpu_class,
-        gpu_seconds=time.monotonic() - picked_up, cold_start_s=result.cold_start_s,
-    )
+    record = terminal_record(message, result, started_at=start.started_at, gpu_class=gpu_class,
+                             gpu_seconds=start.gpu_seconds(), cold_start_s=result.cold_start_s)
     print(record.model_dump_json(indent=2))
     return 0 if record.status is RunStatus.SUCCEEDED else 1
 

@@ -133,7 +133,8 @@ def submit_command(args: argparse.Namespace, settings: Settings) -> int:
     succeed.
     """
     from runflow_worker.run.gpu import resolve_gpu_class
-    from runflow_worker.serve.queue import RunExists, connect
+    from runflow_worker.serve.queue import connect
+    from runflow_worker.serve.recordstore import RunExists
 
     try:
         message = build_submit_message(args)

@@ -224,21 +224,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def record_for(message: RunMessage, status: RunStatus, **fields: Any) -> RunRecord:
-    """A record of ``message`` with ``status`` and the given fields."""
-    wf = message.workflow
-    return RunRecord(
-        id=message.run_id,
-        status=status,
-        attempt=message.attempt,
-        workflow={"owner": wf.owner, "slug": wf.slug, "version": wf.version},
-        created_at=message.created_at,
-        client_ref=message.client_ref,
-        metadata=message.metadata,
-        **fields,
-    )
-
-
 # --------------------------------------------------------------------------- parsing
 
 

@@ -36,7 +36,7 @@ from runflow_worker.logs import redact
 from runflow_worker.run.contract import RunRecord
 from runflow_worker.serve import keys
 from runflow_worker.serve.metrics import Metrics
-from runflow_worker.serve.records import CallbackJob
+from runflow_worker.serve.recordstore import CallbackJob
 from runflow_worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any
 
 from runflow_worker.errors import QueueError
 from runflow_worker.run.pipeline import StopReason
+from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.queue import Delivery, RunQueue
-from runflow_worker.serve.records import EventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ class ServeControl:
         self.lease_lost = False
 
     def stop_reason(self) -> StopReason | None:
-        """Why the run must stop now, or None (flags only: called every ~50 ms)."""
+        """Why the run must stop now, or None (flags only: called every ~50 ms).
+
+        ``StopReason.SHUTDOWN`` is the pipeline's word for "stop, and let the daemon release
+        the run" (a stop's grace ran out; on a lost lease the daemon writes nothing at all).
+        """
         if self.shutdown.hard or self.lease_lost:
             return StopReason.SHUTDOWN
         if self.canceled:

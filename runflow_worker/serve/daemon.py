@@ -3,14 +3,20 @@
 Loop (``Worker.work``)::
 
     boot (connect, create the group) -> [reclaim an expired entry | read a new one]
-        -> perform_run: parse -> dead-letter? -> begin (fence token, running record)
-           -> execute (LeaseKeeper renews the lease and watches the cancel flag)
-           -> finalise (record + status event + ack in one script) | release | promote
-        -> exit on burst (stream empty), --max-runs, idle window, or signals
+        -> perform_run -> exit on burst (stream empty), --max-runs, idle window, or signals
+
+One delivery (``Worker.perform_run``), top-down; each step in its own module::
+
+    parse (serve.salvage) -> begin the attempt: fence token, running record
+    (run.record builds it, serve.recordstore writes it) -> execute (run.pipeline; the
+    LeaseKeeper renews the lease and watches the cancel flag) -> build the terminal record
+    (run.record) -> write it: finalise | promote | release (serve.recordstore)
+        -> one Outcome, logged and counted in one place (serve.outcomes)
 
 Signals follow rq: the first SIGTERM is a *warm* stop (take no new run, let the current one
-finish within ``grace_s``, else interrupt it and leave it pending for another worker); a
-second SIGTERM or SIGINT is a *cold* stop (interrupt now, leave it pending). Both exit 0.
+finish within ``grace_s``, else interrupt it and release it: pending again, for another
+worker at once); a second SIGTERM or SIGINT is a *cold* stop (interrupt now, release it).
+Both exit 0.
 
 A worker on which ComfyUI cannot start through no fault of the run (``run.fitness``:
 CUDA unusable, the cache volume full, the baked checkout missing) releases each such run
@@ -31,23 +37,34 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any, TypeVar
 
 import redis
 
-from runflow_worker.errors import ErrorCode, QueueError, RunInterrupted, RunRejected
-from runflow_worker.run.contract import RunMessage, RunRecord, RunStatus, record_for, utcnow
+from runflow_worker.errors import QueueError, RunRejected
+from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.run.gpu import next_larger_class
 from runflow_worker.run.pipeline import Pipeline, RunResult
-from runflow_worker.run.report import terminal_record
+from runflow_worker.run.record import (
+    AttemptStart,
+    BootCharge,
+    canceled_record,
+    dead_letter_record,
+    promoted_run,
+    released_record,
+    running_record,
+    terminal_record,
+    worker_lost,
+)
 from runflow_worker.run.sandboxing import UNSANDBOXED
 from runflow_worker.serve import keys
 from runflow_worker.serve.boot import process_age_s
 from runflow_worker.serve.callbacks import CallbackSender
 from runflow_worker.serve.control import LeaseKeeper, ServeControl, ShutdownState
+from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.health import HealthServer
 from runflow_worker.serve.metrics import Metrics
+from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
 from runflow_worker.serve.queue import (
     Backoff,
     Delivery,
@@ -56,19 +73,16 @@ from runflow_worker.serve.queue import (
     RunQueue,
     connect,
 )
-from runflow_worker.serve.records import (
+from runflow_worker.serve.recordstore import (
     Begin,
     CallbackJob,
     DeadLetter,
-    EventPublisher,
     Finalised,
     NotSerialisable,
+    Promotion,
     RecordStore,
-    event_json,
-    promotion_for,
-    worker_lost,
 )
-from runflow_worker.serve.salvage import parse_delivery, unparseable_record, unreadable
+from runflow_worker.serve.salvage import parse_delivery, salvage_record, unreadable
 from runflow_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,13 +118,13 @@ class Worker:
                                                        os.urandom(3).hex())
         self.client = client or connect(settings.redis_url, block_s=MAX_BLOCK_S)
         self.queue = RunQueue(self.client, gpu_class, self.consumer, lease_s=settings.lease_s)
-        self.records = RecordStore(self.client, events_maxlen=settings.events_maxlen)
+        self.store = RecordStore(self.client, events_maxlen=settings.events_maxlen)
         self.metrics = metrics or Metrics()
         self.callbacks = callbacks
         if callbacks is not None:
             callbacks.attach(self.client)
         self.shutdown = shutdown or ShutdownState()
-        self.publisher = EventPublisher(self.records)
+        self.publisher = EventPublisher(self.store)
         self.keeper = LeaseKeeper(self.queue, lease_s=settings.lease_s, renew=renew_leases)
         self.http_port = settings.http_port if http_port is None else http_port
         self.health: HealthServer | None = None
@@ -118,9 +132,9 @@ class Worker:
             () if settings.sandboxed else (UNSANDBOXED,))
         """What ``/readyz`` tells besides readiness (an unsandboxed worker)."""
         self.reclaim_every_s = min(settings.lease_s / 2, 30.0)
-        self.boot_s = 0.0
+        self.boot_charge = BootCharge()
+        """The container's boot, billed to the first run that does GPU work."""
         self.runs_performed = 0
-        self._boot_billed = False
         self._next_reclaim = 0.0
         self._redis_ok = False
         self._alive = False
@@ -147,10 +161,11 @@ class Worker:
             self._start_health()
             if not self._boot():
                 return 0
-            self.boot_s = process_age_s()
+            self.boot_charge.boot_s = process_age_s()
             log.info("serving %s as %s", self.queue.stream, self.consumer,
                      extra={"event": "worker_started", "gpu_class": self.gpu_class,
-                            "consumer": self.consumer, "boot_s": round(self.boot_s, 3)})
+                            "consumer": self.consumer,
+                            "boot_s": round(self.boot_charge.boot_s, 3)})
             reason = self._loop(burst=burst, max_runs=max_runs)
             log.info("worker stopping: %s", reason,
                      extra={"event": "worker_stopping", "reason": reason,
@@ -213,7 +228,7 @@ class Worker:
                 log.exception("internal error on entry %s", delivery.entry_id,
                               extra={"event": "internal_error", "entry_id": delivery.entry_id})
                 self._wait_after_redis_error(backoff, None)
-            self._observe_cache()
+            self._observe_pipeline()
             self.runs_performed += 1
             idle_since = time.monotonic()
 
@@ -245,77 +260,85 @@ class Worker:
 
     # ------------------------------------------------------------------ one run
 
-    def perform_run(self, delivery: Delivery) -> None:
-        """Take one delivery to exactly one outcome: skipped, finalised, promoted or released."""
-        picked_up = time.monotonic()
-        started_at = utcnow()
+    def perform_run(self, delivery: Delivery) -> Outcome:
+        """Take one delivery to exactly one outcome (``serve.outcomes``); log and count it.
+
+        parse -> (dead letter) -> begin the attempt -> execute -> build the record
+        (``run.record``) -> write it (``serve.recordstore``: finalise, promote or release).
+        """
+        start = AttemptStart.now(enqueued_unix_ms=delivery.enqueued_unix_ms)
         self.metrics.busy.set(1)
         try:
             if delivery.reclaimed:
                 self.metrics.reclaims.inc()
-            queue_ms = max(0, int(time.time() * 1000) - delivery.enqueued_unix_ms)
-            self.metrics.queue_wait_seconds.observe(queue_ms / 1000)
-            over_limit = delivery.deliveries > self.settings.max_deliveries
-            message, rejection = parse_delivery(delivery.payload)
-            if message is None:
-                # Over the limit too: the earlier deliveries crashed on it, so it is both
-                # finalised and copied to the dead letters.
-                self.reject_unparseable_run(delivery, rejection, started_at, queue_ms,
-                                            dead_letter=over_limit)
-                return
-            extra = {"run_id": message.run_id, "attempt": message.attempt,
-                     "entry_id": delivery.entry_id, "deliveries": delivery.deliveries}
-            try:
-                if over_limit:
-                    self.dead_letter_run(delivery, message, started_at, queue_ms)
-                    return
-                running = record_for(message, RunStatus.RUNNING, started_at=started_at,
-                                     billing=message.billing)
-                begin, token = self.records.begin_attempt(
-                    delivery, message.run_id, message.attempt, running=running,
-                    event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
-                                "deliveries": delivery.deliveries,
-                                "reclaimed": delivery.reclaimed})
-            except NotSerialisable as exc:
-                # Parsed, but nested deeper than the record serialiser allows (found at the
-                # first record written, not by serialising every message): a rejection.
-                self.reject_unparseable_run(delivery, unreadable(exc.__cause__), started_at,
-                                            queue_ms, dead_letter=over_limit)
-                return
-            if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
-                log.info("run %s skipped: %s", message.run_id, begin.value,
-                         extra={**extra, "event": f"run_skipped_{begin.value}"})
-                return
-            if begin is Begin.CANCELED:
-                result = RunResult(status=RunStatus.CANCELED, failure=RunInterrupted(
-                    ErrorCode.CANCELED, "the run was canceled before it started"))
-                self.finalise_run(delivery, token, message, result, started_at=started_at,
-                                  picked_up=picked_up, queue_ms=queue_ms)
-                return
-            log.info("run %s started", message.run_id,
-                     extra={**extra, "event": "run_started", "reclaimed": delivery.reclaimed})
-            control = ServeControl(self.shutdown, self.publisher)
-            # The lease is kept until the outcome is written: a terminal write that waits
-            # for Redis must not let another worker reclaim (and re-execute) the run.
-            self.keeper.watch(delivery, message.run_id, token, control)
-            try:
-                result = self.execute_run(message, token, control, picked_up)
-                if control.lease_lost:
-                    self.metrics.fenced_writes.inc()
-                    log.warning("run %s: lease lost to another worker; outcome dropped",
-                                message.run_id, extra={**extra, "event": "run_fenced"})
-                elif result.release:
-                    self.keeper.unwatch()  # a renewal would undo the release's idle time
-                    self.release_run(delivery, message, token, unfit=result.unfit)
-                else:
-                    self.unfit_starts, self.unfit_reason = 0, None
-                    self.finalise_run(delivery, token, message, result,
-                                      started_at=started_at, picked_up=picked_up,
-                                      queue_ms=queue_ms)
-            finally:
-                self.keeper.unwatch()
+            self.metrics.queue_wait_seconds.observe((start.queue_ms or 0) / 1000)
+            ending = self._take_to_ending(delivery, start)
         finally:
             self.metrics.busy.set(0)
+        report_ending(ending, self.metrics, gpu_class=self.gpu_class,
+                      max_unfit_starts=self.settings.max_unfit_starts)
+        if (ending.outcome in (Outcome.FINALISED, Outcome.DEAD_LETTERED)
+                and ending.record is not None and self.callbacks is not None):
+            self.callbacks.wake()  # its job was queued with the record: deliver it now
+        return ending.outcome
+
+    def _take_to_ending(self, delivery: Delivery, start: AttemptStart) -> Ending:
+        """Parse the message, begin its attempt, run it and write its outcome."""
+        over_limit = delivery.deliveries > self.settings.max_deliveries
+        message, rejection = parse_delivery(delivery.payload)
+        if message is None:
+            # Over the limit too: the earlier deliveries crashed on it, so it is both
+            # finalised and copied to the dead letters.
+            return self.reject_unparseable_run(delivery, start, rejection, dead_letter=over_limit)
+        try:
+            if over_limit:
+                return self.dead_letter_run(delivery, start, message)
+            begin, token = self.store.begin_attempt(
+                delivery, message.run_id, message.attempt,
+                running=running_record(message, started_at=start.started_at),
+                event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
+                            "deliveries": delivery.deliveries,
+                            "reclaimed": delivery.reclaimed})
+        except NotSerialisable as exc:
+            # Parsed, but nested deeper than the record serialiser allows (found at the
+            # first record written, not by serialising every message): a rejection.
+            return self.reject_unparseable_run(delivery, start, unreadable(exc.__cause__),
+                                               dead_letter=over_limit)
+        if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
+            return Ending(Outcome.SKIPPED, delivery, run_id=message.run_id,
+                          attempt=message.attempt, reason=begin.value)
+        if begin is Begin.CANCELED:
+            record = canceled_record(message, started_at=start.started_at,
+                                     gpu_class=self.gpu_class, queue_ms=start.queue_ms)
+            return self._write_terminal(delivery, token, record, Outcome.FINALISED,
+                                        event_data=self._finished_event(record),
+                                        callback=self._callback_job(message.callback_url,
+                                                                    record))
+        return self._run_attempt(delivery, start, message, token)
+
+    def _run_attempt(self, delivery: Delivery, start: AttemptStart, message: RunMessage,
+                     token: int) -> Ending:
+        """Execute the begun attempt and write its outcome, its lease kept meanwhile."""
+        log.info("run %s started", message.run_id,
+                 extra={"run_id": message.run_id, "attempt": message.attempt,
+                        "entry_id": delivery.entry_id, "deliveries": delivery.deliveries,
+                        "event": "run_started", "reclaimed": delivery.reclaimed})
+        control = ServeControl(self.shutdown, self.publisher)
+        # The lease is kept until the outcome is written: a terminal write that waits
+        # for Redis must not let another worker reclaim (and re-execute) the run.
+        self.keeper.watch(delivery, message.run_id, token, control)
+        try:
+            result = self.execute_run(message, token, control, start.monotonic_s)
+            if control.lease_lost:
+                return Ending(Outcome.FENCED, delivery, run_id=message.run_id,
+                              attempt=message.attempt, reason="lease_lost")
+            if result.release:
+                self.keeper.unwatch()  # a renewal would undo the release's idle time
+                return self.release_run(delivery, message, token, unfit=result.unfit)
+            self.unfit_starts, self.unfit_reason = 0, None
+            return self.finalise_run(delivery, start, token, message, result)
+        finally:
+            self.keeper.unwatch()
 
     def execute_run(self, message: RunMessage, token: int, control: ServeControl,
                     picked_up: float) -> RunResult:
@@ -327,90 +350,70 @@ class Worker:
             self.publisher.flush(EVENT_FLUSH_TIMEOUT_S)
             self.publisher.unbind()
 
-    def finalise_run(self, delivery: Delivery, token: int, message: RunMessage,
-                     result: RunResult, *, started_at: datetime, picked_up: float,
-                     queue_ms: int) -> None:
-        """Write the terminal record (or the OOM re-enqueue) with its event and the ack."""
-        gpu_s = time.monotonic() - picked_up if result.gpu_work else 0.0
-        record = terminal_record(message, result, started_at=started_at,
-                                 gpu_class=self.gpu_class, gpu_seconds=gpu_s,
-                                 cold_start_s=self._cold_start_s(result), queue_ms=queue_ms)
-        promotion, target = None, None
-        if result.oom:
-            wf = message.workflow
-            target = next_larger_class(
-                self.gpu_class, self.settings.ladder,
-                explicit=wf.gpu_explicit_models if wf.gpu_mode == "explicit" else None)
+    def finalise_run(self, delivery: Delivery, start: AttemptStart, token: int,
+                     message: RunMessage, result: RunResult) -> Ending:
+        """Write the attempt's terminal record (or its OOM re-enqueue) with its event and
+        the ack."""
+        record = terminal_record(message, result, started_at=start.started_at,
+                                 gpu_class=self.gpu_class, gpu_seconds=start.gpu_seconds(),
+                                 cold_start_s=self.boot_charge.cold_start_s(result),
+                                 queue_ms=start.queue_ms)
+        target = self._promotion_target(message) if result.oom else None
         if target is not None:
+            following, queued = promoted_run(message, record)
             try:
-                promotion, written_record = promotion_for(message, record,
-                                                          keys.runs_stream(target))
+                promotion = Promotion.of(keys.runs_stream(target), following)
             except NotSerialisable:
                 # Too deeply nested to be re-enqueued (its records, without the graph,
                 # were fine): this attempt's out-of-memory failure is final.
                 record.warnings.append(f"not re-enqueued on {target}: the run message is "
                                        "nested too deeply to serialise")
-                target = None
-        if target is not None:
-            event_data: dict[str, Any] = {"reason": "out_of_memory", "from": self.gpu_class,
-                                          "gpu_class": target}
-        else:
-            written_record = record
-            event_data = {"error": record.error and record.error.get("code"),
-                          "duration_ms": record.duration_ms, "worker": self.consumer}
-        job = None if promotion is not None else self._callback_job(message.callback_url,
-                                                                    record)
-        outcome = self._retry_terminal_write(message.run_id, lambda: self.records.finalise(
-            delivery, token, written_record, event_data=event_data, promotion=promotion,
-            callback=job))
-        self._after_finalise(message, record, outcome, promoted_to=target)
+            else:
+                return self._write_terminal(
+                    delivery, token, queued, Outcome.PROMOTED, about=record,
+                    event_data={"reason": "out_of_memory", "from": self.gpu_class,
+                                "gpu_class": target},
+                    promotion=promotion, promoted_to=target)
+        return self._write_terminal(delivery, token, record, Outcome.FINALISED,
+                                    event_data=self._finished_event(record),
+                                    callback=self._callback_job(message.callback_url, record))
 
     def release_run(self, delivery: Delivery, message: RunMessage, token: int, *,
-                    unfit: str | None = None) -> None:
-        """Leave an interrupted run pending so another worker takes it at once.
+                    unfit: str | None = None) -> Ending:
+        """Leave an interrupted run pending so another worker takes it at once, its record
+        back to ``queued``.
 
-        ``unfit``: the release is not a shutdown's but a failed start's that was this
-        worker's fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker
-        not ready until a run reaches its outcome here again.
+        ``unfit``: the release is not a stop's but a failed start's that was this worker's
+        fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker not
+        ready until a run reaches its outcome here again.
         """
         if unfit is not None:
             self.unfit_starts += 1
             self.unfit_reason = unfit
-            self.metrics.unfit_starts.inc()
-            log.error("ComfyUI cannot start on this worker (%d of %d before it exits): %s",
-                      self.unfit_starts, self.settings.max_unfit_starts, unfit,
-                      extra={"run_id": message.run_id, "event": "worker_unfit",
-                             "reason": unfit, "unfit_starts": self.unfit_starts})
-        # The record goes back to ``queued`` (billing as the message carries it: a released
-        # attempt is not billed) so that nobody reads a run no worker holds as ``running``.
-        queued = record_for(message, RunStatus.QUEUED, billing=message.billing).to_json()
-        event = event_json({"released": True, "worker": self.consumer})
+        error = None
         try:
-            released = self.queue.release(
-                delivery, message.run_id, token,
-                queued=(queued, message.attempt, event, self.settings.events_maxlen))
+            released = self.store.release(
+                delivery, token, released_record(message),
+                event_data={"released": True, "worker": self.consumer},
+                consumer=self.consumer, idle_ms=self.queue.lease_ms)
         except QueueError as exc:
-            released = False
-            log.warning("could not release run %s (%s); it is reclaimed after the lease",
-                        message.run_id, exc, extra={"run_id": message.run_id,
-                                                    "event": "release_failed"})
-        why = "shutdown" if unfit is None else f"this worker cannot start ComfyUI: {unfit}"
-        log.info("run %s released for redelivery (%s)", message.run_id, why,
-                 extra={"run_id": message.run_id, "attempt": message.attempt,
-                        "event": "run_released", "released": released, "unfit": unfit})
+            released, error = False, str(exc)
+        return Ending(Outcome.RELEASED, delivery, run_id=message.run_id,
+                      attempt=message.attempt, released=released, reason=error,
+                      unfit=unfit, unfit_starts=self.unfit_starts)
 
-    def dead_letter_run(self, delivery: Delivery, message: RunMessage, started_at: datetime,
-                        queue_ms: int) -> None:
+    def dead_letter_run(self, delivery: Delivery, start: AttemptStart,
+                        message: RunMessage) -> Ending:
         """Copy an entry delivered too often to the dead letters and fail it WORKER_LOST."""
-        result = RunResult(status=RunStatus.FAILED, failure=worker_lost(
-            delivery.deliveries, self.settings.max_deliveries))
-        record = terminal_record(message, result, started_at=started_at,
-                                 gpu_class=self.gpu_class, gpu_seconds=0.0, queue_ms=queue_ms)
-        self._finalise_unexecuted(delivery, record, message.callback_url, dead_letter=True)
+        record = dead_letter_record(message, deliveries=delivery.deliveries,
+                                    max_deliveries=self.settings.max_deliveries,
+                                    started_at=start.started_at, gpu_class=self.gpu_class,
+                                    queue_ms=start.queue_ms)
+        return self._finalise_unexecuted(delivery, record, message.callback_url,
+                                         dead_letter=True)
 
-    def reject_unparseable_run(self, delivery: Delivery, exc: RunRejected | None,
-                               started_at: datetime, queue_ms: int, *,
-                               dead_letter: bool = False) -> None:
+    def reject_unparseable_run(self, delivery: Delivery, start: AttemptStart,
+                               exc: RunRejected | None, *, dead_letter: bool = False) -> Ending:
         """Fail an entry whose message does not parse (or dead-letter it without a run id).
 
         With ``dead_letter`` (past ``max_deliveries``) the run fails ``WORKER_LOST`` like
@@ -420,53 +423,69 @@ class Worker:
         exc = exc or unreadable(None)
         error = (worker_lost(delivery.deliveries, self.settings.max_deliveries, rejection=exc)
                  if dead_letter else exc)
-        record, callback_url = unparseable_record(
-            delivery.payload, error, gpu_class=self.gpu_class, started_at=started_at,
-            queue_ms=queue_ms, read_record=self.records.read)
+        record, callback_url = salvage_record(
+            delivery.payload, error, gpu_class=self.gpu_class, started_at=start.started_at,
+            queue_ms=start.queue_ms, read_record=self.store.read)
         if record is None:
             self.queue.dead_letter_unidentified(delivery, reason=f"unparseable: {exc.message}"[:500])
-            self.metrics.dead_letters.inc()
-            log.error("entry %s has no usable run id; dead-lettered", delivery.entry_id,
-                      extra={"event": "entry_dead_lettered", "entry_id": delivery.entry_id})
-            return
-        self._finalise_unexecuted(delivery, record, callback_url, dead_letter=dead_letter)
+            return Ending(Outcome.DEAD_LETTERED, delivery)
+        return self._finalise_unexecuted(delivery, record, callback_url, dead_letter=dead_letter)
 
     def _finalise_unexecuted(self, delivery: Delivery, record: RunRecord,
-                             callback_url: str | None, *, dead_letter: bool) -> None:
+                             callback_url: str | None, *, dead_letter: bool) -> Ending:
         """Write the terminal ``record`` of a run that never executed (+ the dead letter)."""
-        begin, token = self.records.begin_attempt(delivery, record.id, record.attempt,
-                                                  running=None, event_data={})
+        begin, token = self.store.begin_attempt(delivery, record.id, record.attempt,
+                                                running=None, event_data={})
         if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
-            return
+            return Ending(Outcome.SKIPPED, delivery, run_id=record.id,
+                          attempt=record.attempt, reason=begin.value)
         event_data: dict[str, Any] = {"error": (record.error or {}).get("code")}
         if dead_letter:
             event_data["dead_letter"] = True
-        outcome = self._retry_terminal_write(record.id, lambda: self.records.finalise(
-            delivery, token, record, event_data=event_data,
+        return self._write_terminal(
+            delivery, token, record, Outcome.DEAD_LETTERED if dead_letter else Outcome.FINALISED,
+            event_data=event_data,
             dead_letter=DeadLetter(reason="max_deliveries") if dead_letter else None,
-            callback=self._callback_job(callback_url, record)))
-        if outcome is Finalised.WRITTEN and dead_letter:
-            self.metrics.dead_letters.inc()
-            log.error("run %s dead-lettered after %d deliveries", record.id,
-                      delivery.deliveries - 1,
-                      extra={"run_id": record.id, "attempt": record.attempt,
-                             "event": "run_dead_lettered", "entry_id": delivery.entry_id})
-        self._after_finalise(None, record, outcome)
+            callback=self._callback_job(callback_url, record))
+
+    def _write_terminal(self, delivery: Delivery, token: int, record: RunRecord,
+                        outcome: Outcome, *, event_data: dict[str, Any],
+                        about: RunRecord | None = None, dead_letter: DeadLetter | None = None,
+                        promotion: Promotion | None = None, callback: CallbackJob | None = None,
+                        promoted_to: str | None = None) -> Ending:
+        """Write ``record`` (terminal, or the promotion's ``queued``) until Redis takes it;
+        the ending is ``outcome`` once written. ``about``: the attempt's terminal record
+        when ``record`` is the promotion's."""
+        about = about or record
+        done = self._retry_terminal_write(about.id, lambda: self.store.finalise(
+            delivery, token, record, event_data=event_data, dead_letter=dead_letter,
+            promotion=promotion, callback=callback))
+        ids = {"run_id": about.id, "attempt": about.attempt}
+        if isinstance(done, QueueError):
+            return Ending(Outcome.ABANDONED, delivery, **ids, reason=str(done))
+        if done is Finalised.FENCED:
+            return Ending(Outcome.FENCED, delivery, **ids, reason="refused")
+        if done is Finalised.ALREADY_TERMINAL:
+            return Ending(Outcome.SKIPPED, delivery, **ids, reason="terminal")
+        return Ending.of_record(outcome, delivery, about, promoted_to=promoted_to)
 
     # ------------------------------------------------------------------ helpers
 
-    def _cold_start_s(self, result: RunResult) -> float:
-        """The child's start in this run, plus the container boot on the first GPU run."""
-        if not result.gpu_work:
-            return 0.0
-        cold = result.cold_start_s
-        if not self._boot_billed:
-            self._boot_billed = True
-            cold += self.boot_s
-        return cold
+    def _promotion_target(self, message: RunMessage) -> str | None:
+        """The class an out-of-memory run moves up to (None: the top of its ladder)."""
+        wf = message.workflow
+        return next_larger_class(
+            self.gpu_class, self.settings.ladder,
+            explicit=wf.gpu_explicit_models if wf.gpu_mode == "explicit" else None)
 
-    def _retry_terminal_write(self, run_id: str, write: Callable[[], T]) -> T | None:
-        """Run ``write`` until Redis takes it; None only on a cold stop or a persistent bug."""
+    def _finished_event(self, record: RunRecord) -> dict[str, Any]:
+        """The ``data`` of an executed run's terminal status event."""
+        return {"error": record.error and record.error.get("code"),
+                "duration_ms": record.duration_ms, "worker": self.consumer}
+
+    def _retry_terminal_write(self, run_id: str, write: Callable[[], T]) -> T | QueueError:
+        """Run ``write`` until Redis takes it; the error given up on after a cold stop or
+        ``PERMANENT_ERROR_RETRIES`` non-connection errors (the outcome is abandoned)."""
         backoff = Backoff(cap_s=TERMINAL_WRITE_RETRY_CAP_S)
         permanent = 0
         while True:
@@ -477,9 +496,7 @@ class Worker:
                 if not isinstance(exc, RedisUnavailable):
                     permanent += 1
                 if self.shutdown.hard or permanent > PERMANENT_ERROR_RETRIES:
-                    log.error("outcome of run %s not written: %s", run_id, exc,
-                              extra={"run_id": run_id, "event": "finalise_abandoned"})
-                    return None
+                    return exc
                 if backoff.failures == 0:
                     log.warning("outcome of run %s waits for Redis: %s", run_id, exc,
                                 extra={"run_id": run_id, "event": "finalise_retry"})
@@ -491,44 +508,12 @@ class Worker:
             return None
         return self.callbacks.job_for(url, record)
 
-    def _after_finalise(self, message: RunMessage | None, record: RunRecord,
-                        outcome: Finalised | None, *, promoted_to: str | None = None) -> None:
-        """Metrics, the log line and the callback's first delivery after a terminal write."""
-        extra = {"run_id": record.id, "attempt": record.attempt}
-        if outcome is Finalised.FENCED:
-            self.metrics.fenced_writes.inc()
-            log.warning("run %s: outcome refused, a newer pickup holds the run", record.id,
-                        extra={**extra, "event": "run_fenced"})
-            return
-        if outcome is not Finalised.WRITTEN:
-            return
-        this = record.billing.attempts[-1] if record.billing.attempts else None
-        if this is not None and this.gpu_seconds:
-            self.metrics.gpu_seconds.labels(self.gpu_class).inc(this.gpu_seconds)
+    def _observe_pipeline(self) -> None:
+        """Feed the runner's restarts and the blob store's hits and misses into the metrics."""
         restarts = self.pipeline.supervisor.restarts
         if restarts > self._runner_restarts_seen:
             self.metrics.runner_restarts.inc(restarts - self._runner_restarts_seen)
             self._runner_restarts_seen = restarts
-        for phase, ms in record.timings_ms.items():
-            if phase != "queue":
-                self.metrics.phase_seconds.labels(phase).observe(ms / 1000)
-        if promoted_to is not None:
-            self.metrics.oom_promotions.inc()
-            log.info("run %s out of memory on %s: re-enqueued on %s", record.id,
-                     self.gpu_class, promoted_to,
-                     extra={**extra, "event": "run_promoted", "gpu_class": promoted_to})
-            return
-        code = (record.error or {}).get("code") or ""
-        self.metrics.runs.labels(record.status.value, code).inc()
-        log.info("run %s %s", record.id, record.status.value,
-                 extra={**extra, "event": "run_finished", "status": record.status.value,
-                        "error_code": code or None, "duration_ms": record.duration_ms,
-                        "timings_ms": record.timings_ms})
-        if self.callbacks is not None:
-            self.callbacks.wake()  # its job was queued with the record: deliver it now
-
-    def _observe_cache(self) -> None:
-        """Feed the blob store's hit and miss counters into the metrics."""
         stats = getattr(self.pipeline.blobs, "stats", None)
         if stats is None:
             return
@@ -540,7 +525,7 @@ class Worker:
     def _give_back(self, delivery: Delivery) -> None:
         """Return an entry read just as a stop was requested (it was never started)."""
         try:
-            self.queue.release(delivery, None, None)
+            self.queue.give_back(delivery)
         except QueueError:
             pass  # it is reclaimed after the lease
 

@@ -5,7 +5,11 @@ or by ``XAUTOCLAIM`` (an entry whose holder stopped renewing its lease). While a
 alive its worker renews the lease by re-claiming the entry to itself (``XCLAIM ... JUSTID``
 resets the idle time without counting a delivery), so an entry's idle time passes the lease
 only when its holder is dead or frozen. Every lease operation is fenced by the run's
-fencing token (see ``serve.records``): a worker that lost the run can no longer touch it.
+fencing token (see ``serve.recordstore``): a worker that lost the run can no longer touch it.
+
+This module is the stream and lease side of a delivery only: every script that writes a run
+record or a status event (the enqueue, the release of a started run, the terminal write)
+lives in ``serve.recordstore``.
 
 Redis errors leave this module as ``QueueError`` subclasses (``raise ... from exc``).
 """
@@ -17,13 +21,12 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from runflow_worker.errors import QueueError, WorkerError
+from runflow_worker.errors import QueueError
 from runflow_worker.serve import keys
 
 log = logging.getLogger(__name__)
@@ -42,15 +45,6 @@ class RedisUnavailable(QueueError):
 
 class GroupMissing(QueueError):
     """The stream or its consumer group vanished (a Redis restart without persistence)."""
-
-
-class RunExists(WorkerError):
-    """``enqueue`` refused: the run id already has a record (queued, running or terminal)."""
-
-    def __init__(self, run_id: str, status: str) -> None:
-        super().__init__(f"run {run_id} already exists (status {status}); not enqueued again")
-        self.run_id = run_id
-        self.status = status
 
 
 @contextmanager
@@ -124,6 +118,12 @@ class Delivery:
     """True when taken over from a worker whose lease expired."""
 
     @property
+    def earlier_deliveries(self) -> int:
+        """Deliveries before this one: what a release sets the entry's counter back to, so
+        that a shutdown does not count against ``max_deliveries``."""
+        return max(0, self.deliveries - 1)
+
+    @property
     def enqueued_unix_ms(self) -> int:
         """When the entry was added (the millisecond part of its id)."""
         return int(self.entry_id.split("-", 1)[0])
@@ -146,25 +146,6 @@ if ARGV[5] == '1' then
 end
 return {state, redis.call('EXISTS', KEYS[3])}
 """
-
-# Give a pending entry back without acking it: still pending (so not lost), its idle time
-# set to the lease so any worker's XAUTOCLAIM takes it at once, and its delivery counter
-# set back so a shutdown does not count against max_deliveries.
-# The release and the record's return to ``queued`` (with its status event) happen together,
-# and only while this pickup still holds the fence.
-_RELEASE_LUA = """
-local f = redis.call('GET', KEYS[1])
-if f ~= false and f ~= ARGV[1] then return 0 end
-redis.pcall('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'IDLE', ARGV[5],
-            'RETRYCOUNT', ARGV[6], 'JUSTID')
-if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[3], ARGV[7])
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
-             'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
-end
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class LeaseTick:
@@ -190,7 +171,6 @@ class RunQueue:
         # Where the next reclaim scan resumes (the pending list is scanned round-robin).
         self._reclaim_cursor = "0-0"
         self._lease_tick = client.register_script(_LEASE_TICK_LUA)
-        self._release = client.register_script(_RELEASE_LUA)
 
     def ensure_group(self) -> None:
         """Create the group from id 0 (MKSTREAM) unless it exists."""
@@ -274,29 +254,13 @@ class RunQueue:
                                                          "event": "fence_restored"})
         return LeaseTick(held=int(state) != 0, canceled=bool(int(canceled)))
 
-    def release(self, delivery: Delivery, run_id: str | None, token: int | None, *,
-                queued: tuple[str, int, str, int] | None = None) -> bool:
-        """Leave the entry pending for another worker at once; False if fenced out.
-
-        Without a token (an entry read but never started) the release is not fenced.
-        ``queued`` = (record JSON, attempt, event data JSON, events maxlen) also puts the
-        run's record back to ``queued`` with a status event, in the same fenced step.
-        """
-        retry_count = max(0, delivery.deliveries - 1)
+    def give_back(self, delivery: Delivery) -> None:
+        """Leave an entry that was read but never started pending for another worker at
+        once (not fenced: no pickup of its run began); its delivery counter is set back."""
         with redis_errors("releasing the entry"):
-            if run_id is None or token is None:
-                self.client.xclaim(delivery.stream, self.group, self.consumer, 0,
-                                   [delivery.entry_id], idle=self.lease_ms,
-                                   retrycount=retry_count, justid=True)
-                return True
-            record_json, attempt, event_data, events_maxlen = queued or ("", 0, "", 0)
-            done = self._release(
-                keys=[keys.fence(run_id), delivery.stream, keys.run_record(run_id),
-                      keys.EVENTS_STREAM],
-                args=[token, self.group, self.consumer, delivery.entry_id, self.lease_ms,
-                      retry_count, record_json, events_maxlen, run_id, attempt, event_data],
-            )
-        return bool(int(done))
+            self.client.xclaim(delivery.stream, self.group, self.consumer, 0,
+                               [delivery.entry_id], idle=self.lease_ms,
+                               retrycount=delivery.earlier_deliveries, justid=True)
 
     def dead_letter_unidentified(self, delivery: Delivery, reason: str) -> None:
         """Move an entry with no usable run id to the dead-letter stream and ack it."""
@@ -312,43 +276,3 @@ class RunQueue:
             pipe.xack(delivery.stream, self.group, delivery.entry_id)
             pipe.xdel(delivery.stream, delivery.entry_id)
             pipe.execute()
-
-
-# Write the ``queued`` record and its status event, then add the run to its stream: refused
-# (nothing written) when the run id already has a record, whatever its status, so that a
-# retried or repeated enqueue never runs a run twice nor overwrites its outcome.
-# KEYS: record, events, run stream. ARGV: record JSON, events maxlen, message JSON,
-# event fields (name, value)*.  Returns {'queued', entry id} or {'exists', status}.
-_ENQUEUE_LUA = f"""
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local ok, rec = pcall(cjson.decode, cur)
-  local s = 'unreadable'
-  if ok and type(rec) == 'table' and type(rec['status']) == 'string' then s = rec['status'] end
-  return {{'exists', s}}
-end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 4))
-return {{'queued', redis.call('XADD', KEYS[3], '*', '{keys.RUN_FIELD}', ARGV[3])}}
-"""
-
-
-def enqueue(client: redis.Redis, gpu_class: str, message_json: str, *, run_id: str,
-            queued_record_json: str, event_fields: dict[str, Any], events_maxlen: int) -> str:
-    """Write the ``queued`` record and its event, then add the run to its class's stream.
-
-    One script, in that order: a worker that sees the entry always finds the record.
-    Raises ``RunExists`` (nothing written) when ``run_id`` already has a record: a run id
-    is enqueued once (a queued or running run is not enqueued twice either).
-    Returns the entry id.
-    """
-    fields: list[Any] = []
-    for name, value in event_fields.items():
-        fields.extend((name, value))
-    with redis_errors("enqueueing the run"):
-        verdict, value = client.register_script(_ENQUEUE_LUA)(
-            keys=[keys.run_record(run_id), keys.EVENTS_STREAM, keys.runs_stream(gpu_class)],
-            args=[queued_record_json, events_maxlen, message_json, *fields])
-    if verdict != "queued":
-        raise RunExists(run_id, str(value))
-    return str(value)

@@ -3,13 +3,13 @@
 ``parse_delivery`` turns whatever goes wrong while reading a message (a shape error, a JSON
 nested too deeply for ``json.loads``, a bug) into a rejection, so no entry can crash the
 worker on every delivery. (A message that parses but is nested deeper than the record
-serialiser allows is found when its first record is written: ``records.NotSerialisable``,
+serialiser allows is found when its first record is written: ``recordstore.NotSerialisable``,
 which the daemon turns into the same rejection with ``unreadable``.)
 
-``unparseable_record`` builds the ``failed`` record from what can still be read of the raw
-JSON: ``salvage_members`` decodes the top-level members one by one, without recursion, so
-one unreadable member (``metadata`` nested 5000 levels deep, a truncated tail) does not hide
-the run id and the client's references.
+``salvage_record`` gives the ``failed`` record (built by ``run.record.unparseable_record``)
+from what can still be read of the raw JSON: ``salvage_members`` decodes the top-level
+members one by one, without recursion, so one unreadable member (``metadata`` nested 5000
+levels deep, a truncated tail) does not hide the run id and the client's references.
 """
 
 from __future__ import annotations
@@ -25,16 +25,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from runflow_worker.errors import ErrorCode, QueueError, RunFailure, RunRejected, Violation
-from runflow_worker.run.contract import (
-    RUN_ID,
-    AttemptBilling,
-    Billing,
-    RunMessage,
-    RunRecord,
-    RunStatus,
-    parse_message_json,
-    utcnow,
-)
+from runflow_worker.run.contract import RUN_ID, RunMessage, RunRecord, parse_message_json
+from runflow_worker.run.record import unparseable_record
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +62,10 @@ def unreadable(exc: BaseException | None) -> RunRejected:
     return RunRejected([Violation(ErrorCode.INVALID_INPUT, "message", why)])
 
 
-def unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
-                       started_at: datetime, queue_ms: int,
-                       read_record: Callable[[str], RunRecord | None] | None = None
-                       ) -> tuple[RunRecord | None, str | None]:
+def salvage_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
+                   started_at: datetime, queue_ms: int,
+                   read_record: Callable[[str], RunRecord | None] | None = None
+                   ) -> tuple[RunRecord | None, str | None]:
     """The ``failed`` record of an entry whose message does not parse, and its callback URL.
 
     ``exc`` is the record's error: the rejection, or ``WORKER_LOST`` past the delivery limit.
@@ -86,8 +78,8 @@ def unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
     Only a Redis error (``QueueError``) leaves this function.
     """
     try:
-        return _unparseable_record(payload, exc, gpu_class=gpu_class, started_at=started_at,
-                                   queue_ms=queue_ms, read_record=read_record)
+        return _salvage_record(payload, exc, gpu_class=gpu_class, started_at=started_at,
+                               queue_ms=queue_ms, read_record=read_record)
     except QueueError:
         raise
     except Exception:  # a bug here must not leave the entry redelivered forever
@@ -96,10 +88,10 @@ def unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
         return None, None
 
 
-def _unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
-                        started_at: datetime, queue_ms: int,
-                        read_record: Callable[[str], RunRecord | None] | None
-                        ) -> tuple[RunRecord | None, str | None]:
+def _salvage_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
+                    started_at: datetime, queue_ms: int,
+                    read_record: Callable[[str], RunRecord | None] | None
+                    ) -> tuple[RunRecord | None, str | None]:
     data = salvage_members(payload or "")
     run_id = (data or {}).get("run_id")
     if data is None or not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
@@ -114,23 +106,8 @@ def _unparseable_record(payload: str | None, exc: RunFailure, *, gpu_class: str,
             value = getattr(existing, name)
             if name not in known and value not in (None, {}):
                 known[name] = value
-    finished_at = utcnow()
-
-    def build(extra: dict[str, Any]) -> RunRecord:
-        return RunRecord(
-            id=run_id, status=RunStatus.FAILED, attempt=attempt, started_at=started_at,
-            finished_at=finished_at,
-            duration_ms=max(0, round((finished_at - started_at).total_seconds() * 1000)),
-            error=exc.as_error(), timings_ms={"queue": queue_ms},
-            billing=Billing(attempts=[AttemptBilling(attempt=attempt, gpu_class=gpu_class,
-                                                     outcome=RunStatus.FAILED.value)]),
-            **extra)
-
-    record = build(known)
-    try:
-        record.to_json()
-    except Exception:  # noqa: BLE001 - metadata nested past the serialiser's depth limit
-        record = build({k: v for k, v in known.items() if k != "metadata"})
+    record = unparseable_record(run_id, attempt, exc, started_at=started_at,
+                                gpu_class=gpu_class, queue_ms=queue_ms, copied=known)
     return record, url if isinstance(url, str) else None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from runflow_worker.run.contract import RunMessage, RunRecord, RunStatus, record_for
+from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
 
 
@@ -16,16 +16,13 @@ def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
                     events_maxlen: int) -> str:
     """Write the ``queued`` record and event, then XADD the message; return the entry id.
 
-    Raises ``queue.RunExists`` (nothing written) when the run id has a record."""
-    from runflow_worker.serve.queue import enqueue
-    from runflow_worker.serve.records import status_event
+    Raises ``recordstore.RunExists`` (nothing written) when the run id has a record."""
+    from runflow_worker.run.record import queued_record
+    from runflow_worker.serve.recordstore import RecordStore
 
-    record = record_for(message, RunStatus.QUEUED)
-    return enqueue(client, gpu_class, message.model_dump_json(), run_id=message.run_id,
-                   queued_record_json=record.to_json(),
-                   event_fields=status_event(message.run_id, message.attempt, "queued",
-                                             {"gpu_class": gpu_class}),
-                   events_maxlen=events_maxlen)
+    store = RecordStore(client, events_maxlen=events_maxlen)
+    return store.enqueue(message, queued_record(message), gpu_class,
+                         event_data={"gpu_class": gpu_class})
 
 
 def events_tail(client: Any) -> str:

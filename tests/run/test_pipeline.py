@@ -16,7 +16,7 @@ from runflow_worker.cache.errors import FetchConnectError
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
-from runflow_worker.run.report import terminal_record
+from runflow_worker.run.record import terminal_record
 from runflow_worker.run.storage import LocalStorage
 from tests.factories import message, workflow
 

@@ -16,7 +16,7 @@ import pytest
 from runflow_worker.cli.inputs import message_from_args
 from runflow_worker.errors import RunRejected
 from runflow_worker.serve import keys
-from runflow_worker.serve.queue import RunExists
+from runflow_worker.serve.recordstore import RunExists
 from tests import factories
 from tests.serve.conftest import (
     events,

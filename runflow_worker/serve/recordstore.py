@@ -1,11 +1,27 @@
-"""Run records and events, written so that every run ends with exactly one terminal record.
+"""Every write of a run record or a status event to Redis: the Lua scripts and their
+KEYS/ARGV lists, in one place, so that every run ends with exactly one terminal record.
+
+The scripts, in the order a run meets them::
+
+    enqueue     the ``queued`` record + its event, then the entry (``submit``); refused when
+                the run id has a record
+    begin       a pickup: skip a terminal or superseded run, take the fencing token, write
+                the ``running`` record + event (or claim the run without writing)
+    publish     progress and log events of one pickup (``serve.events``)
+    finalise    the terminal record + its event (+ the dead-letter copy or the OOM
+                re-enqueue, + the callback job) and the ack
+    release     the record back to ``queued`` + its event, and the entry left pending for
+                another worker at once
+
+Records are built by ``run.record``; key names live in ``serve.keys``; the stream and lease
+side of a delivery (reads, reclaims, renewals) is ``serve.queue``.
 
 Fencing: each pickup of a run increments ``runflow:fence:<run_id>`` and keeps the value as
 its *token*. Every later write of that pickup (the running record, progress events, the
-terminal record, the ack) is a Lua script that first checks the counter still holds the
-token, so a worker that lost its lease (killed, frozen, partitioned) can no longer write
-anything once another worker has picked the run up. A counter that is missing (Redis lost
-its data) is re-established by the first writer.
+terminal record, the ack, the release) is a Lua script that first checks the counter still
+holds the token, so a worker that lost its lease (killed, frozen, partitioned) can no longer
+write anything once another worker has picked the run up. A counter that is missing (Redis
+lost its data) is re-established by the first writer.
 
 Atomicity: the terminal record, its ``status`` event, the dead-letter copy or the OOM
 re-enqueue, and the XACK are one script, so a crash or a cancellation can never leave a
@@ -16,9 +32,6 @@ terminal is never overwritten: the entry is acked and the write dropped.
 from __future__ import annotations
 
 import json
-import logging
-import threading
-from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -26,19 +39,32 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
-from runflow_worker.errors import ErrorCode, RunFailure, WorkerError
-from runflow_worker.run.contract import (
-    RunMessage,
-    RunRecord,
-    RunStatus,
-    record_for,
-)
+from runflow_worker.errors import WorkerError
+from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
 from runflow_worker.serve.queue import Delivery, redis_errors
 
-log = logging.getLogger(__name__)
-
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
+
+# Write the ``queued`` record and its status event, then add the run to its stream: refused
+# (nothing written) when the run id already has a record, whatever its status, so that a
+# retried or repeated enqueue never runs a run twice nor overwrites its outcome.
+# KEYS: record, events, run stream
+# ARGV: 1 record, 2 events_maxlen, 3 message, 4 run_id, 5 attempt, 6 event_data
+# Returns {'queued', entry id} or {'exists', status}.
+_ENQUEUE_LUA = f"""
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  local s = 'unreadable'
+  if ok and type(rec) == 'table' and type(rec['status']) == 'string' then s = rec['status'] end
+  return {{'exists', s}}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'run_id', ARGV[4],
+           'attempt', ARGV[5], 'type', 'status', 'status', 'queued', 'data', ARGV[6])
+return {{'queued', redis.call('XADD', KEYS[3], '*', '{keys.RUN_FIELD}', ARGV[3])}}
+"""
 
 # KEYS: record, fence, cancel, events, stream
 # ARGV: group, entry_id, attempt, mode ('run'|'claim'), running_record, run_id,
@@ -128,6 +154,26 @@ return n
 """
 
 
+# Give a pending entry back without acking it: still pending (so not lost), its idle time
+# set to the lease so any worker's XAUTOCLAIM takes it at once, and its delivery counter
+# set back so a shutdown does not count against max_deliveries. The record goes back to
+# ``queued`` with its status event in the same step, and only while this pickup still holds
+# the fence. Returns 1, or 0 when fenced out (nothing done).
+# KEYS: fence, stream, record, events
+# ARGV: 1 token, 2 group, 3 consumer, 4 entry_id, 5 idle_ms, 6 retry count, 7 record,
+#       8 events_maxlen, 9 run_id, 10 attempt, 11 event_data
+_RELEASE_LUA = """
+local f = redis.call('GET', KEYS[1])
+if f ~= false and f ~= ARGV[1] then return 0 end
+redis.pcall('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'IDLE', ARGV[5],
+            'RETRYCOUNT', ARGV[6], 'JUSTID')
+redis.call('SET', KEYS[3], ARGV[7])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
+           'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
+return 1
+"""
+
+
 class Begin(StrEnum):
     """What a pickup found."""
 
@@ -158,24 +204,6 @@ class DeadLetter:
     """Copy the entry to the dead-letter stream in the same step as the terminal write."""
 
     reason: str
-
-
-def worker_lost(deliveries: int, max_deliveries: int, *,
-                rejection: RunFailure | None = None) -> RunFailure:
-    """The ``WORKER_LOST`` error of a run whose entry was delivered more than
-    ``max_deliveries`` times (SPEC §2); ``deliveries`` counts this delivery too.
-
-    ``rejection``: why the message does not parse either (its code and message are kept in
-    the error's ``details``: the earlier holders died, the message is also at fault).
-    """
-    details: dict[str, Any] = {"deliveries": deliveries - 1}
-    if rejection is not None:
-        details["rejection"] = {"code": rejection.code.value, "message": rejection.message}
-    return RunFailure(
-        ErrorCode.WORKER_LOST,
-        f"the worker running this run was lost {deliveries - 1} times "
-        f"(limit {max_deliveries} deliveries); moved to the dead-letter stream",
-        details=details)
 
 
 class NotSerialisable(WorkerError):
@@ -214,31 +242,27 @@ class Promotion:
     stream: str
     message_json: str
 
+    @classmethod
+    def of(cls, stream: str, message: RunMessage) -> Promotion:
+        """The re-enqueue of ``message`` (``run.record.promoted_run``) on ``stream``.
+
+        ``NotSerialisable`` when the message is nested too deeply to be re-enqueued.
+        """
+        return cls(stream, model_json(message))
+
+
+class RunExists(WorkerError):
+    """``enqueue`` refused: the run id already has a record (queued, running or terminal)."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} already exists (status {status}); not enqueued again")
+        self.run_id = run_id
+        self.status = status
+
 
 def event_json(data: dict[str, Any]) -> str:
     """The ``data`` field of an event."""
     return json.dumps(data, separators=(",", ":"), default=str)
-
-
-def status_event(run_id: str, attempt: int, status: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a ``status`` event entry."""
-    return {"run_id": run_id, "attempt": attempt, "type": "status", "status": status,
-            "data": event_json(data)}
-
-
-def promotion_for(message: RunMessage, record: RunRecord, stream: str
-                  ) -> tuple[Promotion, RunRecord]:
-    """The OOM re-enqueue of ``message`` (next attempt, this attempt's billing carried) on
-    ``stream``, and the ``queued`` record written instead of a terminal one.
-
-    ``NotSerialisable`` when the message is nested too deeply to be re-enqueued.
-    """
-    # The whole billing (the sum too): the next attempt's records start from it (SPEC §7:
-    # billing.gpu_seconds is the sum over attempts).
-    nxt = message.model_copy(update={"attempt": message.attempt + 1,
-                                     "billing": record.billing.model_copy(deep=True)})
-    queued = record_for(nxt, RunStatus.QUEUED, billing=record.billing, warnings=record.warnings)
-    return Promotion(stream, model_json(nxt)), queued
 
 
 class RecordStore:
@@ -249,15 +273,36 @@ class RecordStore:
         self.client = client
         self.group = group
         self.events_maxlen = events_maxlen
+        self._enqueue = client.register_script(_ENQUEUE_LUA)
         self._begin = client.register_script(_BEGIN_LUA)
         self._finalise = client.register_script(_FINALISE_LUA)
         self._publish = client.register_script(_PUBLISH_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
 
     def read(self, run_id: str) -> RunRecord | None:
         """The record of ``run_id``, or None."""
         with redis_errors("reading a run record"):
             raw = self.client.get(keys.run_record(run_id))
         return RunRecord.model_validate_json(raw) if raw else None
+
+    def enqueue(self, message: RunMessage, queued: RunRecord, gpu_class: str, *,
+                event_data: dict[str, Any]) -> str:
+        """Write the ``queued`` record and its event, then add the run to its class's stream.
+
+        One script, in that order: a worker that sees the entry always finds the record.
+        Raises ``RunExists`` (nothing written) when the run id already has a record: a run
+        id is enqueued once (a queued or running run is not enqueued twice either).
+        Returns the entry id.
+        """
+        with redis_errors("enqueueing the run"):
+            verdict, value = self._enqueue(
+                keys=[keys.run_record(message.run_id), keys.EVENTS_STREAM,
+                      keys.runs_stream(gpu_class)],
+                args=[queued.to_json(), self.events_maxlen, message.model_dump_json(),
+                      message.run_id, message.attempt, event_json(event_data)])
+        if verdict != "queued":
+            raise RunExists(message.run_id, str(value))
+        return str(value)
 
     def begin_attempt(self, delivery: Delivery, run_id: str, attempt: int, *,
                       running: RunRecord | None, event_data: dict[str, Any]
@@ -319,94 +364,17 @@ class RecordStore:
             n = self._publish(keys=[keys.fence(run_id), keys.EVENTS_STREAM], args=args)
         return int(n) >= 0
 
-
-@dataclass(frozen=True)
-class _Binding:
-    run_id: str
-    attempt: int
-    token: int
-
-
-class EventPublisher:
-    """Sends a run's progress and log events from a background thread, in order, batched.
-
-    ``publish`` never blocks the pipeline (a full buffer drops the oldest progress event);
-    ``flush`` waits for what is buffered, so the terminal status event always comes last.
-    While Redis is unreachable events are dropped: they are informative, the record is not.
-    """
-
-    max_buffered = 10_000
-    """Events kept while Redis is slow; beyond this the oldest are dropped."""
-    max_batch = 200
-    """Events per script call."""
-
-    def __init__(self, store: RecordStore) -> None:
-        self.store = store
-        self.dropped = 0
-        self._binding: _Binding | None = None
-        self._buffer: deque[tuple[_Binding, str, str]] = deque()
-        self._in_flight = False
-        self._closed = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="runflow-events", daemon=True)
-        self._thread.start()
-
-    def bind(self, run_id: str, attempt: int, token: int) -> None:
-        """Events published from now on belong to this pickup of ``run_id``."""
-        with self._cond:
-            self._binding = _Binding(run_id, attempt, token)
-
-    def unbind(self) -> None:
-        """Drop events published until the next ``bind``."""
-        with self._cond:
-            self._binding = None
-
-    def publish(self, kind: str, data: dict[str, Any]) -> None:
-        """Queue one ``progress`` or ``log`` event of the bound run."""
-        with self._cond:
-            if self._binding is None or self._closed:
-                return
-            if len(self._buffer) >= self.max_buffered:
-                self._buffer.popleft()
-                self.dropped += 1
-            self._buffer.append((self._binding, kind, event_json(data)))
-            self._cond.notify_all()
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued event is sent (or dropped); False on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._buffer and not self._in_flight,
-                                       timeout=timeout_s)
-
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Flush, then stop the thread."""
-        self.flush(timeout_s)
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout=timeout_s)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._buffer or self._closed)
-                if not self._buffer:
-                    return
-                first = self._buffer[0][0]
-                batch: list[tuple[str, str, str]] = []
-                while self._buffer and self._buffer[0][0] == first and len(batch) < self.max_batch:
-                    _, kind, data = self._buffer.popleft()
-                    batch.append((kind, "", data))
-                self._in_flight = True
-            try:
-                if not self.store.publish(first.run_id, first.attempt, first.token, batch):
-                    log.info("events of run %s refused: a newer pickup holds it", first.run_id,
-                             extra={"run_id": first.run_id, "event": "events_fenced"})
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
-                self.dropped += len(batch)
-                log.warning("dropped %d events of run %s: %s", len(batch), first.run_id, exc,
-                            extra={"run_id": first.run_id, "event": "events_dropped"})
-            finally:
-                with self._cond:
-                    self._in_flight = False
-                    self._cond.notify_all()
+    def release(self, delivery: Delivery, token: int, queued: RunRecord, *,
+                event_data: dict[str, Any], consumer: str, idle_ms: int) -> bool:
+        """Leave the entry pending for another worker at once (idle ``idle_ms``, its
+        delivery counter set back) and put the record back to ``queued`` with its event, in
+        one step fenced by ``token``; False (nothing done) when fenced out."""
+        with redis_errors("releasing the entry"):
+            done = self._release(
+                keys=[keys.fence(queued.id), delivery.stream, keys.run_record(queued.id),
+                      keys.EVENTS_STREAM],
+                args=[token, self.group, consumer, delivery.entry_id, idle_ms,
+                      delivery.earlier_deliveries, model_json(queued), self.events_maxlen,
+                      queued.id, queued.attempt, event_json(event_data)],
+            )
+        return bool(int(done))
