@@ -5,6 +5,8 @@ Hierarchy::
     WorkerError
     ├── ConfigError             bad RUNFLOW_* setting or CLI argument
     ├── StorageError            output storage unreachable / refused (-> UPLOAD_FAILED)
+    ├── UploadCanceled          an upload stopped on the run's stop; also a
+    │                           ``cache.errors.Canceled``, the base of every "canceled"
     ├── QueueError              Redis unreachable or refused (translated from redis-py)
     └── RunFailure              a run ends failed/canceled with a contract error code
         ├── RunRejected         a SPEC section 3 rule failed before any GPU work (bills 0)
@@ -12,7 +14,9 @@ Hierarchy::
             └── WorkerUnfit     ComfyUI cannot start here through the worker's fault (released)
 
 Foreign errors (redis, botocore, cache, runtime) are translated at the boundary with
-``raise ... from exc`` so callers only ever see these classes.
+``raise ... from exc`` so callers only ever see these classes; a run's are translated by
+``run.failures`` (every ``Canceled`` to the stop's ``RunInterrupted``, the cache's errors to
+the phase's error code).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from runflow_worker.cache.errors import Canceled
 
 
 class ErrorCode(StrEnum):
@@ -52,6 +58,10 @@ class ConfigError(WorkerError):
 
 class StorageError(WorkerError):
     """Output storage failed (the run fails with UPLOAD_FAILED)."""
+
+
+class UploadCanceled(WorkerError, Canceled):
+    """A transfer stopped because the caller's ``should_stop`` returned True."""
 
 
 class QueueError(WorkerError):

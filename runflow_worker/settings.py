@@ -445,6 +445,12 @@ class Settings(BaseSettings):
         """True unless the operator turned the sandbox off (``RUNFLOW_SANDBOX=none``)."""
         return self.sandbox == "bwrap"
 
+    @property
+    def host_network(self) -> bool:
+        """True when the sandboxed ComfyUI child shares the worker's network
+        (``RUNFLOW_CHILD_NETWORK=host``)."""
+        return self.child_network == "host"
+
     @field_validator("child_env_pass", mode="after")
     @classmethod
     def _check_child_env_pass(cls, value: tuple[str, ...]) -> tuple[str, ...]:

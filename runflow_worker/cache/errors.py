@@ -12,7 +12,7 @@ Hierarchy::
     │   ├── FetchTooLarge           the body exceeds the byte cap
     │   ├── HTTPStatusError         the server answered a non-success status
     │   ├── TooManyRedirects        more redirects than allowed
-    │   ├── FetchCanceled           the caller's ``cancel()`` said stop
+    │   ├── FetchCanceled*          the caller's ``cancel()`` said stop
     │   └── SourceUnavailable       no source could provide the blob (object missing,
     │                               bucket denied, mirror absent, every source failed)
     ├── IntegrityError              content does not match its sha256
@@ -23,7 +23,18 @@ Hierarchy::
     │   └── OriginRefused           the URL policy refused a git origin (or where it
     │                               redirects); git was not run
     ├── EnvironmentBuildError       a custom node's requirements could not be installed
-    └── BuildCanceled               the caller's ``cancel()`` stopped an environment build
+    └── BuildCanceled*              the caller's ``cancel()`` stopped an environment build
+
+    Canceled                        stopped on the caller's request: the one base of every
+    │                               "canceled" of the project, here because every layer
+    │                               imports this module (a run translates them all in one
+    │                               place, ``run.failures``)
+    ├── FetchCanceled*              (above)
+    ├── BuildCanceled*              (above)
+    ├── runtime.errors.RunnerStartCanceled   a ComfyUI start was interrupted
+    └── errors.UploadCanceled       an upload of a run's outputs stopped
+
+    * also a ``CacheError``: a cancel is one of this package's failures, and a ``Canceled``
 
 Foreign exceptions (httpcore, botocore, git, OSError) are translated where they enter this package
 with ``raise ... from exc``. Messages never contain URL credentials or query strings:
@@ -56,6 +67,11 @@ def redact_url(url: str) -> str:
     netloc = f"{host}:{port}" if port is not None else host
     text = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     return text + "?..." if parts.query else text
+
+
+class Canceled(Exception):
+    """Base of every error that means "stopped because the caller's stop said so" (a fetch, an
+    environment build, a ComfyUI start, an upload), whatever the package that raised it."""
 
 
 class CacheError(Exception):
@@ -129,7 +145,7 @@ class TooManyRedirects(FetchError):
     reason = "too_many_redirects"
 
 
-class FetchCanceled(FetchError):
+class FetchCanceled(FetchError, Canceled):
     """The caller's cancel callable asked to stop."""
 
     reason = "canceled"
@@ -183,7 +199,7 @@ class EnvironmentBuildError(CacheError):
     reason = "environment_failed"
 
 
-class BuildCanceled(CacheError):
+class BuildCanceled(CacheError, Canceled):
     """The caller's ``cancel()`` stopped an environment build."""
 
     reason = "canceled"

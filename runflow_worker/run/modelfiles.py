@@ -12,21 +12,22 @@ phase, and hard-linked only after it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from runflow_worker.errors import ErrorCode, RunFailure
+from runflow_worker.errors import ErrorCode
 from runflow_worker.run import contract as c
+from runflow_worker.run.failures import StopCheck, run_failures
 from runflow_worker.run.rundirs import RunPaths
 
 
 class ModelStore(Protocol):
     """The part of the blob store a run uses (``cache.blobs.BlobStore``)."""
 
-    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int = 4,
+    def ensure_many(self, items: Any, *, owner: str | None = None, max_parallel: int,
                     progress: Callable[[str, int, int | None], None] | None = None,
                     cancel: Callable[[], bool] | None = None) -> dict[str, Path]: ...
 
@@ -71,16 +72,16 @@ def wanted_blobs(workflow: c.DeployedWorkflow, run: RunPaths) -> list[WantedBlob
 
 def fetch_blobs(blobs: ModelStore, wanted: list[WantedBlob], owner: str | None, *,
                 max_parallel: int, progress: Callable[[str, int, int | None], None],
-                cancel: Callable[[], bool]) -> None:
+                stop_reason: StopCheck) -> None:
     """Have every wanted blob in the store for a run of ``owner`` (another owner's private
     blob only after this run's source proved it); MODEL_FETCH_FAILED naming the fields, or
-    ``FetchCanceled``."""
+    the stop's ``RunInterrupted``."""
     from runflow_worker.cache.blobs import BlobRequest
 
-    with _blob_errors(blobs, wanted, owner):
+    with _blob_failures(blobs, wanted, owner, stop_reason):
         blobs.ensure_many([BlobRequest(w.sha256, w.sources, w.size_bytes) for w in wanted],
                           owner=owner, max_parallel=max_parallel, progress=progress,
-                          cancel=cancel)
+                          cancel=lambda: stop_reason() is not None)
 
 
 def link_blobs(blobs: ModelStore, wanted: list[WantedBlob], run: RunPaths,
@@ -88,30 +89,25 @@ def link_blobs(blobs: ModelStore, wanted: list[WantedBlob], run: RunPaths,
     """Hard-link each fetched blob at its exact path in the run's read-only ``links`` (a
     resource also gets a symlink to it in the run's staged input directory, where ComfyUI
     looks for it by key). Only once the run's own child is acquired (module docstring)."""
-    with _blob_errors(blobs, wanted, owner):
+    with _blob_failures(blobs, wanted, owner, lambda: None):  # a link is never canceled
         for w in wanted:
             blobs.hardlink(w.sha256, w.dest, base=w.base)
             if w.resource:
                 _symlink_resource(w.dest, run.staged("input") / w.dest.relative_to(w.base))
 
 
-@contextmanager
-def _blob_errors(blobs: ModelStore, wanted: list[WantedBlob],
-                 owner: str | None) -> Iterator[None]:
-    """The store's failures (``FetchCanceled`` aside) as MODEL_FETCH_FAILED naming fields."""
-    from runflow_worker.cache.errors import CacheError, FetchCanceled
+def _blob_failures(blobs: ModelStore, wanted: list[WantedBlob], owner: str | None,
+                   stop_reason: StopCheck) -> AbstractContextManager[None]:
+    """The store's failures as MODEL_FETCH_FAILED naming the fields (``run.failures``)."""
 
-    try:
-        yield
-    except FetchCanceled:
-        raise
-    except CacheError as exc:
+    def blame() -> tuple[str, dict[str, Any]]:
         # Only what this owner may have counts as present: a failed proof of another
         # owner's blob names its field like a failed download.
         missing = [w.field for w in wanted if not blobs.usable(w.sha256, owner)] or [
             w.field for w in wanted]
-        raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, f"{', '.join(missing)}: {exc}",
-                         details={"fields": missing}) from exc
+        return f"{', '.join(missing)}: ", {"fields": missing}
+
+    return run_failures(stop_reason, ErrorCode.MODEL_FETCH_FAILED, blame=blame)
 
 
 def _symlink_resource(target: Path, link: Path) -> None:

@@ -1,7 +1,9 @@
 """One run, phase by phase: validate, environment, models, inputs, execute, upload.
 
-The environment phase (building the pinned environment, starting ComfyUI in it) runs on its
-own thread at the same time as the models and inputs phases; execute waits for all three.
+The environment phase (building the pinned environment, starting ComfyUI in it:
+``run.envphase``) runs on its own thread at the same time as the models and inputs phases;
+it returns what it produced, and execute waits for all three. What stops a phase becomes the
+run's failure in one place (``run.failures``).
 
 The pipeline knows nothing of Redis: its driver (the ``run`` CLI or the ``serve`` daemon)
 passes a ``RunControl`` (why to stop, where events go) and gets a ``RunResult`` back. A
@@ -12,23 +14,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
-from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected, WorkerUnfit
 from runflow_worker.run import contract as c
-from runflow_worker.run.envreport import EnvironmentReport
-from runflow_worker.run.fitness import (
-    checkout_problem,
-    disk_full_error,
-    disk_problem,
-    start_failure_cause,
+from runflow_worker.run.envphase import (
+    EnvironmentBuilder,
+    EnvironmentPhase,
+    PreparedChild,
 )
+from runflow_worker.run.failures import (
+    StopCheck,
+    StopReason,
+    check_stop,
+    job_failure,
+    run_failures,
+)
+from runflow_worker.run.fitness import disk_full_error, disk_problem
 from runflow_worker.run.inputs import FileFetcher, materialise_inputs
 from runflow_worker.run.modelfiles import (
     ModelStore,
@@ -39,25 +46,16 @@ from runflow_worker.run.modelfiles import (
 )
 from runflow_worker.run.outputs import discard_outputs_later, store_outputs
 from runflow_worker.run.rundirs import RunDirs, RunPaths
-from runflow_worker.run.storage import Storage, UploadCanceled
+from runflow_worker.run.storage import Storage
 from runflow_worker.runtime import protocol as p
-from runflow_worker.runtime.customnodes import loads_custom_nodes
-from runflow_worker.runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runflow_worker.runtime.rewrite import inject_inputs
-from runflow_worker.runtime.runner import RunnerConfig
-from runflow_worker.runtime.sandbox import SandboxPlan
-from runflow_worker.runtime.supervisor import RunnerLease, RunnerSupervisor
+from runflow_worker.runtime.supervisor import RunnerSupervisor
+from runflow_worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-
-class StopReason(StrEnum):
-    """Why a driver wants the current run to stop."""
-
-    CANCELED = "canceled"
-    TIMEOUT = "timeout"
-    SHUTDOWN = "shutdown"
-    """Graceful shutdown ran out of time: release the run to the queue, do not finalise."""
+_DEFAULTS = Settings.model_construct()
+"""The settings' defaults (no environment read): ``PipelineConfig``'s come from them."""
 
 
 class RunControl(Protocol):
@@ -68,14 +66,6 @@ class RunControl(Protocol):
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Publish a ``progress`` or ``log`` event of this run."""
-
-
-class EnvironmentBuilder(Protocol):
-    """What the pipeline needs of ``cache.environments.Environments``."""
-
-    def prepare(self, spec: Any, *, cancel: Callable[[], bool] | None = None) -> Any: ...
-
-    def pin(self, key: str) -> Any: ...
 
 
 @dataclass
@@ -107,7 +97,8 @@ class RunResult:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """Plain settings of the pipeline (built from the worker settings)."""
+    """Plain settings of the pipeline (built from the worker settings by ``run.assembly``;
+    tests build it directly: its defaults are the settings' own, read from ``Settings``)."""
 
     work_dir: Path
     """Parent of the per-run directories."""
@@ -115,21 +106,21 @@ class PipelineConfig:
     cpu: bool | None = None
     allowed_origins: tuple[str, ...] = ()
     allow_local_files: bool = False
-    input_max_bytes: int = 100 * 2**20
-    image_max_pixels: int = 64 * 2**20
-    child_entry: str = "runflow_worker.runtime.child:main"
-    startup_timeout_s: float = 600.0
+    input_max_bytes: int = _DEFAULTS.input_max_bytes
+    image_max_pixels: int = _DEFAULTS.image_max_pixels
+    child_entry: str = _DEFAULTS.runner_entry
+    startup_timeout_s: float = _DEFAULTS.startup_timeout_s
     keep_run_dirs: bool = False
     extra_custom_node_dirs: tuple[Path, ...] = ()
-    model_fetch_parallel: int = 4
+    model_fetch_parallel: int = _DEFAULTS.model_fetch_parallel
     """Downloads of one run's missing blobs at a time."""
-    run_install_scripts: bool = False
+    run_install_scripts: bool = _DEFAULTS.run_install_scripts
     """Environments run their custom nodes' ``install.py`` (part of the environment key)."""
     child_env_pass: tuple[str, ...] = ()
     """Variables the ComfyUI child gets despite the credential scrub (``HF_TOKEN``...)."""
-    sandbox: bool = True
+    sandbox: bool = _DEFAULTS.sandboxed
     """Run the ComfyUI child in the bubblewrap sandbox (``RUNFLOW_SANDBOX=bwrap``)."""
-    child_network: bool = False
+    child_network: bool = _DEFAULTS.host_network
     """The sandboxed child shares the worker's network (``RUNFLOW_CHILD_NETWORK=host``)."""
     sandbox_read_only: tuple[Path, ...] = ()
     """Extra paths the sandboxed child may read (tests: their fake child's code)."""
@@ -138,30 +129,34 @@ class PipelineConfig:
     cache volume); the run's own directories are shown again inside them."""
 
 
-_FAILURE_CODES = {
-    p.FailureKind.INVALID_WORKFLOW: ErrorCode.INVALID_WORKFLOW,
-    p.FailureKind.NODE_ERROR: ErrorCode.NODE_ERROR,
-    p.FailureKind.OUT_OF_MEMORY: ErrorCode.OUT_OF_MEMORY,
-    p.FailureKind.CHILD_DIED: ErrorCode.INTERNAL,
-    p.FailureKind.INTERNAL: ErrorCode.INTERNAL,
-}
-
-
 class _Phases:
-    """Times each phase into ``timings_ms``."""
+    """Times each phase into ``timings_ms`` (on the run's own thread)."""
 
     def __init__(self) -> None:
         self.timings_ms: dict[str, int] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Adds the time spent inside to phase ``name``."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.timings_ms[name] = self.timings_ms.get(name, 0) + round(
-                (time.perf_counter() - start) * 1000
-            )
+            self.add(name, round((time.perf_counter() - start) * 1000))
+
+    def add(self, name: str, elapsed_ms: int) -> None:
+        """Adds ``elapsed_ms`` (timed elsewhere: the environment thread) to phase ``name``."""
+        self.timings_ms[name] = self.timings_ms.get(name, 0) + elapsed_ms
+
+
+def _record_environment(result: RunResult, child: PreparedChild | None) -> None:
+    """Puts what the environment phase produced (if anything) into the run's result."""
+    if child is None:
+        return
+    result.cold_start_s = child.cold_start_s
+    result.gpu_model = child.gpu_model
+    result.environment.update(child.environment)
+    result.warnings.extend(child.warnings)
 
 
 class Pipeline:
@@ -177,16 +172,22 @@ class Pipeline:
         self.supervisor = supervisor or RunnerSupervisor()
         self.blobs = blobs
         self.fetch_input = fetch_input
-        self.environments = environments
+        self._run_dirs = RunDirs(config.work_dir)
+        self._environment = EnvironmentPhase(config, self.supervisor, self._run_dirs,
+                                             environments)
         self._starter = futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="environment")
         self._prestarter: futures.ThreadPoolExecutor | None = None
-        # Pins of the environments this worker uses (by key): the warm child's, and the
-        # one being prepared, so no gc on the volume removes them meanwhile.
-        self._env_pins: dict[str, ExitStack] = {}
-        self._run_dirs = RunDirs(config.work_dir)
-        self._report = EnvironmentReport()
-        self._commits: dict[Path, str | None] = {}
+
+    @property
+    def environments(self) -> EnvironmentBuilder | None:
+        """The environment builder (``cache.environments.Environments``), or None: every run
+        then needs ``RUNFLOW_COMFYUI_DIR``. Set after construction by ``run.assembly``."""
+        return self._environment.environments
+
+    @environments.setter
+    def environments(self, builder: EnvironmentBuilder | None) -> None:
+        self._environment.environments = builder
 
     def prestart(self) -> futures.Future[bool] | None:
         """Start the ComfyUI child the next run most likely needs, on a thread of its own,
@@ -198,7 +199,7 @@ class Pipeline:
         the wait for what is already under way (``RunnerSupervisor.prestart``).
         """
         try:
-            config = self._prestart_config()
+            config = self._environment.prestart_config()
         except Exception as exc:  # noqa: BLE001 - a guess must never stop the worker
             log.warning("no ComfyUI pre-start: %s", exc, extra={"event": "prestart_failed"})
             return None
@@ -208,27 +209,13 @@ class Pipeline:
                                                       thread_name_prefix="prestart")
         return self._prestarter.submit(self.supervisor.prestart, config)
 
-    def _prestart_config(self) -> RunnerConfig | None:
-        if self.config.comfyui_dir is not None:
-            if checkout_problem(self.config.comfyui_dir) is not None:
-                return None  # the first run reports it (the worker is unfit)
-            return self._runner_config(self.config.comfyui_dir, "baked", (),
-                                       declares_nodes=False)
-        most_recent = getattr(self.environments, "most_recent", None)
-        env = most_recent() if most_recent is not None else None
-        if env is None:
-            return None
-        self._pin_environment(env.key)  # until a run switches away from it
-        return self._runner_config(env.comfyui_dir, env.key,
-                                   tuple(str(p) for p in env.sys_path), declares_nodes=False)
-
     def close(self) -> None:
         """Stop the ComfyUI child (or its pre-start) and let its environment go."""
         self._starter.shutdown(wait=True)
         self.supervisor.close()
         if self._prestarter is not None:
             self._prestarter.shutdown(wait=True)
-        self._unpin_environments(keep=None)
+        self._environment.close()
         if not self.config.keep_run_dirs:
             self._run_dirs.close()
 
@@ -263,15 +250,15 @@ class Pipeline:
                     message, allowed_origins=self.config.allowed_origins,
                     allow_local_files=self.config.allow_local_files,
                 )
-            self._check_stop(stop_reason)
+            check_stop(stop_reason)
             result.gpu_work = True
             run = self._run_dirs.create(message.run_id)
             # The environment (building it, starting ComfyUI in it: seconds to minutes on a
             # cold worker) is prepared on its own thread while models and inputs download.
             # It is always waited for, also when a download fails, so no start ever runs
-            # into the next run.
-            starting = self._starter.submit(self._prepare_runner, message, result,
-                                            stop_reason, phases)
+            # into the next run; what it produced is recorded then, whatever the outcome.
+            starting = self._starter.submit(self._environment.run, message, stop_reason)
+            child: PreparedChild | None = None
             try:
                 wf = message.workflow
                 digests = [m.sha256.lower() for m in wf.models.values() if m.sha256] + [
@@ -282,17 +269,18 @@ class Pipeline:
                 with pin:
                     with phases.phase("models"):
                         wanted = self._fetch_models(message, run, control, stop_reason)
-                    self._check_stop(stop_reason)
+                    check_stop(stop_reason)
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
                         files = self._fetch_inputs(defs, values, run.staged("input"),
                                                    stop_reason)
                         graph = inject_inputs(wf.workflow_json, values, files)
-                    runner = starting.result()
-                    self._check_stop(stop_reason)
+                    child = starting.result().prepared()
+                    if child.pack_failure is not None:
+                        raise child.pack_failure  # before any GPU work
+                    check_stop(stop_reason)
                     with phases.phase("environment"):
-                        runner = self._restart_if_died(runner, wf.owner, result,
-                                                       stop_reason)
+                        child = self._environment.reacquire(child, wf.owner, stop_reason)
                     # Linked only now: the links directory is visible to the warm child,
                     # which until the runner was acquired may be another owner's.
                     if wanted:
@@ -301,14 +289,19 @@ class Pipeline:
                             link_blobs(self.blobs, wanted, run, wf.owner)
                     with phases.phase("execute"):
                         run.enter()
-                        outcome = self._run_graph(runner, message, graph, run, control,
+                        outcome = self._run_graph(child.runner, message, graph, run, control,
                                                   stop_reason)
             finally:
                 futures.wait([starting])
+                produced = starting.result()  # the thread's outcome: it never raises
+                phases.add("environment", produced.elapsed_ms)
+                # The child as the run last saw it (restarted or not), else the thread's
+                # (the run ended before it looked): its facts are the record's either way.
+                _record_environment(result, child or produced.child)
             result.peak_vram_bytes = outcome.peak_vram_bytes
             if isinstance(outcome, p.Failed):
-                raise self._failure_from(outcome, stop_reason())
-            self._check_stop(stop_reason)
+                raise job_failure(outcome, stop_reason())
+            check_stop(stop_reason)
             with phases.phase("upload"):
                 entries = self._upload(outcome.outputs, run, message.run_id, stop_reason)
             result.status = c.RunStatus.SUCCEEDED
@@ -349,7 +342,10 @@ class Pipeline:
         phases = _Phases()
         try:
             with phases.phase("environment"):
-                self._runner(message, result, control.stop_reason)
+                child = self._environment.prepare(message, control.stop_reason)
+            _record_environment(result, child)
+            if child.pack_failure is not None:
+                raise child.pack_failure
             if models:
                 # The models land in the store (the run's dirs, never linked, go at once).
                 run = self._run_dirs.create(message.run_id)
@@ -366,204 +362,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ phases
 
-    def _restart_if_died(self, runner: Any, owner: str | None, result: RunResult,
-                         stop_reason: Callable[[], StopReason | None]) -> Any:
-        """``runner``, or a fresh one when its child died while models and inputs downloaded.
-
-        The environment phase ends with a READY runner, but the downloads after it can take
-        minutes, and the idle child may die meanwhile (the OOM killer): that is a cold start
-        of this run, not its failure.
-        """
-        if not runner.notice_death():
-            return runner
-        start = time.monotonic()
-        lease = self._start_runner(runner.config, owner, stop_reason)
-        result.cold_start_s += time.monotonic() - start
-        return lease.runner
-
-    def _start_runner(self, config: RunnerConfig, owner: str | None,
-                      stop_reason: Callable[[], StopReason | None]) -> RunnerLease:
-        """``supervisor.acquire``; a failed or canceled start releases the pins and
-        becomes the run's outcome."""
-        try:
-            return self.supervisor.acquire(config, owner=owner,
-                                           should_stop=lambda: stop_reason() is not None)
-        except RunnerStartCanceled as exc:
-            self._unpin_environments(keep=None)
-            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except RunnerStartFailed as exc:
-            self._unpin_environments(keep=None)
-            cause = start_failure_cause(config, self.config.work_dir,
-                                        self.config.comfyui_dir, exc)
-            if cause is not None:
-                raise WorkerUnfit(cause) from exc
-            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                             f"ComfyUI failed to start: {exc}",
-                             details={"traceback": exc.traceback[-4000:]}) from exc
-
-    def _prepare_runner(self, message: c.RunMessage, result: RunResult,
-                        stop_reason: Callable[[], StopReason | None], phases: _Phases) -> Any:
-        with phases.phase("environment"):
-            return self._runner(message, result, stop_reason)
-
-    @staticmethod
-    def _check_stop(stop_reason: Callable[[], StopReason | None]) -> None:
-        reason = stop_reason()
-        if reason is not None:
-            raise _interrupted(reason)
-
-    def _runner(self, message: c.RunMessage, result: RunResult,
-                stop_reason: Callable[[], StopReason | None]) -> Any:
-        # RUNFLOW_COMFYUI_DIR overrides: every run uses that checkout. Without it, each run
-        # gets the environment its workflow pins, built once per environment key.
-        if self.config.comfyui_dir is not None:
-            missing = checkout_problem(self.config.comfyui_dir)
-            if missing is not None:  # no start to try: every run would fail the same way
-                raise WorkerUnfit(missing)
-            comfyui_dir, env_key, sys_path = self.config.comfyui_dir, "baked", ()
-        else:
-            env = self._prepare_environment(message, stop_reason)
-            comfyui_dir, env_key = env.comfyui_dir, env.key
-            sys_path = tuple(str(p) for p in env.sys_path)
-            # Checked out at the pinned commit by the worker itself; its .git is what the
-            # build's code left, so no git of the worker's ever reads it (a ref linked to a
-            # worker's file would put that file into the record).
-            self._commits[comfyui_dir] = (message.workflow.environment.comfyui.commit
-                                          or "").lower() or None
-        config = self._runner_config(comfyui_dir, env_key, sys_path,
-                                     declares_nodes=bool(message.workflow.custom_nodes))
-        start = time.monotonic()
-        lease = self._start_runner(config, message.workflow.owner, stop_reason)
-        runner = lease.runner
-        # The previous environment's child is gone now: its pin can go too.
-        self._unpin_environments(keep=env_key)
-        if lease.started:  # a first start, an owner or environment switch, a restart
-            result.cold_start_s = time.monotonic() - start
-        if runner.ready is not None:
-            result.gpu_model = runner.ready.gpu_model
-        environment, warnings = self._report.describe(message, config,
-                                                      self._checked_ready(runner.ready,
-                                                                          comfyui_dir),
-                                                      comfyui_dir)
-        result.environment.update(environment)
-        result.warnings.extend(warnings)
-        broken = self._report.pack_failure(message, runner.ready)
-        if broken is not None:
-            raise broken  # before any GPU work: a declared pack that did not import
-        return runner
-
-    def _runner_config(self, comfyui_dir: Path, env_key: str, sys_path: tuple[str, ...], *,
-                       declares_nodes: bool) -> RunnerConfig:
-        """The child's config for an environment (a run's, or the pre-start's guess)."""
-        node_dirs = (str(comfyui_dir / "custom_nodes"),
-                     *(str(d) for d in self.config.extra_custom_node_dirs))
-        child_root = self._run_dirs.child_root
-        return RunnerConfig(
-            comfyui_dir=str(comfyui_dir),
-            base_dir=str(child_root / "base"),
-            env_key=env_key,
-            custom_node_dirs=node_dirs,
-            extra_sys_path=sys_path,
-            cpu=self.config.cpu,
-            child_entry=self.config.child_entry,
-            startup_timeout_s=self.config.startup_timeout_s,
-            env_pass=self.config.child_env_pass,
-            sandbox=self._sandbox_plan(child_root),
-            # A child that loads a stranger's code serves one owner only (SPEC §9).
-            custom_code=declares_nodes or loads_custom_nodes(node_dirs),
-        )
-
-    def _checked_ready(self, ready: Any, comfyui_dir: Path) -> Any:
-        """``ready`` with the checkout's commit as the worker knows it: the pinned commit
-        of an environment it checked out, else (a baked checkout, the operator's) read by
-        git once per checkout.
-
-        The child's own word is not taken: it is sent after custom nodes ran, and in the
-        sandbox a pinned environment's git metadata (in the mirror) is out of its sight.
-        """
-        if ready is None:
-            return None
-        if comfyui_dir not in self._commits:
-            from runflow_worker.runtime.comfy import git_commit
-
-            self._commits[comfyui_dir] = git_commit(str(comfyui_dir))
-        return replace(ready, comfyui_commit=self._commits[comfyui_dir])
-
-    def _sandbox_plan(self, child_root: Path) -> SandboxPlan | None:
-        """The child's sandbox: its own root writable (emptied at each start), the runs'
-        models and resources read-only, nothing else of the cache volume (the runner adds
-        the environment)."""
-        if not self.config.sandbox:
-            return None
-        hidden = (self.config.work_dir, *self.config.sandbox_hidden)
-        # The sandbox binds only what exists when the child starts, which can be before any
-        # run made these (``prestart``): a links root made later would stay out of its sight.
-        for root in (child_root, self._run_dirs.links_root):
-            root.mkdir(parents=True, exist_ok=True)
-        return SandboxPlan(
-            read_only=(str(self._run_dirs.links_root),
-                       *(str(p) for p in self.config.sandbox_read_only)),
-            writable=(str(child_root),), hidden=tuple(str(p) for p in hidden),
-            fresh=(str(child_root),), network=self.config.child_network,
-            chdir=str(child_root))
-
-    def _prepare_environment(self, message: c.RunMessage,
-                             stop_reason: Callable[[], StopReason | None]) -> Any:
-        """The prepared environment the workflow pins (built now if it is new)."""
-        if self.environments is None:
-            raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                             "no ComfyUI checkout (RUNFLOW_COMFYUI_DIR) and no environment "
-                             "builder configured")
-        from runflow_worker.cache.environments import EnvironmentSpec, NodePin
-        from runflow_worker.cache.errors import BuildCanceled, CacheError, OriginRefused
-
-        wf = message.workflow
-        comfy = wf.environment.comfyui
-        spec = EnvironmentSpec(
-            comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
-            custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
-                               for name, pin in wf.custom_nodes.items()),
-            install_scripts=self.config.run_install_scripts)
-        self._pin_environment(spec.key)
-        try:
-            return self.environments.prepare(spec, cancel=lambda: stop_reason() is not None)
-        except BaseException as exc:
-            self._unpin_environments(keep=self._warm_env_key())
-            if isinstance(exc, BuildCanceled):
-                raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-            if isinstance(exc, OriginRefused):
-                raise RunFailure(ErrorCode.FORBIDDEN_ORIGIN,
-                                 f"building environment {spec.key} failed: {exc}",
-                                 details={"env_key": spec.key}) from exc
-            full = disk_problem(self.config.work_dir, exc)
-            if isinstance(exc, (CacheError, OSError)) and full is not None:
-                raise WorkerUnfit(full) from exc
-            if isinstance(exc, CacheError):
-                raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
-                                 f"building environment {spec.key} failed: {exc}",
-                                 details={"env_key": spec.key}) from exc
-            raise
-
-    def _pin_environment(self, key: str) -> None:
-        if key in self._env_pins or self.environments is None:
-            return
-        stack = ExitStack()
-        stack.enter_context(self.environments.pin(key))
-        self._env_pins[key] = stack
-
-    def _unpin_environments(self, keep: str | None) -> None:
-        """Release the pins of every environment but ``keep``."""
-        for key in [k for k in self._env_pins if k != keep]:
-            self._env_pins.pop(key).close()
-
-    def _warm_env_key(self) -> str | None:
-        runner = self.supervisor.runner
-        if runner is None or runner.state.value in ("new", "defunct"):
-            return None
-        return runner.config.env_key
-
     def _fetch_models(self, message: c.RunMessage, run: RunPaths, control: RunControl,
-                      stop_reason: Callable[[], StopReason | None]) -> list[WantedBlob]:
+                      stop_reason: StopCheck) -> list[WantedBlob]:
         """Fetch the run's missing blobs in parallel (``run.modelfiles``); they are linked
         once the run's own child is there."""
         wanted = wanted_blobs(message.workflow, run)
@@ -571,8 +371,6 @@ class Pipeline:
             return wanted
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
-        from runflow_worker.cache.errors import FetchCanceled
-
         fields_of: dict[str, list[str]] = {}
         for w in wanted:
             fields_of.setdefault(w.sha256, []).append(w.field)
@@ -581,16 +379,13 @@ class Pipeline:
             control.emit("progress", {"phase": "models", "sha256": sha,
                                       "fields": fields_of[sha], "bytes": done, "total": total})
 
-        try:
-            fetch_blobs(self.blobs, wanted, message.workflow.owner,
-                        max_parallel=self.config.model_fetch_parallel, progress=progress,
-                        cancel=lambda: stop_reason() is not None)
-        except FetchCanceled as exc:
-            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
+        fetch_blobs(self.blobs, wanted, message.workflow.owner,
+                    max_parallel=self.config.model_fetch_parallel, progress=progress,
+                    stop_reason=stop_reason)
         return wanted
 
     def _upload(self, files: Any, run: RunPaths, run_id: str,
-                stop_reason: Callable[[], StopReason | None]) -> list[c.OutputEntry]:
+                stop_reason: StopCheck) -> list[c.OutputEntry]:
         """Store the outputs, stopping (between files and mid-transfer) like every phase.
 
         A run that does not succeed keeps no outputs: what was stored is deleted
@@ -599,45 +394,36 @@ class Pipeline:
         same keys) or another worker already holds it and may be writing them.
         """
         written: list[str] = []
-        try:
-            return store_outputs(files, run.dir("output"), run_id, self.storage,
-                                 trusted_root=run.child_root,
-                                 should_stop=lambda: stop_reason() is not None,
-                                 written=written,
-                                 keep_if_late=lambda: stop_reason() is StopReason.SHUTDOWN)
-        except BaseException as exc:
-            reason = stop_reason()
-            if written and reason is not StopReason.SHUTDOWN:
-                discard_outputs_later(self.storage, written, run_id=run_id)
-            if isinstance(exc, UploadCanceled):
-                raise _interrupted(reason or StopReason.CANCELED) from exc
-            raise
+        with run_failures(stop_reason):
+            try:
+                return store_outputs(files, run.dir("output"), run_id, self.storage,
+                                     trusted_root=run.child_root,
+                                     should_stop=lambda: stop_reason() is not None,
+                                     written=written,
+                                     keep_if_late=lambda: stop_reason() is StopReason.SHUTDOWN)
+            except BaseException:
+                if written and stop_reason() is not StopReason.SHUTDOWN:
+                    discard_outputs_later(self.storage, written, run_id=run_id)
+                raise
 
     def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
-                      input_dir: Path,
-                      stop_reason: Callable[[], StopReason | None]) -> dict[str, str]:
+                      input_dir: Path, stop_reason: StopCheck) -> dict[str, str]:
         if self.fetch_input is None:
             if any(d.type in (c.InputType.IMAGE, c.InputType.FILE) and k in values
                    for k, d in defs.items()):
                 raise RunFailure(ErrorCode.INPUT_FETCH_FAILED, "no input fetcher configured")
             return {}
-        from runflow_worker.cache.errors import CacheError, FetchCanceled
-
-        try:
+        with run_failures(stop_reason, ErrorCode.INPUT_FETCH_FAILED):
             return materialise_inputs(
                 defs, values, input_dir, self.fetch_input,
                 max_bytes=self.config.input_max_bytes,
                 max_pixels=self.config.image_max_pixels,
                 cancel=lambda: stop_reason() is not None,
             )
-        except FetchCanceled as exc:
-            raise _interrupted(stop_reason() or StopReason.CANCELED) from exc
-        except CacheError as exc:
-            raise RunFailure(ErrorCode.INPUT_FETCH_FAILED, str(exc)) from exc
 
     def _run_graph(self, runner: Any, message: c.RunMessage, graph: dict[str, Any],
                    run: RunPaths, control: RunControl,
-                   stop_reason: Callable[[], StopReason | None]) -> p.Done | p.Failed:
+                   stop_reason: StopCheck) -> p.Done | p.Failed:
         job = p.Execute(
             job_id=f"{message.run_id}:{message.attempt}:{time.monotonic_ns()}",
             graph=graph,
@@ -661,24 +447,3 @@ class Pipeline:
 
         return runner.execute(job, on_event=on_event,
                               should_interrupt=lambda: stop_reason() is not None)
-
-    @staticmethod
-    def _failure_from(outcome: p.Failed, reason: StopReason | None) -> RunFailure:
-        if outcome.kind is p.FailureKind.INTERRUPTED or (
-            reason is not None and outcome.kind is p.FailureKind.CHILD_DIED
-        ):
-            return _interrupted(reason or StopReason.CANCELED)
-        details = dict(outcome.details)
-        if outcome.exception_type:
-            details["exception_type"] = outcome.exception_type
-        return RunFailure(_FAILURE_CODES[outcome.kind], outcome.message,
-                          node_id=outcome.node_id, node_type=outcome.node_type, details=details)
-
-
-def _interrupted(reason: StopReason) -> RunInterrupted:
-    if reason is StopReason.TIMEOUT:
-        return RunInterrupted(ErrorCode.TIMEOUT, "the run exceeded its timeout_s")
-    if reason is StopReason.SHUTDOWN:
-        return RunInterrupted(ErrorCode.WORKER_LOST,
-                              "the worker shut down before the run finished", release=True)
-    return RunInterrupted(ErrorCode.CANCELED, "the run was canceled")

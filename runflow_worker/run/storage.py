@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from runflow_worker.errors import ConfigError, StorageError, WorkerError
+from runflow_worker.errors import ConfigError, StorageError, UploadCanceled
 from runflow_worker.runtime.graph import path_segment_problem
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ ABANDON_AFTER_S = 0.4
 """After a stop is seen, how long the caller lets the transfer end by itself (its progress
 callback raises as the next bytes move, and s3transfer aborts a multipart upload) before
 abandoning it: a run's upload phase ends within about half a second of its stop."""
-
-
-class UploadCanceled(WorkerError):
-    """A transfer stopped because the caller's ``should_stop`` returned True."""
 
 
 def check_key(key: str) -> str:

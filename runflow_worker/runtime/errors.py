@@ -5,7 +5,8 @@ Hierarchy::
     RuntimeFailure
     ├── RunnerStateError     an operation not allowed in the runner's current state
     ├── RunnerStartFailed    the ComfyUI child could not start (import, init, died, timeout)
-    ├── RunnerStartCanceled  the start was interrupted (cancel, timeout, shutdown)
+    ├── RunnerStartCanceled  the start was interrupted (cancel, timeout, shutdown); also a
+    │                        ``cache.errors.Canceled``, the base of every "canceled"
     └── ProtocolError        the child broke the channel's protocol (frame or message)
 
 Job outcomes (node errors, OOM, interrupts, child death mid-job) are not exceptions: the
@@ -15,6 +16,8 @@ and the job fails with ``INTERNAL``; during a start they raise ``RunnerStartFail
 """
 
 from __future__ import annotations
+
+from runflow_worker.cache.errors import Canceled
 
 
 class RuntimeFailure(Exception):
@@ -33,7 +36,7 @@ class RunnerStartFailed(RuntimeFailure):
         self.traceback = traceback
 
 
-class RunnerStartCanceled(RuntimeFailure):
+class RunnerStartCanceled(RuntimeFailure, Canceled):
     """The start was interrupted on the caller's request; the child was killed."""
 
 

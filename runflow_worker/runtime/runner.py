@@ -91,8 +91,11 @@ class RunnerConfig:
     extra_sys_path: tuple[str, ...] = ()
     cpu: bool | None = None
     """Force CPU (True), force GPU (False) or detect (None)."""
-    startup_timeout_s: float = 600.0
-    child_entry: str = "runflow_worker.runtime.child:main"
+    # No defaults: the caller's settings hold them (``RUNFLOW_STARTUP_TIMEOUT_S``,
+    # ``RUNFLOW_RUNNER_ENTRY``), which this layer cannot import.
+    startup_timeout_s: float = field(kw_only=True)
+    """How long the child may take to import ComfyUI and load its nodes."""
+    child_entry: str = field(kw_only=True)
     """``module:function`` run in the child; tests swap in a fake child here."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the child."""

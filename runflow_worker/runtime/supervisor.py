@@ -155,6 +155,27 @@ class RunnerSupervisor:
             runner.start(should_stop)
         return RunnerLease(runner, started)
 
+    def reacquire(self, runner: Runner, *, owner: str | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> RunnerLease:
+        """``runner`` (acquired earlier for a run of ``owner``) again, just before its job:
+        itself while its child lives (``started`` False), else ``acquire`` for its config (the
+        child died while idle, e.g. the OOM killer: a restart, ``started`` True).
+
+        Raises like ``acquire``.
+        """
+        if not runner.notice_death():
+            return RunnerLease(runner, started=False)
+        return self.acquire(runner.config, owner=owner, should_stop=should_stop)
+
+    @property
+    def warm_env_key(self) -> str | None:
+        """The environment key of the child that is started or starting (the one whose files
+        must stay), or None without one (no runner, or one never started or dead)."""
+        runner = self.runner
+        if runner is None or runner.state in (RunnerState.NEW, RunnerState.DEFUNCT):
+            return None
+        return runner.config.env_key
+
     def runner_for(self, config: RunnerConfig,
                    should_stop: Callable[[], bool] | None = None, *,
                    owner: str | None = None) -> Runner:

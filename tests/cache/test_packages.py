@@ -74,7 +74,8 @@ def test_a_builds_packages_are_read_from_their_names_never_their_files(tmp_path:
                                           "foo-bar": "2.0+cu1"}
     report = EnvironmentReport()
     config = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path),
-                          extra_sys_path=(str(env),))
+                          extra_sys_path=(str(env),), child_entry="tests.fakes.fake_child:main",
+                          startup_timeout_s=60)
     wf = workflow()
     wf["environment"]["packages"] = [{"name": "linked", "version": "9"},
                                      {"name": "blocking", "version": "9"}]

@@ -61,7 +61,8 @@ def test_child_environment_and_log_lines(tmp_path: Path, capfd: pytest.CaptureFi
         (tmp_path / d).mkdir()
     runner = Runner(RunnerConfig(
         comfyui_dir=COMFY, base_dir=str(tmp_path / "base"), cpu=True,
-        custom_node_dirs=(str(HERE / "custom_nodes"),), env_pass=("HF_TOKEN",)))
+        custom_node_dirs=(str(HERE / "custom_nodes"),), env_pass=("HF_TOKEN",),
+        child_entry="runflow_worker.runtime.child:main", startup_timeout_s=600))
     try:
         with caplog.at_level(logging.INFO, logger="runflow.comfyui"):
             runner.start()

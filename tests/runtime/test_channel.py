@@ -122,7 +122,7 @@ def test_a_prefix_command_that_forks_the_interpreter_keeps_the_channel(tmp_path:
 
     prefix = ["sh", "-c", '"$@"; exit $?', "sh"]  # runs the command as its child
     cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                       child_entry="tests.fakes.fake_child:main")
+                       child_entry="tests.fakes.fake_child:main", startup_timeout_s=60)
     proc, channel = spawn(cfg.child_entry, asdict(cfg), dict(os.environ), argv_prefix=prefix)
     try:
         obj = channel.recv(timeout_s=60)

@@ -171,6 +171,29 @@ def test_supervisor_restarts_dead_and_switches_environment(tmp_path: Path) -> No
         sup.close()
 
 
+def test_supervisor_says_whether_it_started_a_child(tmp_path: Path) -> None:
+    """``acquire`` and ``reacquire`` say whether the call started a child (the run's cold
+    start); ``warm_env_key`` names the environment of a live child only."""
+    sup = RunnerSupervisor()
+    try:
+        assert sup.warm_env_key is None
+        first = sup.acquire(config(tmp_path))
+        assert first.started and sup.warm_env_key == "default"
+        again = sup.reacquire(first.runner)
+        assert not again.started and again.runner is first.runner  # alive: the same one
+        pid = first.runner.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until_gone(first.runner)
+        restarted = sup.reacquire(first.runner)  # died while idle: restarted
+        assert restarted.started and restarted.runner.pid != pid
+        assert sup.restarts == 1 and sup.warm_env_key == "default"
+        assert not sup.acquire(config(tmp_path)).started
+    finally:
+        sup.close()
+    assert sup.warm_env_key is None
+
+
 def test_describe_exit() -> None:
     assert describe_exit(1) == "exit code 1"
     assert "SIGSEGV" in describe_exit(-11)
