@@ -10,8 +10,9 @@ Hierarchy::
     ├── QueueError              Redis unreachable or refused (translated from redis-py)
     └── RunFailure              a run ends failed/canceled with a contract error code
         ├── RunRejected         a SPEC section 3 rule failed before any GPU work (bills 0)
-        └── RunInterrupted      cancel / timeout / shutdown reached the run
-            └── WorkerUnfit     ComfyUI cannot start here through the worker's fault (released)
+        └── RunInterrupted      cancel / timeout / release reached the run
+            └── RunReleased     the run goes back to the queue unfinalised
+                └── WorkerUnfit ComfyUI cannot start here through the worker's fault
 
 Foreign errors (redis, botocore, cache, runtime) are translated at the boundary with
 ``raise ... from exc`` so callers only ever see these classes; a run's are translated by
@@ -141,20 +142,27 @@ class RunRejected(RunFailure):
 
 
 class RunInterrupted(RunFailure):
-    """The run was interrupted: ``CANCELED``, ``TIMEOUT``, or released on shutdown."""
+    """The run was interrupted: ``CANCELED``, ``TIMEOUT``, or released (``RunReleased``)."""
 
-    def __init__(self, code: ErrorCode, message: str, *, release: bool = False) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(code=code, message=message)
-        self.release = release
-        """True when the run must go back to the queue instead of being finalised."""
 
 
-class WorkerUnfit(RunInterrupted):
+class RunReleased(RunInterrupted):
+    """The run goes back to the queue instead of being finalised: the worker shuts down or
+    lost the run's lease, or cannot start ComfyUI (``WorkerUnfit``). Its code is the
+    contract's ``WORKER_LOST``, which a record shows only if the run is never picked up
+    again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.WORKER_LOST, message)
+
+
+class WorkerUnfit(RunReleased):
     """ComfyUI cannot start on this worker for a reason that is not the run's (CUDA unusable,
     the cache volume full, the baked checkout missing): the run goes back to the queue
     untouched, as on a shutdown, and the worker counts the start against its own health."""
 
     def __init__(self, reason: str) -> None:
-        super().__init__(ErrorCode.WORKER_LOST, f"this worker cannot start ComfyUI: {reason}",
-                         release=True)
+        super().__init__(f"this worker cannot start ComfyUI: {reason}")
         self.reason = reason

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runflow_worker.cache.errors import CacheError, Canceled, OriginRefused
-from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, WorkerUnfit
+from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, RunReleased, WorkerUnfit
 from runflow_worker.run.fitness import disk_problem
 from runflow_worker.runtime import protocol as p
 
@@ -29,8 +29,9 @@ class StopReason(StrEnum):
 
     CANCELED = "canceled"
     TIMEOUT = "timeout"
-    SHUTDOWN = "shutdown"
-    """Graceful shutdown ran out of time: release the run to the queue, do not finalise."""
+    RELEASE = "release"
+    """Release the run to the queue, do not finalise it: graceful shutdown ran out of time,
+    or the worker lost the run's lease."""
 
 
 StopCheck = Callable[[], StopReason | None]
@@ -44,9 +45,8 @@ def interrupted(reason: StopReason) -> RunInterrupted:
     """The run's failure for a stop."""
     if reason is StopReason.TIMEOUT:
         return RunInterrupted(ErrorCode.TIMEOUT, "the run exceeded its timeout_s")
-    if reason is StopReason.SHUTDOWN:
-        return RunInterrupted(ErrorCode.WORKER_LOST,
-                              "the worker shut down before the run finished", release=True)
+    if reason is StopReason.RELEASE:
+        return RunReleased("the worker shut down before the run finished")
     return RunInterrupted(ErrorCode.CANCELED, "the run was canceled")
 
 

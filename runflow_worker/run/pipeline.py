@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, RunRejected, WorkerUnfit
+from runflow_worker.errors import (
+    ErrorCode,
+    RunFailure,
+    RunInterrupted,
+    RunRejected,
+    RunReleased,
+    WorkerUnfit,
+)
 from runflow_worker.run import contract as c
 from runflow_worker.run.envphase import (
     EnvironmentBuilder,
@@ -78,16 +85,22 @@ class RunResult:
     timings_ms: dict[str, int] = field(default_factory=dict)
     gpu_work: bool = False
     """False when the run was rejected before any GPU work (it bills 0)."""
-    release: bool = False
-    """True when the run must go back to the queue unfinalised (shutdown, ``unfit``)."""
-    unfit: str | None = None
-    """Why ComfyUI cannot start on this worker, when that (not the run) is at fault: the
-    run is released and the worker counts it against its health (``run.fitness``)."""
     cold_start_s: float = 0.0
     gpu_model: str | None = None
     peak_vram_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def released(self) -> bool:
+        """True when the run goes back to the queue unfinalised (``RunReleased``)."""
+        return isinstance(self.failure, RunReleased)
+
+    @property
+    def unfit(self) -> str | None:
+        """Why ComfyUI cannot start on this worker, when that (not the run) is at fault: the
+        run is released and the worker counts it against its health (``run.fitness``)."""
+        return self.failure.reason if isinstance(self.failure, WorkerUnfit) else None
 
     @property
     def oom(self) -> bool:
@@ -308,8 +321,6 @@ class Pipeline:
             result.output = c.RunOutput(outputs=entries)
         except RunInterrupted as exc:
             result.failure = exc
-            result.release = exc.release
-            result.unfit = exc.reason if isinstance(exc, WorkerUnfit) else None
             result.status = (c.RunStatus.CANCELED if exc.code is ErrorCode.CANCELED
                              else c.RunStatus.FAILED)
         except RunFailure as exc:
@@ -320,7 +331,7 @@ class Pipeline:
         except Exception as exc:  # a bug: the run still reaches one terminal record
             if disk_full_error(exc):  # e.g. its run directory: the volume, not the run
                 unfit = WorkerUnfit(disk_problem(self.config.work_dir, exc) or str(exc))
-                result.failure, result.release, result.unfit = unfit, True, unfit.reason
+                result.failure = unfit
             else:
                 log.exception("internal error in run %s", message.run_id)
                 result.failure = RunFailure(ErrorCode.INTERNAL,
@@ -390,7 +401,7 @@ class Pipeline:
 
         A run that does not succeed keeps no outputs: what was stored is deleted
         (best-effort, on a background thread: the terminal record does not wait for the
-        storage), except on SHUTDOWN, where the run is released (its next pickup writes the
+        storage), except on RELEASE, where the run is released (its next pickup writes the
         same keys) or another worker already holds it and may be writing them.
         """
         written: list[str] = []
@@ -400,9 +411,9 @@ class Pipeline:
                                      trusted_root=run.child_root,
                                      should_stop=lambda: stop_reason() is not None,
                                      written=written,
-                                     keep_if_late=lambda: stop_reason() is StopReason.SHUTDOWN)
+                                     keep_if_late=lambda: stop_reason() is StopReason.RELEASE)
             except BaseException:
-                if written and stop_reason() is not StopReason.SHUTDOWN:
+                if written and stop_reason() is not StopReason.RELEASE:
                     discard_outputs_later(self.storage, written, run_id=run_id)
                 raise
 

@@ -96,16 +96,16 @@ class ServeControl:
     def stop_reason(self) -> StopReason | None:
         """Why the run must stop now, or None (flags only: called every ~50 ms).
 
-        ``StopReason.SHUTDOWN`` is the pipeline's word for "stop, and let the daemon release
-        the run" (a stop's grace ran out; on a lost lease the daemon writes nothing at all).
+        ``StopReason.RELEASE``: stop, and let the daemon release the run (a stop's grace
+        ran out; on a lost lease the daemon writes nothing at all).
         """
         if self.shutdown.hard or self.lease_lost:
-            return StopReason.SHUTDOWN
+            return StopReason.RELEASE
         if self.canceled:
             return StopReason.CANCELED
         deadline = self.shutdown.deadline
         if deadline is not None and time.monotonic() >= deadline:
-            return StopReason.SHUTDOWN
+            return StopReason.RELEASE
         return None
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:

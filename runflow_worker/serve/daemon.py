@@ -332,7 +332,7 @@ class Worker:
             if control.lease_lost:
                 return Ending(Outcome.FENCED, delivery, run_id=message.run_id,
                               attempt=message.attempt, reason="lease_lost")
-            if result.release:
+            if result.released:
                 self.keeper.unwatch()  # a renewal would undo the release's idle time
                 return self.release_run(delivery, message, token, unfit=result.unfit)
             self.unfit_starts, self.unfit_reason = 0, None

@@ -15,6 +15,7 @@ from runflow_worker.errors import (
     ErrorCode,
     RunFailure,
     RunInterrupted,
+    RunReleased,
     UploadCanceled,
     WorkerError,
     WorkerUnfit,
@@ -82,7 +83,7 @@ def test_upload_canceled_is_still_the_storage_modules_error() -> None:
 @pytest.mark.parametrize(("reason", "code", "release"), [
     (StopReason.CANCELED, ErrorCode.CANCELED, False),
     (StopReason.TIMEOUT, ErrorCode.TIMEOUT, False),
-    (StopReason.SHUTDOWN, ErrorCode.WORKER_LOST, True),
+    (StopReason.RELEASE, ErrorCode.WORKER_LOST, True),
     (None, ErrorCode.CANCELED, False),  # the stop is gone by now: this run was canceled
 ])
 def test_a_canceled_step_is_the_stops_interruption(cls: type[Exception],
@@ -93,7 +94,7 @@ def test_a_canceled_step_is_the_stops_interruption(cls: type[Exception],
           run_failures(stopped(reason), ErrorCode.MODEL_FETCH_FAILED,
                        blame=lambda: pytest.fail("a cancel blames nothing"))):
         raise cause
-    assert info.value.code is code and info.value.release is release
+    assert info.value.code is code and isinstance(info.value, RunReleased) is release
     assert info.value.__cause__ is cause
 
 
@@ -155,7 +156,7 @@ def test_a_full_volume_makes_the_worker_unfit(exc: Exception, tmp_path: Path,
     with (pytest.raises(WorkerUnfit) as info,
           run_failures(stopped(None), ErrorCode.ENVIRONMENT_FAILED, full_volume=tmp_path)):
         raise exc
-    assert info.value.release and "the cache volume is full" in info.value.reason
+    assert isinstance(info.value, RunReleased) and "the cache volume is full" in info.value.reason
     # Without ``full_volume`` (models, inputs) the same error is the run's.
     if isinstance(exc, CacheError):
         with (pytest.raises(RunFailure) as plain,
@@ -233,8 +234,8 @@ def test_a_canceled_fetch_is_the_stops_interruption(tmp_path: Path) -> None:
 def test_check_stop_raises_the_stops_interruption_only_once_stopped() -> None:
     check_stop(stopped(None))
     with pytest.raises(RunInterrupted) as info:
-        check_stop(stopped(StopReason.SHUTDOWN))
-    assert info.value.code is ErrorCode.WORKER_LOST and info.value.release
+        check_stop(stopped(StopReason.RELEASE))
+    assert info.value.code is ErrorCode.WORKER_LOST and isinstance(info.value, RunReleased)
     assert interrupted(StopReason.TIMEOUT).message == "the run exceeded its timeout_s"
 
 

@@ -98,7 +98,7 @@ def test_full_disk_at_the_run_directory_releases_the_run(tmp_path: Path) -> None
             result = pl.execute(parse_message(message()), Control())
     finally:
         pl.close()
-    assert result.release and isinstance(result.failure, WorkerUnfit)
+    assert result.released and isinstance(result.failure, WorkerUnfit)
     assert result.failure.code is ErrorCode.WORKER_LOST
     assert "full" in result.unfit
 
@@ -120,7 +120,7 @@ def test_full_disk_during_an_environment_build_releases_the_run(tmp_path: Path) 
         result = pl.execute(parse_message(message()), Control())
     finally:
         pl.close()
-    assert result.release and result.unfit and "full" in result.unfit
+    assert result.released and result.unfit and "full" in result.unfit
 
 
 def test_device_setting() -> None:

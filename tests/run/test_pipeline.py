@@ -145,10 +145,10 @@ def test_timeout(pipeline: Pipeline) -> None:
 
 def test_shutdown_releases(pipeline: Pipeline) -> None:
     control = Control()
-    control.reason = StopReason.SHUTDOWN
+    control.reason = StopReason.RELEASE
     threading.Timer(0.3, control.cancel.set).start()
     result = run(pipeline, message(_sleep_graph(60)), control)
-    assert result.release and result.failure.code is ErrorCode.WORKER_LOST
+    assert result.released and result.failure.code is ErrorCode.WORKER_LOST
 
 
 def test_no_comfyui_is_environment_failed(tmp_path: Path) -> None:
