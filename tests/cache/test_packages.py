@@ -16,7 +16,7 @@ from runflow_worker.cache.packages import (
 from runflow_worker.run.contract import parse_message
 from runflow_worker.run.envreport import EnvironmentReport
 from runflow_worker.runtime.runner import RunnerConfig
-from tests.factories import message, workflow
+from tests.support.factories import message, workflow
 
 
 def _dist(site: Path, name: str, version: str) -> None:
