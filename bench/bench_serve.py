@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.serve import keys
 from runflow_worker.serve.submit import enqueue_message
+from tests.fakes import SERVE_CHILD
 from tests.support.https_server import HTTPSServer, Mode
 
-FAKE_CHILD = "tests.serve.child:main"
 COMMIT = "a125cd84b054a57729b5eecab930ca9408719832"
 UPSCALER = "compact-x2.safetensors"
 
@@ -438,7 +438,7 @@ def main() -> int:
         env["RUNFLOW_SANDBOX_READ_ONLY"] = os.environ["RUNFLOW_TEST_SANDBOX_READ_ONLY"]
     sandboxes = {"both": ["bwrap", "none"], None: [None]}.get(args.sandbox, [args.sandbox])
     if not real:
-        env["RUNFLOW_RUNNER_ENTRY"] = FAKE_CHILD
+        env["RUNFLOW_RUNNER_ENTRY"] = SERVE_CHILD
         print("RUNFLOW_TEST_COMFYUI is not set: using the FAKE ComfyUI child and a toy graph "
               "(no bare row)", file=sys.stderr)
     wanted = [g.strip().upper() for g in args.graphs.split(",") if g.strip()]

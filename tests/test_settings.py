@@ -18,13 +18,7 @@ from runflow_worker.settings import GpuClass, InvalidSettings, Settings, parse_l
 README = Path(__file__).parent.parent / "README.md"
 REPO = Path(__file__).parent.parent
 
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No RUNFLOW_* variable of the machine running the tests leaks into these tests."""
-    for name in list(os.environ):
-        if name.startswith("RUNFLOW_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_runflow_env")
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:

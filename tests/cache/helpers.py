@@ -1,32 +1,13 @@
-"""Small helpers shared by the cache tests."""
+"""Small helpers of the cache tests: a look into a store, a gc running beside a test."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Self
 
 from runflow_worker.cache.blobs import BlobStore
-
-LOOPBACK_ALLOW = ("127.0.0.1/32",)
-TEST_HOSTNAMES = ("files.test", "redirector.test", "rebind.test")
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_body(size: int, seed: int = 0) -> bytes:
-    """``size`` deterministic, incompressible-looking bytes."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 64
-        counter += 1
-    return bytes(out[:size])
 
 
 def partial_files(store: BlobStore) -> list[str]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,25 +13,16 @@ import pytest
 from runflow_worker.cache.blobs import BlobStore
 from runflow_worker.cache.sources import Sources
 from tests.cache import procs
-from tests.cache.helpers import make_body, partial_files, sha256_hex
+from tests.cache.helpers import partial_files
+from tests.support.bodies import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 SPAWN = multiprocessing.get_context("spawn")
 BODY = make_body(4 * 2**20 + 3)
 DIGEST = sha256_hex(BODY)
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Wait until ``condition()`` holds (checking every 20 ms), up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    pause = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        pause.wait(0.02)
-    return True
 
 
 @pytest.mark.parametrize("noop_lock", [False, True], ids=["filelock", "noop-lock"])
@@ -83,7 +72,7 @@ def test_sigkill_mid_download_then_a_new_process(
         sizes = [p.stat().st_size for p in tmp_dir.glob("*.part")]
         return max(sizes, default=0)
 
-    assert _wait_for(lambda: partial_size() >= 2**20, timeout_s=30)  # bytes reached the disk
+    assert wait_for(lambda: partial_size() >= 2**20, timeout_s=30)  # bytes reached the disk
     os.kill(child.pid, signal.SIGKILL)
     child.join(30)
     assert child.exitcode == -signal.SIGKILL

@@ -22,7 +22,8 @@ from runflow_worker.cache.errors import (
     SourceUnavailable,
     UnsafePath,
 )
-from tests.cache.helpers import make_body, partial_files, sha256_hex
+from tests.cache.helpers import partial_files
+from tests.support.bodies import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ import pytest
 from runflow_worker.cache.errors import FetchInterrupted
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.transport import Guard, GuardedStream
-from tests.cache.helpers import make_body, sha256_hex
+from tests.support.bodies import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,8 +21,7 @@ from runflow_worker.cache.installer import (
     prefix_site_dir,
     resolve_installer,
 )
-from tests.cache.gitrepos import commit
-from tests.cache.test_environments import COMFY, NODE, Origins
+from tests.support.gitrepos import COMFY, NODE, Origins, commit
 
 pytestmark = pytest.mark.timeout(120)
 

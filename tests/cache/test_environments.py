@@ -21,37 +21,10 @@ from runflow_worker.cache.errors import (
     OriginRefused,
 )
 from runflow_worker.cache.git import GitMirrors
-from tests.cache.gitrepos import commit, git, make_repo, make_wheel
 from tests.cache.helpers import RepeatedGc
+from tests.support.gitrepos import COMFY, NODE, Origins, commit, git, make_repo
 
 pytestmark = pytest.mark.timeout(120)
-
-COMFY = "https://git.example/comfyanonymous/ComfyUI"
-NODE = "https://git.example/acme/ComfyUI-Foo"
-
-
-class Origins:
-    """Two local repositories standing in for ComfyUI and a custom node."""
-
-    def __init__(self, root: Path) -> None:
-        self.comfy = make_repo(root / "origins" / "ComfyUI")
-        self.comfy_v1 = commit(self.comfy, {"main.py": "VERSION = 1\n",
-                                            "custom_nodes/example_node.py.example": "#\n"})
-        self.comfy_v2 = commit(self.comfy, {"main.py": "VERSION = 2\n"})
-        self.node = make_repo(root / "origins" / "ComfyUI-Foo")
-        self.node_v1 = commit(self.node, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n",
-                                          "requirements.txt": "tinydep==1.0\npytest\n"})
-        self.wheels = root / "wheels"
-        make_wheel(self.wheels, "tinydep", "1.0", "VALUE = 'from the environment'\n")
-
-    def mirrors(self, root: Path) -> GitMirrors:
-        return GitMirrors(root / "cache" / "git", {COMFY: self.comfy, NODE: self.node})
-
-    def environments(self, root: Path, **kwargs: object) -> Environments:
-        return Environments(root / "cache" / "envs", self.mirrors(root),
-                            pip_index_url=None, pip_find_links=(str(self.wheels),),
-                            **kwargs)  # type: ignore[arg-type]
-
 
 @pytest.fixture
 def origins(tmp_path: Path) -> Origins:

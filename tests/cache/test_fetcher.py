@@ -19,7 +19,8 @@ from runflow_worker.cache.errors import (
 )
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.urlpolicy import URLPolicy
-from tests.cache.helpers import LOOPBACK_ALLOW, make_body, sha256_hex
+from tests.support.bodies import make_body, sha256_hex
+from tests.support.fixtures import LOOPBACK_ALLOW
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)

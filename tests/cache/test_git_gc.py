@@ -13,8 +13,8 @@ from filelock import FileLock
 
 from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
 from runflow_worker.cache.git import GitMirrors
-from tests.cache.gitrepos import commit, git, make_repo
 from tests.cache.helpers import RepeatedGc
+from tests.support.gitrepos import commit, git, make_repo
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ from runflow_worker.cache.errors import GitError, OriginRefused
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.cache.urlpolicy import URLPolicy
-from tests.cache.gitrepos import commit, git, make_repo
+from tests.support.gitrepos import commit, git, make_repo
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(60)

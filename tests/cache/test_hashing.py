@@ -10,7 +10,7 @@ import pytest
 
 from runflow_worker.cache import hashing
 from runflow_worker.cache.hashing import ALIGN, DIRECT_IO_MIN_BYTES, HashingFileWriter
-from tests.cache.helpers import make_body, sha256_hex
+from tests.support.bodies import make_body, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,7 +15,7 @@ import pytest
 from runflow_worker.cache.environments import Environments, EnvironmentSpec, NodePin
 from runflow_worker.cache.errors import BuildCanceled, EnvironmentBuildError
 from runflow_worker.cache.git import GitMirrors
-from tests.cache.gitrepos import commit, make_repo, make_wheel
+from tests.support.gitrepos import commit, make_repo, make_wheel
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ from runflow_worker.cache.credentials import URLCredentials
 from runflow_worker.cache.errors import FetchConnectError
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.urlpolicy import URLPolicy
-from tests.cache.helpers import make_body, sha256_hex
+from tests.support.bodies import make_body, sha256_hex
 from tests.support.https_server import HTTPSServer, Mode
 
 pytestmark = pytest.mark.timeout(30)
@@ -36,6 +36,16 @@ def _get(fetcher: Fetcher, url: str, dest: Path) -> None:
     assert result.sha256 == sha256_hex(BODY)
 
 
+def _warm_fetcher(https_server: HTTPSServer, ca_bundle: Path, dest: Path,
+                  **kwargs: object) -> Fetcher:
+    """A fetcher (``kwargs`` as ``_fetcher``'s) that fetched ``/a.bin`` (``BODY``, served
+    from here on) to ``dest``: one connection made, idle in its pool."""
+    https_server.add("/a.bin", BODY)
+    fetcher = _fetcher(ca_bundle, **kwargs)
+    _get(fetcher, https_server.url("/a.bin"), dest)
+    return fetcher
+
+
 def test_two_fetches_from_one_host_share_one_connection(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
@@ -55,9 +65,7 @@ def test_two_fetches_from_one_host_share_one_connection(
 def test_another_host_address_or_credential_gets_its_own_connection(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
-    https_server.add("/a.bin", BODY)
-    fetcher = _fetcher(ca_bundle)
-    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    fetcher = _warm_fetcher(https_server, ca_bundle, tmp_path / "a")
     _get(fetcher, https_server.url("/a.bin", host=NAME), tmp_path / "b")  # same address
     assert https_server.connections == 2
     _get(fetcher, https_server.url("/a.bin", host=NAME), tmp_path / "c")
@@ -103,9 +111,7 @@ def test_a_redirect_to_another_host_opens_its_own_connection(
 def test_a_connection_the_server_closed_is_replaced(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
-    https_server.add("/a.bin", BODY)
-    fetcher = _fetcher(ca_bundle)
-    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    fetcher = _warm_fetcher(https_server, ca_bundle, tmp_path / "a")
     https_server.drop_connections()  # the idle one, as a server's keep-alive timeout does
     _get(fetcher, https_server.url("/a.bin"), tmp_path / "b")
     assert https_server.connections == 2
@@ -115,10 +121,8 @@ def test_a_connection_the_server_closed_is_replaced(
 def test_a_get_unanswered_on_a_reused_connection_goes_again_on_a_new_one(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
-    https_server.add("/a.bin", BODY)
     flaky = https_server.add("/flaky.bin", BODY, unanswered=1)
-    fetcher = _fetcher(ca_bundle)
-    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    fetcher = _warm_fetcher(https_server, ca_bundle, tmp_path / "a")
     _get(fetcher, https_server.url("/flaky.bin"), tmp_path / "b")
     assert flaky.hits == 2
     assert https_server.connections == 2
@@ -168,9 +172,7 @@ def test_the_pool_is_bounded(https_server: HTTPSServer, ca_bundle: Path, tmp_pat
 def test_a_new_connection_resumes_the_tls_session(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
-    https_server.add("/a.bin", BODY)
-    fetcher = _fetcher(ca_bundle)
-    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    fetcher = _warm_fetcher(https_server, ca_bundle, tmp_path / "a")
     https_server.drop_connections()
     with fetcher.open(https_server.url("/a.bin")) as resp:
         assert resp.read(1 << 20) == BODY
@@ -196,9 +198,8 @@ def test_only_a_keep_alive_answer_keeps_its_connection(
 def test_a_connection_idle_past_the_timeout_is_not_reused(
     https_server: HTTPSServer, ca_bundle: Path, tmp_path: Path
 ) -> None:
-    https_server.add("/a.bin", BODY)
-    fetcher = _fetcher(ca_bundle, idle_timeout_s=0.0)  # every idle one is already too old
-    _get(fetcher, https_server.url("/a.bin"), tmp_path / "a")
+    # Every idle connection is already too old.
+    fetcher = _warm_fetcher(https_server, ca_bundle, tmp_path / "a", idle_timeout_s=0.0)
     _get(fetcher, https_server.url("/a.bin"), tmp_path / "b")
     assert https_server.connections == 2
     assert fetcher.idle_connections == 1  # the old one closed when the new one came in

@@ -13,7 +13,7 @@ import pytest
 from runflow_worker.cache.blobs import BlobStore
 from runflow_worker.cache.errors import CacheError, IntegrityError, URLRefused
 from runflow_worker.cache.pins import FileLock, Pins, lock_current
-from tests.cache.helpers import sha256_hex
+from tests.support.bodies import sha256_hex
 from tests.support.https_server import HTTPSServer
 
 pytestmark = pytest.mark.timeout(60)

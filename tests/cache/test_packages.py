@@ -16,7 +16,8 @@ from runflow_worker.cache.packages import (
 from runflow_worker.run.contract import parse_message
 from runflow_worker.run.envreport import EnvironmentReport
 from runflow_worker.runtime.runner import RunnerConfig
-from tests.factories import message, workflow
+from tests.fakes import FAKE_CHILD
+from tests.support.factories import message, workflow
 
 
 def _dist(site: Path, name: str, version: str) -> None:
@@ -74,7 +75,7 @@ def test_a_builds_packages_are_read_from_their_names_never_their_files(tmp_path:
                                           "foo-bar": "2.0+cu1"}
     report = EnvironmentReport()
     config = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path),
-                          extra_sys_path=(str(env),), child_entry="tests.fakes.fake_child:main",
+                          extra_sys_path=(str(env),), child_entry=FAKE_CHILD,
                           startup_timeout_s=60)
     wf = workflow()
     wf["environment"]["packages"] = [{"name": "linked", "version": "9"},

@@ -16,9 +16,11 @@ from runflow_worker.cache.errors import CacheError, FetchTimeout, IntegrityError
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.sources import Sources
 from runflow_worker.cache.urlpolicy import URLPolicy
-from tests.cache.helpers import LOOPBACK_ALLOW, make_body, partial_files, sha256_hex
-from tests.serve.s3_servers import aws_test_credentials, moto_s3
+from tests.cache.helpers import partial_files
+from tests.support.bodies import make_body, sha256_hex
+from tests.support.fixtures import LOOPBACK_ALLOW
 from tests.support.https_server import HTTPSServer, Mode
+from tests.support.s3_servers import aws_test_credentials, moto_s3
 
 pytestmark = pytest.mark.timeout(60)
 

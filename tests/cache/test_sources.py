@@ -13,7 +13,8 @@ from runflow_worker.cache.blobs import BlobStore
 from runflow_worker.cache.errors import IntegrityError, SourceUnavailable, URLRefused
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.sources import S3Source, Sources
-from tests.cache.helpers import make_body, partial_files, sha256_hex
+from tests.cache.helpers import partial_files
+from tests.support.bodies import make_body, sha256_hex
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,7 +15,7 @@ from runflow_worker.cache.trust import CATrust
 from runflow_worker.run.assembly import build_environments, build_fetcher
 from runflow_worker.serve.callbacks import build_poster
 from runflow_worker.settings import InvalidSettings, Settings
-from tests.cache.gitrepos import commit, git, make_repo
+from tests.support.gitrepos import commit, git, make_repo
 from tests.support.https_server import HTTPSServer
 
 pytestmark = pytest.mark.timeout(60)

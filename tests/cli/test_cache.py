@@ -17,8 +17,8 @@ from runflow_worker.cache.environments import EnvironmentSpec
 from runflow_worker.cli import cache as cache_cli
 from runflow_worker.run import assembly
 from runflow_worker.settings import Settings
-from tests.cache.gitrepos import commit, make_repo
-from tests.cache.helpers import make_body, sha256_hex
+from tests.support.bodies import make_body, sha256_hex
+from tests.support.gitrepos import commit, make_repo
 from tests.support.https_server import HTTPSServer
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.cache.gitrepos import PACK_BROKEN, PACK_COMFY, PACK_GOOD, pack_origins
-from tests.cli.test_run import cli
-from tests.factories import workflow
+from tests.support.cli import cli
+from tests.support.factories import workflow
+from tests.support.gitrepos import PACK_BROKEN, PACK_COMFY, PACK_GOOD, pack_origins
 from tests.support.https_server import HTTPSServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,7 +81,7 @@ def test_prepare_builds_imports_and_fetches(tmp_path: Path, origins: dict[str, A
     # A prepared worker's run downloads nothing and builds nothing.
     requests_before = len(server.requests_for("/model.safetensors"))
     again = cli(tmp_path, "run", str(deployed), "--input", "prompt=hi", "--out",
-                str(tmp_path / "out"), env=_env(origins, server))
+                           str(tmp_path / "out"), env=_env(origins, server))
     assert again.returncode == 0, again.stderr
     assert len(server.requests_for("/model.safetensors")) == requests_before
     assert json.loads(again.stdout)["environment"]["env_key"] == key

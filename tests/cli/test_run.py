@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tests.factories import workflow
+from tests.fakes.nvml import ONE_L4, fake_pynvml
+from tests.support.cli import cli
+from tests.support.factories import workflow
+from tests.support.paths import REPO
 
 GRAPH = {
     "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "prompt"}},
@@ -19,41 +20,6 @@ GRAPH = {
     "3": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
     "4": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}},
 }
-
-
-REPO = Path(__file__).parents[2]
-
-FAKE_NVML = """
-class _Memory:
-    total = 24 * 2**30
-
-
-def nvmlInit(): pass
-def nvmlShutdown(): pass
-def nvmlDeviceGetCount(): return 1
-def nvmlDeviceGetHandleByIndex(index): return index
-def nvmlDeviceGetName(handle): return b"NVIDIA L4"
-def nvmlDeviceGetMemoryInfo(handle): return _Memory()
-"""
-
-
-def cli(tmp_path: Path, *args: str, env: dict[str, str | None] | None = None
-        ) -> subprocess.CompletedProcess:
-    """``python -m runflow_worker.cli.main ARGS`` with a fake ComfyUI child; ``env`` overrides (None
-    removes a variable)."""
-    full = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    full.update({"RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
-                 "RUNFLOW_COMFYUI_DIR": str(tmp_path), "RUNFLOW_GPU_CLASS": "cpu",
-                 "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
-                 "PYTHONPATH": str(REPO)})
-    for key, value in (env or {}).items():
-        if value is None:
-            full.pop(key, None)
-        else:
-            full[key] = value
-    env = full
-    return subprocess.run([sys.executable, "-m", "runflow_worker.cli.main", *args], capture_output=True,
-                          text=True, env=env, timeout=120, cwd=tmp_path, check=False)
 
 
 @pytest.fixture
@@ -70,7 +36,7 @@ def test_run_succeeds_and_prints_the_record(tmp_path: Path, deployed: Path) -> N
     doc.write_text("x")
     out = tmp_path / "out"
     proc = cli(tmp_path, "run", str(deployed), "--input", "prompt=hello world",
-               "--input", "count=3", "--input", f"doc=@{doc}", "--out", str(out))
+                          "--input", "count=3", "--input", f"doc=@{doc}", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["status"] == "succeeded" and record["error"] is None
@@ -95,7 +61,7 @@ def test_inputs_json_is_strict(tmp_path: Path, deployed: Path) -> None:
 
 def test_bad_cli_inputs_name_every_key(tmp_path: Path, deployed: Path) -> None:
     proc = cli(tmp_path, "run", str(deployed), "--input", "count=three", "--input", "nope=1",
-               "--input", "doc=@/no/such/file")
+                          "--input", "doc=@/no/such/file")
     assert proc.returncode == 2
     error = json.loads(proc.stdout)["error"]
     assert error["code"] == "INVALID_INPUT"
@@ -113,14 +79,12 @@ def test_failed_run_exits_nonzero(tmp_path: Path) -> None:
 def test_run_records_the_class_serve_would_serve(tmp_path: Path, deployed: Path) -> None:
     """No RUNFLOW_GPU_CLASS: the class comes from NVML (a fake ``pynvml`` reporting an L4),
     exactly as ``serve`` resolves it, not a blanket ``cpu``."""
-    fake = tmp_path / "fake-nvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text(FAKE_NVML)
+    fake = fake_pynvml(tmp_path / "fake-nvml", ONE_L4)
     doc = tmp_path / "doc.txt"
     doc.write_text("x")
     proc = cli(tmp_path, "run", str(deployed), "--input", "prompt=p", "--input", f"doc=@{doc}",
-               "--quiet", env={"RUNFLOW_GPU_CLASS": None,
-                               "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)])})
+                          "--quiet", env={"RUNFLOW_GPU_CLASS": None,
+                                          "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)])})
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
     assert record["billing"]["attempts"][0]["gpu_class"] == "l4"
@@ -128,7 +92,7 @@ def test_run_records_the_class_serve_would_serve(tmp_path: Path, deployed: Path)
 
 def test_run_with_bad_configuration_exits_2(tmp_path: Path, deployed: Path) -> None:
     proc = cli(tmp_path, "run", str(deployed), env={"RUNFLOW_GPU_CLASS": "Z80",
-                                                    "RUNFLOW_LEASE_S": "inf"})
+                                                               "RUNFLOW_LEASE_S": "inf"})
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.splitlines()
     assert line.startswith("runflow-worker: invalid configuration: ")

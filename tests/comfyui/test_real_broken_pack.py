@@ -9,8 +9,9 @@ import pytest
 
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
-from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control
-from tests.factories import workflow
+from tests.comfyui.scenario import COMFY, SANDBOX_READ_ONLY
+from tests.fakes.control import RecordingControl
+from tests.support.factories import workflow
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
@@ -44,7 +45,7 @@ def test_a_declared_pack_raising_at_import_fails_the_run(tmp_path: Path) -> None
     msg = parse_message({"run_id": "pack-raises", "workflow": wf,
                          "input": {"prompt": "hello"}})
     try:
-        result = pipeline.execute(msg, Control())
+        result = pipeline.execute(msg, RecordingControl())
     finally:
         pipeline.close()
     assert result.status is RunStatus.FAILED

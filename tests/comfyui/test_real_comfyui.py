@@ -6,34 +6,18 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from runflow_worker.errors import ErrorCode
-from runflow_worker.run.contract import RunStatus, parse_message
-from tests.comfyui.conftest import Control, seed_blob, url_path
-from tests.factories import workflow
+from runflow_worker.run.contract import RunStatus
+from tests.comfyui.scenario import img_graph, run, seed_blob, write_png
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import url_path
+from tests.support.paths import REPO
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
-ROOT = Path(__file__).parent.parent.parent
-
-
-def write_png(path: Path, size: tuple[int, int] = (64, 48), color=(30, 90, 160)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
-
-
-def run(pipeline, graph: dict, inputs: dict[str, Any], *, run_id: str, control=None,
-        **wf_overrides: Any):
-    msg = parse_message({"run_id": run_id, "workflow": workflow(graph, **wf_overrides),
-                         "input": inputs})
-    return pipeline.execute(msg, control or Control())
-
-
-def img_graph(tail: dict) -> dict:
-    return {"1": {"class_type": "RunflowInputImage", "inputs": {"input_id": "image"}}, **tail}
 
 
 def test_image_graph_fed_by_every_input_type(pipeline, tmp_path: Path) -> None:
@@ -161,7 +145,7 @@ def test_spandrel_upscaler_from_the_store(pipeline, comfy_env, tmp_path: Path) -
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "make_weights", ROOT / "examples" / "upscale-x2" / "make_weights.py")
+        "make_weights", REPO / "examples" / "upscale-x2" / "make_weights.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     weights = module.write_weights(tmp_path / "compact.safetensors")
@@ -228,7 +212,7 @@ def test_tiny_sd15_seed_determinism(pipeline, sd15_models_entry) -> None:
 
 
 def test_interrupt_mid_sampler(pipeline, sd15_models_entry) -> None:
-    control = Control(cancel_when=lambda d: d.get("step", 0) >= 2)
+    control = RecordingControl(cancel_when=lambda d: d.get("step", 0) >= 2)
     result = run(pipeline, sd15_graph(), {"seed": 5, "prompt": "x", "steps": 400},
                  run_id="sd-cancel", control=control, models=sd15_models_entry)
     ended = time.monotonic()
@@ -298,7 +282,7 @@ def test_child_killed_mid_run_then_a_good_run(pipeline, tmp_path: Path) -> None:
             "output_id": "o", "output_name": "", "value": ["2", 0]}}})
     image = write_png(tmp_path / "k.png").as_uri()
     result = run(pipeline, graph, {"image": image}, run_id="killed",
-                 control=Control(cancel_when=kill_on_progress))
+                 control=RecordingControl(cancel_when=kill_on_progress))
     assert result.failure.code is ErrorCode.INTERNAL
     assert "SIGKILL" in result.failure.message
     graph["2"]["inputs"]["steps"] = 2

@@ -10,9 +10,11 @@ import pytest
 from PIL import Image
 
 from runflow_worker.run.contract import RunStatus, parse_message
-from tests.cache.gitrepos import commit, make_repo, make_wheel
-from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
-from tests.factories import workflow
+from tests.comfyui.scenario import COMFY, SANDBOX_READ_ONLY
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import url_path
+from tests.support.factories import workflow
+from tests.support.gitrepos import commit, make_repo, make_wheel
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
@@ -84,7 +86,7 @@ def test_run_in_a_built_environment(env_pipeline, tmp_path: Path) -> None:
     Image.new("RGB", (32, 24), (255, 0, 0)).save(image)
     msg = parse_message({"run_id": "env-real", "workflow": wf,
                          "input": {"image": image.as_uri()}})
-    result = pl.execute(msg, Control())
+    result = pl.execute(msg, RecordingControl())
     assert result.status is RunStatus.SUCCEEDED, result.failure
     assert result.environment["comfyui_commit"] == comfy_commit
     assert not result.environment["import_failures"]

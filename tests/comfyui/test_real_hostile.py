@@ -11,8 +11,7 @@ import pytest
 
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus
-from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY
-from tests.comfyui.test_real_comfyui import img_graph, run, write_png
+from tests.comfyui.scenario import COMFY, SANDBOX_READ_ONLY, img_graph, run, write_png
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 

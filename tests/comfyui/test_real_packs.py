@@ -33,15 +33,11 @@ import pytest
 from PIL import Image
 
 from runflow_worker.run.contract import RunStatus, parse_message
-from tests.comfyui.conftest import (
-    COMFY,
-    ROOT,
-    SANDBOX_READ_ONLY,
-    Control,
-    seed_blob,
-    url_path,
-)
-from tests.factories import workflow
+from tests.comfyui.scenario import COMFY, SANDBOX_READ_ONLY, seed_blob, write_png
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import url_path
+from tests.support.factories import workflow
+from tests.support.paths import REPO
 
 PACKS_DIR = os.environ.get("RUNFLOW_TEST_PACKS")
 pytestmark = [
@@ -88,7 +84,7 @@ def _comfy_origin(root: Path) -> tuple[Path, str]:
     """A repository standing in for ComfyUI's origin, and the commit to pin: the checkout's
     files committed as a snapshot (a checkout may be a partial clone, which cannot serve
     its own commits), as the other real-environment tests do."""
-    from tests.cache.gitrepos import commit, make_repo
+    from tests.support.gitrepos import commit, make_repo
 
     snapshot = root / "origins" / "ComfyUI"
     shutil.copytree(COMFY, snapshot, ignore=shutil.ignore_patterns(".git", "__pycache__"))
@@ -136,7 +132,7 @@ def run_pack(packs_pipeline, pack: Pack, graph: dict[str, Any], inputs: dict[str
                                       "dirty": False}}
     msg = parse_message({"run_id": f"pack-{pack.name.lower().replace('_', '-')}",
                          "workflow": wf, "input": inputs})
-    result = pl.execute(msg, Control())
+    result = pl.execute(msg, RecordingControl())
     failure = result.failure
     assert result.status is RunStatus.SUCCEEDED, (
         f"{failure.code.value}: {failure.message} {failure.details}" if failure else None)
@@ -149,12 +145,6 @@ def run_pack(packs_pipeline, pack: Pack, graph: dict[str, Any], inputs: dict[str
 def env_dir(cache: Path, result) -> Path:
     """The built environment's directory."""
     return cache / "envs" / result.environment["env_key"]
-
-
-def write_png(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> Path:
-    """A one-colour PNG at ``path``."""
-    Image.new("RGB", size, color).save(path)
-    return path
 
 
 def test_pysssss_writes_its_config_at_import(packs_pipeline, tmp_path: Path) -> None:
@@ -226,7 +216,7 @@ def usdu_models(sd15_models: Path, packs_pipeline, tmp_path_factory) -> dict[str
     models = {path.relative_to(sd15_models).as_posix(): {"sha256": seed_blob(blobs, path)}
               for path in sorted(sd15_models.rglob("*.safetensors"))}
     spec = importlib.util.spec_from_file_location(
-        "make_weights", ROOT / "examples" / "upscale-x2" / "make_weights.py")
+        "make_weights", REPO / "examples" / "upscale-x2" / "make_weights.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     x2 = module.write_weights(tmp_path_factory.mktemp("x2") / "x2.safetensors")

@@ -15,8 +15,7 @@ from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.runner import Runner, RunnerConfig, RunnerState
-from tests.comfyui.conftest import COMFY, HERE
-from tests.comfyui.test_real_comfyui import img_graph, run, write_png
+from tests.comfyui.scenario import COMFY, HERE, img_graph, run, write_png
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.run.contract import RunStatus, parse_message
-from tests.comfyui.conftest import COMFY, SANDBOX_READ_ONLY, Control, url_path
-from tests.factories import workflow
+from tests.comfyui.scenario import COMFY, SANDBOX_READ_ONLY
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import url_path
+from tests.support.factories import workflow
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900),
               pytest.mark.skipif(shutil.which("bwrap") is None,
@@ -78,7 +80,7 @@ def test_real_comfyui_runs_a_self_writing_pack_in_the_sandbox(tmp_path: Path) ->
                  "output_id": "probe", "output_name": "", "value": ["1", 0]}}}
     try:
         msg = parse_message({"run_id": "sandboxed", "workflow": workflow(graph), "input": {}})
-        result = pl.execute(msg, Control())
+        result = pl.execute(msg, RecordingControl())
         assert result.status is RunStatus.SUCCEEDED, result.failure
         assert "sandbox_probe" not in pl.supervisor.runner.ready.import_failures
         report = json.loads(url_path(result.output.outputs[0].url).read_text())

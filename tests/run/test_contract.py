@@ -16,7 +16,7 @@ from runflow_worker.run.contract import (
     parse_message_json,
     resolved_values,
 )
-from tests.factories import SHA, message, workflow
+from tests.support.factories import SHA, message, workflow
 
 ALL_TYPES_GRAPH = {
     "1": {"class_type": "RunflowInputString", "inputs": {"input_id": "s"}},

@@ -15,28 +15,13 @@ from runflow_worker.errors import ConfigError, ErrorCode, WorkerUnfit
 from runflow_worker.run import fitness
 from runflow_worker.run.contract import parse_message
 from runflow_worker.run.gpu import GpuInfo, resolve_device
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
-from runflow_worker.run.storage import LocalStorage
-from runflow_worker.runtime.runner import RunnerConfig
 from runflow_worker.settings import InvalidSettings, Settings
-from tests.factories import message
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message
+from tests.support.pipelines import make_pipeline
+from tests.support.runners import runner_config
 
-FAKE = "tests.fakes.fake_child:main"
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("RUNFLOW_"):
-            monkeypatch.delenv(name)
-
-
-class Control:
-    def stop_reason(self) -> StopReason | None:
-        return None
-
-    def emit(self, kind: str, data: dict) -> None:
-        pass
+pytestmark = pytest.mark.usefixtures("no_runflow_env")
 
 
 def _enospc() -> OSError:
@@ -73,8 +58,7 @@ def test_checkout_problem(tmp_path: Path) -> None:
 
 
 def test_device_check_passes_on_the_cpu(tmp_path: Path) -> None:
-    config = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                          cpu=True, child_entry=FAKE, startup_timeout_s=60)
+    config = runner_config(tmp_path, cpu=True)
     assert fitness.device_problem(config) is None
 
 
@@ -83,19 +67,16 @@ def test_device_check_names_unusable_cuda(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("CUDA works on this machine")
-    config = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                          cpu=False, child_entry=FAKE, startup_timeout_s=60)
+    config = runner_config(tmp_path, cpu=False)
     problem = fitness.device_problem(config)
     assert problem is not None and problem.startswith("the GPU (CUDA) is unusable: ")
 
 
 def test_full_disk_at_the_run_directory_releases_the_run(tmp_path: Path) -> None:
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                 child_entry=FAKE, cpu=True),
-                  storage=LocalStorage(tmp_path / "store"))
+    pl = make_pipeline(tmp_path, cpu=True)
     try:
         with mock.patch.object(pl._run_dirs, "create", side_effect=_enospc()):
-            result = pl.execute(parse_message(message()), Control())
+            result = pl.execute(parse_message(message()), RecordingControl())
     finally:
         pl.close()
     assert result.released and isinstance(result.failure, WorkerUnfit)
@@ -113,11 +94,9 @@ def test_full_disk_during_an_environment_build_releases_the_run(tmp_path: Path) 
 
             return nullcontext()
 
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE, cpu=True),
-                  storage=LocalStorage(tmp_path / "store"), environments=FullDisk())
+    pl = make_pipeline(tmp_path, comfyui_dir=None, cpu=True, environments=FullDisk())
     try:
-        result = pl.execute(parse_message(message()), Control())
+        result = pl.execute(parse_message(message()), RecordingControl())
     finally:
         pl.close()
     assert result.released and result.unfit and "full" in result.unfit

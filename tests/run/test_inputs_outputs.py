@@ -17,6 +17,7 @@ from runflow_worker.run.inputs import check_image, materialise_inputs, safe_file
 from runflow_worker.run.outputs import select_outputs, store_outputs
 from runflow_worker.run.storage import LocalStorage, UploadCanceled, open_storage
 from runflow_worker.runtime.protocol import OutputFile
+from tests.fakes.fetchers import copy_fetch
 
 
 def image_bytes(fmt: str, size: tuple[int, int] = (8, 6)) -> bytes:
@@ -77,10 +78,6 @@ def test_decompression_bomb_header(tmp_path: Path) -> None:
     assert info.value.code is ErrorCode.INVALID_INPUT
 
 
-def _copy_fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
-    shutil.copyfile(unquote(urlsplit(url).path), dest)
-
-
 def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -92,7 +89,7 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
     values = {"img": (src / "photo.jpeg").as_uri(), "doc": (src / "notes; rm -rf.txt").as_uri(),
               "s": "x"}
     input_dir = tmp_path / "input"
-    files = materialise_inputs(defs, values, input_dir, _copy_fetch, max_bytes=10**6,
+    files = materialise_inputs(defs, values, input_dir, copy_fetch, max_bytes=10**6,
                                max_pixels=10**6, cancel=lambda: False)
     png_digest = hashlib.sha256((src / "photo.jpeg").read_bytes()).hexdigest()[:16]
     doc_digest = hashlib.sha256(b"hello").hexdigest()[:16]
@@ -153,7 +150,7 @@ def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Pat
     src = tmp_path / "m.bin"
     src.write_bytes(b"EVIL")
     files = materialise_inputs({"doc": InputDef(input_id="doc", type=InputType.FILE)},
-                               {"doc": src.as_uri()}, input_dir, _copy_fetch, max_bytes=10**6,
+                               {"doc": src.as_uri()}, input_dir, copy_fetch, max_bytes=10**6,
                                max_pixels=10**6, cancel=lambda: False)
     assert input_dir / files["doc"] == final / "m.bin"
     assert (input_dir / files["doc"]).read_bytes() == b"EVIL"

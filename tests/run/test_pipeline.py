@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -15,43 +14,26 @@ import pytest
 from runflow_worker.cache.errors import FetchConnectError
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
+from runflow_worker.run.pipeline import Pipeline, StopReason
 from runflow_worker.run.record import terminal_record
 from runflow_worker.run.storage import LocalStorage
-from tests.factories import message, workflow
-
-FAKE = "tests.fakes.fake_child:main"
-
-
-class Control:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.cancel = threading.Event()
-        self.reason = StopReason.CANCELED
-
-    def stop_reason(self) -> StopReason | None:
-        return self.reason if self.cancel.is_set() else None
-
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        self.events.append((kind, data))
-
-
-def _fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
-    shutil.copyfile(unquote(urlsplit(url).path), dest)
+from tests.fakes import GATED_START_CHILD, SLOW_START_CHILD
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import copy_fetch
+from tests.support.factories import message, workflow
+from tests.support.pipelines import make_pipeline
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("pipeline")
-    pl = Pipeline(PipelineConfig(work_dir=root / "work", comfyui_dir=root, child_entry=FAKE,
-                                 allow_local_files=True),
-                  storage=LocalStorage(root / "store"), fetch_input=_fetch)
+    pl = make_pipeline(root, allow_local_files=True, fetch_input=copy_fetch)
     yield pl
     pl.close()
 
 
-def run(pipeline: Pipeline, msg: dict, control: Control | None = None):
-    return pipeline.execute(parse_message(msg), control or Control())
+def run(pipeline: Pipeline, msg: dict, control: RecordingControl | None = None):
+    return pipeline.execute(parse_message(msg), control or RecordingControl())
 
 
 def test_success_outputs_and_isolation(pipeline: Pipeline) -> None:
@@ -120,7 +102,7 @@ def _sleep_graph(seconds: float) -> dict:
 
 
 def test_cancel_mid_run(pipeline: Pipeline) -> None:
-    control = Control()
+    control = RecordingControl()
     first_step = threading.Event()
     original = control.emit
 
@@ -144,7 +126,7 @@ def test_timeout(pipeline: Pipeline) -> None:
 
 
 def test_shutdown_releases(pipeline: Pipeline) -> None:
-    control = Control()
+    control = RecordingControl()
     control.reason = StopReason.RELEASE
     threading.Timer(0.3, control.cancel.set).start()
     result = run(pipeline, message(_sleep_graph(60)), control)
@@ -152,9 +134,9 @@ def test_shutdown_releases(pipeline: Pipeline) -> None:
 
 
 def test_no_comfyui_is_environment_failed(tmp_path: Path) -> None:
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path, comfyui_dir=None),
-                  storage=LocalStorage(tmp_path))
-    result = pl.execute(parse_message(message()), Control())
+    pl = make_pipeline(tmp_path, work_dir=tmp_path, comfyui_dir=None,
+                       storage=LocalStorage(tmp_path))
+    result = pl.execute(parse_message(message()), RecordingControl())
     assert result.failure.code is ErrorCode.ENVIRONMENT_FAILED
 
 
@@ -216,10 +198,8 @@ def _now():
 
 
 def test_cancel_during_comfyui_start(tmp_path: Path) -> None:
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                 child_entry="tests.fakes.slow_start_child:main"),
-                  storage=LocalStorage(tmp_path / "store"))
-    control = Control()
+    pl = make_pipeline(tmp_path, child_entry=SLOW_START_CHILD)
+    control = RecordingControl()
     threading.Timer(0.3, control.cancel.set).start()
     t0 = time.monotonic()
     try:
@@ -240,12 +220,10 @@ def test_comfyui_starts_while_inputs_download(tmp_path: Path,
 
     def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
         gate.touch()
-        _fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
 
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                 child_entry="tests.fakes.gated_start_child:main",
-                                 startup_timeout_s=20, allow_local_files=True),
-                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    pl = make_pipeline(tmp_path, child_entry=GATED_START_CHILD, startup_timeout_s=20,
+                       allow_local_files=True, fetch_input=fetch)
     src = tmp_path / "note.txt"
     src.write_text("downloaded while ComfyUI started")
     graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
@@ -266,9 +244,7 @@ def test_failed_download_waits_for_the_start(tmp_path: Path) -> None:
     def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
         raise FetchConnectError("cannot connect to the input's host")
 
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                 child_entry=FAKE, allow_local_files=True),
-                  storage=LocalStorage(tmp_path / "store"), fetch_input=fetch)
+    pl = make_pipeline(tmp_path, allow_local_files=True, fetch_input=fetch)
     graph = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
              "2": {"class_type": "FakeSave", "inputs": {"text": "x", "output_id": "copy"}}}
     try:

@@ -17,16 +17,13 @@ from runflow_worker.cache.errors import OriginRefused
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
-from tests.cache.gitrepos import commit, make_repo
-from tests.factories import message, workflow
-from tests.run.test_pipeline import FAKE, Control
+from runflow_worker.run.pipeline import Pipeline
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message, workflow
+from tests.support.gitrepos import COMFY, NODE, commit, make_repo
+from tests.support.pipelines import make_pipeline
 
 pytestmark = pytest.mark.timeout(120)
-
-COMFY = "https://git.example/comfyanonymous/ComfyUI"
-NODE = "https://git.example/acme/ComfyUI-Foo"
 
 
 @pytest.fixture
@@ -45,9 +42,7 @@ def pipeline(tmp_path: Path, origins: dict[str, Any]):
     envs = Environments(tmp_path / "cache" / "envs",
                         GitMirrors(tmp_path / "cache" / "git",
                                    {COMFY: origins["comfy"], NODE: origins["node"]}))
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE),
-                  storage=LocalStorage(tmp_path / "store"), environments=envs)
+    pl = make_pipeline(tmp_path, comfyui_dir=None, environments=envs)
     yield pl
     pl.close()
 
@@ -63,7 +58,7 @@ def test_run_gets_its_pinned_environment_and_reuses_it(
     pipeline: Pipeline, origins: dict[str, Any], tmp_path: Path
 ) -> None:
     nodes = {"ComfyUI-Foo": {"origin": NODE, "commit": origins["node_v1"], "dirty": False}}
-    result = pipeline.execute(_message(origins["v1"], nodes), Control())
+    result = pipeline.execute(_message(origins["v1"], nodes), RecordingControl())
     assert result.status is RunStatus.SUCCEEDED, result.failure
     key = EnvironmentSpec(COMFY, origins["v1"],
                           (NodePin("ComfyUI-Foo", NODE, origins["node_v1"]),)).key
@@ -75,16 +70,16 @@ def test_run_gets_its_pinned_environment_and_reuses_it(
     assert runner.config.comfyui_dir == str(env_dir / "ComfyUI")
     assert (env_dir / "ComfyUI" / "custom_nodes" / "ComfyUI-Foo" / "__init__.py").exists()
     assert not any("custom node" in w for w in result.warnings)
-    again = pipeline.execute(_message(origins["v1"], nodes, run_id="env-2"), Control())
+    again = pipeline.execute(_message(origins["v1"], nodes, run_id="env-2"), RecordingControl())
     assert again.status is RunStatus.SUCCEEDED
     assert pipeline.supervisor.runner is runner  # same environment: the warm child stays
     assert again.cold_start_s == 0
 
 
 def test_another_pin_switches_environment(pipeline: Pipeline, origins: dict[str, Any]) -> None:
-    first = pipeline.execute(_message(origins["v1"]), Control())
+    first = pipeline.execute(_message(origins["v1"]), RecordingControl())
     runner = pipeline.supervisor.runner
-    second = pipeline.execute(_message(origins["v2"], run_id="env-2"), Control())
+    second = pipeline.execute(_message(origins["v2"], run_id="env-2"), RecordingControl())
     assert first.status is second.status is RunStatus.SUCCEEDED
     assert first.environment["env_key"] != second.environment["env_key"]
     assert pipeline.supervisor.runner is not runner
@@ -93,7 +88,7 @@ def test_another_pin_switches_environment(pipeline: Pipeline, origins: dict[str,
 
 
 def test_unbuildable_environment_fails_the_run(pipeline: Pipeline) -> None:
-    result = pipeline.execute(_message("1" * 40), Control())
+    result = pipeline.execute(_message("1" * 40), RecordingControl())
     assert result.status is RunStatus.FAILED
     assert result.failure.code is ErrorCode.ENVIRONMENT_FAILED
     assert "not found" in result.failure.message
@@ -112,10 +107,8 @@ class _SlowBuilder:
 
 
 def test_cancel_during_the_build(tmp_path: Path, origins: dict[str, Any]) -> None:
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE),
-                  storage=LocalStorage(tmp_path / "store"), environments=_SlowBuilder())
-    control = Control()
+    pl = make_pipeline(tmp_path, comfyui_dir=None, environments=_SlowBuilder())
+    control = RecordingControl()
     threading.Timer(0.3, control.cancel.set).start()
     started = time.monotonic()
     try:
@@ -133,12 +126,10 @@ def test_the_warm_environment_is_pinned_until_the_child_leaves_it(
         return Environments(tmp_path / "cache" / "envs",
                             GitMirrors(tmp_path / "cache" / "git", {COMFY: origins["comfy"]}))
 
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE),
-                  storage=LocalStorage(tmp_path / "store"), environments=environments())
+    pl = make_pipeline(tmp_path, comfyui_dir=None, environments=environments())
     other = environments()
     try:
-        first = pl.execute(_message(origins["v1"]), Control())
+        first = pl.execute(_message(origins["v1"]), RecordingControl())
         assert first.status is RunStatus.SUCCEEDED, first.failure
         one = first.environment["env_key"]
         two = other.prepare(EnvironmentSpec(COMFY, origins["v2"])).key
@@ -149,7 +140,7 @@ def test_the_warm_environment_is_pinned_until_the_child_leaves_it(
         assert result.kept_pinned == [one] and result.evicted == [two]
         assert (tmp_path / "cache" / "envs" / one / "READY").exists()
 
-        second = pl.execute(_message(origins["v2"], run_id="env-2"), Control())
+        second = pl.execute(_message(origins["v2"], run_id="env-2"), RecordingControl())
         assert second.status is RunStatus.SUCCEEDED, second.failure
         assert second.environment["env_key"] == two  # built again after the gc took it
         # The child left the first environment: it is a candidate now; the second is not.
@@ -173,11 +164,9 @@ class _RefusingBuilder:
 def test_a_refused_origin_fails_the_run_as_forbidden(
     tmp_path: Path, origins: dict[str, Any]
 ) -> None:
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE),
-                  storage=LocalStorage(tmp_path / "store"), environments=_RefusingBuilder())
+    pl = make_pipeline(tmp_path, comfyui_dir=None, environments=_RefusingBuilder())
     try:
-        result = pl.execute(_message(origins["v1"]), Control())
+        result = pl.execute(_message(origins["v1"]), RecordingControl())
     finally:
         pl.close()
     assert result.status is RunStatus.FAILED
@@ -194,11 +183,9 @@ def test_install_scripts_run_when_the_operator_turns_them_on(
     envs = Environments(tmp_path / "cache" / "envs",
                         GitMirrors(tmp_path / "cache" / "git",
                                    {COMFY: origins["comfy"], NODE: origins["node"]}))
-    pl = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                 child_entry=FAKE, run_install_scripts=True),
-                  storage=LocalStorage(tmp_path / "store"), environments=envs)
+    pl = make_pipeline(tmp_path, comfyui_dir=None, run_install_scripts=True, environments=envs)
     try:
-        result = pl.execute(_message(origins["v1"], nodes), Control())
+        result = pl.execute(_message(origins["v1"], nodes), RecordingControl())
     finally:
         pl.close()
     assert result.status is RunStatus.SUCCEEDED, result.failure
@@ -216,7 +203,7 @@ def test_the_recorded_commit_is_the_pinned_one_never_what_a_build_left_in_git(
     file into the run's record."""
     secret = tmp_path / "token"
     secret.write_text("0123456789abcdef" * 2 + "89abcdef\n")
-    first = pipeline.execute(_message(origins["v1"]), Control())
+    first = pipeline.execute(_message(origins["v1"]), RecordingControl())
     assert first.status is RunStatus.SUCCEEDED, first.failure
     comfy = Path(pipeline.supervisor.runner.config.comfyui_dir)
     fake = comfy.parent / "fakegit"  # what a build could leave (it writes its environment)
@@ -225,12 +212,10 @@ def test_the_recorded_commit_is_the_pinned_one_never_what_a_build_left_in_git(
     (fake / "HEAD").write_text("ref: refs/heads/main\n")
     (fake / "refs" / "heads" / "main").symlink_to(secret)
     (comfy / ".git").write_text(f"gitdir: {fake}\n")
-    other = Pipeline(PipelineConfig(work_dir=tmp_path / "work2", comfyui_dir=None,
-                                    child_entry=FAKE),
-                     storage=LocalStorage(tmp_path / "store"),
-                     environments=pipeline.environments)
+    other = make_pipeline(tmp_path, work_dir=tmp_path / "work2", comfyui_dir=None,
+                          environments=pipeline.environments)
     try:
-        again = other.execute(_message(origins["v1"], run_id="env-2"), Control())
+        again = other.execute(_message(origins["v1"], run_id="env-2"), RecordingControl())
     finally:
         other.close()
     assert again.status is RunStatus.SUCCEEDED, again.failure

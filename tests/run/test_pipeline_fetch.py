@@ -16,7 +16,9 @@ from runflow_worker.run.assembly import build_pipeline
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.run.storage import LocalStorage
 from runflow_worker.settings import Settings
-from tests.factories import message, workflow
+from tests.fakes import FAKE_CHILD
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message, workflow
 from tests.support.https_server import HTTPSServer, Mode
 
 GRAPH = {
@@ -27,17 +29,6 @@ GRAPH = {
     "4": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "read": True,
                                                "output_id": "img"}},
 }
-
-
-class Control:
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def stop_reason(self):
-        return None
-
-    def emit(self, kind: str, data: dict) -> None:
-        self.events.append(data)
 
 
 def png() -> bytes:
@@ -55,14 +46,14 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     with HTTPSServer(ca=ca) as server:
         settings = Settings(cache_dir=root / "cache", comfyui_dir=root, gpu_class="cpu",
                             url_allow=("127.0.0.1/32",), ca_bundle=ca_file,
-                            runner_entry="tests.fakes.fake_child:main")
+                            runner_entry=FAKE_CHILD)
         pipeline = build_pipeline(settings, storage=LocalStorage(root / "store"))
         yield server, pipeline
         pipeline.close()
 
 
 def run(pipeline, msg: dict):
-    control = Control()
+    control = RecordingControl()
     return pipeline.execute(parse_message(msg), control), control
 
 
@@ -123,7 +114,7 @@ def test_model_downloaded_verified_and_linked(env) -> None:
     assert result.status is RunStatus.SUCCEEDED, result.failure
     out = Path(unquote(urlsplit(result.output.outputs[0].url).path))
     assert out.read_bytes() == body
-    assert any(d.get("phase") == "models" for d in control.events)
+    assert any(d.get("phase") == "models" for _, d in control.events)
     # A second run with another URL for the same digest never fetches again.
     wf["models"]["checkpoints/m.safetensors"]["url"] = server.url("/models/gone")
     again, _ = run(pipeline, message(wf=wf, run_id="again"))

@@ -14,11 +14,18 @@ from runflow_worker.cache.git import GitMirrors
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.run.envreport import head_commit
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
-from tests.cache.gitrepos import PACK_BROKEN, PACK_COMFY, PACK_GOOD, commit, make_repo, pack_origins
-from tests.factories import message, workflow
-from tests.run.test_pipeline import FAKE, Control
+from runflow_worker.run.pipeline import Pipeline
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message, workflow
+from tests.support.gitrepos import (
+    PACK_BROKEN,
+    PACK_COMFY,
+    PACK_GOOD,
+    commit,
+    make_repo,
+    pack_origins,
+)
+from tests.support.pipelines import make_pipeline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,9 +44,7 @@ def origins(tmp_path: Path) -> dict[str, Any]:
 def _pipeline(tmp_path: Path, origins: dict[str, Any], **config: Any) -> Pipeline:
     envs = Environments(tmp_path / "cache" / "envs",
                         GitMirrors(tmp_path / "cache" / "git", origins["paths"]))
-    return Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                   child_entry=FAKE, **config),
-                    storage=LocalStorage(tmp_path / "store"), environments=envs)
+    return make_pipeline(tmp_path, comfyui_dir=None, environments=envs, **config)
 
 
 PACKS = {"ComfyUI-Good": (GOOD, "good"), "ComfyUI-Broken": (BROKEN, "broken")}
@@ -59,7 +64,7 @@ def test_a_declared_pack_that_fails_to_import_fails_the_run(
     pipeline = _pipeline(tmp_path, origins)
     try:
         result = pipeline.execute(
-            _message(origins, ["ComfyUI-Good", "ComfyUI-Broken"]), Control())
+            _message(origins, ["ComfyUI-Good", "ComfyUI-Broken"]), RecordingControl())
     finally:
         pipeline.close()
     assert result.status is RunStatus.FAILED
@@ -89,7 +94,7 @@ def test_packs_loaded_and_their_commits_are_recorded(
     (extra / "single_file.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
     pipeline = _pipeline(tmp_path, origins, extra_custom_node_dirs=(extra,))
     try:
-        result = pipeline.execute(_message(origins, ["ComfyUI-Good"]), Control())
+        result = pipeline.execute(_message(origins, ["ComfyUI-Good"]), RecordingControl())
     finally:
         pipeline.close()
     assert result.status is RunStatus.SUCCEEDED, result.failure

@@ -17,10 +17,11 @@ from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.run.pipeline import Pipeline
 from runflow_worker.run.storage import LocalStorage
 from runflow_worker.settings import Settings
-from tests.cache.helpers import make_body, sha256_hex
-from tests.factories import message, workflow
-from tests.run.test_pipeline import FAKE, Control
-from tests.serve.s3_servers import aws_test_credentials, moto_s3
+from tests.fakes import FAKE_CHILD
+from tests.fakes.control import RecordingControl
+from tests.support.bodies import make_body, sha256_hex
+from tests.support.factories import message, workflow
+from tests.support.s3_servers import aws_test_credentials, moto_s3
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,14 +41,15 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Any]]:
 
 def make_pipeline(root: Path, endpoint: str) -> Pipeline:
     settings = Settings(cache_dir=root / "cache", comfyui_dir=root, gpu_class="cpu",
-                        s3_endpoint_url=endpoint, runner_entry=FAKE)
+                        s3_endpoint_url=endpoint, runner_entry=FAKE_CHILD)
     return build_pipeline(settings, storage=LocalStorage(root / "store"))
 
 
 def run(pipeline: Pipeline, owner: str, url: str, run_id: str):
     wf = workflow(GRAPH, owner=owner,
                   models={"ckpt.safetensors": {"sha256": DIGEST, "url": url}})
-    return pipeline.execute(parse_message(message(wf=wf, run_id=run_id, input={})), Control())
+    return pipeline.execute(parse_message(message(wf=wf, run_id=run_id, input={})),
+                            RecordingControl())
 
 
 def test_a_private_model_reaches_another_owner_only_through_its_own_source(

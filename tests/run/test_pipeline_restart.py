@@ -4,7 +4,6 @@ inputs download, is restarted before the graph executes: the run succeeds (a col
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -17,13 +16,13 @@ import pytest
 
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
 from runflow_worker.runtime.errors import RunnerStartCanceled, RunnerStartFailed
 from runflow_worker.runtime.runner import RunnerConfig
 from runflow_worker.runtime.supervisor import RunnerLease, RunnerSupervisor
-from tests.factories import message
-from tests.run.test_pipeline import FAKE, Control
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import copy_fetch
+from tests.support.factories import message
+from tests.support.pipelines import make_pipeline
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,11 +57,8 @@ class Setup:
         self.killed: list[int] = []
         self.src = root / "doc.txt"
         self.src.write_text("fetched after a restart")
-        self.pipeline = Pipeline(
-            PipelineConfig(work_dir=root / "work", comfyui_dir=root, child_entry=FAKE,
-                           allow_local_files=True),
-            storage=LocalStorage(root / "store"), supervisor=supervisor,
-            fetch_input=self.fetch)
+        self.pipeline = make_pipeline(root, allow_local_files=True, supervisor=supervisor,
+                                      fetch_input=self.fetch)
 
     def fetch(self, url: str, dest: Path, *, max_bytes: int, cancel: object) -> None:
         """The input download; the first one kills the idle child once it is READY."""
@@ -73,11 +69,11 @@ class Setup:
             self.killed.append(runner.pid)
             os.kill(runner.pid, signal.SIGKILL)  # the OOM killer, while the child idles
             assert wait([runner._proc.sentinel], timeout=30), "the child did not die"
-        shutil.copyfile(unquote(urlsplit(url).path), dest)
+        copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
 
-    def run(self, run_id: str, control: Control | None = None):
+    def run(self, run_id: str, control: RecordingControl | None = None):
         msg = message(GRAPH, run_id=run_id, input={"doc": self.src.as_uri()})
-        return self.pipeline.execute(parse_message(msg), control or Control())
+        return self.pipeline.execute(parse_message(msg), control or RecordingControl())
 
 
 @pytest.fixture
@@ -120,7 +116,7 @@ def test_a_failed_restart_is_an_environment_failure(make) -> None:
 
 
 def test_a_restart_canceled_ends_the_run_canceled(make) -> None:
-    control = Control()
+    control = RecordingControl()
 
     def cancel() -> None:  # the cancel lands while ComfyUI starts again
         control.cancel.set()

@@ -14,41 +14,28 @@ import pytest
 from runflow_worker.cache.environments import Environment, Environments
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
-from runflow_worker.runtime.runner import RunnerConfig, RunnerState
+from runflow_worker.run.pipeline import Pipeline
+from runflow_worker.runtime.runner import RunnerState
 from runflow_worker.runtime.supervisor import RunnerSupervisor
-from tests.factories import message, workflow
-from tests.run.test_pipeline import FAKE, Control
-from tests.runtime.test_runner_owners import gone, make_pipeline
+from tests.fakes import FAIL_START_CHILD, GATED_START_CHILD
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message, workflow
+from tests.support.pipelines import checkout_pipeline, make_pipeline
+from tests.support.runners import gone, runner_config
 
 pytestmark = pytest.mark.timeout(60)
-
-GATED = "tests.fakes.gated_start_child:main"
 
 
 def run_as(pipeline: Pipeline, owner: str | None, run_id: str):
     return pipeline.execute(parse_message(message(wf=workflow(owner=owner), run_id=run_id)),
-                            Control())
-
-
-def config(tmp_path: Path, *, custom_code: bool, entry: str = FAKE) -> RunnerConfig:
-    return RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                        child_entry=entry, startup_timeout_s=60, custom_code=custom_code)
-
-
-@pytest.fixture
-def sup():
-    s = RunnerSupervisor()
-    yield s
-    s.close()
+                            RecordingControl())
 
 
 # ------------------------------------------------------------------ through the pipeline
 
 
 def test_the_first_run_uses_the_ready_prestarted_child(tmp_path: Path) -> None:
-    pipeline = make_pipeline(tmp_path, with_nodes=True)
+    pipeline = checkout_pipeline(tmp_path, with_nodes=True)
     try:
         starting = pipeline.prestart()
         assert starting is not None and starting.result(timeout=30) is True
@@ -69,9 +56,7 @@ def test_the_first_run_uses_the_ready_prestarted_child(tmp_path: Path) -> None:
 
 
 def test_a_run_that_arrives_while_the_child_starts_bills_its_wait(tmp_path: Path) -> None:
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                       child_entry=GATED, startup_timeout_s=30),
-                        storage=LocalStorage(tmp_path / "store"))
+    pipeline = make_pipeline(tmp_path, child_entry=GATED_START_CHILD, startup_timeout_s=30)
     try:
         starting = pipeline.prestart()
         assert starting is not None
@@ -101,10 +86,7 @@ def test_a_run_that_arrives_while_the_child_starts_bills_its_wait(tmp_path: Path
 def test_a_failed_prestart_does_not_fail_the_run(tmp_path: Path) -> None:
     marker = tmp_path / "fail-start"
     marker.touch()
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                       child_entry="tests.fakes.fail_start_child:main",
-                                       startup_timeout_s=30),
-                        storage=LocalStorage(tmp_path / "store"))
+    pipeline = make_pipeline(tmp_path, child_entry=FAIL_START_CHILD, startup_timeout_s=30)
     try:
         starting = pipeline.prestart()
         assert starting is not None and starting.result(timeout=30) is False
@@ -118,9 +100,7 @@ def test_a_failed_prestart_does_not_fail_the_run(tmp_path: Path) -> None:
 
 
 def test_no_prestart_without_a_checkout_or_environment(tmp_path: Path) -> None:
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                       child_entry=FAKE),
-                        storage=LocalStorage(tmp_path / "store"))
+    pipeline = make_pipeline(tmp_path, comfyui_dir=None)
     try:
         assert pipeline.prestart() is None
     finally:
@@ -128,9 +108,7 @@ def test_no_prestart_without_a_checkout_or_environment(tmp_path: Path) -> None:
 
 
 def test_close_cancels_a_prestart_in_progress(tmp_path: Path) -> None:
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=tmp_path,
-                                       child_entry=GATED, startup_timeout_s=30),
-                        storage=LocalStorage(tmp_path / "store"))
+    pipeline = make_pipeline(tmp_path, child_entry=GATED_START_CHILD, startup_timeout_s=30)
     starting = pipeline.prestart()
     assert starting is not None
     pipeline.close()  # the gate never opens: the start is canceled, not waited out
@@ -143,7 +121,7 @@ def test_close_cancels_a_prestart_in_progress(tmp_path: Path) -> None:
 
 def test_prestarted_child_with_custom_code_binds_to_its_first_owner(
         sup: RunnerSupervisor, tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     assert sup.prestart(cfg)
     pid = sup.runner.pid
     first = sup.acquire(cfg, owner="alice")  # any owner may take an unbound child
@@ -155,7 +133,7 @@ def test_prestarted_child_with_custom_code_binds_to_its_first_owner(
 
 def test_prestarted_child_with_custom_code_binds_to_no_owner_too(
         sup: RunnerSupervisor, tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     assert sup.prestart(cfg)
     pid = sup.runner.pid
     assert sup.acquire(cfg, owner=None).runner.pid == pid
@@ -165,7 +143,7 @@ def test_prestarted_child_with_custom_code_binds_to_no_owner_too(
 
 def test_prestarted_child_without_custom_code_is_shared(sup: RunnerSupervisor,
                                                         tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=False)
+    cfg = runner_config(tmp_path, custom_code=False)
     assert sup.prestart(cfg)
     pid = sup.runner.pid
     for owner in ("alice", "bob", None):
@@ -181,7 +159,8 @@ def test_a_run_for_another_environment_cancels_the_prestart(sup: RunnerSuperviso
     outcome = []
 
     def prestart() -> None:
-        outcome.append(sup.prestart(config(gated_dir, custom_code=False, entry=GATED)))
+        outcome.append(sup.prestart(runner_config(gated_dir, custom_code=False,
+                                                  entry=GATED_START_CHILD)))
         done.set()
 
     thread = threading.Thread(target=prestart)
@@ -189,7 +168,7 @@ def test_a_run_for_another_environment_cancels_the_prestart(sup: RunnerSuperviso
     try:
         # The gate never opens: the run would wait the whole startup timeout were the
         # pre-start of the wrong environment not canceled.
-        lease = sup.acquire(config(tmp_path, custom_code=False), owner="alice")
+        lease = sup.acquire(runner_config(tmp_path, custom_code=False), owner="alice")
         assert lease.started and lease.runner.state is RunnerState.READY
         assert done.wait(10) and outcome == [False]
     finally:
@@ -198,7 +177,7 @@ def test_a_run_for_another_environment_cancels_the_prestart(sup: RunnerSuperviso
 
 def test_prestart_after_a_child_exists_does_nothing(sup: RunnerSupervisor,
                                                     tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     pid = sup.acquire(cfg, owner="alice").runner.pid
     assert sup.prestart(cfg) is False
     assert sup.runner.pid == pid and sup.tenant == ("owner", "alice")
@@ -252,9 +231,7 @@ def test_without_a_checkout_the_most_recent_environment_is_prestarted(tmp_path: 
     env_dir = _env_dir(tmp_path / "envs", "d" * 24, 1_000)
     env = Environment("d" * 24, env_dir, env_dir / "ComfyUI", ())
     builder = _OneEnvironment(env)
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=None,
-                                       child_entry=FAKE),
-                        storage=LocalStorage(tmp_path / "store"), environments=builder)
+    pipeline = make_pipeline(tmp_path, comfyui_dir=None, environments=builder)
     try:
         starting = pipeline.prestart()
         assert starting is not None and starting.result(timeout=30) is True

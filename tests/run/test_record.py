@@ -31,7 +31,7 @@ from runflow_worker.run.record import (
     unparseable_record,
     worker_lost,
 )
-from tests import factories
+from tests.support import factories
 
 STARTED = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 FINISHED = STARTED + timedelta(seconds=4, milliseconds=250)

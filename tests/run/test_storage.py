@@ -32,7 +32,7 @@ from runflow_worker.run.storage import (
 )
 from runflow_worker.runtime.graph import path_segment_problem
 from runflow_worker.runtime.protocol import OutputFile
-from tests.serve.s3_servers import SilentServer, aws_test_credentials, moto_s3
+from tests.support.s3_servers import SilentServer, aws_test_credentials, moto_s3
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,26 +11,20 @@ from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.errors import RunnerStartFailed
 from runflow_worker.runtime.runner import Runner, RunnerConfig, RunnerState
 from runflow_worker.runtime.supervisor import RunnerSupervisor
+from tests.fakes import FAKE_CHILD, HOSTILE_CHILD
 from tests.fakes.hostile_child import pickle_frame
+from tests.support.runners import job, runner_config
 
 pytestmark = pytest.mark.timeout(120)
 
-HOSTILE = "tests.fakes.hostile_child:main"
 VIOLATION = "protocol violation from the ComfyUI process"
 SAVE = {"1": {"class_type": "FakeSave", "inputs": {"text": "hi", "output_id": "o"}}}
 
 
 def config(tmp_path: Path, **env: str) -> RunnerConfig:
-    return RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                        child_entry=HOSTILE, startup_timeout_s=60,
-                        env={"hostile_canary": str(tmp_path / "canary"), **env})
-
-
-def job(tmp_path: Path, graph: dict, job_id: str) -> p.Execute:
-    for d in ("in", "out", "tmp"):
-        (tmp_path / d).mkdir(exist_ok=True)
-    return p.Execute(job_id=job_id, graph=graph, input_dir=str(tmp_path / "in"),
-                     output_dir=str(tmp_path / "out"), temp_dir=str(tmp_path / "tmp"))
+    """The hostile child's config with ``env`` (its attacks), its canary in ``tmp_path``."""
+    return runner_config(tmp_path, entry=HOSTILE_CHILD,
+                         env={"hostile_canary": str(tmp_path / "canary"), **env})
 
 
 def test_the_pickle_frame_would_run_code_if_unpickled(tmp_path: Path) -> None:
@@ -122,7 +116,7 @@ def test_a_prefix_command_that_forks_the_interpreter_keeps_the_channel(tmp_path:
 
     prefix = ["sh", "-c", '"$@"; exit $?', "sh"]  # runs the command as its child
     cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                       child_entry="tests.fakes.fake_child:main", startup_timeout_s=60)
+                       child_entry=FAKE_CHILD, startup_timeout_s=60)
     proc, channel = spawn(cfg.child_entry, asdict(cfg), dict(os.environ), argv_prefix=prefix)
     try:
         obj = channel.recv(timeout_s=60)

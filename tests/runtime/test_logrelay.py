@@ -15,6 +15,7 @@ import pytest
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.logrelay import LOGGER, LogRelay
 from runflow_worker.runtime.runner import Runner, RunnerConfig
+from tests.fakes import HOSTILE_CHILD
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,7 +127,7 @@ def test_the_childs_stderr_is_relayed_with_the_run_the_parent_runs(
     for d in ("in", "out", "tmp"):
         (tmp_path / d).mkdir()
     runner = Runner(RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "b"),
-                                 child_entry="tests.fakes.hostile_child:main",
+                                 child_entry=HOSTILE_CHILD,
                                  startup_timeout_s=60))
     graph = {"1": {"class_type": "HostileLog",
                    "inputs": {"line": json.dumps(FORGED), "count": 3000}}}

@@ -20,20 +20,13 @@ from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.errors import RunnerStartFailed, RunnerStateError
 from runflow_worker.runtime.runner import Runner, RunnerConfig, RunnerState, describe_exit
 from runflow_worker.runtime.supervisor import RunnerSupervisor
-
-FAKE = "tests.fakes.fake_child:main"
+from tests.fakes import FAKE_CHILD, FORKING_CHILD
+from tests.support.runners import job, runner_config
 
 
 def config(tmp_path: Path, **env: str) -> RunnerConfig:
-    return RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                        child_entry=FAKE, startup_timeout_s=60, env=dict(env))
-
-
-def job(tmp_path: Path, graph: dict, job_id: str = "j1") -> p.Execute:
-    for d in ("in", "out", "tmp"):
-        (tmp_path / d).mkdir(exist_ok=True)
-    return p.Execute(job_id=job_id, graph=graph, input_dir=str(tmp_path / "in"),
-                     output_dir=str(tmp_path / "out"), temp_dir=str(tmp_path / "tmp"))
+    """The fake child's config with ``env`` (its test switches: ``fake_init_fail``...)."""
+    return runner_config(tmp_path, env=dict(env))
 
 
 SAVE = {"1": {"class_type": "FakeSave", "inputs": {"text": "hi", "output_id": "o"}}}
@@ -145,7 +138,7 @@ def test_init_failure(tmp_path: Path) -> None:
 
 
 def test_startup_timeout(tmp_path: Path) -> None:
-    cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path), child_entry=FAKE,
+    cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path), child_entry=FAKE_CHILD,
                        startup_timeout_s=0.5, env={"fake_init_delay_s": "30"})
     r = Runner(cfg)
     with pytest.raises(RunnerStartFailed, match="did not start"):
@@ -254,15 +247,10 @@ def test_execute_on_a_child_dead_while_idle_reports_its_exit(runner: Runner,
 
 # ------------------------------------------------------------------ processes the child forked
 
-FORKING = "tests.fakes.forking_child:main"
-
-
 def forking_runner(tmp_path: Path) -> tuple[Runner, Path]:
     """A runner whose child forks a helper at start; the helper's pid lands in the file."""
     pidfile = tmp_path / "helper.pid"
-    cfg = RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                       child_entry=FORKING, startup_timeout_s=60,
-                       env={"fake_helper_pidfile": str(pidfile)})
+    cfg = runner_config(tmp_path, entry=FORKING_CHILD, env={"fake_helper_pidfile": str(pidfile)})
     return Runner(cfg), pidfile
 
 

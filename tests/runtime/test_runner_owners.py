@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -11,41 +10,21 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
+from runflow_worker.run.pipeline import Pipeline
 from runflow_worker.runtime.customnodes import custom_node_entries, loads_custom_nodes
 from runflow_worker.runtime.runner import RunnerConfig, RunnerState
 from runflow_worker.runtime.supervisor import RunnerSupervisor
-from tests.factories import message, workflow
-from tests.run.test_pipeline import FAKE, Control
+from tests.fakes.control import RecordingControl
+from tests.support.factories import message, workflow
+from tests.support.pipelines import checkout_pipeline
+from tests.support.runners import gone, runner_config
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def config(tmp_path: Path, *, custom_code: bool) -> RunnerConfig:
-    return RunnerConfig(comfyui_dir=str(tmp_path), base_dir=str(tmp_path / "base"),
-                        child_entry=FAKE, startup_timeout_s=60, custom_code=custom_code)
-
-
-def gone(pid: int) -> bool:
-    """True when no process has ``pid`` any more (the stopped child was reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-@pytest.fixture
-def sup():
-    s = RunnerSupervisor()
-    yield s
-    s.close()
-
-
 def test_custom_code_child_is_reused_by_its_owner_only(sup: RunnerSupervisor,
                                                        tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     first = sup.acquire(cfg, owner="alice")
     assert first.started and first.runner.state is RunnerState.READY
     pid = first.runner.pid
@@ -59,7 +38,7 @@ def test_custom_code_child_is_reused_by_its_owner_only(sup: RunnerSupervisor,
 
 
 def test_no_owner_is_an_owner_of_its_own(sup: RunnerSupervisor, tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     named_pid = sup.acquire(cfg, owner="alice").runner.pid
     anonymous = sup.acquire(cfg, owner=None)
     assert anonymous.started and anonymous.runner.pid != named_pid and gone(named_pid)
@@ -71,7 +50,7 @@ def test_no_owner_is_an_owner_of_its_own(sup: RunnerSupervisor, tmp_path: Path) 
 
 
 def test_child_without_custom_nodes_is_shared(sup: RunnerSupervisor, tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=False)
+    cfg = runner_config(tmp_path, custom_code=False)
     first = sup.acquire(cfg, owner="alice")
     pid = first.runner.pid
     for owner in ("bob", None, "alice"):
@@ -83,7 +62,7 @@ def test_child_without_custom_nodes_is_shared(sup: RunnerSupervisor, tmp_path: P
 
 
 def test_runner_for_keeps_its_answer(sup: RunnerSupervisor, tmp_path: Path) -> None:
-    cfg = config(tmp_path, custom_code=True)
+    cfg = runner_config(tmp_path, custom_code=True)
     a = sup.runner_for(cfg, owner="alice")
     assert sup.runner_for(cfg, owner="alice") is a
     assert sup.runner_for(cfg, owner="bob") is not a
@@ -108,20 +87,9 @@ def test_custom_node_listing_follows_comfyui(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ through a real run
 
 
-def make_pipeline(root: Path, *, with_nodes: bool) -> Pipeline:
-    """A pipeline on a baked checkout at ``root``, with a custom node in it or without."""
-    nodes = root / "custom_nodes"
-    nodes.mkdir(parents=True)
-    (nodes / "websocket_image_save.py").write_text("# ComfyUI's own\n")
-    if with_nodes:
-        (nodes / "acme_nodes.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
-    return Pipeline(PipelineConfig(work_dir=root / "work", comfyui_dir=root, child_entry=FAKE),
-                    storage=LocalStorage(root / "store"))
-
-
 def run_as(pipeline: Pipeline, owner: str | None, run_id: str):
     result = pipeline.execute(parse_message(message(wf=workflow(owner=owner), run_id=run_id)),
-                              Control())
+                              RecordingControl())
     assert result.status is RunStatus.SUCCEEDED, result.failure
     runner = pipeline.supervisor.runner
     assert runner is not None and runner.pid is not None
@@ -129,7 +97,7 @@ def run_as(pipeline: Pipeline, owner: str | None, run_id: str):
 
 
 def test_pipeline_gives_another_owner_a_fresh_child(tmp_path: Path) -> None:
-    pipeline = make_pipeline(tmp_path, with_nodes=True)
+    pipeline = checkout_pipeline(tmp_path, with_nodes=True)
     try:
         first, pid = run_as(pipeline, "acme", "own-1")
         assert first.cold_start_s > 0
@@ -145,7 +113,7 @@ def test_pipeline_gives_another_owner_a_fresh_child(tmp_path: Path) -> None:
 
 
 def test_pipeline_shares_a_child_without_custom_nodes(tmp_path: Path) -> None:
-    pipeline = make_pipeline(tmp_path, with_nodes=False)
+    pipeline = checkout_pipeline(tmp_path, with_nodes=False)
     try:
         _, pid = run_as(pipeline, "acme", "shared-1")
         for i, owner in enumerate(("globex", None), start=2):
@@ -184,7 +152,7 @@ def test_a_run_links_its_models_only_once_the_previous_owners_child_is_gone(
         tmp_path: Path) -> None:
     """The models (and resources) are linked where every warm child can read them: never
     while the child of the run before, another owner's, is still there."""
-    pipeline = make_pipeline(tmp_path, with_nodes=True)
+    pipeline = checkout_pipeline(tmp_path, with_nodes=True)
     blobs = pipeline.blobs = _SpyBlobs(pipeline)
     acquire = pipeline.supervisor.acquire
 
@@ -202,7 +170,7 @@ def test_a_run_links_its_models_only_once_the_previous_owners_child_is_gone(
             wf = workflow(owner=owner, models={name: {"sha256": "ab" * 32,
                                                       "url": "https://models.invalid/m"}})
             result = pipeline.execute(parse_message(message(wf=wf, run_id=f"link-{owner}")),
-                                      Control())
+                                      RecordingControl())
             assert result.status is RunStatus.SUCCEEDED, result.failure
     finally:
         pipeline.close()

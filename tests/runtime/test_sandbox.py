@@ -17,6 +17,8 @@ from runflow_worker.cli.doctor import doctor_command
 from runflow_worker.run.outputs import UnsafeOutput, open_output
 from runflow_worker.runtime.sandbox import SandboxPlan, SandboxUnavailable, command_prefix, probe
 from runflow_worker.settings import Settings
+from tests.fakes import FORKING_CHILD
+from tests.support.cli import cli
 
 REPO = Path(__file__).parents[2]
 HAVE_BWRAP = pytest.mark.skipif(
@@ -199,20 +201,15 @@ def test_outputs_are_opened_without_following_a_symlink(tmp_path: Path) -> None:
 
 
 def _cli(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The command with its ComfyUI checkout in ``tmp_path/comfy`` and a Redis nobody runs."""
     comfy = tmp_path / "comfy"
     comfy.mkdir(exist_ok=True)
-    full = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
-    full.update({"RUNFLOW_CACHE_DIR": str(tmp_path / "cache"),
-                 "RUNFLOW_COMFYUI_DIR": str(comfy), "RUNFLOW_GPU_CLASS": "cpu",
-                 "RUNFLOW_RUNNER_ENTRY": "tests.fakes.fake_child:main",
-                 "RUNFLOW_REDIS_URL": "redis://127.0.0.1:1/0", "PYTHONPATH": str(REPO)})
-    full.update(env)
-    return subprocess.run([PY, "-m", "runflow_worker.cli.main", *args], capture_output=True, text=True,
-                          env=full, timeout=120, cwd=tmp_path, check=False)
+    return cli(tmp_path, *args, env={"RUNFLOW_COMFYUI_DIR": str(comfy),
+                                     "RUNFLOW_REDIS_URL": "redis://127.0.0.1:1/0", **env})
 
 
 def _deployed(tmp_path: Path) -> Path:
-    from tests.factories import workflow
+    from tests.support.factories import workflow
 
     path = tmp_path / "deployed.json"
     path.write_text(json.dumps(workflow()))
@@ -304,7 +301,7 @@ def test_stopping_the_sandboxed_runner_ends_a_helper_the_child_forked(tmp_path: 
     (tmp_path / "comfy").mkdir()
     marker = f"sandbox-test-{uuid.uuid4().hex}"
     cfg = RunnerConfig(comfyui_dir=str(tmp_path / "comfy"), base_dir=str(root / "base"),
-                       child_entry="tests.fakes.forking_child:main", startup_timeout_s=60,
+                       child_entry=FORKING_CHILD, startup_timeout_s=60,
                        env={"fake_helper_pidfile": str(root / "helper.pid"),
                             "SANDBOX_TEST_MARK": marker},
                        sandbox=SandboxPlan(writable=(str(root),), fresh=(str(root),)))

@@ -14,14 +14,12 @@ from runflow_worker.cache.errors import EnvironmentBuildError
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.run.sandboxing import build_sandbox
 from runflow_worker.settings import Settings
-from tests.cache.gitrepos import commit, make_repo
+from tests.support.gitrepos import COMFY, NODE, commit, make_repo
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="bubblewrap (bwrap) is not installed")]
 
-COMFY = "https://git.example/comfyanonymous/ComfyUI"
-NODE = "https://git.example/acme/ComfyUI-Foo"
 MARK = "RUNFLOW" + "CANARY"
 
 INSTALL = """

@@ -18,7 +18,6 @@ import sys
 import sysconfig
 import threading
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -27,30 +26,21 @@ import pytest
 
 from runflow_worker.cache.blobs import BlobStore
 from runflow_worker.run.contract import RunStatus, parse_message
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig, StopReason
+from runflow_worker.run.pipeline import Pipeline
 from runflow_worker.run.storage import LocalStorage
-from tests.factories import message, workflow
+from tests.fakes import FAKE_CHILD
+from tests.fakes.control import RecordingControl
+from tests.fakes.fetchers import copy_fetch
+from tests.support.factories import message, workflow
+from tests.support.paths import REPO
+from tests.support.pipelines import make_pipeline
 
 pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
 ]
 
-REPO = Path(__file__).parents[2]
-FAKE = "tests.fakes.fake_child:main"
 MARK = "RUNFLOW" + "CANARY"  # never spelled out whole in a file the node can read
-
-
-class Control:
-    def stop_reason(self) -> StopReason | None:
-        return None
-
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        pass
-
-
-def _fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> None:
-    shutil.copyfile(unquote(urlsplit(url).path), dest)
 
 
 def _comfy(root: Path, *packs: str) -> Path:
@@ -64,22 +54,21 @@ def _comfy(root: Path, *packs: str) -> Path:
 
 
 def _pipeline(root: Path, comfy: Path, **overrides: Any) -> Pipeline:
+    """A sandboxed pipeline on ``comfy`` whose cache volume (``root/cache``) is hidden from
+    the child; it may read the tests (the fake child's code)."""
     cache = root / "cache"
-    known = {f.name for f in fields(PipelineConfig)}
     options = {"sandbox_hidden": (cache,), "sandbox_read_only": (REPO / "tests",),
                **overrides}
-    config = PipelineConfig(work_dir=cache / "work", comfyui_dir=comfy, child_entry=FAKE,
-                            allow_local_files=True,
-                            **{k: v for k, v in options.items() if k in known})
-    return Pipeline(config, storage=LocalStorage(cache / "outputs"),
-                    blobs=BlobStore(cache / "blobs"), fetch_input=_fetch)
+    return make_pipeline(root, work_dir=cache / "work", comfyui_dir=comfy,
+                         allow_local_files=True, storage=LocalStorage(cache / "outputs"),
+                         blobs=BlobStore(cache / "blobs"), fetch_input=copy_fetch, **options)
 
 
 def _run(pl: Pipeline, node: str, run_id: str, **inputs: Any) -> dict[str, Any]:
     """Run the hostile ``node``; its JSON report."""
     graph = {"1": {"class_type": node, "inputs": {"output_id": "report", **inputs}}}
     msg = message(graph, run_id=run_id, input={}, wf=workflow(graph, **_models(pl)))
-    result = pl.execute(parse_message(msg), Control())
+    result = pl.execute(parse_message(msg), RecordingControl())
     assert result.status is RunStatus.SUCCEEDED, result.failure
     (entry,) = result.output.outputs
     return json.loads(Path(unquote(urlsplit(entry.url).path)).read_text())
@@ -133,7 +122,7 @@ def test_secret_hunt_finds_no_credential(tmp_path: Path) -> None:
         "RUNFLOW_WEBHOOK_SECRET": webhook,
         "RUNFLOW_REDIS_URL": f"redis://:{MARK}pw@127.0.0.1:6390/0",
         "RUNFLOW_CACHE_DIR": str(cache), "RUNFLOW_COMFYUI_DIR": str(comfy),
-        "RUNFLOW_GPU_CLASS": "cpu", "RUNFLOW_RUNNER_ENTRY": FAKE,
+        "RUNFLOW_GPU_CLASS": "cpu", "RUNFLOW_RUNNER_ENTRY": FAKE_CHILD,
     })
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "runflow_worker.cli.main", "run", str(deployed),
@@ -196,7 +185,7 @@ def test_the_previous_runs_files_are_not_readable(tmp_path: Path) -> None:
                  "3": {"class_type": "HostileStatus", "inputs": {"output_id": "where"}}}
         wf = workflow(graph, inputs=[{"input_id": "doc", "type": "FILE"}])
         first = pl.execute(parse_message(message(run_id="first", wf=wf,
-                                                 input={"doc": doc.as_uri()})), Control())
+                                                 input={"doc": doc.as_uri()})), RecordingControl())
         assert first.status is RunStatus.SUCCEEDED, first.failure
         stored = {e.output_id: Path(unquote(urlsplit(e.url).path))
                   for e in first.output.outputs}
@@ -218,7 +207,7 @@ def test_the_previous_runs_files_are_not_readable(tmp_path: Path) -> None:
 @pytest.fixture
 def listeners(tmp_path: Path) -> Iterator[list[int]]:
     """A redis-server and a plain TCP listener on loopback: their ports."""
-    from tests.serve.conftest import RedisServer
+    from tests.support.redis_server import RedisServer
 
     (tmp_path / "redis").mkdir()
     redis_server = RedisServer(tmp_path / "redis")
@@ -274,7 +263,7 @@ def test_a_pack_writing_into_its_folder_imports_and_the_write_is_gone(tmp_path: 
     try:
         graph = {"1": {"class_type": "SelfWriter", "inputs": {"output_id": "text"}}}
         result = pl.execute(parse_message(message(graph, run_id="writer", input={})),
-                            Control())
+                            RecordingControl())
         assert result.status is RunStatus.SUCCEEDED, result.failure
         assert pl.supervisor.runner.ready.import_failures == ()
         (entry,) = result.output.outputs
@@ -292,7 +281,8 @@ def test_an_output_symlinked_to_the_workers_file_is_refused(tmp_path: Path) -> N
     try:
         graph = {"1": {"class_type": "HostileOutputLink",
                        "inputs": {"output_id": "loot", "target": str(secret)}}}
-        result = pl.execute(parse_message(message(graph, run_id="loot", input={})), Control())
+        result = pl.execute(parse_message(message(graph, run_id="loot", input={})),
+                            RecordingControl())
     finally:
         pl.close()
     assert result.status is RunStatus.FAILED

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.serve import keys
-from tests.serve.conftest import (
+from tests.support.queue import (
     events,
     fence_value,
     graph,
@@ -16,8 +16,8 @@ from tests.serve.conftest import (
     record,
     submit,
     terminal_events,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.timeout(60)

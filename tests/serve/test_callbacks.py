@@ -20,8 +20,9 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from runflow_worker.serve import keys
 from runflow_worker.serve.callbacks import CallbackSender, build_poster
 from runflow_worker.settings import Settings
-from tests.serve.conftest import graph, is_terminal, record, submit, wait_for
 from tests.support.https_server import HTTPSServer, Mode
+from tests.support.queue import graph, is_terminal, record, submit
+from tests.support.waiting import wait_for
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 

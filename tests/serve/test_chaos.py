@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.serve import keys
-from tests.serve.conftest import graph, submit, terminal_events, wait_for
+from tests.support.queue import graph, submit, terminal_events
+from tests.support.waiting import wait_for
 
 RUNS = 210
 WORKERS = 3

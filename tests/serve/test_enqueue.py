@@ -17,18 +17,18 @@ from runflow_worker.cli.inputs import message_from_args
 from runflow_worker.errors import RunRejected
 from runflow_worker.serve import keys
 from runflow_worker.serve.recordstore import RunExists
-from tests import factories
-from tests.serve.conftest import (
+from tests.support import factories
+from tests.support.cli import run_cli
+from tests.support.queue import (
     events,
     graph,
     is_terminal,
     record,
-    run_cli,
     status_of,
     submit,
     terminal_events,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from tests.serve.conftest import graph, record, submit, terminal_events
+from tests.fakes import HOSTILE_CHILD
+from tests.support.queue import graph, record, submit, terminal_events
 
-HOSTILE = "tests.fakes.hostile_child:main"
 FORGED = {"level": "error", "logger": "runflow_worker.serve.daemon", "msg": "forged by a node",
           "run_id": "someone-else", "event": "run_succeeded"}
 
@@ -22,7 +22,7 @@ def test_a_protocol_violation_fails_one_run_and_the_worker_serves_the_next(
         "0": {"class_type": "HostileFrame", "inputs": {"kind": "garbage"}}}))
     good = submit(r, "next-run", graph(extra={
         "0": {"class_type": "HostileLog", "inputs": {"line": json.dumps(FORGED)}}}))
-    w = spawn_worker("--max-runs", "2", env={"RUNFLOW_RUNNER_ENTRY": HOSTILE})
+    w = spawn_worker("--max-runs", "2", env={"RUNFLOW_RUNNER_ENTRY": HOSTILE_CHILD})
     assert w.wait(60) == 0
     rec = record(r, bad)
     assert rec["status"] == "failed" and rec["error"]["code"] == "INTERNAL", rec

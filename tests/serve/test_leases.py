@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.serve import keys
-from tests.serve.conftest import (
+from tests.support.queue import (
     events,
     fence_value,
     graph,
@@ -22,8 +22,8 @@ from tests.serve.conftest import (
     status_of,
     submit,
     terminal_events,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 def _executions(mark: Path, tag: str) -> int:

@@ -14,17 +14,11 @@ from runflow_worker.logs import JsonFormatter, redact
 from runflow_worker.run.gpu import GpuInfo, class_for_gpu, next_larger_class
 from runflow_worker.serve import keys
 from runflow_worker.settings import parse_ladder
-from tests import factories
-from tests.serve.conftest import (
-    events,
-    free_port,
-    graph,
-    is_terminal,
-    record,
-    run_cli,
-    submit,
-    wait_for,
-)
+from tests.support import factories
+from tests.support.cli import run_cli
+from tests.support.queue import events, graph, is_terminal, record, submit
+from tests.support.redis_server import free_port
+from tests.support.waiting import wait_for
 
 OOM = {"8": {"class_type": "FakeOOM", "inputs": {}}}
 LADDER = parse_ladder("cpu:0,t4:16,l4:24,a10g:24,l40s:48,a100-40gb:40,a100-80gb:80,h100:80,"

@@ -14,15 +14,14 @@ from typing import Any
 import pytest
 
 from runflow_worker.run.contract import RunStatus
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
 from runflow_worker.serve import keys
 from runflow_worker.serve.daemon import Worker
 from runflow_worker.serve.metrics import Metrics
 from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
 from runflow_worker.serve.queue import Delivery, RedisUnavailable
-from runflow_worker.settings import Settings
-from tests.serve.conftest import CHILD_ENTRY, graph, record, status_of, submit, wait_for
+from tests.support.queue import graph, record, status_of, submit
+from tests.support.waiting import wait_for
+from tests.support.workers import make_worker
 
 OOM = {"8": {"class_type": "FakeOOM", "inputs": {}}}
 
@@ -33,16 +32,7 @@ def worker(redis_server: Any, tmp_path: Path) -> Iterator[Callable[..., Worker]]
     made: list[Worker] = []
 
     def make(**overrides: Any) -> Worker:
-        fields: dict[str, Any] = {"redis_url": redis_server.url, "lease_s": 1.0,
-                                  "grace_s": 5.0, "idle_exit_s": 0.0, "http_port": 0,
-                                  "cache_dir": tmp_path / "cache"}
-        fields.update(overrides)
-        comfy = tmp_path / "comfyui"
-        comfy.mkdir(exist_ok=True)
-        pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy,
-                                           cpu=True, child_entry=CHILD_ENTRY, sandbox=False),
-                            storage=LocalStorage(tmp_path / "outputs"))
-        w = Worker(Settings(**fields), pipeline, gpu_class="cpu", http_port=0)
+        w = make_worker(redis_server.url, tmp_path, child_sandbox=False, **overrides)
         w.queue.ensure_group()
         made.append(w)
         return w

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import graph, record, submit, wait_for
+from tests.support.queue import graph, record, submit
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.timeout(60)

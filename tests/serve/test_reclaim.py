@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
 from runflow_worker.serve import keys
 from runflow_worker.serve.daemon import Worker
 from runflow_worker.serve.queue import RunQueue
-from runflow_worker.settings import Settings
-from tests.serve.conftest import CHILD_ENTRY, InProcessWorker, graph, is_terminal, submit
+from tests.support.queue import graph, is_terminal, submit
+from tests.support.workers import InProcessWorker, make_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,14 +83,8 @@ def test_a_wrapped_scan_stops_where_it_began(r, monkeypatch) -> None:
 
 def _worker(redis_server, tmp_path: Path, *, idle_exit_s: float) -> Worker:
     """A worker not started yet (its queue can be inspected or wrapped first)."""
-    settings = Settings(redis_url=redis_server.url, lease_s=30.0, grace_s=5.0,
-                        idle_exit_s=idle_exit_s, http_port=0, cache_dir=tmp_path / "cache")
-    comfy = tmp_path / "comfyui"
-    comfy.mkdir()
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
-                                       child_entry=CHILD_ENTRY),
-                        storage=LocalStorage(tmp_path / "outputs"))
-    return Worker(settings, pipeline, gpu_class="cpu", http_port=0)
+    return make_worker(redis_server.url, tmp_path, child_sandbox=True, lease_s=30.0,
+                       idle_exit_s=idle_exit_s)
 
 
 def test_burst_reclaims_every_expired_entry_before_exiting(r, redis_server, tmp_path: Path

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import free_port, is_terminal, record, submit, wait_for
+from tests.support.queue import is_terminal, record, submit
+from tests.support.redis_server import free_port
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.serve import keys
-from tests.serve.conftest import (
+from tests.support.queue import (
     events,
     graph,
     is_terminal,
@@ -17,8 +17,8 @@ from tests.serve.conftest import (
     status_of,
     submit,
     terminal_events,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 def _pending(r) -> int:

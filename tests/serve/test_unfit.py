@@ -5,7 +5,6 @@ healthy worker then runs every one of those runs to success."""
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,23 +12,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.storage import LocalStorage
 from runflow_worker.serve import keys
-from runflow_worker.serve.daemon import EXIT_UNFIT, Worker
-from runflow_worker.settings import Settings
-from tests.serve.conftest import (
-    InProcessWorker,
-    RedisServer,
-    events,
-    fence_value,
-    free_port,
-    record,
-    status_of,
-    submit,
-    terminal_events,
-    wait_for,
-)
+from runflow_worker.serve.daemon import EXIT_UNFIT
+from tests.fakes import INIT_FAILED_CHILD, SECOND_START_GATED_CHILD
+from tests.fakes.nvml import NO_DRIVER, fake_pynvml
+from tests.support.paths import REPO
+from tests.support.queue import events, fence_value, record, status_of, submit, terminal_events
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.waiting import wait_for
+from tests.support.workers import InProcessWorker, make_worker
 
 
 def _cuda_usable() -> bool:
@@ -41,17 +32,10 @@ def _cuda_usable() -> bool:
 def _start(redis_server: RedisServer, tmp_path: Path, *, cpu: bool, child_entry: str,
            burst: bool = False, http_port: int = 0, **overrides: object) -> InProcessWorker:
     """An in-process worker whose ComfyUI child is ``child_entry`` (on the CPU or not)."""
-    settings = Settings(redis_url=redis_server.url, lease_s=1.0, grace_s=5.0,
-                        idle_exit_s=0.0, http_port=0, cache_dir=tmp_path / "cache",
-                        **overrides)
-    comfy = tmp_path / "comfyui"
-    comfy.mkdir(exist_ok=True)
     # Unsandboxed: the gated test child counts its starts in files beside the test.
-    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy,
-                                       cpu=cpu, child_entry=child_entry, sandbox=False),
-                        storage=LocalStorage(tmp_path / "outputs"), blobs=None,
-                        fetch_input=None)
-    return InProcessWorker(Worker(settings, pipeline, gpu_class="cpu", http_port=http_port),
+    return InProcessWorker(make_worker(redis_server.url, tmp_path, child_entry=child_entry,
+                                       cpu=cpu, child_sandbox=False, http_port=http_port,
+                                       **overrides),
                            burst=burst)
 
 
@@ -96,7 +80,7 @@ def test_worker_without_usable_cuda_releases_every_run_then_exits(
     ids = [submit(r, f"bh-{i}") for i in range(4)]
     port = free_port()
     unfit = _start(redis_server, tmp_path, cpu=False, http_port=port,
-                   child_entry="tests.serve.test_unfit:second_start_gated_child",
+                   child_entry=SECOND_START_GATED_CHILD,
                    max_unfit_starts=2)
     starts = tmp_path / "comfyui" / "starts"
     try:
@@ -148,7 +132,7 @@ def test_a_run_whose_own_start_fails_still_fails(r: redis.Redis, redis_server: R
     custom node that does not import) fails the run ENVIRONMENT_FAILED, as before."""
     submit(r, "own-fault")
     w = _start(redis_server, tmp_path, cpu=True, burst=True,
-               child_entry="tests.serve.test_unfit:failing_child")
+               child_entry=INIT_FAILED_CHILD)
     try:
         w.thread.join(30)
     finally:
@@ -159,50 +143,14 @@ def test_a_run_whose_own_start_fails_still_fails(r: redis.Redis, redis_server: R
     assert w.worker.unfit_starts == 0
 
 
-def failing_child(conn, config) -> None:  # noqa: ANN001 - the child entry signature
-    """A ComfyUI child whose custom node fails to import (child entry of the test above)."""
-    from runflow_worker.runtime import protocol as p
-    from runflow_worker.runtime.child import make_sender
-
-    make_sender(conn)(p.InitFailed("ImportError: No module named 'evil_pack'", ""))
-
-
-def second_start_gated_child(conn, config) -> None:  # noqa: ANN001 - child entry signature
-    """The serve tests' fake child, counting its starts in ``<checkout>/starts``; the second
-    start waits for ``<checkout>/gate`` (another process's event: polled)."""
-    checkout = Path(config["comfyui_dir"])
-    with open(checkout / "starts", "a") as fh:
-        fh.write("start\n")
-    if len((checkout / "starts").read_text().splitlines()) >= 2:
-        while not (checkout / "gate").exists():
-            time.sleep(0.01)
-    from tests.serve.child import main
-
-    main(conn, config)
-
-
-NO_DRIVER_NVML = """
-class NVMLError(Exception):
-    pass
-
-
-def nvmlInit():
-    raise NVMLError("Driver Not Loaded")
-"""
-
-
 @pytest.mark.timeout(60)
 def test_serve_refuses_a_gpu_class_without_cuda(r: redis.Redis, spawn_worker,
                                                 tmp_path: Path) -> None:
     """Class l4 where NVML finds no GPU (no driver): exit 2 with one line, before any run
     is taken; RUNFLOW_DEVICE=cpu serves the same class with ComfyUI on the CPU (the fake
     child would fail its start were it asked for CUDA)."""
-    from tests.serve.conftest import REPO_ROOT
-
-    fake = tmp_path / "fake-nvml"
-    fake.mkdir()
-    (fake / "pynvml.py").write_text(NO_DRIVER_NVML)
-    env = {"RUNFLOW_GPU_CLASS": "l4", "PYTHONPATH": f"{fake}:{REPO_ROOT}"}
+    fake = fake_pynvml(tmp_path / "fake-nvml", NO_DRIVER)
+    env = {"RUNFLOW_GPU_CLASS": "l4", "PYTHONPATH": f"{fake}:{REPO}"}
     submit(r, "on-l4", gpu_class="l4")
     refused = spawn_worker("--burst", env=env)
     assert refused.wait(30) == 2

@@ -15,8 +15,9 @@ from runflow_worker.errors import ErrorCode, RunRejected
 from runflow_worker.run.contract import RunMessage, parse_message_json
 from runflow_worker.serve import keys
 from runflow_worker.serve.salvage import parse_delivery, salvage_members
-from tests import factories
-from tests.serve.conftest import graph, is_terminal, record, terminal_events, wait_for
+from tests.support import factories
+from tests.support.queue import graph, is_terminal, record, terminal_events
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,8 +19,9 @@ import pytest
 
 from runflow_worker.run.storage import LocalStorage, S3Storage
 from runflow_worker.serve import keys
-from tests.serve.conftest import graph, is_terminal, record, submit, terminal_events, wait_for
-from tests.serve.s3_servers import SilentServer, aws_test_credentials, moto_s3
+from tests.support.queue import graph, is_terminal, record, submit, terminal_events
+from tests.support.s3_servers import SilentServer, aws_test_credentials, moto_s3
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

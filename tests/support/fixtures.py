@@ -1,8 +1,10 @@
 """Shared fixtures (every test folder has them, through tests/conftest.py): a local TLS
-server and a CA, fetchers trusting it, stores, S3 (moto), a connection recorder."""
+server and a CA, fetchers trusting it, stores, S3 (moto), a connection recorder, an
+environment without the machine's RUNFLOW_* variables, a runner supervisor."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,8 +16,14 @@ from runflow_worker.cache.blobs import BlobStore
 from runflow_worker.cache.fetcher import Fetcher
 from runflow_worker.cache.sources import Sources
 from runflow_worker.cache.urlpolicy import URLPolicy
-from tests.cache.helpers import LOOPBACK_ALLOW, TEST_HOSTNAMES
+from runflow_worker.runtime.supervisor import RunnerSupervisor
 from tests.support.https_server import CountingListener, HTTPSServer
+from tests.support.s3_servers import aws_test_credentials
+
+LOOPBACK_ALLOW = ("127.0.0.1/32",)
+"""The URL policy's allow list of the test fetchers: the test servers' loopback address."""
+TEST_HOSTNAMES = ("files.test", "redirector.test", "rebind.test")
+"""Names the test server's certificate carries besides 127.0.0.1 (resolved by the tests)."""
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +72,14 @@ def make_store(tmp_path: Path, fetcher: Fetcher) -> Callable[..., BlobStore]:
 
 
 @pytest.fixture
+def no_runflow_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RUNFLOW_* variable of the machine running the tests leaks into the test."""
+    for name in list(os.environ):
+        if name.startswith("RUNFLOW_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
 def no_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """Record (and forbid) every outgoing TCP connection attempt made through ``socket``."""
     attempts: list[object] = []
@@ -90,13 +106,7 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """An S3 endpoint (moto in server mode on loopback); yields its URL."""
     from moto.server import ThreadedMotoServer
 
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    aws_test_credentials(monkeypatch)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -105,3 +115,11 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     finally:
         server.stop()
 
+
+
+@pytest.fixture
+def sup() -> Iterator[RunnerSupervisor]:
+    """A runner supervisor, closed (its child stopped) at teardown."""
+    supervisor = RunnerSupervisor()
+    yield supervisor
+    supervisor.close()

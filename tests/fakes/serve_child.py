@@ -1,4 +1,4 @@
-"""The fake ComfyUI child of the serve tests: ``tests.fakes.fake_child`` plus two test nodes.
+"""The fake ComfyUI child of the serve tests: ``tests.fakes.fake_child`` plus three test nodes.
 
 - ``TestMark``: when the job arrives, appends ``inputs["tag"]`` and a newline to
   ``inputs["path"]`` (one line per execution: the tests count executions with it).
@@ -7,7 +7,7 @@
 - ``TestKillWorker``: when the job arrives, SIGKILLs the worker process (the child's parent):
   a run that takes its whole container down every time (a poison run).
 
-Both act before the fake child sees the job; the fake child ignores their node types.
+All act before the fake child sees the job; the fake child ignores their node types.
 """
 
 from __future__ import annotations
@@ -51,5 +51,5 @@ class _Conn:
 
 
 def main(conn: Any, config: dict[str, Any]) -> None:
-    """Entry point (``tests.serve.child:main``)."""
+    """Entry point (``tests.fakes.serve_child:main``)."""
     fake_child.main(_Conn(conn), config)

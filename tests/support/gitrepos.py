@@ -10,6 +10,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from runflow_worker.cache.environments import Environments
+from runflow_worker.cache.git import GitMirrors
+
 _IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
              "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
 
@@ -39,7 +42,40 @@ def commit(repo: Path, files: dict[str, str], message: str = "change") -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
-PACK_COMFY = "https://git.example/comfyanonymous/ComfyUI"
+COMFY = "https://git.example/comfyanonymous/ComfyUI"
+"""The origin URL standing for ComfyUI's (mapped to a local repository)."""
+NODE = "https://git.example/acme/ComfyUI-Foo"
+"""The origin URL standing for a custom node pack's."""
+
+
+class Origins:
+    """Two local repositories standing in for ComfyUI and a custom node (``COMFY``,
+    ``NODE``): ComfyUI at two commits, the node at one requiring ``tinydep`` (a local wheel
+    in ``wheels``) and pytest (which the image has)."""
+
+    def __init__(self, root: Path) -> None:
+        self.comfy = make_repo(root / "origins" / "ComfyUI")
+        self.comfy_v1 = commit(self.comfy, {"main.py": "VERSION = 1\n",
+                                            "custom_nodes/example_node.py.example": "#\n"})
+        self.comfy_v2 = commit(self.comfy, {"main.py": "VERSION = 2\n"})
+        self.node = make_repo(root / "origins" / "ComfyUI-Foo")
+        self.node_v1 = commit(self.node, {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n",
+                                          "requirements.txt": "tinydep==1.0\npytest\n"})
+        self.wheels = root / "wheels"
+        make_wheel(self.wheels, "tinydep", "1.0", "VALUE = 'from the environment'\n")
+
+    def mirrors(self, root: Path) -> GitMirrors:
+        """Git mirrors under ``root/cache/git`` mapping both origins to these repositories."""
+        return GitMirrors(root / "cache" / "git", {COMFY: self.comfy, NODE: self.node})
+
+    def environments(self, root: Path, **kwargs: object) -> Environments:
+        """Environments under ``root/cache/envs`` installing from ``wheels`` only."""
+        return Environments(root / "cache" / "envs", self.mirrors(root),
+                            pip_index_url=None, pip_find_links=(str(self.wheels),),
+                            **kwargs)  # type: ignore[arg-type]
+
+
+PACK_COMFY = COMFY
 PACK_GOOD = "https://git.example/acme/ComfyUI-Good"
 PACK_BROKEN = "https://git.example/acme/ComfyUI-Broken"
 
