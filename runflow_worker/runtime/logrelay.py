@@ -139,10 +139,13 @@ class LogRelay:
     def _run(self) -> None:
         try:
             while True:
-                with self._read_lock:
-                    eof = self._drain(_DRAIN_MAX_BYTES)
+                # The stop flag is read before the drain: a stop seen here came after what
+                # it follows was written, so this drain still reads it (read after the
+                # drain, a stop could end the thread with those lines unread).
                 with self._lock:
                     stopping = self._stopping
+                with self._read_lock:
+                    eof = self._drain(_DRAIN_MAX_BYTES)
                 if eof or stopping:
                     break
                 if self._wake_r in readable([self._fd, self._wake_r], None):

@@ -122,6 +122,33 @@ def test_stop_ends_the_thread_while_a_writer_holds_the_pipe(records: Records) ->
         os.close(w)
 
 
+def test_a_line_written_before_stop_is_relayed_whatever_the_interleaving(
+        records: Records) -> None:
+    # The line and the stop arrive between the thread's drain and its look at the stop
+    # flag: the thread must still read the line before it ends.
+    r, w = os.pipe()
+    relay = LogRelay(r)
+    real_drain = relay._drain
+    fired = threading.Event()
+
+    def drain_then_write_and_stop(max_bytes: int) -> bool:
+        eof = real_drain(max_bytes)
+        if not fired.is_set():
+            fired.set()
+            os.write(w, b"between drain and stop\n")
+            relay.stop()
+        return eof
+
+    relay._drain = drain_then_write_and_stop  # type: ignore[method-assign]
+    try:
+        relay._wake()  # the thread drains again, through the wrapper
+        assert relay.join(timeout_s=10)
+        assert fired.is_set()
+        assert [rec.getMessage() for rec in records.records] == ["between drain and stop"]
+    finally:
+        os.close(w)
+
+
 def test_the_childs_stderr_is_relayed_with_the_run_the_parent_runs(
         tmp_path: Path, records: Records) -> None:
     for d in ("in", "out", "tmp"):
