@@ -315,7 +315,8 @@ class InProcessWorker:
 @pytest.fixture
 def inprocess_worker(tmp_path: Path, redis_server: RedisServer
                      ) -> Iterator[Callable[..., InProcessWorker]]:
-    """Start ``Worker`` threads with settings overrides (and a ``storage``); stopped at teardown."""
+    """Start ``Worker`` threads with settings overrides (and a ``storage``, a Redis
+    ``client``, a ``before_start(worker)`` hook); stopped at teardown."""
     from runflow_worker.run.pipeline import Pipeline, PipelineConfig
     from runflow_worker.run.storage import LocalStorage
     from runflow_worker.serve.daemon import Worker
@@ -324,7 +325,8 @@ def inprocess_worker(tmp_path: Path, redis_server: RedisServer
     started: list[InProcessWorker] = []
 
     def start(*, burst: bool = False, callbacks: Any = None, http_port: int = 0,
-              gpu_class: str = "cpu", storage: Any = None,
+              gpu_class: str = "cpu", storage: Any = None, client: Any = None,
+              before_start: Callable[[Any], None] | None = None,
               **overrides: Any) -> InProcessWorker:
         fields: dict[str, Any] = {"redis_url": redis_server.url, "lease_s": 1.0,
                                   "grace_s": 5.0, "idle_exit_s": 0.0, "http_port": 0,
@@ -338,8 +340,11 @@ def inprocess_worker(tmp_path: Path, redis_server: RedisServer
                                            sandbox=settings.sandboxed),
                             storage=storage or LocalStorage(tmp_path / "outputs"), blobs=None,
                             fetch_input=None)
-        w = InProcessWorker(Worker(settings, pipeline, gpu_class=gpu_class,
-                                   callbacks=callbacks, http_port=http_port), burst=burst)
+        worker = Worker(settings, pipeline, gpu_class=gpu_class, callbacks=callbacks,
+                        http_port=http_port, client=client)
+        if before_start is not None:
+            before_start(worker)
+        w = InProcessWorker(worker, burst=burst)
         started.append(w)
         return w
 
