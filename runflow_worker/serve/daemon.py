@@ -36,7 +36,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -72,11 +72,13 @@ from runflow_worker.serve.queue import (
     RedisUnavailable,
     RunQueue,
     connect,
+    load_scripts,
 )
 from runflow_worker.serve.recordstore import (
     Begin,
     CallbackJob,
     DeadLetter,
+    Event,
     Finalised,
     NotSerialisable,
     Promotion,
@@ -92,7 +94,8 @@ MAX_BLOCK_S = 1.0
 """Longest XREADGROUP BLOCK: bounds how long an idle worker takes to notice a stop request.
 A new entry wakes the read at once, so this adds no latency to runs."""
 EVENT_FLUSH_TIMEOUT_S = 2.0
-"""How long the terminal write waits for the run's progress events to be sent."""
+"""How long the run's last write waits for a batch of its progress events already on its way
+(the events not sent yet go with that write)."""
 PERMANENT_ERROR_RETRIES = 5
 """Terminal-write attempts after a non-connection Redis error before giving up."""
 TERMINAL_WRITE_RETRY_CAP_S = 1.0
@@ -328,32 +331,40 @@ class Worker:
         # for Redis must not let another worker reclaim (and re-execute) the run.
         self.keeper.watch(delivery, message.run_id, token, control)
         try:
-            result = self.execute_run(message, token, control, start.monotonic_s)
+            result, events = self.execute_run(message, token, control, start.monotonic_s)
             if control.lease_lost:
+                # Another pickup holds the run: its events would be refused like any write.
                 return Ending(Outcome.FENCED, delivery, run_id=message.run_id,
                               attempt=message.attempt, reason="lease_lost")
             if result.release:
                 self.keeper.unwatch()  # a renewal would undo the release's idle time
-                return self.release_run(delivery, message, token, unfit=result.unfit)
+                return self.release_run(delivery, message, token, unfit=result.unfit,
+                                        events=events)
             self.unfit_starts, self.unfit_reason = 0, None
-            return self.finalise_run(delivery, start, token, message, result)
+            return self.finalise_run(delivery, start, token, message, result, events=events)
         finally:
             self.keeper.unwatch()
 
     def execute_run(self, message: RunMessage, token: int, control: ServeControl,
-                    picked_up: float) -> RunResult:
-        """Run the pipeline with this pickup's control; its events are flushed on return."""
+                    picked_up: float) -> tuple[RunResult, list[Event]]:
+        """Run the pipeline with this pickup's control; return its result and the progress
+        events not written yet, which the run's last write carries before its status event
+        (``serve.events``)."""
         self.publisher.bind(message.run_id, message.attempt, token)
         try:
-            return self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
-        finally:
+            result = self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
+        except BaseException:
+            # No last write follows (the entry stays pending): write them as they are.
             self.publisher.flush(EVENT_FLUSH_TIMEOUT_S)
             self.publisher.unbind()
+            raise
+        return result, self.publisher.finish(EVENT_FLUSH_TIMEOUT_S)
 
     def finalise_run(self, delivery: Delivery, start: AttemptStart, token: int,
-                     message: RunMessage, result: RunResult) -> Ending:
+                     message: RunMessage, result: RunResult, *,
+                     events: Sequence[Event] = ()) -> Ending:
         """Write the attempt's terminal record (or its OOM re-enqueue) with its event and
-        the ack."""
+        the ack, after ``events`` (its progress events not written yet)."""
         record = terminal_record(message, result, started_at=start.started_at,
                                  gpu_class=self.gpu_class, gpu_seconds=start.gpu_seconds(),
                                  cold_start_s=self.boot_charge.cold_start_s(result),
@@ -373,15 +384,16 @@ class Worker:
                     delivery, token, queued, Outcome.PROMOTED, about=record,
                     event_data={"reason": "out_of_memory", "from": self.gpu_class,
                                 "gpu_class": target},
-                    promotion=promotion, promoted_to=target)
+                    promotion=promotion, promoted_to=target, events=events)
         return self._write_terminal(delivery, token, record, Outcome.FINALISED,
                                     event_data=self._finished_event(record),
-                                    callback=self._callback_job(message.callback_url, record))
+                                    callback=self._callback_job(message.callback_url, record),
+                                    events=events)
 
     def release_run(self, delivery: Delivery, message: RunMessage, token: int, *,
-                    unfit: str | None = None) -> Ending:
+                    unfit: str | None = None, events: Sequence[Event] = ()) -> Ending:
         """Leave an interrupted run pending so another worker takes it at once, its record
-        back to ``queued``.
+        back to ``queued`` (after ``events``, its progress events not written yet).
 
         ``unfit``: the release is not a stop's but a failed start's that was this worker's
         fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker not
@@ -395,7 +407,7 @@ class Worker:
             released = self.store.release(
                 delivery, token, released_record(message),
                 event_data={"released": True, "worker": self.consumer},
-                consumer=self.consumer, idle_ms=self.queue.lease_ms)
+                consumer=self.consumer, idle_ms=self.queue.lease_ms, events=events)
         except QueueError as exc:
             released, error = False, str(exc)
         return Ending(Outcome.RELEASED, delivery, run_id=message.run_id,
@@ -452,14 +464,16 @@ class Worker:
                         outcome: Outcome, *, event_data: dict[str, Any],
                         about: RunRecord | None = None, dead_letter: DeadLetter | None = None,
                         promotion: Promotion | None = None, callback: CallbackJob | None = None,
-                        promoted_to: str | None = None) -> Ending:
+                        promoted_to: str | None = None, events: Sequence[Event] = ()) -> Ending:
         """Write ``record`` (terminal, or the promotion's ``queued``) until Redis takes it;
         the ending is ``outcome`` once written. ``about``: the attempt's terminal record
-        when ``record`` is the promotion's."""
+        when ``record`` is the promotion's; ``events``: the attempt's progress events not
+        written yet, written by the same script, before its status event."""
         about = about or record
         done = self._retry_terminal_write(about.id, lambda: self.store.finalise(
             delivery, token, record, event_data=event_data, dead_letter=dead_letter,
-            promotion=promotion, callback=callback))
+            promotion=promotion, callback=callback, events=events,
+            events_attempt=about.attempt))
         ids = {"run_id": about.id, "attempt": about.attempt}
         if isinstance(done, QueueError):
             return Ending(Outcome.ABANDONED, delivery, **ids, reason=str(done))
@@ -530,11 +544,13 @@ class Worker:
             pass  # it is reclaimed after the lease
 
     def _boot(self) -> bool:
-        """Create the group, retrying while Redis is away; False if stopped meanwhile."""
+        """Create the group and load the scripts, retrying while Redis is away; False if
+        stopped meanwhile."""
         backoff = Backoff()
         while not self.shutdown.requested:
             try:
                 self.queue.ensure_group()
+                load_scripts(self.client, [*self.store.scripts, *self.queue.scripts])
                 self._redis_ok = True
                 return True
             except QueueError as exc:
