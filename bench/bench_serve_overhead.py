@@ -13,13 +13,15 @@ Rows, their warm runs interleaved in a new random order each round, in one invoc
   no daemon), the same graph and fake child.
 
 ``serve[i] - pipeline`` (medians) is the daemon's overhead; the paired difference between
-two trees' runs of the same round compares them under the same load.
+two trees' runs of the same round compares them under the same load. ``--queued N`` also
+times each daemon draining N runs queued at once (ms per run), the trees alternating.
 
 ``--count N``: an in-process ``Worker`` of this checkout whose Redis connections record
 every request (``tests/serve/redis_count.py``); prints what its N-th warm run sent, per
 thread (one line per round trip), and the counts.
 
     python bench/bench_serve_overhead.py [--runs 200] [--trees DIR [DIR ...]] [--count 5]
+                                         [--queued 20]
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ class Serve:
         if rec["status"] != RunStatus.SUCCEEDED.value:
             raise RuntimeError(f"run {msg.run_id} {rec['status']}: {rec.get('error')}")
         return elapsed_ms
+
+    def drain(self, n: int) -> float:
+        """``n`` runs queued at once, first enqueue to the last terminal event: ms per run."""
+        msgs = [message() for _ in range(n)]
+        t = time.perf_counter()
+        for msg in msgs:
+            enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
+        self.cursor = wait_terminal(self.client, msgs[-1].run_id, self.cursor, timeout_s=120)
+        return (time.perf_counter() - t) * 1000 / n
 
     def close(self) -> None:
         self.proc.terminate()
@@ -191,6 +202,9 @@ def main() -> int:
                         help="source trees to run serve from (default: this checkout)")
     parser.add_argument("--count", type=int, default=0, metavar="N",
                         help="count the Redis requests of N warm in-process runs first")
+    parser.add_argument("--queued", type=int, default=0, metavar="N",
+                        help="also time N runs queued at once (per-run time to drain them)")
+    parser.add_argument("--queued-rounds", type=int, default=10)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -246,6 +260,20 @@ def main() -> int:
             summary[f"serve[{i}] - serve[0], paired median"] = round(paired, 3)
             print(f"serve[{i}] - serve[0], median of paired differences: {paired:+.2f} ms")
         result["rows"] = summary
+        if args.queued:
+            serves = {k: v for k, v in rows.items() if k.startswith("serve")}
+            drains: dict[str, list[float]] = {name: [] for name in serves}
+            for _ in range(args.queued_rounds):
+                order = list(serves)
+                random.shuffle(order)
+                for name in order:
+                    drains[name].append(serves[name].drain(args.queued))
+            print(f"{args.queued} runs queued at once, {args.queued_rounds} rounds: ms per run")
+            for name, values in drains.items():
+                print(f"{name:<12} median {statistics.median(values):6.2f}  "
+                      f"range {min(values):.2f}-{max(values):.2f}")
+            result["queued"] = {name: {"median_ms_per_run": round(statistics.median(v), 3)}
+                                for name, v in drains.items()}
     finally:
         for row in rows.values():
             row.close()

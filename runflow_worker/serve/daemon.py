@@ -139,6 +139,12 @@ class Worker:
         """The container's boot, billed to the first run that does GPU work."""
         self.runs_performed = 0
         self._next_reclaim = 0.0
+        self._read_ahead: Delivery | None = None
+        """The next entry, read by the last terminal write's script (``_may_read_ahead``)."""
+        self._loop_reads_on = False
+        """Set by the loop: after the current run it reads a new entry again (no
+        ``--max-runs`` limit reached); ``perform_run`` called alone never reads ahead."""
+        self._burst = False
         self._redis_ok = False
         self._alive = False
         self._runner_restarts_seen = 0
@@ -176,6 +182,7 @@ class Worker:
             return self.exit_code
         finally:
             self._alive = False
+            self._give_back_read_ahead()
             self._close()
 
     def _loop(self, *, burst: bool, max_runs: int | None) -> str:
@@ -217,6 +224,8 @@ class Worker:
             if self.shutdown.requested:
                 self._give_back(delivery)
                 continue
+            self._loop_reads_on = max_runs is None or self.runs_performed + 1 < max_runs
+            self._burst = burst
             try:
                 self.perform_run(delivery)
             except QueueError as exc:
@@ -240,7 +249,12 @@ class Worker:
 
         Burst mode reads without waiting and then reclaims; otherwise the read blocks (at
         most ``MAX_BLOCK_S``, the time to the next reclaim, or the rest of the idle window).
+        An entry the last terminal write read ahead comes first: it is what this read would
+        have returned (``_may_read_ahead``).
         """
+        if self._read_ahead is not None:
+            delivery, self._read_ahead = self._read_ahead, None
+            return delivery
         if burst:
             return self.queue.read_new(block_ms=None) or self.queue.reclaim_expired()
         now = time.monotonic()
@@ -473,10 +487,12 @@ class Worker:
         done = self._retry_terminal_write(about.id, lambda: self.store.finalise(
             delivery, token, record, event_data=event_data, dead_letter=dead_letter,
             promotion=promotion, callback=callback, events=events,
-            events_attempt=about.attempt))
+            events_attempt=about.attempt,
+            read_next=self.consumer if self._may_read_ahead() else None))
         ids = {"run_id": about.id, "attempt": about.attempt}
         if isinstance(done, QueueError):
             return Ending(Outcome.ABANDONED, delivery, **ids, reason=str(done))
+        done, self._read_ahead = done
         if done is Finalised.FENCED:
             return Ending(Outcome.FENCED, delivery, **ids, reason="refused")
         if done is Finalised.ALREADY_TERMINAL:
@@ -484,6 +500,21 @@ class Worker:
         return Ending.of_record(outcome, delivery, about, promoted_to=promoted_to)
 
     # ------------------------------------------------------------------ helpers
+
+    def _may_read_ahead(self) -> bool:
+        """Whether the terminal write may also read the stream's next new entry: only when
+        that read is what the loop would send next (it goes on serving, and no reclaim is
+        due first, which would come before it), so the order of takes stays the loop's.
+        It saves the round trip, and the wait for this run's reporting, when runs queue."""
+        if not self._loop_reads_on or self.shutdown.requested:
+            return False
+        return self._burst or time.monotonic() < self._next_reclaim
+
+    def _give_back_read_ahead(self) -> None:
+        """Return an entry read ahead that no run will take (the loop is ending)."""
+        if self._read_ahead is not None:
+            delivery, self._read_ahead = self._read_ahead, None
+            self._give_back(delivery)
 
     def _promotion_target(self, message: RunMessage) -> str | None:
         """The class an out-of-memory run moves up to (None: the top of its ladder)."""

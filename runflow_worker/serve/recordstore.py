@@ -105,8 +105,11 @@ return {{'running', token}}
 #       8 event_data, 9 events_maxlen, 10 fence_ttl_s, 11 mode ('final'|'dead'|'promote'),
 #       12 aux run payload, 13 dead reason, 14 deliveries, 15 callback job id ('' = none),
 #       16 callback url, 17 callback payload, 18 callback due (epoch ms),
-#       19 the progress events' attempt, then (type, status, data)* of the pickup's last
+#       19 consumer reading the stream's next new entry once written ('' = none),
+#       20 the progress events' attempt, then (type, status, data)* of the pickup's last
 #       progress events: appended before the status event
+# Returns 0 (fenced), 2 (terminal already), 1 (written), or {1, entry id, fields} when
+# written and the next entry was read.
 _FINALISE_LUA = f"""
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[1] then return 0 end
@@ -129,9 +132,9 @@ if ARGV[11] == 'dead' then
 elseif ARGV[11] == 'promote' then
   redis.call('XADD', KEYS[5], '*', '{keys.RUN_FIELD}', ARGV[12])
 end
-for i = 20, #ARGV, 3 do
+for i = 21, #ARGV, 3 do
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
-             'attempt', ARGV[19], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
+             'attempt', ARGV[20], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
 end
 redis.call('SET', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
@@ -144,6 +147,14 @@ end
 redis.pcall('XACK', KEYS[3], ARGV[2], ARGV[3])
 redis.pcall('XDEL', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[10])
+if ARGV[19] ~= '' then
+  local nxt = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[19], 'COUNT', 1,
+                         'STREAMS', KEYS[3], '>')
+  if nxt then
+    local entry = nxt[1][2][1]
+    return {{1, entry[1], entry[2]}}
+  end
+end
 return 1
 """
 
@@ -199,6 +210,13 @@ class Begin(StrEnum):
     """The record is already terminal: the entry was acked, skip it."""
     SUPERSEDED = "superseded"
     """A later attempt of the run exists: the entry was acked, skip it."""
+
+
+def _delivered(stream: str, entry_id: str, fields: list[str] | None) -> Delivery:
+    """The first delivery of ``entry_id`` read by a script (``fields``: flat pairs)."""
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+    return Delivery(stream, str(entry_id), pairs.get(keys.RUN_FIELD), deliveries=1,
+                    reclaimed=False)
 
 
 class Finalised(StrEnum):
@@ -351,13 +369,17 @@ class RecordStore:
                  event_data: dict[str, Any], dead_letter: DeadLetter | None = None,
                  promotion: Promotion | None = None,
                  callback: CallbackJob | None = None, events: Sequence[Event] = (),
-                 events_attempt: int | None = None) -> Finalised:
+                 events_attempt: int | None = None, read_next: str | None = None
+                 ) -> tuple[Finalised, Delivery | None]:
         """Write ``record`` + its status event (+ dead letter / re-enqueue, + the callback
         job) and ack, atomically: a written terminal record always has its callback queued.
 
         ``events``: the pickup's progress events not written yet (``EventPublisher.finish``),
         appended just before the status event, with ``events_attempt`` (the pickup's
         attempt; ``record``'s by default, which a promotion's ``queued`` record is not).
+        ``read_next``: once written, the same script reads the stream's next new entry
+        for this consumer (the ``XREADGROUP`` the loop would send next), returned as the
+        second value (None when the stream had none, or nothing was written).
 
         ``NotSerialisable`` (nothing written) when ``record`` cannot be serialised.
         """
@@ -378,11 +400,14 @@ class RecordStore:
                       record_json, record.status.value, event_json(event_data),
                       self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
                       delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms,
+                      read_next or "",
                       record.attempt if events_attempt is None else events_attempt,
                       *_flat(events)],
             )
-        return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(int(done),
-                                                              Finalised.ALREADY_TERMINAL)
+        if isinstance(done, list):
+            return Finalised.WRITTEN, _delivered(delivery.stream, done[1], done[2])
+        return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(
+            int(done), Finalised.ALREADY_TERMINAL), None
 
     def publish(self, run_id: str, attempt: int, token: int, events: list[Event]) -> bool:
         """Append ``(type, status, data_json)`` events of one pickup; False if fenced out."""

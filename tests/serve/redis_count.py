@@ -25,6 +25,8 @@ from runflow_worker.serve.queue import connect
 
 READS = ("XREADGROUP", "XAUTOCLAIM")
 """The commands with which a worker's loop takes its next delivery."""
+FINALISE = "EVALSHA finalise"
+"""The terminal write, which may also take the next delivery (it reads ahead)."""
 
 
 @dataclass(frozen=True)
@@ -88,31 +90,42 @@ class CommandLog:
 
     def run_window(self, run_id: str) -> list[Request]:
         """The requests of one run. Its *run thread* is the one that sent the first request
-        naming the run's fence (the begin script); on it, the window goes from the read
-        that delivered the run (the last read before) up to the next read; on other
-        threads, it holds the requests naming the run's fence (events, lease ticks)."""
+        naming the run's fence (the begin script). On it, the window opens at the request
+        that delivered the run: the last read before (included), or the previous run's
+        finalise script, which reads the next entry ahead (excluded: it is that run's); it
+        closes at the next read (excluded) or at its own finalise (included). On other
+        threads it holds the requests naming the run's fence (events, lease ticks)."""
         requests = self.snapshot()
         fence = keys.fence(run_id)
         first = next(i for i, q in enumerate(requests) if q.mentions(fence))
         run_thread = requests[first].thread
-        start = max(i for i in range(first) if requests[i].thread == run_thread
-                    and requests[i].names[0] in READS)
-        end = next((i for i in range(first, len(requests)) if requests[i].thread == run_thread
-                    and requests[i].names[0] in READS), len(requests))
+        opener = max(i for i in range(first) if requests[i].thread == run_thread
+                     and (requests[i].names[0] in READS or requests[i].label == FINALISE))
+        start = opener if requests[opener].names[0] in READS else opener + 1
+        end = len(requests)
+        for i in range(first, len(requests)):
+            if requests[i].thread != run_thread:
+                continue
+            if requests[i].names[0] in READS:
+                end = i
+                break
+            if requests[i].label == FINALISE:
+                end = i + 1
+                break
         return [q for i, q in enumerate(requests)
                 if (q.thread == run_thread and start <= i < end)
                 or (q.thread != run_thread and q.mentions(fence))]
 
     def next_read_sent(self, run_id: str) -> bool:
-        """True once the thread that ran ``run_id`` has sent its next read (the run's
-        window is complete)."""
+        """True once the thread that ran ``run_id`` has sent the request that ends its
+        window: its next read, or its finalise script (which reads ahead)."""
         requests = self.snapshot()
         fence = keys.fence(run_id)
         first = next((i for i, q in enumerate(requests) if q.mentions(fence)), None)
         if first is None:
             return False
         run_thread = requests[first].thread
-        return any(q.thread == run_thread and q.names[0] in READS
+        return any(q.thread == run_thread and (q.names[0] in READS or q.label == FINALISE)
                    for q in requests[first:])
 
 

@@ -4,20 +4,37 @@ a count, never as a time.
 
 A warm run is three round trips, all on the loop's thread: the read that delivers it, the
 begin script (fencing token, ``running`` record and event) and the finalise script (the
-progress events not written yet, the terminal record and event, the ack). What is driven by
-time (a lease tick every quarter second, a batch of events once its oldest is
+progress events not written yet, the terminal record and event, the ack). When runs are
+queued, the finalise script also reads the next entry, so each further run is two. What is
+driven by time (a lease tick every quarter second, a batch of events once its oldest is
 ``BATCH_DELAY_S`` old) is turned off here by long periods, so the counts are exact.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runflow_worker.run.pipeline import Pipeline, PipelineConfig
+from runflow_worker.run.storage import LocalStorage
+from runflow_worker.serve import keys
 from runflow_worker.serve.daemon import Worker
-from tests.serve.conftest import events, graph, is_terminal, status_of, submit, wait_for
+from runflow_worker.serve.outcomes import Outcome
+from runflow_worker.settings import Settings
+from tests.serve.conftest import (
+    CHILD_ENTRY,
+    events,
+    graph,
+    is_terminal,
+    record,
+    status_of,
+    submit,
+    wait_for,
+)
 from tests.serve.redis_count import CommandLog, counting_client, describe
 
 QUIET_S = 3600.0
@@ -113,3 +130,70 @@ def test_a_released_run_writes_its_last_events_with_the_release(r, redis_server,
     assert got[:2] == [("status", "queued"), ("status", "running")]
     assert got[-1] == ("status", "queued") and events(r, "stopped")[-1]["data"]["released"]
     assert got[2:-1] and set(got[2:-1]) == {("progress", "")}
+
+
+@pytest.mark.timeout(60)
+def test_queued_runs_cost_two_round_trips_each(r, redis_server, inprocess_worker) -> None:
+    ids = [submit(r, f"queued-{n}") for n in range(3)]
+    _, log = counted_worker(inprocess_worker, redis_server.url)
+    for run_id in ids:
+        wait_for(lambda run_id=run_id: is_terminal(r, run_id), 30, f"{run_id} to finish")
+    wait_for(lambda: log.next_read_sent(ids[-1]), 10, "the last run's terminal write")
+    windows = [log.run_window(run_id) for run_id in ids]
+    # The first is read by the loop; each terminal write reads the next entry ahead.
+    assert [q.label for q in windows[0]] == ["XREADGROUP", "EVALSHA begin",
+                                             "EVALSHA finalise"], describe(windows[0])
+    for window in windows[1:]:
+        assert [q.label for q in window] == ["EVALSHA begin",
+                                             "EVALSHA finalise"], describe(window)
+    assert [record(r, i)["status"] for i in ids] == ["succeeded"] * 3
+    started = [record(r, i)["started_at"] for i in ids]
+    assert started == sorted(started)  # taken in queue order
+    assert r.xpending(keys.runs_stream("cpu"), keys.CONSUMER_GROUP)["pending"] == 0
+
+
+@pytest.fixture
+def idle_worker(redis_server: Any, tmp_path: Path) -> Iterator[Worker]:
+    """A worker whose loop is not started: the test drives ``perform_run`` itself, as the
+    loop would (reading on after the run, no reclaim due)."""
+    comfy = tmp_path / "comfyui"
+    comfy.mkdir()
+    pipeline = Pipeline(PipelineConfig(work_dir=tmp_path / "work", comfyui_dir=comfy, cpu=True,
+                                       child_entry=CHILD_ENTRY, sandbox=False),
+                        storage=LocalStorage(tmp_path / "outputs"))
+    w = Worker(Settings(redis_url=redis_server.url, lease_s=1.0, grace_s=5.0, idle_exit_s=0.0,
+                        http_port=0, cache_dir=tmp_path / "cache"),
+               pipeline, gpu_class="cpu", http_port=0)
+    w.queue.ensure_group()
+    w._loop_reads_on, w._next_reclaim = True, float("inf")
+    yield w
+    w._close()
+    pipeline.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_entry_read_ahead_is_given_back_when_the_loop_ends(r, idle_worker: Worker) -> None:
+    submit(r, "done")
+    submit(r, "next")
+    delivery = idle_worker.queue.read_new(block_ms=None)
+    assert delivery is not None
+    assert idle_worker.perform_run(delivery) is Outcome.FINALISED
+    ahead = idle_worker._read_ahead
+    assert ahead is not None and json.loads(ahead.payload or "{}")["run_id"] == "next"
+    idle_worker._give_back_read_ahead()  # what ``work`` does when its loop ends
+    # Pending, expired at once and its delivery not counted: the next reclaim takes it.
+    taken = idle_worker.queue.reclaim_expired()
+    assert taken is not None and taken.entry_id == ahead.entry_id and taken.deliveries == 1
+    assert status_of(r, "next") == "queued"
+
+
+@pytest.mark.timeout(60)
+def test_no_entry_is_read_ahead_once_a_stop_was_asked(r, idle_worker: Worker) -> None:
+    submit(r, "done", graph(sleep_s=0.3))
+    submit(r, "next")
+    delivery = idle_worker.queue.read_new(block_ms=None)
+    assert delivery is not None
+    idle_worker.shutdown.request_warm(30.0)  # within the grace: the run finishes
+    assert idle_worker.perform_run(delivery) is Outcome.FINALISED
+    assert idle_worker._read_ahead is None
+    assert r.xpending(keys.runs_stream("cpu"), keys.CONSUMER_GROUP)["pending"] == 0
