@@ -117,7 +117,7 @@ class ServeControl:
 @dataclass(eq=False)
 class _Watch:
     """One pickup whose lease is kept (each watch is a new object, compared by identity).
-    Past ``since_s``, only the keeper's thread changes it."""
+    Once made, only the keeper's thread changes it."""
 
     delivery: Delivery
     run_id: str
@@ -173,8 +173,8 @@ class LeaseKeeper:
                 self._cond.notify_all()
 
     def unwatch(self) -> None:
-        """Stop keeping the current lease (the run is over): no tick of it starts after
-        this returns (one already under way ends as it would have)."""
+        """Stop keeping the current lease (the run is over): the thread begins no tick of it
+        once this returns (one it had begun already ends as it would have)."""
         with self._cond:
             self._current = None
 

@@ -2,8 +2,10 @@
 
 Loop (``Worker.work``)::
 
-    boot (connect, create the group) -> [reclaim an expired entry | read a new one]
-        -> perform_run -> exit on burst (stream empty), --max-runs, idle window, or signals
+    boot (connect, create the group, load the scripts)
+        -> [reclaim an expired entry | read a new one | take the one the last terminal
+            write read ahead] -> perform_run
+        -> exit on burst (stream empty), --max-runs, idle window, or signals
 
 One delivery (``Worker.perform_run``), top-down; each step in its own module::
 
@@ -63,6 +65,7 @@ from runflow_worker.serve.callbacks import CallbackSender
 from runflow_worker.serve.control import LeaseKeeper, ServeControl, ShutdownState
 from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.health import HealthServer
+from runflow_worker.serve.intake import MAX_BLOCK_S, Intake
 from runflow_worker.serve.metrics import Metrics
 from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
 from runflow_worker.serve.queue import (
@@ -90,9 +93,6 @@ from runflow_worker.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BLOCK_S = 1.0
-"""Longest XREADGROUP BLOCK: bounds how long an idle worker takes to notice a stop request.
-A new entry wakes the read at once, so this adds no latency to runs."""
 EVENT_FLUSH_TIMEOUT_S = 2.0
 """How long the run's last write waits for a batch of its progress events already on its way
 (the events not sent yet go with that write)."""
@@ -134,17 +134,11 @@ class Worker:
         self.settings_warnings: tuple[str, ...] = (
             () if settings.sandboxed else (UNSANDBOXED,))
         """What ``/readyz`` tells besides readiness (an unsandboxed worker)."""
-        self.reclaim_every_s = min(settings.lease_s / 2, 30.0)
+        self.intake = Intake(self.queue, lease_s=settings.lease_s,
+                             idle_exit_s=settings.idle_exit_s)
         self.boot_charge = BootCharge()
         """The container's boot, billed to the first run that does GPU work."""
         self.runs_performed = 0
-        self._next_reclaim = 0.0
-        self._read_ahead: Delivery | None = None
-        """The next entry, read by the last terminal write's script (``_may_read_ahead``)."""
-        self._loop_reads_on = False
-        """Set by the loop: after the current run it reads a new entry again (no
-        ``--max-runs`` limit reached); ``perform_run`` called alone never reads ahead."""
-        self._burst = False
         self._redis_ok = False
         self._alive = False
         self._runner_restarts_seen = 0
@@ -182,7 +176,7 @@ class Worker:
             return self.exit_code
         finally:
             self._alive = False
-            self._give_back_read_ahead()
+            self.intake.give_back_read_ahead()
             self._close()
 
     def _loop(self, *, burst: bool, max_runs: int | None) -> str:
@@ -201,7 +195,7 @@ class Worker:
             if max_runs is not None and self.runs_performed >= max_runs:
                 return f"performed {self.runs_performed} runs (--max-runs)"
             try:
-                delivery = self.reclaim_or_dequeue_run(burst=burst, idle_since=idle_since)
+                delivery = self.intake.next_delivery(burst=burst, idle_since=idle_since)
             except GroupMissing:
                 log.warning("consumer group missing; recreating it",
                             extra={"event": "group_missing", "stream": self.queue.stream})
@@ -222,10 +216,10 @@ class Worker:
                     return f"idle for {idle_exit_s:g} s (scale to zero)"
                 continue
             if self.shutdown.requested:
-                self._give_back(delivery)
+                self.intake.give_back(delivery)
                 continue
-            self._loop_reads_on = max_runs is None or self.runs_performed + 1 < max_runs
-            self._burst = burst
+            self.intake.reads_on = max_runs is None or self.runs_performed + 1 < max_runs
+            self.intake.burst = burst
             try:
                 self.perform_run(delivery)
             except QueueError as exc:
@@ -243,37 +237,6 @@ class Worker:
             self._observe_pipeline()
             self.runs_performed += 1
             idle_since = time.monotonic()
-
-    def reclaim_or_dequeue_run(self, *, burst: bool, idle_since: float) -> Delivery | None:
-        """The next delivery: an expired entry when a reclaim is due, else a new entry.
-
-        Burst mode reads without waiting and then reclaims; otherwise the read blocks (at
-        most ``MAX_BLOCK_S``, the time to the next reclaim, or the rest of the idle window).
-        An entry the last terminal write read ahead comes first: it is what this read would
-        have returned (``_may_read_ahead``).
-        """
-        if self._read_ahead is not None:
-            delivery, self._read_ahead = self._read_ahead, None
-            return delivery
-        if burst:
-            return self.queue.read_new(block_ms=None) or self.queue.reclaim_expired()
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            reclaimed = self.queue.reclaim_expired()
-            # Found one: look again right after this run (there may be more).
-            self._next_reclaim = now if reclaimed else now + self.reclaim_every_s
-            if reclaimed is not None:
-                return reclaimed
-        wait_s = min(MAX_BLOCK_S, max(0.0, self._next_reclaim - now))
-        idle_exit_s = self.settings.idle_exit_s
-        if idle_exit_s:
-            wait_s = min(wait_s, max(0.0, idle_since + idle_exit_s - now))
-        delivery = self.queue.read_new(block_ms=max(1, int(wait_s * 1000)))
-        if delivery is None and idle_exit_s and time.monotonic() - idle_since >= idle_exit_s:
-            # About to exit "with nothing queued": a run released back by a stopping worker
-            # (or left by a dead one) is queued too, though only a reclaim sees it.
-            delivery = self.queue.reclaim_expired()
-        return delivery
 
     # ------------------------------------------------------------------ one run
 
@@ -488,33 +451,19 @@ class Worker:
             delivery, token, record, event_data=event_data, dead_letter=dead_letter,
             promotion=promotion, callback=callback, events=events,
             events_attempt=about.attempt,
-            read_next=self.consumer if self._may_read_ahead() else None))
+            read_next=(self.consumer if self.intake.may_read_ahead(
+                stopping=self.shutdown.requested) else None)))
         ids = {"run_id": about.id, "attempt": about.attempt}
         if isinstance(done, QueueError):
             return Ending(Outcome.ABANDONED, delivery, **ids, reason=str(done))
-        done, self._read_ahead = done
-        if done is Finalised.FENCED:
+        verdict, self.intake.read_ahead = done
+        if verdict is Finalised.FENCED:
             return Ending(Outcome.FENCED, delivery, **ids, reason="refused")
-        if done is Finalised.ALREADY_TERMINAL:
+        if verdict is Finalised.ALREADY_TERMINAL:
             return Ending(Outcome.SKIPPED, delivery, **ids, reason="terminal")
         return Ending.of_record(outcome, delivery, about, promoted_to=promoted_to)
 
     # ------------------------------------------------------------------ helpers
-
-    def _may_read_ahead(self) -> bool:
-        """Whether the terminal write may also read the stream's next new entry: only when
-        that read is what the loop would send next (it goes on serving, and no reclaim is
-        due first, which would come before it), so the order of takes stays the loop's.
-        It saves the round trip, and the wait for this run's reporting, when runs queue."""
-        if not self._loop_reads_on or self.shutdown.requested:
-            return False
-        return self._burst or time.monotonic() < self._next_reclaim
-
-    def _give_back_read_ahead(self) -> None:
-        """Return an entry read ahead that no run will take (the loop is ending)."""
-        if self._read_ahead is not None:
-            delivery, self._read_ahead = self._read_ahead, None
-            self._give_back(delivery)
 
     def _promotion_target(self, message: RunMessage) -> str | None:
         """The class an out-of-memory run moves up to (None: the top of its ladder)."""
@@ -566,13 +515,6 @@ class Worker:
         self.metrics.observe_cache(hits=hits - self._cache_seen[0],
                                    misses=misses - self._cache_seen[1])
         self._cache_seen = (hits, misses)
-
-    def _give_back(self, delivery: Delivery) -> None:
-        """Return an entry read just as a stop was requested (it was never started)."""
-        try:
-            self.queue.give_back(delivery)
-        except QueueError:
-            pass  # it is reclaimed after the lease
 
     def _boot(self) -> bool:
         """Create the group and load the scripts, retrying while Redis is away; False if

@@ -24,9 +24,10 @@ write anything once another worker has picked the run up. A counter that is miss
 lost its data) is re-established by the first writer.
 
 Atomicity: the run's last progress events, the terminal record, its ``status`` event, the
-dead-letter copy or the OOM re-enqueue, and the XACK are one script, so a crash or a cancellation can never leave a
-record without its event or an acked entry without its record. A record that is already
-terminal is never overwritten: the entry is acked and the write dropped.
+dead-letter copy or the OOM re-enqueue, and the XACK are one script, so a crash or a
+cancellation can never leave a record without its event or an acked entry without its
+record. A record that is already terminal is never overwritten: the entry is acked and the
+write dropped.
 """
 
 from __future__ import annotations
@@ -148,9 +149,10 @@ redis.pcall('XACK', KEYS[3], ARGV[2], ARGV[3])
 redis.pcall('XDEL', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[10])
 if ARGV[19] ~= '' then
-  local nxt = redis.call('XREADGROUP', 'GROUP', ARGV[2], ARGV[19], 'COUNT', 1,
-                         'STREAMS', KEYS[3], '>')
-  if nxt then
+  -- pcall: the run is written whatever the read meets (a group gone with a Redis restart)
+  local nxt = redis.pcall('XREADGROUP', 'GROUP', ARGV[2], ARGV[19], 'COUNT', 1,
+                          'STREAMS', KEYS[3], '>')
+  if type(nxt) == 'table' and nxt['err'] == nil then
     local entry = nxt[1][2][1]
     return {{1, entry[1], entry[2]}}
   end

@@ -165,7 +165,7 @@ def idle_worker(redis_server: Any, tmp_path: Path) -> Iterator[Worker]:
                         http_port=0, cache_dir=tmp_path / "cache"),
                pipeline, gpu_class="cpu", http_port=0)
     w.queue.ensure_group()
-    w._loop_reads_on, w._next_reclaim = True, float("inf")
+    w.intake.reads_on, w.intake.next_reclaim_s = True, float("inf")
     yield w
     w._close()
     pipeline.close()
@@ -178,9 +178,9 @@ def test_an_entry_read_ahead_is_given_back_when_the_loop_ends(r, idle_worker: Wo
     delivery = idle_worker.queue.read_new(block_ms=None)
     assert delivery is not None
     assert idle_worker.perform_run(delivery) is Outcome.FINALISED
-    ahead = idle_worker._read_ahead
+    ahead = idle_worker.intake.read_ahead
     assert ahead is not None and json.loads(ahead.payload or "{}")["run_id"] == "next"
-    idle_worker._give_back_read_ahead()  # what ``work`` does when its loop ends
+    idle_worker.intake.give_back_read_ahead()  # what ``work`` does when its loop ends
     # Pending, expired at once and its delivery not counted: the next reclaim takes it.
     taken = idle_worker.queue.reclaim_expired()
     assert taken is not None and taken.entry_id == ahead.entry_id and taken.deliveries == 1
@@ -195,5 +195,5 @@ def test_no_entry_is_read_ahead_once_a_stop_was_asked(r, idle_worker: Worker) ->
     assert delivery is not None
     idle_worker.shutdown.request_warm(30.0)  # within the grace: the run finishes
     assert idle_worker.perform_run(delivery) is Outcome.FINALISED
-    assert idle_worker._read_ahead is None
+    assert idle_worker.intake.read_ahead is None
     assert r.xpending(keys.runs_stream("cpu"), keys.CONSUMER_GROUP)["pending"] == 0
