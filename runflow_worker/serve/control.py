@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from runflow_worker.errors import QueueError
@@ -113,13 +114,39 @@ class ServeControl:
         self.publisher.publish(kind, data)
 
 
+@dataclass(eq=False)
+class _Watch:
+    """One pickup whose lease is kept (each watch is a new object, compared by identity).
+    Once made, only the keeper's thread changes it."""
+
+    delivery: Delivery
+    run_id: str
+    token: int
+    control: ServeControl
+    since_s: float
+    """When the watch began (monotonic)."""
+    due_s: float
+    """When its next tick is due (monotonic)."""
+    last_renew_s: float
+    failing: bool = False
+    """The last tick failed (logged once per streak)."""
+    ended: bool = False
+    """Its lease was lost: no more ticks."""
+
+
 class LeaseKeeper:
     """Background thread that keeps the current run's lease and watches its cancel flag.
 
     Every ``CANCEL_POLL_S`` (or faster for short leases) one fenced script renews the lease
     when due (every quarter lease, so the entry's idle time never passes a third of it) and
-    reports the cancel flag. A refused tick means another worker picked the run up: the
-    control's ``lease_lost`` makes the pipeline stop, and nothing more is written.
+    reports the cancel flag; the first tick comes one period after the pickup. A refused
+    tick means another worker picked the run up: the control's ``lease_lost`` makes the
+    pipeline stop, and nothing more is written.
+
+    ``watch`` and ``unwatch`` only set the current pickup: between ticks the thread sleeps
+    until the next tick is due, then looks at what it has to keep, so back-to-back runs
+    shorter than a tick never wake it. Only a thread left idle (it found nothing to keep)
+    is woken, by the next ``watch``.
     """
 
     def __init__(self, queue: RunQueue, *, lease_s: float, renew: bool = True) -> None:
@@ -129,25 +156,27 @@ class LeaseKeeper:
         self.tick_s = min(CANCEL_POLL_S, self.renew_every_s)
         self.renewals = 0
         self._cond = threading.Condition()
-        self._current: tuple[Delivery, str, int, ServeControl] | None = None
-        self._generation = 0
+        self._current: _Watch | None = None
+        self._idle = False
+        """The thread waits without a deadline (it found nothing to keep): wake it."""
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="runflow-lease", daemon=True)
         self._thread.start()
 
     def watch(self, delivery: Delivery, run_id: str, token: int, control: ServeControl) -> None:
-        """Start keeping the lease of this pickup."""
+        """Start keeping the lease of this pickup (its first tick one period from now)."""
+        now = time.monotonic()
         with self._cond:
-            self._current = (delivery, run_id, token, control)
-            self._generation += 1
-            self._cond.notify_all()
+            self._current = _Watch(delivery, run_id, token, control, since_s=now,
+                                   due_s=now + self.tick_s, last_renew_s=now)
+            if self._idle:
+                self._cond.notify_all()
 
     def unwatch(self) -> None:
-        """Stop keeping the current lease (the run is over)."""
+        """Stop keeping the current lease (the run is over): the thread begins no tick of it
+        once this returns (one it had begun already ends as it would have)."""
         with self._cond:
             self._current = None
-            self._generation += 1
-            self._cond.notify_all()
 
     def close(self) -> None:
         """Stop the thread."""
@@ -158,51 +187,54 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        done_generation = -1
         while True:
             with self._cond:
-                # A watch is kept once: after a lost lease, wait for the next watch.
-                self._cond.wait_for(lambda done=done_generation: self._closed or (
-                    self._current is not None and self._generation != done))
-                if self._closed:
-                    return
-                assert self._current is not None
-                delivery, run_id, token, control = self._current
-                generation = self._generation
-            self._keep(delivery, run_id, token, control, generation)
-            done_generation = generation
-
-    def _keep(self, delivery: Delivery, run_id: str, token: int, control: ServeControl,
-              generation: int) -> None:
-        """Tick until the watch ends; the first tick comes one period after pickup."""
-        last_renew = time.monotonic()
-        failing = False
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._generation != generation or self._closed,
-                                    timeout=self.tick_s)
-                if self._generation != generation or self._closed:
-                    return
-            now = time.monotonic()
-            renew = self.renew and now - last_renew >= self.renew_every_s - self.tick_s / 2
-            try:
-                tick = self.queue.lease_tick(delivery, run_id, token, renew=renew)
-            except QueueError as exc:
-                if not failing:
-                    log.warning("lease tick of run %s failed: %s", run_id, exc,
-                                extra={"run_id": run_id, "event": "lease_tick_failed"})
-                failing = True
-                continue
-            failing = False
-            if renew:
-                last_renew = now
-                self.renewals += 1
-            if not tick.held:
-                log.warning("run %s was taken over by another worker; stopping it",
-                            run_id, extra={"run_id": run_id, "event": "lease_lost"})
-                control.lease_lost = True
+                watch = self._due_watch()
+            if watch is None:
                 return
-            if tick.canceled and not control.canceled:
-                log.info("run %s canceled", run_id, extra={"run_id": run_id,
+            self._tick(watch)
+
+    def _due_watch(self) -> _Watch | None:
+        """Wait (holding the condition) until the current watch's tick is due; None once
+        closed."""
+        while not self._closed:
+            watch = self._current
+            if watch is None or watch.ended:
+                self._idle = True
+                self._cond.wait()
+                self._idle = False
+                continue
+            wait_s = watch.due_s - time.monotonic()
+            if wait_s <= 0:
+                return watch
+            self._cond.wait(wait_s)
+        return None
+
+    def _tick(self, watch: _Watch) -> None:
+        """One fenced tick: renew the lease when due, read the cancel flag."""
+        now = time.monotonic()
+        renew = self.renew and now - watch.last_renew_s >= self.renew_every_s - self.tick_s / 2
+        try:
+            tick = self.queue.lease_tick(watch.delivery, watch.run_id, watch.token, renew=renew)
+        except QueueError as exc:
+            if not watch.failing:
+                log.warning("lease tick of run %s failed: %s", watch.run_id, exc,
+                            extra={"run_id": watch.run_id, "event": "lease_tick_failed"})
+            watch.failing = True
+            watch.due_s = time.monotonic() + self.tick_s
+            return
+        watch.failing = False
+        if renew:
+            watch.last_renew_s = now
+            self.renewals += 1
+        if not tick.held:
+            log.warning("run %s was taken over by another worker; stopping it",
+                        watch.run_id, extra={"run_id": watch.run_id, "event": "lease_lost"})
+            watch.control.lease_lost = True
+            watch.ended = True
+            return
+        if tick.canceled and not watch.control.canceled:
+            log.info("run %s canceled", watch.run_id, extra={"run_id": watch.run_id,
                                                              "event": "cancel_seen"})
-                control.canceled = True
+            watch.control.canceled = True
+        watch.due_s = time.monotonic() + self.tick_s

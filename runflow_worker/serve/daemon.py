@@ -2,8 +2,10 @@
 
 Loop (``Worker.work``)::
 
-    boot (connect, create the group) -> [reclaim an expired entry | read a new one]
-        -> perform_run -> exit on burst (stream empty), --max-runs, idle window, or signals
+    boot (connect, create the group, load the scripts)
+        -> [reclaim an expired entry | read a new one | take the one the last terminal
+            write read ahead] -> perform_run
+        -> exit on burst (stream empty), --max-runs, idle window, or signals
 
 One delivery (``Worker.perform_run``), top-down; each step in its own module::
 
@@ -36,7 +38,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -63,6 +65,7 @@ from runflow_worker.serve.callbacks import CallbackSender
 from runflow_worker.serve.control import LeaseKeeper, ServeControl, ShutdownState
 from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.health import HealthServer
+from runflow_worker.serve.intake import MAX_BLOCK_S, Intake
 from runflow_worker.serve.metrics import Metrics
 from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
 from runflow_worker.serve.queue import (
@@ -72,11 +75,13 @@ from runflow_worker.serve.queue import (
     RedisUnavailable,
     RunQueue,
     connect,
+    load_scripts,
 )
 from runflow_worker.serve.recordstore import (
     Begin,
     CallbackJob,
     DeadLetter,
+    Event,
     Finalised,
     NotSerialisable,
     Promotion,
@@ -88,11 +93,9 @@ from runflow_worker.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BLOCK_S = 1.0
-"""Longest XREADGROUP BLOCK: bounds how long an idle worker takes to notice a stop request.
-A new entry wakes the read at once, so this adds no latency to runs."""
 EVENT_FLUSH_TIMEOUT_S = 2.0
-"""How long the terminal write waits for the run's progress events to be sent."""
+"""How long the run's last write waits for a batch of its progress events already on its way
+(the events not sent yet go with that write)."""
 PERMANENT_ERROR_RETRIES = 5
 """Terminal-write attempts after a non-connection Redis error before giving up."""
 TERMINAL_WRITE_RETRY_CAP_S = 1.0
@@ -131,11 +134,11 @@ class Worker:
         self.settings_warnings: tuple[str, ...] = (
             () if settings.sandboxed else (UNSANDBOXED,))
         """What ``/readyz`` tells besides readiness (an unsandboxed worker)."""
-        self.reclaim_every_s = min(settings.lease_s / 2, 30.0)
+        self.intake = Intake(self.queue, lease_s=settings.lease_s,
+                             idle_exit_s=settings.idle_exit_s)
         self.boot_charge = BootCharge()
         """The container's boot, billed to the first run that does GPU work."""
         self.runs_performed = 0
-        self._next_reclaim = 0.0
         self._redis_ok = False
         self._alive = False
         self._runner_restarts_seen = 0
@@ -173,6 +176,7 @@ class Worker:
             return self.exit_code
         finally:
             self._alive = False
+            self.intake.give_back_read_ahead()
             self._close()
 
     def _loop(self, *, burst: bool, max_runs: int | None) -> str:
@@ -191,7 +195,7 @@ class Worker:
             if max_runs is not None and self.runs_performed >= max_runs:
                 return f"performed {self.runs_performed} runs (--max-runs)"
             try:
-                delivery = self.reclaim_or_dequeue_run(burst=burst, idle_since=idle_since)
+                delivery = self.intake.next_delivery(burst=burst, idle_since=idle_since)
             except GroupMissing:
                 log.warning("consumer group missing; recreating it",
                             extra={"event": "group_missing", "stream": self.queue.stream})
@@ -212,8 +216,10 @@ class Worker:
                     return f"idle for {idle_exit_s:g} s (scale to zero)"
                 continue
             if self.shutdown.requested:
-                self._give_back(delivery)
+                self.intake.give_back(delivery)
                 continue
+            self.intake.reads_on = max_runs is None or self.runs_performed + 1 < max_runs
+            self.intake.burst = burst
             try:
                 self.perform_run(delivery)
             except QueueError as exc:
@@ -231,32 +237,6 @@ class Worker:
             self._observe_pipeline()
             self.runs_performed += 1
             idle_since = time.monotonic()
-
-    def reclaim_or_dequeue_run(self, *, burst: bool, idle_since: float) -> Delivery | None:
-        """The next delivery: an expired entry when a reclaim is due, else a new entry.
-
-        Burst mode reads without waiting and then reclaims; otherwise the read blocks (at
-        most ``MAX_BLOCK_S``, the time to the next reclaim, or the rest of the idle window).
-        """
-        if burst:
-            return self.queue.read_new(block_ms=None) or self.queue.reclaim_expired()
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            reclaimed = self.queue.reclaim_expired()
-            # Found one: look again right after this run (there may be more).
-            self._next_reclaim = now if reclaimed else now + self.reclaim_every_s
-            if reclaimed is not None:
-                return reclaimed
-        wait_s = min(MAX_BLOCK_S, max(0.0, self._next_reclaim - now))
-        idle_exit_s = self.settings.idle_exit_s
-        if idle_exit_s:
-            wait_s = min(wait_s, max(0.0, idle_since + idle_exit_s - now))
-        delivery = self.queue.read_new(block_ms=max(1, int(wait_s * 1000)))
-        if delivery is None and idle_exit_s and time.monotonic() - idle_since >= idle_exit_s:
-            # About to exit "with nothing queued": a run released back by a stopping worker
-            # (or left by a dead one) is queued too, though only a reclaim sees it.
-            delivery = self.queue.reclaim_expired()
-        return delivery
 
     # ------------------------------------------------------------------ one run
 
@@ -328,32 +308,40 @@ class Worker:
         # for Redis must not let another worker reclaim (and re-execute) the run.
         self.keeper.watch(delivery, message.run_id, token, control)
         try:
-            result = self.execute_run(message, token, control, start.monotonic_s)
+            result, events = self.execute_run(message, token, control, start.monotonic_s)
             if control.lease_lost:
+                # Another pickup holds the run: its events would be refused like any write.
                 return Ending(Outcome.FENCED, delivery, run_id=message.run_id,
                               attempt=message.attempt, reason="lease_lost")
             if result.released:
                 self.keeper.unwatch()  # a renewal would undo the release's idle time
-                return self.release_run(delivery, message, token, unfit=result.unfit)
+                return self.release_run(delivery, message, token, unfit=result.unfit,
+                                        events=events)
             self.unfit_starts, self.unfit_reason = 0, None
-            return self.finalise_run(delivery, start, token, message, result)
+            return self.finalise_run(delivery, start, token, message, result, events=events)
         finally:
             self.keeper.unwatch()
 
     def execute_run(self, message: RunMessage, token: int, control: ServeControl,
-                    picked_up: float) -> RunResult:
-        """Run the pipeline with this pickup's control; its events are flushed on return."""
+                    picked_up: float) -> tuple[RunResult, list[Event]]:
+        """Run the pipeline with this pickup's control; return its result and the progress
+        events not written yet, which the run's last write carries before its status event
+        (``serve.events``)."""
         self.publisher.bind(message.run_id, message.attempt, token)
         try:
-            return self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
-        finally:
+            result = self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
+        except BaseException:
+            # No last write follows (the entry stays pending): write them as they are.
             self.publisher.flush(EVENT_FLUSH_TIMEOUT_S)
             self.publisher.unbind()
+            raise
+        return result, self.publisher.finish(EVENT_FLUSH_TIMEOUT_S)
 
     def finalise_run(self, delivery: Delivery, start: AttemptStart, token: int,
-                     message: RunMessage, result: RunResult) -> Ending:
+                     message: RunMessage, result: RunResult, *,
+                     events: Sequence[Event] = ()) -> Ending:
         """Write the attempt's terminal record (or its OOM re-enqueue) with its event and
-        the ack."""
+        the ack, after ``events`` (its progress events not written yet)."""
         record = terminal_record(message, result, started_at=start.started_at,
                                  gpu_class=self.gpu_class, gpu_seconds=start.gpu_seconds(),
                                  cold_start_s=self.boot_charge.cold_start_s(result),
@@ -373,15 +361,16 @@ class Worker:
                     delivery, token, queued, Outcome.PROMOTED, about=record,
                     event_data={"reason": "out_of_memory", "from": self.gpu_class,
                                 "gpu_class": target},
-                    promotion=promotion, promoted_to=target)
+                    promotion=promotion, promoted_to=target, events=events)
         return self._write_terminal(delivery, token, record, Outcome.FINALISED,
                                     event_data=self._finished_event(record),
-                                    callback=self._callback_job(message.callback_url, record))
+                                    callback=self._callback_job(message.callback_url, record),
+                                    events=events)
 
     def release_run(self, delivery: Delivery, message: RunMessage, token: int, *,
-                    unfit: str | None = None) -> Ending:
+                    unfit: str | None = None, events: Sequence[Event] = ()) -> Ending:
         """Leave an interrupted run pending so another worker takes it at once, its record
-        back to ``queued``.
+        back to ``queued`` (after ``events``, its progress events not written yet).
 
         ``unfit``: the release is not a stop's but a failed start's that was this worker's
         fault; it counts towards ``RUNFLOW_MAX_UNFIT_STARTS`` and makes the worker not
@@ -395,7 +384,7 @@ class Worker:
             released = self.store.release(
                 delivery, token, released_record(message),
                 event_data={"released": True, "worker": self.consumer},
-                consumer=self.consumer, idle_ms=self.queue.lease_ms)
+                consumer=self.consumer, idle_ms=self.queue.lease_ms, events=events)
         except QueueError as exc:
             released, error = False, str(exc)
         return Ending(Outcome.RELEASED, delivery, run_id=message.run_id,
@@ -452,20 +441,25 @@ class Worker:
                         outcome: Outcome, *, event_data: dict[str, Any],
                         about: RunRecord | None = None, dead_letter: DeadLetter | None = None,
                         promotion: Promotion | None = None, callback: CallbackJob | None = None,
-                        promoted_to: str | None = None) -> Ending:
+                        promoted_to: str | None = None, events: Sequence[Event] = ()) -> Ending:
         """Write ``record`` (terminal, or the promotion's ``queued``) until Redis takes it;
         the ending is ``outcome`` once written. ``about``: the attempt's terminal record
-        when ``record`` is the promotion's."""
+        when ``record`` is the promotion's; ``events``: the attempt's progress events not
+        written yet, written by the same script, before its status event."""
         about = about or record
         done = self._retry_terminal_write(about.id, lambda: self.store.finalise(
             delivery, token, record, event_data=event_data, dead_letter=dead_letter,
-            promotion=promotion, callback=callback))
+            promotion=promotion, callback=callback, events=events,
+            events_attempt=about.attempt,
+            read_next=(self.consumer if self.intake.may_read_ahead(
+                stopping=self.shutdown.requested) else None)))
         ids = {"run_id": about.id, "attempt": about.attempt}
         if isinstance(done, QueueError):
             return Ending(Outcome.ABANDONED, delivery, **ids, reason=str(done))
-        if done is Finalised.FENCED:
+        verdict, self.intake.read_ahead = done
+        if verdict is Finalised.FENCED:
             return Ending(Outcome.FENCED, delivery, **ids, reason="refused")
-        if done is Finalised.ALREADY_TERMINAL:
+        if verdict is Finalised.ALREADY_TERMINAL:
             return Ending(Outcome.SKIPPED, delivery, **ids, reason="terminal")
         return Ending.of_record(outcome, delivery, about, promoted_to=promoted_to)
 
@@ -522,19 +516,14 @@ class Worker:
                                    misses=misses - self._cache_seen[1])
         self._cache_seen = (hits, misses)
 
-    def _give_back(self, delivery: Delivery) -> None:
-        """Return an entry read just as a stop was requested (it was never started)."""
-        try:
-            self.queue.give_back(delivery)
-        except QueueError:
-            pass  # it is reclaimed after the lease
-
     def _boot(self) -> bool:
-        """Create the group, retrying while Redis is away; False if stopped meanwhile."""
+        """Create the group and load the scripts, retrying while Redis is away; False if
+        stopped meanwhile."""
         backoff = Backoff()
         while not self.shutdown.requested:
             try:
                 self.queue.ensure_group()
+                load_scripts(self.client, [*self.store.scripts, *self.queue.scripts])
                 self._redis_ok = True
                 return True
             except QueueError as exc:

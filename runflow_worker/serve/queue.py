@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from runflow_worker.errors import QueueError
@@ -77,6 +78,16 @@ def connect(redis_url: str, *, block_s: float = 0.0) -> redis.Redis:
         retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
         health_check_interval=30,
     )
+
+
+def load_scripts(client: redis.Redis, scripts: list[Script]) -> None:
+    """Load ``scripts`` into Redis in one round trip, so that their first calls find them
+    (a script Redis does not have costs its caller two more round trips: the refused
+    ``EVALSHA`` and a ``SCRIPT LOAD``; after a Redis restart redis-py still does that)."""
+    with redis_errors("loading the scripts"), client.pipeline(transaction=False) as pipe:
+        for script in scripts:
+            pipe.script_load(script.script)
+        pipe.execute()
 
 
 class Backoff:
@@ -171,6 +182,8 @@ class RunQueue:
         # Where the next reclaim scan resumes (the pending list is scanned round-robin).
         self._reclaim_cursor = "0-0"
         self._lease_tick = client.register_script(_LEASE_TICK_LUA)
+        self.scripts = [self._lease_tick]
+        """Every script of this module (loaded at boot: ``load_scripts``)."""
 
     def ensure_group(self) -> None:
         """Create the group from id 0 (MKSTREAM) unless it exists."""

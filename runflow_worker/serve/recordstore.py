@@ -7,11 +7,11 @@ The scripts, in the order a run meets them::
                 the run id has a record
     begin       a pickup: skip a terminal or superseded run, take the fencing token, write
                 the ``running`` record + event (or claim the run without writing)
-    publish     progress and log events of one pickup (``serve.events``)
-    finalise    the terminal record + its event (+ the dead-letter copy or the OOM
-                re-enqueue, + the callback job) and the ack
-    release     the record back to ``queued`` + its event, and the entry left pending for
-                another worker at once
+    publish     progress and log events of one pickup (``serve.events``), in batches
+    finalise    the pickup's last progress events, the terminal record + its event (+ the
+                dead-letter copy or the OOM re-enqueue, + the callback job) and the ack
+    release     the pickup's last progress events, the record back to ``queued`` + its
+                event, and the entry left pending for another worker at once
 
 Records are built by ``run.record``; key names live in ``serve.keys``; the stream and lease
 side of a delivery (reads, reclaims, renewals) is ``serve.queue``.
@@ -23,15 +23,17 @@ holds the token, so a worker that lost its lease (killed, frozen, partitioned) c
 write anything once another worker has picked the run up. A counter that is missing (Redis
 lost its data) is re-established by the first writer.
 
-Atomicity: the terminal record, its ``status`` event, the dead-letter copy or the OOM
-re-enqueue, and the XACK are one script, so a crash or a cancellation can never leave a
-record without its event or an acked entry without its record. A record that is already
-terminal is never overwritten: the entry is acked and the write dropped.
+Atomicity: the run's last progress events, the terminal record, its ``status`` event, the
+dead-letter copy or the OOM re-enqueue, and the XACK are one script, so a crash or a
+cancellation can never leave a record without its event or an acked entry without its
+record. A record that is already terminal is never overwritten: the entry is acked and the
+write dropped.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -103,7 +105,12 @@ return {{'running', token}}
 # ARGV: 1 token, 2 group, 3 entry_id, 4 run_id, 5 event attempt, 6 record, 7 status,
 #       8 event_data, 9 events_maxlen, 10 fence_ttl_s, 11 mode ('final'|'dead'|'promote'),
 #       12 aux run payload, 13 dead reason, 14 deliveries, 15 callback job id ('' = none),
-#       16 callback url, 17 callback payload, 18 callback due (epoch ms)
+#       16 callback url, 17 callback payload, 18 callback due (epoch ms),
+#       19 consumer reading the stream's next new entry once written ('' = none),
+#       20 the progress events' attempt, then (type, status, data)* of the pickup's last
+#       progress events: appended before the status event
+# Returns 0 (fenced), 2 (terminal already), 1 (written), or {1, entry id, fields} when
+# written and the next entry was read.
 _FINALISE_LUA = f"""
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[1] then return 0 end
@@ -126,6 +133,10 @@ if ARGV[11] == 'dead' then
 elseif ARGV[11] == 'promote' then
   redis.call('XADD', KEYS[5], '*', '{keys.RUN_FIELD}', ARGV[12])
 end
+for i = 21, #ARGV, 3 do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
+             'attempt', ARGV[20], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
+end
 redis.call('SET', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
            'attempt', ARGV[5], 'type', 'status', 'status', ARGV[7], 'data', ARGV[8])
@@ -137,6 +148,15 @@ end
 redis.pcall('XACK', KEYS[3], ARGV[2], ARGV[3])
 redis.pcall('XDEL', KEYS[3], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[10])
+if ARGV[19] ~= '' then
+  -- pcall: the run is written whatever the read meets (a group gone with a Redis restart)
+  local nxt = redis.pcall('XREADGROUP', 'GROUP', ARGV[2], ARGV[19], 'COUNT', 1,
+                          'STREAMS', KEYS[3], '>')
+  if type(nxt) == 'table' and nxt['err'] == nil then
+    local entry = nxt[1][2][1]
+    return {{1, entry[1], entry[2]}}
+  end
+end
 return 1
 """
 
@@ -161,12 +181,17 @@ return n
 # the fence. Returns 1, or 0 when fenced out (nothing done).
 # KEYS: fence, stream, record, events
 # ARGV: 1 token, 2 group, 3 consumer, 4 entry_id, 5 idle_ms, 6 retry count, 7 record,
-#       8 events_maxlen, 9 run_id, 10 attempt, 11 event_data
+#       8 events_maxlen, 9 run_id, 10 attempt, 11 event_data, then (type, status, data)*
+#       of the pickup's last progress events: appended before the status event
 _RELEASE_LUA = """
 local f = redis.call('GET', KEYS[1])
 if f ~= false and f ~= ARGV[1] then return 0 end
 redis.pcall('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'IDLE', ARGV[5],
             'RETRYCOUNT', ARGV[6], 'JUSTID')
+for i = 12, #ARGV, 3 do
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
+             'attempt', ARGV[10], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
+end
 redis.call('SET', KEYS[3], ARGV[7])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
            'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
@@ -187,6 +212,13 @@ class Begin(StrEnum):
     """The record is already terminal: the entry was acked, skip it."""
     SUPERSEDED = "superseded"
     """A later attempt of the run exists: the entry was acked, skip it."""
+
+
+def _delivered(stream: str, entry_id: str, fields: list[str] | None) -> Delivery:
+    """The first delivery of ``entry_id`` read by a script (``fields``: flat pairs)."""
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+    return Delivery(stream, str(entry_id), pairs.get(keys.RUN_FIELD), deliveries=1,
+                    reclaimed=False)
 
 
 class Finalised(StrEnum):
@@ -260,6 +292,15 @@ class RunExists(WorkerError):
         self.status = status
 
 
+Event = tuple[str, str, str]
+"""An event of one pickup as its script writes it: ``(type, status, data_json)``."""
+
+
+def _flat(events: Sequence[Event]) -> list[str]:
+    """``events`` as the script's trailing ARGV triples."""
+    return [field for event in events for field in event]
+
+
 def event_json(data: dict[str, Any]) -> str:
     """The ``data`` field of an event."""
     return json.dumps(data, separators=(",", ":"), default=str)
@@ -278,6 +319,8 @@ class RecordStore:
         self._finalise = client.register_script(_FINALISE_LUA)
         self._publish = client.register_script(_PUBLISH_LUA)
         self._release = client.register_script(_RELEASE_LUA)
+        self.scripts = [self._begin, self._finalise, self._publish, self._release]
+        """The scripts a worker runs (loaded at its boot: ``serve.queue.load_scripts``)."""
 
     def read(self, run_id: str) -> RunRecord | None:
         """The record of ``run_id``, or None."""
@@ -327,9 +370,18 @@ class RecordStore:
     def finalise(self, delivery: Delivery, token: int, record: RunRecord, *,
                  event_data: dict[str, Any], dead_letter: DeadLetter | None = None,
                  promotion: Promotion | None = None,
-                 callback: CallbackJob | None = None) -> Finalised:
+                 callback: CallbackJob | None = None, events: Sequence[Event] = (),
+                 events_attempt: int | None = None, read_next: str | None = None
+                 ) -> tuple[Finalised, Delivery | None]:
         """Write ``record`` + its status event (+ dead letter / re-enqueue, + the callback
         job) and ack, atomically: a written terminal record always has its callback queued.
+
+        ``events``: the pickup's progress events not written yet (``EventPublisher.finish``),
+        appended just before the status event, with ``events_attempt`` (the pickup's
+        attempt; ``record``'s by default, which a promotion's ``queued`` record is not).
+        ``read_next``: once written, the same script reads the stream's next new entry
+        for this consumer (the ``XREADGROUP`` the loop would send next), returned as the
+        second value (None when the stream had none, or nothing was written).
 
         ``NotSerialisable`` (nothing written) when ``record`` cannot be serialised.
         """
@@ -349,32 +401,36 @@ class RecordStore:
                 args=[token, self.group, delivery.entry_id, record.id, record.attempt,
                       record_json, record.status.value, event_json(event_data),
                       self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
-                      delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms],
+                      delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms,
+                      read_next or "",
+                      record.attempt if events_attempt is None else events_attempt,
+                      *_flat(events)],
             )
-        return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(int(done),
-                                                              Finalised.ALREADY_TERMINAL)
+        if isinstance(done, list):
+            return Finalised.WRITTEN, _delivered(delivery.stream, done[1], done[2])
+        return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(
+            int(done), Finalised.ALREADY_TERMINAL), None
 
-    def publish(self, run_id: str, attempt: int, token: int,
-                events: list[tuple[str, str, str]]) -> bool:
+    def publish(self, run_id: str, attempt: int, token: int, events: list[Event]) -> bool:
         """Append ``(type, status, data_json)`` events of one pickup; False if fenced out."""
-        args: list[Any] = [token, self.events_maxlen, run_id, attempt]
-        for event in events:
-            args.extend(event)
         with redis_errors("publishing events"):
-            n = self._publish(keys=[keys.fence(run_id), keys.EVENTS_STREAM], args=args)
+            n = self._publish(keys=[keys.fence(run_id), keys.EVENTS_STREAM],
+                              args=[token, self.events_maxlen, run_id, attempt, *_flat(events)])
         return int(n) >= 0
 
     def release(self, delivery: Delivery, token: int, queued: RunRecord, *,
-                event_data: dict[str, Any], consumer: str, idle_ms: int) -> bool:
+                event_data: dict[str, Any], consumer: str, idle_ms: int,
+                events: Sequence[Event] = ()) -> bool:
         """Leave the entry pending for another worker at once (idle ``idle_ms``, its
         delivery counter set back) and put the record back to ``queued`` with its event, in
-        one step fenced by ``token``; False (nothing done) when fenced out."""
+        one step fenced by ``token``; False (nothing done) when fenced out. ``events``: the
+        pickup's progress events not written yet, appended before the status event."""
         with redis_errors("releasing the entry"):
             done = self._release(
                 keys=[keys.fence(queued.id), delivery.stream, keys.run_record(queued.id),
                       keys.EVENTS_STREAM],
                 args=[token, self.group, consumer, delivery.entry_id, idle_ms,
                       delivery.earlier_deliveries, model_json(queued), self.events_maxlen,
-                      queued.id, queued.attempt, event_json(event_data)],
+                      queued.id, queued.attempt, event_json(event_data), *_flat(events)],
             )
         return bool(int(done))

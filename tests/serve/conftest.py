@@ -93,15 +93,20 @@ def spawn_worker(worker_env: dict[str, str], tmp_path: Path
 @pytest.fixture
 def inprocess_worker(tmp_path: Path, redis_server: RedisServer
                      ) -> Iterator[Callable[..., InProcessWorker]]:
-    """Start ``Worker`` threads with settings overrides (and a ``storage``); stopped at teardown."""
+    """Start ``Worker`` threads with settings overrides (and a ``storage``, a Redis
+    ``client``, a ``before_start(worker)`` hook); stopped at teardown."""
     started: list[InProcessWorker] = []
 
     def start(*, burst: bool = False, callbacks: Any = None, http_port: int = 0,
-              gpu_class: str = "cpu", storage: Any = None,
+              gpu_class: str = "cpu", storage: Any = None, client: Any = None,
+              before_start: Callable[[Any], None] | None = None,
               **overrides: Any) -> InProcessWorker:
-        w = InProcessWorker(make_worker(redis_server.url, tmp_path, callbacks=callbacks,
-                                        http_port=http_port, gpu_class=gpu_class,
-                                        storage=storage, **overrides), burst=burst)
+        worker = make_worker(redis_server.url, tmp_path, callbacks=callbacks,
+                             http_port=http_port, gpu_class=gpu_class, storage=storage,
+                             client=client, **overrides)
+        if before_start is not None:
+            before_start(worker)
+        w = InProcessWorker(worker, burst=burst)
         started.append(w)
         return w
 

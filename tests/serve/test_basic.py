@@ -65,6 +65,9 @@ def test_max_runs_and_entries_added_before_any_worker(r, spawn_worker) -> None:
     assert w.wait(30) == 0
     assert sum(1 for i in ids if is_terminal(r, i)) == 2
     assert record(r, ids[2])["status"] == "queued"
+    # The last run's terminal write did not read the third entry ahead: never delivered,
+    # it is any worker's next read.
+    assert r.xpending(keys.runs_stream("cpu"), keys.CONSUMER_GROUP)["pending"] == 0
 
 
 @pytest.mark.timeout(60)

@@ -70,11 +70,12 @@ class WorkerProcess:
 def make_worker(redis_url: str, root: Path, *, child_entry: str = SERVE_CHILD,
                 cpu: bool = True, child_sandbox: bool | None = None, storage: Any = None,
                 gpu_class: str = "cpu", callbacks: Any = None, http_port: int = 0,
-                **overrides: Any) -> Any:
+                client: Any = None, **overrides: Any) -> Any:
     """A ``Worker`` (not started) on ``redis_url`` whose pipeline runs ``child_entry`` (the
     serve tests' fake child unless told; on the CPU unless ``cpu`` is False) on the checkout
     ``root/comfyui``, with its cache in ``root/cache``, run directories in ``root/work`` and
-    outputs in ``root/outputs`` (unless ``storage``). ``overrides`` are settings fields
+    outputs in ``root/outputs`` (unless ``storage``), on its own Redis client unless
+    ``client``. ``overrides`` are settings fields
     (the defaults: a lease of 1 s, a grace of 5 s, no idle exit, no health port);
     ``child_sandbox`` runs the child sandboxed or not (None: as the settings say)."""
     from runflow_worker.run.storage import LocalStorage
@@ -91,7 +92,7 @@ def make_worker(redis_url: str, root: Path, *, child_entry: str = SERVE_CHILD,
     pipeline = make_pipeline(root, comfyui_dir=comfy, cpu=cpu, child_entry=child_entry,
                              sandbox=sandbox, storage=storage or LocalStorage(root / "outputs"))
     return Worker(settings, pipeline, gpu_class=gpu_class, callbacks=callbacks,
-                  http_port=http_port)
+                  http_port=http_port, client=client)
 
 
 class InProcessWorker:
