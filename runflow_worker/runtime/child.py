@@ -48,13 +48,13 @@ class ChildEnd:
     def send(self, msg: p.ChildMessage) -> None:
         """Write ``msg`` as plain data cut to the channel's limits (thread-safe).
 
-        Plain data (``protocol.fit_child_message``) because a validation error's
+        Plain data (``protocol.fit_child_message``, encoded once) because a validation error's
         ``input_config`` may hold an object of a custom node's own class, and a long
         traceback or file list must not make the parent drop the child.
         """
-        obj = p.fit_child_message(msg)
+        payload = p.child_payload(msg)
         with self._lock:
-            self._channel.send(obj)
+            self._channel.send_payload(payload)
 
     def close(self) -> None:
         """Close the channel."""
@@ -86,7 +86,8 @@ def main(conn: Any, config: dict[str, Any]) -> None:
     gc.freeze()
     send(ready)
 
-    jobs: queue.Queue[p.Execute | None] = queue.Queue()
+    # SimpleQueue: the reader's hand-off of a job to this thread is on every run's path.
+    jobs: queue.SimpleQueue[p.Execute | None] = queue.SimpleQueue()
 
     def reader() -> None:
         while True:
