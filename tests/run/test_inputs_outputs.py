@@ -102,6 +102,30 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
     assert "s" not in files
 
 
+def test_a_fetchers_digest_names_the_folder_without_a_second_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "photo.png"
+    src.write_bytes(image_bytes("PNG"))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    reads: list[Path] = []
+    monkeypatch.setattr("runflow_worker.run.inputs.sha256_file",
+                        lambda path: reads.append(path) or digest)
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> str | None:
+        _copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        return digest if "hashed" in url else None
+
+    defs = {"img": InputDef(input_id="img", type=InputType.IMAGE)}
+    values = {"img": src.as_uri() + "?hashed"}
+    files = materialise_inputs(defs, values, tmp_path / "in", fetch, max_bytes=10**6,
+                               max_pixels=10**6, cancel=lambda: False)
+    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and reads == []
+    # A fetcher that did not hash what it wrote: the file is hashed after.
+    files = materialise_inputs(defs, {"img": src.as_uri()}, tmp_path / "in2", fetch,
+                               max_bytes=10**6, max_pixels=10**6, cancel=lambda: False)
+    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and len(reads) == 1
+
+
 def test_safe_filename() -> None:
     assert safe_filename("https://h/a/b/..%2F..%2Fetc%2Fpasswd", "x") == "etc_passwd"
     assert safe_filename("https://h/", "fallback") == "fallback"
