@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -225,6 +226,27 @@ def test_store_outputs_local(tmp_path: Path) -> None:
     assert stored.read_bytes() == (out_dir / "hero_00001_.png").read_bytes()
     assert first.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert first.size_bytes == stored.stat().st_size
+
+
+def test_a_stored_output_is_a_copy_the_child_cannot_change_later(tmp_path: Path) -> None:
+    # The warm child may keep an output open and write to it after the run: the stored
+    # object must keep the bytes its digest was taken of (never a hard link to the output).
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    (out_dir / "a.png").write_bytes(image_bytes("PNG"))
+    storage = LocalStorage(tmp_path / "store")
+    (entry,) = store_outputs([OutputFile("9", "RunflowOutputImage", "a.png", "hero")],
+                             out_dir, "run-1", storage, should_stop=lambda: False)
+    stored = Path(unquote(urlsplit(entry.url).path))
+    assert entry.url == storage._path(entry.key).as_uri()  # the URL as resolved anew
+    with (out_dir / "a.png").open("r+b") as fh:  # the same inode, changed in place
+        fh.write(b"changed later")
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry.sha256
+    assert os.stat(stored).st_ino != os.stat(out_dir / "a.png").st_ino
+    # The same for a put of a plain path on the same file system.
+    storage.put(out_dir / "a.png", "runs/run-1/hero/b.png", content_type="image/png",
+                sha256="0")
+    assert os.stat(tmp_path / "store/runs/run-1/hero/b.png").st_nlink == 1
 
 
 def test_store_outputs_refuses_escaping_paths(tmp_path: Path) -> None:
