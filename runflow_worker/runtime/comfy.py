@@ -10,6 +10,7 @@ before any node module is imported (custom nodes register routes at import).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from runflow_worker.runtime import protocol as p
+from runflow_worker.runtime.builtinnodes import DeferredBuiltins, LoaderCall, recorder
+from runflow_worker.runtime.customnodes import COMFYUI_OWN
 from runflow_worker.runtime.graph import file_reference_problem, is_link
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,7 @@ class _WarningCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.lines.extend(record.getMessage().splitlines())
-        except Exception:  # noqa: BLE001 - a message that cannot be formatted is left out
+        except Exception:  # noqa: BLE001, S110 - a message that cannot be formatted is left out
             pass
 
     def excerpt(self) -> str:
@@ -110,7 +113,12 @@ class _Server:
 
 
 class ComfyEmbedding:
-    """One initialised ComfyUI in this process."""
+    """One initialised ComfyUI in this process.
+
+    ``config``: the runner's config as plain data (``RunnerConfig``); besides its fields,
+    ``defer_builtin_nodes`` (default True) may be set False to load ComfyUI's built-in
+    extra nodes at start even without custom nodes (``runtime.builtinnodes``).
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -118,6 +126,8 @@ class ComfyEmbedding:
         self.server: _Server | None = None
         self.executor: Any = None
         self.file_digests: dict[str, str] = {}  # "models/<key>" / "input/<key>" -> sha256
+        self.builtins: DeferredBuiltins | None = None
+        """ComfyUI's built-in extra nodes not loaded at start (None: all were)."""
         self._job: p.Execute | None = None
         self._send: Callable[[Any], None] = lambda msg: None
         self._interrupt_requested = False
@@ -172,11 +182,23 @@ class ComfyEmbedding:
                           folder_paths.folder_names_and_paths.items()}
         self._models_root = os.path.abspath(folder_paths.models_dir)
 
+        self._hook_breaker = hook_breaker_ac10a0
+        packs = self._custom_node_paths()
+        # Built-in extra nodes (and ComfyUI's own custom_nodes/ files) are loaded when a
+        # graph names one (runtime.builtinnodes), unless a custom node pack loads: packs
+        # may rely on them being there at import.
+        defer = self.config.get("defer_builtin_nodes", True) and all(
+            os.path.basename(path) in COMFYUI_OWN for path in packs)
+        failures: list[str] = []
+        errors: dict[str, str] = {}
         hook_breaker_ac10a0.save_functions()
         try:
-            self.loop.run_until_complete(
-                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-            failures, errors = self._load_custom_nodes()
+            if defer:
+                self.builtins = self._defer_builtin_nodes(packs)
+            else:
+                self.loop.run_until_complete(
+                    nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+                failures, errors = self._load_custom_nodes(packs)
         finally:
             hook_breaker_ac10a0.restore_functions()
         self._register_runflow_nodes()
@@ -195,11 +217,9 @@ class ComfyEmbedding:
             gpu_model=gpu_model,
         )
 
-    def _load_custom_nodes(self) -> tuple[list[str], dict[str, str]]:
-        """Load every pack; return the entries that failed and, for each, what was logged."""
-        base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
-        failures: list[str] = []
-        errors: dict[str, str] = {}
+    def _custom_node_paths(self) -> list[str]:
+        """The custom node entries to load, in order (ComfyUI's listing rules)."""
+        paths: list[str] = []
         for root in self.config.get("custom_node_dirs") or ():
             if not os.path.isdir(root):
                 continue
@@ -209,18 +229,55 @@ class ComfyEmbedding:
                     continue
                 if os.path.isfile(path) and not entry.endswith(".py"):
                     continue
-                capture = _WarningCapture()
-                root_logger = logging.getLogger()
-                root_logger.addHandler(capture)
-                try:
-                    ok = self.loop.run_until_complete(self._nodes.load_custom_node(
-                        path, base_names, module_parent="custom_nodes"))
-                finally:
-                    root_logger.removeHandler(capture)
-                if not ok:
-                    failures.append(entry)
-                    errors[entry] = capture.excerpt()
+                paths.append(path)
+        return paths
+
+    def _load_custom_nodes(self, paths: list[str]) -> tuple[list[str], dict[str, str]]:
+        """Load every pack; return the entries that failed and, for each, what was logged."""
+        base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
+        failures: list[str] = []
+        errors: dict[str, str] = {}
+        for path in paths:
+            entry = os.path.basename(path)
+            capture = _WarningCapture()
+            root_logger = logging.getLogger()
+            root_logger.addHandler(capture)
+            try:
+                ok = self.loop.run_until_complete(self._nodes.load_custom_node(
+                    path, base_names, module_parent="custom_nodes"))
+            finally:
+                root_logger.removeHandler(capture)
+            if not ok:
+                failures.append(entry)
+                errors[entry] = capture.excerpt()
         return failures, errors
+
+    def _defer_builtin_nodes(self, own_packs: list[str]) -> DeferredBuiltins:
+        """ComfyUI's ``init_extra_nodes`` (no custom or API nodes) with its loader recording
+        the built-in files it would load instead of loading them; ``own_packs`` (ComfyUI's
+        own custom node files) deferred after them."""
+        nodes = self._nodes
+        calls: list[LoaderCall] = []
+        load_custom_node = nodes.load_custom_node
+        nodes.load_custom_node = recorder(calls)
+        try:
+            self.loop.run_until_complete(
+                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        finally:
+            nodes.load_custom_node = load_custom_node
+        return DeferredBuiltins(calls, self._load_builtin, nodes.NODE_CLASS_MAPPINGS,
+                                nodes.NODE_DISPLAY_NAME_MAPPINGS, own_packs=own_packs)
+
+    def _load_builtin(self, call: LoaderCall) -> bool:
+        """One deferred file, loaded with ComfyUI's own call (and, as at start,
+        ``hook_breaker_ac10a0`` around it)."""
+        args, kwargs = call
+        self._hook_breaker.save_functions()
+        try:
+            return bool(self.loop.run_until_complete(
+                self._nodes.load_custom_node(*args, **kwargs)))
+        finally:
+            self._hook_breaker.restore_functions()
 
     def _register_runflow_nodes(self) -> None:
         from runflow_worker.runtime import nodepack
@@ -337,6 +394,15 @@ class ComfyEmbedding:
         self._send = send
         self._interrupt_requested = False
         graph = {str(k): v for k, v in job.graph.items()}
+        if self.builtins is not None and self.builtins.pending:
+            names = [node.get("class_type") for node in graph.values() if isinstance(node, dict)]
+            self._job = job  # an interrupt during the load (up to a second or so) is kept
+            try:
+                loaded = self.builtins.settle(names)
+            finally:
+                self._job = None
+            if loaded:
+                gc.freeze()  # as after init: what a load keeps stays out of collections
         mappings = self._nodes.NODE_CLASS_MAPPINGS
         for node in graph.values():
             cls = mappings.get(node.get("class_type"))
