@@ -4,12 +4,15 @@ Written against ComfyUI 0.3.6x (commit a125cd8); every version-sensitive call is
 Order matters (see ``ComfyEmbedding.init``): cli args before ``folder_paths`` and
 ``comfy.model_management`` are imported (both read args at import), ``utils.extra_config``
 before ``nodes`` (nodes.py puts ``comfy/`` first on sys.path), our own server object set
-before any node module is imported (custom nodes register routes at import).
+before any node module is imported (custom nodes register routes at import). A child
+without custom nodes defers ComfyUI's built-in extra nodes (``runtime.builtinnodes``) and,
+with them, ComfyUI's ``server`` module, which only node modules import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -79,14 +82,10 @@ class _Server:
     """Stands in for ``server.PromptServer.instance``; forwards events to ``sink``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from aiohttp import web
-
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.last_prompt_id: str | None = None
         self.sockets_metadata: dict[str, Any] = {}
-        self.routes = web.RouteTableDef()
-        self.app = web.Application()
         self.loop = loop
         # ComfyUI's server announces that it serves each node's WEB_DIRECTORY itself; packs
         # that find the flag missing take ComfyUI for an old one and link or copy their
@@ -94,6 +93,22 @@ class _Server:
         self.supports: set[str] = {"custom_nodes_from_web"}
         self.prompt_queue = None
         self.sink: Callable[[str, dict[str, Any]], None] = lambda event, data: None
+
+    # Made when a node module first asks (a custom node registering an HTTP route): aiohttp
+    # is not imported for a child that loads none.
+    @functools.cached_property
+    def routes(self) -> Any:
+        """Where node modules register HTTP routes (never served)."""
+        from aiohttp import web
+
+        return web.RouteTableDef()
+
+    @functools.cached_property
+    def app(self) -> Any:
+        """The aiohttp application some node modules add middleware or routes to."""
+        from aiohttp import web
+
+        return web.Application()
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         """ComfyUI's event entry point (executing, executed, progress...)."""
@@ -154,19 +169,30 @@ class ComfyEmbedding:
         args.cpu = bool(cpu)
         args.base_directory = str(base_dir)
         args.disable_all_custom_nodes = False
+        packs = self._custom_node_paths()
+        # Built-in extra nodes (and ComfyUI's own custom_nodes/ files) are loaded when a
+        # graph names one (runtime.builtinnodes), unless a custom node pack loads: packs
+        # may rely on them being there at import.
+        defer = self.config.get("defer_builtin_nodes", True) and all(
+            os.path.basename(path) in COMFYUI_OWN for path in packs)
         # isort: off
         # The order is load-bearing (see the module docstring); never let a sorter touch it:
         # ComfyUI's `utils` package must be imported before anything can shadow it with
         # comfy/utils.py.
         import utils.extra_config  # noqa: F401
         import folder_paths
-        import server
+        if not defer:
+            # ComfyUI's server module (its routes, aiohttp, its frontend manager: 0.3-0.4 s)
+            # is for node modules to import; nothing else of ComfyUI does. A child that
+            # defers them imports it before its first load (_install_server).
+            import server  # noqa: F401
         # isort: on
 
         asyncio.set_event_loop(self.loop)
         self.server = _Server(self.loop)
         self.server.sink = self._on_event
-        server.PromptServer.instance = self.server
+        if not defer:
+            self._install_server()
 
         import comfy.model_management
         import comfy.utils
@@ -183,12 +209,6 @@ class ComfyEmbedding:
         self._models_root = os.path.abspath(folder_paths.models_dir)
 
         self._hook_breaker = hook_breaker_ac10a0
-        packs = self._custom_node_paths()
-        # Built-in extra nodes (and ComfyUI's own custom_nodes/ files) are loaded when a
-        # graph names one (runtime.builtinnodes), unless a custom node pack loads: packs
-        # may rely on them being there at import.
-        defer = self.config.get("defer_builtin_nodes", True) and all(
-            os.path.basename(path) in COMFYUI_OWN for path in packs)
         failures: list[str] = []
         errors: dict[str, str] = {}
         hook_breaker_ac10a0.save_functions()
@@ -268,9 +288,17 @@ class ComfyEmbedding:
         return DeferredBuiltins(calls, self._load_builtin, nodes.NODE_CLASS_MAPPINGS,
                                 nodes.NODE_DISPLAY_NAME_MAPPINGS, own_packs=own_packs)
 
+    def _install_server(self) -> None:
+        """Import ComfyUI's server module and make our object its ``PromptServer.instance``
+        (before any node module is imported: they register routes and send events there)."""
+        import server
+
+        server.PromptServer.instance = self.server
+
     def _load_builtin(self, call: LoaderCall) -> bool:
         """One deferred file, loaded with ComfyUI's own call (and, as at start,
         ``hook_breaker_ac10a0`` around it)."""
+        self._install_server()
         args, kwargs = call
         self._hook_breaker.save_functions()
         try:

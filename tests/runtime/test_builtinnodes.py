@@ -101,6 +101,9 @@ def embedding(nodes: types.ModuleType) -> ComfyEmbedding:
     emb._nodes = nodes
     emb._hook_breaker = types.SimpleNamespace(save_functions=lambda: None,
                                               restore_functions=lambda: None)
+    installs: list[bool] = []
+    emb._install_server = lambda: installs.append(True)  # type: ignore[method-assign]
+    emb.server_installs = installs  # type: ignore[attr-defined]
     return emb
 
 
@@ -132,10 +135,13 @@ def test_start_records_comfyuis_calls_and_loads_nothing(tmp_path: Path) -> None:
 
 def test_a_name_loads_only_the_files_holding_it(tmp_path: Path) -> None:
     nodes = fake_nodes(tmp_path)
-    deferred = embedding(nodes)._defer_builtin_nodes([])
+    emb = embedding(nodes)
+    deferred = emb._defer_builtin_nodes([])
+    assert emb.server_installs == []  # nothing loaded yet
     assert deferred.settle(["B1", "Core"]) == [str(tmp_path / "nodes_b.py"),
                                                str(tmp_path / "nodes_c.py")]
     assert describe(nodes) == {"Core": "c", "B1": "b", "Shared": "c"}
+    assert emb.server_installs  # ComfyUI's server module before any node module
     assert deferred.settle(["B1", "Core"]) == []  # settled: nothing more to do
     assert deferred.full_loads == 0 and deferred.pending == 3
 
