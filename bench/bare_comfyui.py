@@ -71,9 +71,13 @@ def main() -> int:
 
     comfy_args.cpu = not torch.cuda.is_available()
     comfy_args.base_directory = str(args.base_dir)
+    # isort: off
+    # ComfyUI's `utils` package before anything can shadow it with comfy/utils.py
+    # (docs/runtime.md): never let a sorter move this.
+    import utils.extra_config  # noqa: F401
     import folder_paths
     import server
-    import utils.extra_config  # noqa: F401  (before nodes: see docs/runtime.md)
+    # isort: on
 
     server.PromptServer.instance = srv = _Server()
     import execution

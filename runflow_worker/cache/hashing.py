@@ -99,11 +99,11 @@ class HashingFileWriter:
         # Batches travel in a few reused buffers: one hash call and one write per batch keep
         # the writer thread's turns on the GIL rare, and reuse avoids a page fault per 4 KiB
         # that fresh multi-MiB buffers would cost. mmap memory is page-aligned, as O_DIRECT
-        # requires.
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        self._full: queue.Queue[tuple[mmap.mmap, int] | bytes | None] = queue.Queue()
-        for _ in range(BUFFERS):
-            self._free.put(mmap.mmap(-1, batch_bytes))
+        # requires. Made as they are first needed (up to ``BUFFERS``): a file of one batch
+        # (an input image) makes one.
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._buffers_made = 0
+        self._full: queue.SimpleQueue[tuple[mmap.mmap, int] | bytes | None] = queue.SimpleQueue()
         self._buffer: mmap.mmap | None = None
         self._view = memoryview(b"")
         self._used = 0
@@ -128,13 +128,13 @@ class HashingFileWriter:
         self._direct_from = DIRECT_IO_MIN_BYTES if direct_io else None
         if direct_io and expected_bytes is not None and expected_bytes >= DIRECT_IO_MIN_BYTES:
             self._direct_from = 0
-        self._hashed: queue.Queue[tuple[mmap.mmap, int] | bytes | None] = queue.Queue()
-        self._hasher = threading.Thread(target=self._hash_loop, name="hasher", daemon=True)
-        self._writer = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        self._hashed: queue.SimpleQueue[tuple[mmap.mmap, int] | bytes | None] = (
+            queue.SimpleQueue())
         # The threads start with the first batch that leaves before ``close``: a file of one
         # batch or less (an input image) is hashed and written by the caller at ``close``,
         # which costs less than starting two threads and passing the batch between them.
-        self._threads_started = False
+        self._hasher: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
 
     def write(self, data: bytes) -> None:
         """Queue ``data`` for hashing and writing; raise if the writer thread has failed."""
@@ -160,7 +160,7 @@ class HashingFileWriter:
         if self._error is not None:
             raise self._error
         if self._buffer is None:
-            self._buffer = self._free.get()  # waits while every buffer is in flight
+            self._buffer = self._free_buffer()
             # A batch ends on an aligned file offset, so that the next one can go to disk
             # directly even after a resume from an odd offset.
             self._capacity = self._batch_bytes - self.size % ALIGN
@@ -201,15 +201,29 @@ class HashingFileWriter:
             self._buffer = None
             self._used = 0
 
+    def _free_buffer(self) -> mmap.mmap:
+        """A buffer for the next batch: a free one, a new one while fewer than ``BUFFERS``
+        exist, else the next one the writer frees (waits while all are in flight)."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._buffers_made < BUFFERS:
+            self._buffers_made += 1
+            return mmap.mmap(-1, self._batch_bytes)
+        return self._free.get()
+
     def _start_threads(self) -> None:
-        if not self._threads_started:
-            self._threads_started = True
+        if self._hasher is None:
+            self._hasher = threading.Thread(target=self._hash_loop, name="hasher", daemon=True)
+            self._writer = threading.Thread(target=self._write_loop, name="writer",
+                                            daemon=True)
             self._hasher.start()
             self._writer.start()
 
     def _finish(self) -> None:
         """Hash and write everything still held, then stop the threads."""
-        if not self._threads_started:
+        if self._hasher is None or self._writer is None:
             self._finish_inline()
             return
         self._flush_buffer()

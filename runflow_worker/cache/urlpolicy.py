@@ -26,6 +26,7 @@ an explicit entry.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -40,6 +41,8 @@ Resolver = Callable[[str, int], Sequence[str]]
 """``resolver(host, port) -> address strings``; raises ``OSError`` when the name does not resolve."""
 
 ALLOWED_SCHEMES = ("https",)
+CHECKED_URLS_KEPT = 64
+"""URLs whose static checks passed, remembered per policy (``URLPolicy.check_url``)."""
 
 # Cloud metadata and host-agent endpoints: AWS/GCP/Azure/OpenStack (169.254.169.254), AWS ECS
 # task metadata, Azure wireserver, Alibaba, Oracle, AWS over IPv6.
@@ -246,12 +249,19 @@ class URLPolicy:
         self.allowed_networks = tuple(networks)
         self.allowed_names = frozenset(names)
         self._allowed_suffixes = tuple(suffixes)
+        # The static checks depend on the URL and the allowlist alone, and a URL is checked
+        # more than once (``cache.sources`` refuses early, the fetcher checks every hop):
+        # the last few passed URLs are remembered. A refused one is checked anew each time.
+        self._checked_url = functools.lru_cache(maxsize=CHECKED_URLS_KEPT)(self._check_url)
 
     def check_url(self, url: str) -> Target:
         """Static checks of ``url``; return its Target or raise ``URLRefused``.
 
         Address-literal hosts are fully checked here; names are checked by ``resolve``.
         """
+        return self._checked_url(url)
+
+    def _check_url(self, url: str) -> Target:
         shown = redact_url(url)
         if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F or ch == "\\" for ch in url):
             raise URLRefused(f"refused {shown}: whitespace, control or backslash in URL")

@@ -114,14 +114,17 @@ def make_input_fetcher(settings: Settings, fetcher: Fetcher, *,
     from runflow_worker.cache.errors import URLRefused
     sources = build_sources(settings, fetcher)
 
-    def fetch(url: str, dest: Path, *, max_bytes: int, cancel: Callable[[], bool]) -> None:
+    def fetch(url: str, dest: Path, *, max_bytes: int,
+              cancel: Callable[[], bool]) -> str | None:
         if url.startswith("file://"):
             if not allow_local_files:  # the contract check refuses these before; defence
                 raise URLRefused("local files are not accepted here")
             shutil.copyfile(unquote(urlsplit(url).path), dest)
-            return
-        # No fsync: the file lives as long as the run, which a crash ends anyway.
-        sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel, fsync=False)
+            return None
+        # No fsync: the file lives as long as the run, which a crash ends anyway. The digest
+        # was taken as the file was written: the caller need not read it again.
+        return sources.fetch_to_file(url, dest, max_bytes=max_bytes, cancel=cancel,
+                                     fsync=False).sha256
 
     return fetch
 

@@ -30,6 +30,7 @@ IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", 
 _OPENERS = ["PNG", "JPEG", "WEBP", "GIF"]  # Pillow's JPEG opener also reads MPO
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 CONTENT_HEX = 16
 """Hex digits of a caller file's sha256 in its path (``<folder>/<digest>/<name>``)."""
 
@@ -38,8 +39,9 @@ class FileFetcher(Protocol):
     """Fetches one caller URL to a local file (raising the cache package's errors)."""
 
     def __call__(self, url: str, dest: Path, *, max_bytes: int,
-                 cancel: Callable[[], bool]) -> None:
-        """Write the body of ``url`` to ``dest``."""
+                 cancel: Callable[[], bool]) -> str | None:
+        """Write the body of ``url`` to ``dest``; return its hex sha256 when the fetcher
+        hashed what it wrote (else None: the file is hashed after)."""
 
 
 def safe_filename(url: str, fallback: str) -> str:
@@ -117,14 +119,17 @@ def materialise_inputs(
         # Fetched to a name of its own, then renamed into place: whatever already stands at
         # the final path (a link to a shared blob, say) is replaced, never written through.
         part = folder / f".{uuid.uuid4().hex}.part"
-        fetch(url, part, max_bytes=max_bytes, cancel=cancel)
+        digest = fetch(url, part, max_bytes=max_bytes, cancel=cancel)
         filename = safe_filename(url, "file")
         if d.type is InputType.IMAGE:
             filename = name + check_image(part, max_pixels=max_pixels, field=field)
         # The path names the content: ComfyUI caches a node's outputs by its inputs, so a
         # node reading a path that held another caller's bytes in an earlier run of the warm
-        # child would be served that run's result.
-        dest = folder / sha256_file(part)[:CONTENT_HEX] / filename
+        # child would be served that run's result. The fetcher's digest is of the bytes it
+        # wrote into ``part`` (the run's staged input, out of the child's sight).
+        if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
+            digest = sha256_file(part)
+        dest = folder / digest[:CONTENT_HEX] / filename
         dest.parent.mkdir(exist_ok=True)
         os.replace(part, dest)
         files[input_id] = dest.relative_to(input_dir).as_posix()

@@ -59,12 +59,23 @@ def sha256_of(path: Path, should_stop: ShouldStop | None = None) -> str:
     """Hex sha256 of a file; ``UploadCanceled`` once ``should_stop`` returns True (checked
     every ``HASH_CHUNK_BYTES``: a node's sparse "output" of terabytes costs no disk but
     would keep the worker hashing for hours)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return sha256_of_fd(fd, path.name, should_stop)
+    finally:
+        os.close(fd)
+
+
+def sha256_of_fd(fd: int, name: str, should_stop: ShouldStop | None = None) -> str:
+    """``sha256_of`` the open file ``fd`` (read from offset 0 with ``pread``: its own
+    offset is left as it is); ``name`` is for the message of a stopped hash."""
     digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as fh:
-        while chunk := fh.read(HASH_CHUNK_BYTES):
-            if should_stop is not None and should_stop():
-                raise UploadCanceled(f"hashing {path.name} stopped")
-            digest.update(chunk)
+    offset = 0
+    while chunk := os.pread(fd, HASH_CHUNK_BYTES, offset):
+        if should_stop is not None and should_stop():
+            raise UploadCanceled(f"hashing {name} stopped")
+        digest.update(chunk)
+        offset += len(chunk)
     return digest.hexdigest()
 
 
@@ -194,7 +205,7 @@ def _store_one(fd: int, relpath: Path, f: OutputFile, output_id: str, run_id: st
         key = object_key(run_id, output_id, f"{relpath.stem}_{n}{relpath.suffix}")
     used_keys.add(key)
     path = Path(f"/proc/self/fd/{fd}")
-    digest = sha256_of(path, should_stop)
+    digest = sha256_of_fd(fd, filename, should_stop)
     content_type = content_type_of(filename)
     if written is not None:
         written.append(key)

@@ -22,7 +22,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 ShouldStop = Callable[[], bool]
 """Polled during a transfer: True once the run must stop."""
 COPY_CHUNK_BYTES = 8 << 20
-"""Local copies (when a hard link is impossible) check ``should_stop`` between chunks."""
+"""Local copies check ``should_stop`` between chunks of this size."""
 MAX_KEY_SEGMENT_CHARS = 255
 """Longest segment of an object key (output ids, file names: a file name's limit on most
 file systems; run ids are shorter by the message rules)."""
@@ -102,6 +102,9 @@ class LocalStorage:
     """Outputs in a directory on disk, addressed by ``file://`` URLs."""
 
     root: Path
+    _stored: tuple[str, Path] | None = field(default=None, init=False, repr=False,
+                                             compare=False)
+    """The key last stored and its resolved path (``url_for`` right after ``put``)."""
 
     def full_key(self, key: str) -> str:
         """Local storage has no prefix: the key is the path under ``root``."""
@@ -121,19 +124,22 @@ class LocalStorage:
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
             should_stop: ShouldStop | None = None,
             keep_if_late: ShouldStop | None = None) -> None:
-        """Copy the file in (same volume: hard link), written atomically (never given up,
-        so ``keep_if_late`` has nothing to decide)."""
+        """Copy the file in, written atomically (never given up, so ``keep_if_late`` has
+        nothing to decide).
+
+        A copy, never a hard link: the file is a run's output, which the warm ComfyUI child
+        (untrusted code) may still hold open and change after its digest was taken; a link
+        would share those changes with the stored object.
+        """
         dest = self._path(key)
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(local_path, tmp)
-            except OSError:
-                _copy(local_path, tmp, should_stop, key)
+            _copy(local_path, tmp, should_stop, key)
             os.replace(tmp, dest)
+            self._stored = (key, dest)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write output {key!r}: {exc.strerror or exc}") from exc
@@ -159,7 +165,10 @@ class LocalStorage:
 
     def url_for(self, key: str) -> str:
         """A ``file://`` URL of the stored object."""
-        return self._path(key).as_uri()
+        stored = self._stored
+        # Right after its ``put`` (the usual call), the path that put resolved.
+        path = stored[1] if stored is not None and stored[0] == key else self._path(key)
+        return path.as_uri()
 
 
 def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str) -> None:

@@ -4,12 +4,16 @@ Written against ComfyUI 0.3.6x (commit a125cd8); every version-sensitive call is
 Order matters (see ``ComfyEmbedding.init``): cli args before ``folder_paths`` and
 ``comfy.model_management`` are imported (both read args at import), ``utils.extra_config``
 before ``nodes`` (nodes.py puts ``comfy/`` first on sys.path), our own server object set
-before any node module is imported (custom nodes register routes at import).
+before any node module is imported (custom nodes register routes at import). A child
+without custom nodes defers ComfyUI's built-in extra nodes (``runtime.builtinnodes``) and,
+with them, ComfyUI's ``server`` module, which only node modules import.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import os
 import subprocess
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from runflow_worker.runtime import protocol as p
+from runflow_worker.runtime.builtinnodes import DeferredBuiltins, LoaderCall, recorder
+from runflow_worker.runtime.customnodes import COMFYUI_OWN
 from runflow_worker.runtime.graph import file_reference_problem, is_link
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,7 @@ class _WarningCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.lines.extend(record.getMessage().splitlines())
-        except Exception:  # noqa: BLE001 - a message that cannot be formatted is left out
+        except Exception:  # noqa: BLE001, S110 - a message that cannot be formatted is left out
             pass
 
     def excerpt(self) -> str:
@@ -76,14 +82,10 @@ class _Server:
     """Stands in for ``server.PromptServer.instance``; forwards events to ``sink``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from aiohttp import web
-
         self.client_id: str | None = None
         self.last_node_id: str | None = None
         self.last_prompt_id: str | None = None
         self.sockets_metadata: dict[str, Any] = {}
-        self.routes = web.RouteTableDef()
-        self.app = web.Application()
         self.loop = loop
         # ComfyUI's server announces that it serves each node's WEB_DIRECTORY itself; packs
         # that find the flag missing take ComfyUI for an old one and link or copy their
@@ -91,6 +93,22 @@ class _Server:
         self.supports: set[str] = {"custom_nodes_from_web"}
         self.prompt_queue = None
         self.sink: Callable[[str, dict[str, Any]], None] = lambda event, data: None
+
+    # Made when a node module first asks (a custom node registering an HTTP route): aiohttp
+    # is not imported for a child that loads none.
+    @functools.cached_property
+    def routes(self) -> Any:
+        """Where node modules register HTTP routes (never served)."""
+        from aiohttp import web
+
+        return web.RouteTableDef()
+
+    @functools.cached_property
+    def app(self) -> Any:
+        """The aiohttp application some node modules add middleware or routes to."""
+        from aiohttp import web
+
+        return web.Application()
 
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         """ComfyUI's event entry point (executing, executed, progress...)."""
@@ -110,7 +128,12 @@ class _Server:
 
 
 class ComfyEmbedding:
-    """One initialised ComfyUI in this process."""
+    """One initialised ComfyUI in this process.
+
+    ``config``: the runner's config as plain data (``RunnerConfig``); besides its fields,
+    ``defer_builtin_nodes`` (default True) may be set False to load ComfyUI's built-in
+    extra nodes at start even without custom nodes (``runtime.builtinnodes``).
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
@@ -118,6 +141,8 @@ class ComfyEmbedding:
         self.server: _Server | None = None
         self.executor: Any = None
         self.file_digests: dict[str, str] = {}  # "models/<key>" / "input/<key>" -> sha256
+        self.builtins: DeferredBuiltins | None = None
+        """ComfyUI's built-in extra nodes not loaded at start (None: all were)."""
         self._job: p.Execute | None = None
         self._send: Callable[[Any], None] = lambda msg: None
         self._interrupt_requested = False
@@ -144,19 +169,30 @@ class ComfyEmbedding:
         args.cpu = bool(cpu)
         args.base_directory = str(base_dir)
         args.disable_all_custom_nodes = False
+        packs = self._custom_node_paths()
+        # Built-in extra nodes (and ComfyUI's own custom_nodes/ files) are loaded when a
+        # graph names one (runtime.builtinnodes), unless a custom node pack loads: packs
+        # may rely on them being there at import.
+        defer = self.config.get("defer_builtin_nodes", True) and all(
+            os.path.basename(path) in COMFYUI_OWN for path in packs)
         # isort: off
         # The order is load-bearing (see the module docstring); never let a sorter touch it:
         # ComfyUI's `utils` package must be imported before anything can shadow it with
         # comfy/utils.py.
         import utils.extra_config  # noqa: F401
         import folder_paths
-        import server
+        if not defer:
+            # ComfyUI's server module (its routes, aiohttp, its frontend manager: 0.3-0.4 s)
+            # is for node modules to import; nothing else of ComfyUI does. A child that
+            # defers them imports it before its first load (_install_server).
+            import server  # noqa: F401
         # isort: on
 
         asyncio.set_event_loop(self.loop)
         self.server = _Server(self.loop)
         self.server.sink = self._on_event
-        server.PromptServer.instance = self.server
+        if not defer:
+            self._install_server()
 
         import comfy.model_management
         import comfy.utils
@@ -172,11 +208,17 @@ class ComfyEmbedding:
                           folder_paths.folder_names_and_paths.items()}
         self._models_root = os.path.abspath(folder_paths.models_dir)
 
+        self._hook_breaker = hook_breaker_ac10a0
+        failures: list[str] = []
+        errors: dict[str, str] = {}
         hook_breaker_ac10a0.save_functions()
         try:
-            self.loop.run_until_complete(
-                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-            failures, errors = self._load_custom_nodes()
+            if defer:
+                self.builtins = self._defer_builtin_nodes(packs)
+            else:
+                self.loop.run_until_complete(
+                    nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+                failures, errors = self._load_custom_nodes(packs)
         finally:
             hook_breaker_ac10a0.restore_functions()
         self._register_runflow_nodes()
@@ -195,11 +237,9 @@ class ComfyEmbedding:
             gpu_model=gpu_model,
         )
 
-    def _load_custom_nodes(self) -> tuple[list[str], dict[str, str]]:
-        """Load every pack; return the entries that failed and, for each, what was logged."""
-        base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
-        failures: list[str] = []
-        errors: dict[str, str] = {}
+    def _custom_node_paths(self) -> list[str]:
+        """The custom node entries to load, in order (ComfyUI's listing rules)."""
+        paths: list[str] = []
         for root in self.config.get("custom_node_dirs") or ():
             if not os.path.isdir(root):
                 continue
@@ -209,18 +249,63 @@ class ComfyEmbedding:
                     continue
                 if os.path.isfile(path) and not entry.endswith(".py"):
                     continue
-                capture = _WarningCapture()
-                root_logger = logging.getLogger()
-                root_logger.addHandler(capture)
-                try:
-                    ok = self.loop.run_until_complete(self._nodes.load_custom_node(
-                        path, base_names, module_parent="custom_nodes"))
-                finally:
-                    root_logger.removeHandler(capture)
-                if not ok:
-                    failures.append(entry)
-                    errors[entry] = capture.excerpt()
+                paths.append(path)
+        return paths
+
+    def _load_custom_nodes(self, paths: list[str]) -> tuple[list[str], dict[str, str]]:
+        """Load every pack; return the entries that failed and, for each, what was logged."""
+        base_names = set(self._nodes.NODE_CLASS_MAPPINGS)
+        failures: list[str] = []
+        errors: dict[str, str] = {}
+        for path in paths:
+            entry = os.path.basename(path)
+            capture = _WarningCapture()
+            root_logger = logging.getLogger()
+            root_logger.addHandler(capture)
+            try:
+                ok = self.loop.run_until_complete(self._nodes.load_custom_node(
+                    path, base_names, module_parent="custom_nodes"))
+            finally:
+                root_logger.removeHandler(capture)
+            if not ok:
+                failures.append(entry)
+                errors[entry] = capture.excerpt()
         return failures, errors
+
+    def _defer_builtin_nodes(self, own_packs: list[str]) -> DeferredBuiltins:
+        """ComfyUI's ``init_extra_nodes`` (no custom or API nodes) with its loader recording
+        the built-in files it would load instead of loading them; ``own_packs`` (ComfyUI's
+        own custom node files) deferred after them."""
+        nodes = self._nodes
+        calls: list[LoaderCall] = []
+        load_custom_node = nodes.load_custom_node
+        nodes.load_custom_node = recorder(calls)
+        try:
+            self.loop.run_until_complete(
+                nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        finally:
+            nodes.load_custom_node = load_custom_node
+        return DeferredBuiltins(calls, self._load_builtin, nodes.NODE_CLASS_MAPPINGS,
+                                nodes.NODE_DISPLAY_NAME_MAPPINGS, own_packs=own_packs)
+
+    def _install_server(self) -> None:
+        """Import ComfyUI's server module and make our object its ``PromptServer.instance``
+        (before any node module is imported: they register routes and send events there)."""
+        import server
+
+        server.PromptServer.instance = self.server
+
+    def _load_builtin(self, call: LoaderCall) -> bool:
+        """One deferred file, loaded with ComfyUI's own call (and, as at start,
+        ``hook_breaker_ac10a0`` around it)."""
+        self._install_server()
+        args, kwargs = call
+        self._hook_breaker.save_functions()
+        try:
+            return bool(self.loop.run_until_complete(
+                self._nodes.load_custom_node(*args, **kwargs)))
+        finally:
+            self._hook_breaker.restore_functions()
 
     def _register_runflow_nodes(self) -> None:
         from runflow_worker.runtime import nodepack
@@ -337,6 +422,15 @@ class ComfyEmbedding:
         self._send = send
         self._interrupt_requested = False
         graph = {str(k): v for k, v in job.graph.items()}
+        if self.builtins is not None and self.builtins.pending:
+            names = [node.get("class_type") for node in graph.values() if isinstance(node, dict)]
+            self._job = job  # an interrupt during the load (up to a second or so) is kept
+            try:
+                loaded = self.builtins.settle(names)
+            finally:
+                self._job = None
+            if loaded:
+                gc.freeze()  # as after init: what a load keeps stays out of collections
         mappings = self._nodes.NODE_CLASS_MAPPINGS
         for node in graph.values():
             cls = mappings.get(node.get("class_type"))

@@ -106,13 +106,16 @@ class LogRelay:
         lines before it reports the job's end, so they are in the pipe by the time the
         parent moves on. Left to the reader thread, a short job could end before that
         thread ran, and its lines would be read under the next job (or none).
+
+        The reader thread is not woken: it waits on the pipe, which stays readable for
+        whatever this drain left (an end of file included). Waking it cost two thread
+        switches a job, on every run's path.
         """
         with self._read_lock:
             if self._closed:
                 return
             self._drain(_DRAIN_MAX_BYTES)
             self._job = self._job_of()
-        self._wake()  # the reader thread looks again (an end of file seen here, say)
 
     def stop(self) -> None:
         """End the thread after it read what is in the pipe now (never blocks)."""

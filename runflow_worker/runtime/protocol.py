@@ -22,7 +22,6 @@ Child -> parent: ``Ready``, ``InitFailed``, ``NodeStarted``, ``Progress``, ``Log
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -30,7 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 from runflow_worker.runtime.errors import ProtocolError
-from runflow_worker.runtime.wire import CHILD_FRAME_MAX_BYTES
+from runflow_worker.runtime.wire import CHILD_FRAME_MAX_BYTES, encode_payload
 
 
 class FailureKind(StrEnum):
@@ -232,10 +231,17 @@ def _plain_field(value: Any) -> Any:
 
 
 def plain_message(msg: Any) -> Any:
-    """A copy of the child message ``msg`` whose fields hold plain data only (``plain``)."""
+    """A copy of the child message ``msg`` whose fields hold plain data only (``plain``);
+    ``msg`` itself when they all do already (a node's event, usually)."""
     if not isinstance(msg, (*CHILD_MESSAGES, OutputFile)):
         raise TypeError(f"not a child message: {type(msg).__name__}")
-    return replace(msg, **{f.name: _plain_field(getattr(msg, f.name)) for f in fields(msg)})
+    values = {f.name: getattr(msg, f.name) for f in fields(msg)}
+    changed = {}
+    for name, value in values.items():
+        new = _plain_field(value)
+        if new is not value:
+            changed[name] = new
+    return replace(msg, **changed) if changed else msg
 
 
 # ----------------------------------------------------------------- the wire schema
@@ -504,7 +510,7 @@ def _clip(obj: dict[str, Any], max_text: int, max_items: int) -> dict[str, Any]:
 
 def frame_bytes(obj: dict[str, Any]) -> int:
     """The payload size of ``obj``'s frame (as ``wire.encode_frame`` writes it)."""
-    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return len(encode_payload(obj))
 
 
 def fit_child_message(msg: ChildMessage, max_bytes: int = CHILD_FRAME_MAX_BYTES,
@@ -515,15 +521,27 @@ def fit_child_message(msg: ChildMessage, max_bytes: int = CHILD_FRAME_MAX_BYTES,
     loses its ``details`` and gets shorter texts and lists; a ``Done`` listing more outputs
     than fit becomes an INTERNAL ``Failed`` (its files would be lost otherwise unseen).
     """
+    return _fitted(msg, max_bytes)[0]
+
+
+def child_payload(msg: ChildMessage, max_bytes: int = CHILD_FRAME_MAX_BYTES) -> bytes:
+    """The frame payload of ``fit_child_message(msg)``: what the child writes, encoded
+    once (the size check's encoding is the one sent)."""
+    return _fitted(msg, max_bytes)[1]
+
+
+def _fitted(msg: ChildMessage, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     obj = _clip(to_wire(plain_message(msg)), TEXT_MAX_CHARS, LIST_MAX_ITEMS)
-    if frame_bytes(obj) <= max_bytes and not (
+    payload = encode_payload(obj)
+    if len(payload) <= max_bytes and not (
             isinstance(msg, Done) and len(msg.outputs) > LIST_MAX_ITEMS):
-        return obj
+        return obj, payload
     if isinstance(msg, Done):
-        return fit_child_message(Failed(
+        return _fitted(Failed(
             msg.job_id, FailureKind.INTERNAL,
             f"the run wrote {len(msg.outputs)} output files, more than one message can "
             f"report", peak_vram_bytes=msg.peak_vram_bytes), max_bytes)
     if "details" in obj:
         obj["details"] = {"cut": "the details were too large to report"}
-    return _clip(obj, _SHORT_TEXT_CHARS, _SHORT_LIST_ITEMS)
+    obj = _clip(obj, _SHORT_TEXT_CHARS, _SHORT_LIST_ITEMS)
+    return obj, encode_payload(obj)

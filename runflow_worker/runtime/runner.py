@@ -53,7 +53,7 @@ from runflow_worker.runtime.errors import (
 )
 from runflow_worker.runtime.sandbox import SandboxPlan, command_prefix, scratch_layer_problems
 from runflow_worker.runtime.spawn import ChildProcess, spawn
-from runflow_worker.runtime.wire import Channel, ChannelClosed, WireError
+from runflow_worker.runtime.wire import Channel, ChannelClosed, WireError, readable
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,9 @@ class Runner:
         """
         assert self._conn is not None and self._proc is not None
         conn, proc = self._conn, self._proc
-        if not conn.buffered and not wait([conn.fileno(), proc.sentinel], timeout=timeout_s):
+        # A bare poll (``wire.readable``): ``multiprocessing``'s ``wait`` builds a selector
+        # per call, and this runs for every message of every run.
+        if not conn.buffered and not readable([conn.fileno(), proc.sentinel], timeout_s):
             return None
         # The channel first: a last message the child wrote just before it died counts.
         try:
@@ -348,7 +350,7 @@ class Runner:
                 return p.child_message(obj)
             except ProtocolError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - whatever the child sent, never a crash
+            except Exception as exc:  # whatever the child sent, never a crash
                 raise ProtocolError(f"undecodable message ({type(exc).__name__})") from exc
         if conn.eof:
             # The child's end closes as it exits, a moment before its pidfd fires; a child

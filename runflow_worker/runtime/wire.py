@@ -48,16 +48,25 @@ class ChannelClosed(Exception):
     """The peer closed its end (end of file)."""
 
 
-def encode_frame(obj: dict[str, Any], max_bytes: int, *, allow_nan: bool = False) -> bytes:
-    """The frame for ``obj``; WireError when it is not JSON-safe or exceeds ``max_bytes``."""
+def encode_payload(obj: dict[str, Any], *, allow_nan: bool = False) -> bytes:
+    """The payload of ``obj``'s frame (UTF-8 JSON); WireError when it is not JSON-safe."""
     try:
-        payload = json.dumps(obj, ensure_ascii=False, allow_nan=allow_nan,
-                             separators=(",", ":")).encode("utf-8")
+        return json.dumps(obj, ensure_ascii=False, allow_nan=allow_nan,
+                          separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise WireError(f"cannot encode the message: {exc}") from exc
+
+
+def frame_of(payload: bytes, max_bytes: int) -> bytes:
+    """The frame carrying ``payload``; WireError when it exceeds ``max_bytes``."""
     if len(payload) > max_bytes:
         raise WireError(f"frame of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
     return HEADER.pack(len(payload)) + payload
+
+
+def encode_frame(obj: dict[str, Any], max_bytes: int, *, allow_nan: bool = False) -> bytes:
+    """The frame for ``obj``; WireError when it is not JSON-safe or exceeds ``max_bytes``."""
+    return frame_of(encode_payload(obj, allow_nan=allow_nan), max_bytes)
 
 
 def _reject_constant(name: str) -> Any:
@@ -143,6 +152,11 @@ class Channel:
         frame = encode_frame(obj, self._send_max_bytes, allow_nan=self._nan_out)
         self._sock.sendall(frame)
 
+    def send_payload(self, payload: bytes) -> None:
+        """Write an encoded payload (``encode_payload``, or one the caller encoded the same
+        way to measure it) as one frame; errors as ``send``."""
+        self._sock.sendall(frame_of(payload, self._send_max_bytes))
+
     def send_nowait(self, obj: dict[str, Any]) -> bytes:
         """Write as much of ``obj``'s frame as the socket takes without blocking; return
         the rest (empty once all of it went), to be written with ``send_bytes``. Errors as
@@ -175,7 +189,9 @@ class Channel:
                 if self._decoder.partial:
                     raise WireError("the channel closed in the middle of a frame")
                 raise ChannelClosed("the peer closed the channel")
-            if timeout_s is not None and not readable([self.fileno()], timeout_s):
+            # With no time to wait (0: the runner's own poll saw the socket readable), the
+            # read that does not block answers what a poll would, one system call fewer.
+            if timeout_s and not readable([self.fileno()], timeout_s):
                 return None
             self._read_some(block=timeout_s is None)
             if timeout_s is not None and not self._frames and not self.eof:

@@ -55,6 +55,25 @@ def test_small_pieces_and_resume(tmp_path: Path) -> None:
     assert (digest, size) == (sha256_hex(expected), len(expected))
 
 
+def test_a_file_of_one_batch_costs_one_buffer_and_no_thread(tmp_path: Path) -> None:
+    # An input image: hashed and written by the caller at close.
+    path = tmp_path / "small"
+    writer = HashingFileWriter(path)
+    _write_in_pieces(writer, BODY[:50_000])
+    assert writer.close(fsync=False) == (sha256_hex(BODY[:50_000]), 50_000)
+    assert path.read_bytes() == BODY[:50_000]
+    assert writer._buffers_made == 1 and writer._hasher is None
+
+
+def test_buffers_are_made_as_needed_up_to_the_bound(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    writer = HashingFileWriter(path, batch_bytes=64 * ALIGN)
+    _write_in_pieces(writer, BODY)
+    assert writer.close(fsync=False) == (sha256_hex(BODY), len(BODY))
+    assert path.read_bytes() == BODY
+    assert 1 < writer._buffers_made <= hashing.BUFFERS
+
+
 def test_large_file_goes_past_the_page_cache(direct_dir: Path) -> None:
     path = direct_dir / "blob"
     writer = HashingFileWriter(path, expected_bytes=DIRECT_IO_MIN_BYTES, direct_io=True)

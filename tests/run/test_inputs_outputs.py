@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -97,6 +98,30 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
     assert files["doc"] == f"runflow_inputs/doc/{doc_digest}/notes_rm_-rf.txt"
     assert (input_dir / files["doc"]).read_text() == "hello"
     assert "s" not in files
+
+
+def test_a_fetchers_digest_names_the_folder_without_a_second_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "photo.png"
+    src.write_bytes(image_bytes("PNG"))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    reads: list[Path] = []
+    monkeypatch.setattr("runflow_worker.run.inputs.sha256_file",
+                        lambda path: reads.append(path) or digest)
+
+    def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> str | None:
+        _copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        return digest if "hashed" in url else None
+
+    defs = {"img": InputDef(input_id="img", type=InputType.IMAGE)}
+    values = {"img": src.as_uri() + "?hashed"}
+    files = materialise_inputs(defs, values, tmp_path / "in", fetch, max_bytes=10**6,
+                               max_pixels=10**6, cancel=lambda: False)
+    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and reads == []
+    # A fetcher that did not hash what it wrote: the file is hashed after.
+    files = materialise_inputs(defs, {"img": src.as_uri()}, tmp_path / "in2", fetch,
+                               max_bytes=10**6, max_pixels=10**6, cancel=lambda: False)
+    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and len(reads) == 1
 
 
 def test_safe_filename() -> None:
@@ -198,6 +223,27 @@ def test_store_outputs_local(tmp_path: Path) -> None:
     assert stored.read_bytes() == (out_dir / "hero_00001_.png").read_bytes()
     assert first.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
     assert first.size_bytes == stored.stat().st_size
+
+
+def test_a_stored_output_is_a_copy_the_child_cannot_change_later(tmp_path: Path) -> None:
+    # The warm child may keep an output open and write to it after the run: the stored
+    # object must keep the bytes its digest was taken of (never a hard link to the output).
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    (out_dir / "a.png").write_bytes(image_bytes("PNG"))
+    storage = LocalStorage(tmp_path / "store")
+    (entry,) = store_outputs([OutputFile("9", "RunflowOutputImage", "a.png", "hero")],
+                             out_dir, "run-1", storage, should_stop=lambda: False)
+    stored = Path(unquote(urlsplit(entry.url).path))
+    assert entry.url == storage._path(entry.key).as_uri()  # the URL as resolved anew
+    with (out_dir / "a.png").open("r+b") as fh:  # the same inode, changed in place
+        fh.write(b"changed later")
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry.sha256
+    assert os.stat(stored).st_ino != os.stat(out_dir / "a.png").st_ino
+    # The same for a put of a plain path on the same file system.
+    storage.put(out_dir / "a.png", "runs/run-1/hero/b.png", content_type="image/png",
+                sha256="0")
+    assert os.stat(tmp_path / "store/runs/run-1/hero/b.png").st_nlink == 1
 
 
 def test_store_outputs_refuses_escaping_paths(tmp_path: Path) -> None:

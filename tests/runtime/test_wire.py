@@ -35,6 +35,13 @@ def test_every_child_message_round_trips(msg: p.ChildMessage) -> None:
     assert p.child_message(wire.decode_payload(payload)) == msg
 
 
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_the_childs_payload_is_its_fitted_message_encoded_once(msg: p.ChildMessage) -> None:
+    payload = p.child_payload(msg)
+    assert payload == wire.encode_payload(p.fit_child_message(msg))
+    assert p.child_message(wire.decode_payload(payload)) == msg
+
+
 def test_parent_messages_round_trip_with_a_callers_nan() -> None:
     job = p.Execute("r:1:2", {"1": {"class_type": "X", "inputs": {"f": float("nan")}}},
                     "/i", "/o", "/t", None, {"m": "ab"}, {})
@@ -124,6 +131,7 @@ def _fits(msg: p.ChildMessage) -> p.ChildMessage:
     obj = p.fit_child_message(msg)
     assert p.frame_bytes(obj) <= wire.CHILD_FRAME_MAX_BYTES
     wire.encode_frame(obj, wire.CHILD_FRAME_MAX_BYTES)
+    assert p.child_payload(msg) == wire.encode_payload(obj)  # what the child writes
     return p.child_message(json.loads(json.dumps(obj)))
 
 
