@@ -110,7 +110,7 @@ def test_a_fetchers_digest_names_the_folder_without_a_second_read(
                         lambda path: reads.append(path) or digest)
 
     def fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> str | None:
-        _copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
+        copy_fetch(url, dest, max_bytes=max_bytes, cancel=cancel)
         return digest if "hashed" in url else None
 
     defs = {"img": InputDef(input_id="img", type=InputType.IMAGE)}
