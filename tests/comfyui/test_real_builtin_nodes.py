@@ -16,7 +16,8 @@ from PIL import Image
 
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.runner import Runner, RunnerConfig
-from tests.comfyui.conftest import COMFY, HERE, ROOT
+from tests.comfyui.scenario import COMFY, HERE
+from tests.support.paths import REPO as ROOT
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.timeout(900)]
 
