@@ -78,7 +78,8 @@ def main() -> int:
     graph = {str(n): {"class_type": f"Node{n}", "inputs": {"x": n, "image": [str(n - 1), 0]}}
              for n in range(1, args.nodes + 1)}
     runner = Runner(RunnerConfig(comfyui_dir=str(work), base_dir=str(work / "base"),
-                                 custom_node_dirs=(), child_entry="bench.bench_channel:child_main"))
+                                 custom_node_dirs=(), child_entry="bench.bench_channel:child_main",
+                                 startup_timeout_s=600))
     runner.start()
     events = 0
 

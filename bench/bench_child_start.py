@@ -62,7 +62,8 @@ plan = SandboxPlan(read_only=tuple(read_only), writable=(str(root),), fresh=(str
                    chdir=str(root)) if sandboxed else None
 runner = Runner(RunnerConfig(comfyui_dir=comfy, base_dir=str(root / "base"), cpu=True,
                              custom_node_dirs=(os.path.join(comfy, "custom_nodes"),),
-                             sandbox=plan))
+                             sandbox=plan, child_entry="runflow_worker.runtime.child:main",
+                             startup_timeout_s=600))
 t0 = time.perf_counter()
 runner.start()
 t1 = time.perf_counter()

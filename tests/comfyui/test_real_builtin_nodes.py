@@ -111,7 +111,8 @@ def test_outcomes_match_a_child_that_loads_everything(tmp_path: Path) -> None:
         (tmp_path / entry / "base").mkdir(parents=True)
         runner = Runner(RunnerConfig(
             comfyui_dir=COMFY, base_dir=str(tmp_path / entry / "base"), cpu=True,
-            custom_node_dirs=(os.path.join(COMFY, "custom_nodes"),), child_entry=entry))
+            custom_node_dirs=(os.path.join(COMFY, "custom_nodes"),), child_entry=entry,
+            startup_timeout_s=600))
         try:
             node_counts[entry] = runner.start().node_count
             # The core-only graph first: nothing deferred is needed by it.
