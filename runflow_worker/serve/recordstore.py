@@ -48,6 +48,18 @@ from runflow_worker.serve.queue import Delivery, redis_errors
 
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
 
+
+def _append_events_lua(*, first: int, events: str, maxlen: str, run_id: str,
+                       attempt: str) -> str:
+    """Lua appending the ``(type, status, data)`` triples from ``ARGV[first]`` on to the
+    events stream: the one spelling of an event entry that the publish, finalise and
+    release scripts share (its other arguments are Lua expressions of each script)."""
+    return f"""for i = {first}, #ARGV, 3 do
+  redis.call('XADD', {events}, 'MAXLEN', '~', {maxlen}, '*', 'run_id', {run_id},
+             'attempt', {attempt}, 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
+end"""
+
+
 # Write the ``queued`` record and its status event, then add the run to its stream: refused
 # (nothing written) when the run id already has a record, whatever its status, so that a
 # retried or repeated enqueue never runs a run twice nor overwrites its outcome.
@@ -133,10 +145,8 @@ if ARGV[11] == 'dead' then
 elseif ARGV[11] == 'promote' then
   redis.call('XADD', KEYS[5], '*', '{keys.RUN_FIELD}', ARGV[12])
 end
-for i = 21, #ARGV, 3 do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
-             'attempt', ARGV[20], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
-end
+{_append_events_lua(first=21, events="KEYS[4]", maxlen="ARGV[9]", run_id="ARGV[4]",
+                    attempt="ARGV[20]")}
 redis.call('SET', KEYS[1], ARGV[6])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[9], '*', 'run_id', ARGV[4],
            'attempt', ARGV[5], 'type', 'status', 'status', ARGV[7], 'data', ARGV[8])
@@ -161,16 +171,12 @@ return 1
 """
 
 # KEYS: fence, events. ARGV: token, events_maxlen, run_id, attempt, (type, status, data)*
-_PUBLISH_LUA = """
+_PUBLISH_LUA = f"""
 local f = redis.call('GET', KEYS[1])
 if f and f ~= ARGV[1] then return -1 end
-local n = 0
-for i = 5, #ARGV, 3 do
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'run_id', ARGV[3],
-             'attempt', ARGV[4], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
-  n = n + 1
-end
-return n
+{_append_events_lua(first=5, events="KEYS[2]", maxlen="ARGV[2]", run_id="ARGV[3]",
+                    attempt="ARGV[4]")}
+return (#ARGV - 4) / 3
 """
 
 
@@ -183,15 +189,13 @@ return n
 # ARGV: 1 token, 2 group, 3 consumer, 4 entry_id, 5 idle_ms, 6 retry count, 7 record,
 #       8 events_maxlen, 9 run_id, 10 attempt, 11 event_data, then (type, status, data)*
 #       of the pickup's last progress events: appended before the status event
-_RELEASE_LUA = """
+_RELEASE_LUA = f"""
 local f = redis.call('GET', KEYS[1])
 if f ~= false and f ~= ARGV[1] then return 0 end
 redis.pcall('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'IDLE', ARGV[5],
             'RETRYCOUNT', ARGV[6], 'JUSTID')
-for i = 12, #ARGV, 3 do
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
-             'attempt', ARGV[10], 'type', ARGV[i], 'status', ARGV[i + 1], 'data', ARGV[i + 2])
-end
+{_append_events_lua(first=12, events="KEYS[4]", maxlen="ARGV[8]", run_id="ARGV[9]",
+                    attempt="ARGV[10]")}
 redis.call('SET', KEYS[3], ARGV[7])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
            'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
