@@ -6,7 +6,7 @@ import sys
 import threading
 from typing import Any
 
-from runflow_worker.run.pipeline import StopReason
+from runflow_worker.run.failures import StopReason
 
 
 def describe_event(kind: str | None, data: dict[str, Any]) -> str | None:

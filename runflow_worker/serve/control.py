@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runflow_worker.errors import QueueError
-from runflow_worker.run.pipeline import StopReason
+from runflow_worker.run.failures import StopReason
 from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.queue import Delivery, RunQueue
 

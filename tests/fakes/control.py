@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runflow_worker.run.pipeline import StopReason
+from runflow_worker.run.failures import StopReason
 
 
 class RecordingControl:
