@@ -7,6 +7,7 @@ custom node's name, origin and commit, plus the Python and torch versions of thi
     <key>/ComfyUI/                         worktree of ComfyUI at its commit
     <key>/ComfyUI/custom_nodes/<name>/     worktree of each custom node at its commit
     <key>/python/                          pip --prefix of the nodes' requirements
+    (each with its bytecode, compiled at the build's end: ``cache.bytecode``)
     <key>/environment.json                 the spec it was built from, and its size
     <key>/READY                            written last: the environment is complete; its
                                            mtime is the environment's last use
@@ -73,11 +74,12 @@ from filelock import FileLock
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from runflow_worker.cache.bytecode import compile_environment
 from runflow_worker.cache.commands import pip_environment, run_command
 from runflow_worker.cache.errors import BuildCanceled, EnvironmentBuildError
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.cache.installer import PIP, UV, image_packages_in, image_shadow, install_argv
-from runflow_worker.cache.packages import installed_versions
+from runflow_worker.cache.packages import check_image_unchanged, image_packages
 from runflow_worker.cache.pins import Pins
 from runflow_worker.cache.progress import Cancel, held_or_cancel
 
@@ -374,7 +376,7 @@ class Environments:
                 requirements.append((pin.name, node_dir / "requirements.txt"))
             if spec.install_scripts and (node_dir / "install.py").is_file():
                 scripts.append(node_dir / "install.py")
-        image = _installed_packages()
+        image = image_packages()
         constraints = env_dir / "constraints.txt"
         constraints.write_text("".join(f"{name}=={version}\n" for name, version in image))
         if requirements:
@@ -382,8 +384,11 @@ class Environments:
         for script in scripts:  # after every requirement, as ComfyUI-Manager runs them
             self._run_install_script(script, env_dir, constraints, cancel)
         if requirements or scripts:
-            _check_image_unchanged(image, scripts)
+            check_image_unchanged(image, scripts)
             self._describe(spec.key, env_dir)  # the build's code left nothing linking out
+        # The child's sandbox never writes bytecode: compiled here, once (cache.bytecode).
+        compile_environment(env_dir, self.python, cancel=cancel,
+                            wrap=lambda args, env: self._command(args, env_dir, env, env_dir))
         record = {"key": spec.key, "spec": asdict(spec), "size_bytes": _tree_bytes(env_dir),
                   "built_at": time.time(), "installer": self.installer}
         # The build's code could write here too: what it left at these names is replaced,
@@ -556,33 +561,3 @@ def _installed_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _check_image_unchanged(before: list[tuple[str, str]], scripts: list[Path]) -> None:
-    """Raise ``EnvironmentBuildError`` if the image's own packages differ from ``before``.
-
-    Constraints keep pip from replacing them, but a script can still run ``pip install
-    --force-reinstall`` or ``pip uninstall`` where the worker may write the image's
-    site-packages; a build that did so fails loudly instead of leaving every environment on
-    a silently changed image.
-    """
-    importlib.invalidate_caches()
-    now = dict(_installed_packages())
-    changes = []
-    for name, version in before:
-        if name not in now:
-            changes.append(f"{name} {version} removed")
-        elif now[name] != version:
-            changes.append(f"{name} {version} -> {now[name]}")
-    if changes:
-        ran = ", ".join(f"install.py of {p.parent.name}" for p in scripts)
-        raise EnvironmentBuildError(
-            "the build changed packages of the image (" + "; ".join(changes) + ")"
-            + (f" while running {ran}" if ran else "")
-            + ": the worker's image needs repair, and its site-packages should not be "
-              "writable by the worker")
-
-
-def _installed_packages() -> list[tuple[str, str]]:
-    """``(canonical name, version)`` of every distribution this interpreter has installed."""
-    return sorted(installed_versions().items())

@@ -21,9 +21,8 @@ fails (``image_packages_in``).
 
 uv installs with ``--link-mode=copy``: its default hard links would share files between its
 cache and every environment, so a custom node patching a package in one environment would
-patch them all. Unlike pip, uv compiles no bytecode at build time: the modules the child
-imports are compiled on first import (into the environment, once), instead of every file of
-every package at build time (thousands of files, most never imported).
+patch them all. Unlike pip, uv compiles no bytecode; the environment's build compiles what
+either installed at its end (``cache.bytecode``: the child, read-only, never could).
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@ import importlib.metadata
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from runflow_worker.cache.errors import EnvironmentBuildError
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,33 @@ def _same_version(a: str, b: str) -> bool:
         return Version(a) == Version(b)
     except InvalidVersion:
         return a.strip() == b.strip()
+
+
+def check_image_unchanged(before: list[tuple[str, str]], scripts: list[Path]) -> None:
+    """Raise ``EnvironmentBuildError`` if the image's own packages differ from ``before``.
+
+    Constraints keep pip from replacing them, but a script can still run ``pip install
+    --force-reinstall`` or ``pip uninstall`` where the worker may write the image's
+    site-packages; a build that did so fails loudly instead of leaving every environment on
+    a silently changed image.
+    """
+    importlib.invalidate_caches()
+    now = dict(image_packages())
+    changes = []
+    for name, version in before:
+        if name not in now:
+            changes.append(f"{name} {version} removed")
+        elif now[name] != version:
+            changes.append(f"{name} {version} -> {now[name]}")
+    if changes:
+        ran = ", ".join(f"install.py of {p.parent.name}" for p in scripts)
+        raise EnvironmentBuildError(
+            "the build changed packages of the image (" + "; ".join(changes) + ")"
+            + (f" while running {ran}" if ran else "")
+            + ": the worker's image needs repair, and its site-packages should not be "
+              "writable by the worker")
+
+
+def image_packages() -> list[tuple[str, str]]:
+    """``(canonical name, version)`` of every distribution this interpreter has installed."""
+    return sorted(installed_versions().items())
