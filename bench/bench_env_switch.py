@@ -13,7 +13,7 @@ phase and its wall time. A last pipeline is made the way ``serve`` boots: ``pres
 the most recently used environment and the first run in it finds the child there.
 
     RUNFLOW_TEST_COMFYUI=<checkout> python bench/bench_env_switch.py [--switches 4]
-        [--sandbox bwrap|none] [--json OUT]
+        [--sandbox bwrap|none] [--json OUT] [--no-bytecode]
 
 ``RUNFLOW_TEST_SANDBOX_READ_ONLY`` is passed on as ``RUNFLOW_SANDBOX_READ_ONLY`` (paths the
 sandboxed child may also read).
@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from runflow_worker.cache.bytecode import compile_environment
 from runflow_worker.cache.environments import Environments, EnvironmentSpec
 from runflow_worker.cache.git import GitMirrors
 from runflow_worker.run.contract import RunStatus, parse_message
@@ -58,8 +59,11 @@ def _git(*args: str, cwd: Path | None = None) -> str:
                           text=True, timeout=300).stdout.strip()
 
 
-def build_environments(comfy: Path, envs_root: Path) -> tuple[str, list[str]]:
-    """Two READY environments (one per origin) of ``comfy``'s commit; (commit, their keys)."""
+def build_environments(comfy: Path, envs_root: Path, *,
+                       bytecode: bool = True) -> tuple[str, list[str]]:
+    """Two READY environments (one per origin) of ``comfy``'s commit; (commit, their keys).
+    ``bytecode``: compiled as a build compiles them (``cache.bytecode``); without it, as
+    builds left them before that step."""
     commit = _git("rev-parse", "HEAD", cwd=comfy)
     keys = []
     for origin in ORIGINS:
@@ -70,6 +74,8 @@ def build_environments(comfy: Path, envs_root: Path) -> tuple[str, list[str]]:
              str(env_dir / "ComfyUI"))
         _git("checkout", "--quiet", commit, cwd=env_dir / "ComfyUI")
         (env_dir / "python").mkdir()
+        if bytecode:
+            compile_environment(env_dir, sys.executable, wrap=lambda args, env: args)
         (env_dir / "READY").write_text("")
         keys.append(key)
     return commit, keys
@@ -116,6 +122,8 @@ def main() -> int:
     parser.add_argument("--switches", type=int, default=4)
     parser.add_argument("--sandbox", choices=("bwrap", "none"), default="bwrap")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--no-bytecode", action="store_true",
+                        help="environments without bytecode (as builds left them before)")
     args = parser.parse_args()
     comfy = os.environ.get("RUNFLOW_TEST_COMFYUI")
     if not comfy:
@@ -125,7 +133,8 @@ def main() -> int:
                                                "prestarted_first_run": []}
     with tempfile.TemporaryDirectory(prefix="bench-switch-") as tmp:
         work = Path(tmp)
-        commit, _keys = build_environments(Path(comfy), work / "cache" / "envs")
+        commit, _keys = build_environments(Path(comfy), work / "cache" / "envs",
+                                          bytecode=not args.no_bytecode)
         wfs = [workflow(origin, commit) for origin in ORIGINS]
         pipeline = make_pipeline(work, sandbox)
         try:

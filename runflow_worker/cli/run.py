@@ -17,8 +17,6 @@ from runflow_worker.cli.inputs import message_from_args
 from runflow_worker.cli.progress import CliControl
 from runflow_worker.errors import RunRejected
 from runflow_worker.run.contract import RunStatus
-from runflow_worker.run.pipeline import RunResult
-from runflow_worker.run.record import AttemptStart, terminal_record
 from runflow_worker.run.storage import LocalStorage
 from runflow_worker.settings import Settings
 
@@ -46,6 +44,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     """
     from runflow_worker.run.assembly import build_pipeline
     from runflow_worker.run.gpu import resolve_gpu_class
+    from runflow_worker.run.record import AttemptStart, terminal_record
     from runflow_worker.run.sandboxing import refuse_without_sandbox
 
     refusal = refuse_without_sandbox(settings, "run")
@@ -65,7 +64,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
     pipeline = build_pipeline(settings, storage=LocalStorage(args.out.resolve()),
                               allow_local_files=True)
     try:
-        result: RunResult = pipeline.execute(message, control,
+        result = pipeline.execute(message, control,
                                              picked_up_monotonic=start.monotonic_s)
     finally:
         control.bars.close()

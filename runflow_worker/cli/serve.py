@@ -20,7 +20,6 @@ from runflow_worker.cli.progress import describe_event
 from runflow_worker.errors import ConfigError, QueueError, RunRejected
 from runflow_worker.run.contract import RunMessage, RunStatus, check_message
 from runflow_worker.serve import keys
-from runflow_worker.serve.submit import enqueue_message, events_tail, follow_run
 from runflow_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run the daemon until it stops: 0 on every orderly stop, 2 on bad configuration (a
     GPU class without a usable CUDA device included), 3 when ComfyUI cannot start through
     the worker's own fault (``RUNFLOW_MAX_UNFIT_STARTS``)."""
-    from runflow_worker.serve.control import ShutdownState
+    from runflow_worker.serve.shutdown import ShutdownState
 
     # Before anything slow: a SIGTERM while the pipeline is being built is a stop request,
     # not a kill.
@@ -135,6 +134,7 @@ def submit_command(args: argparse.Namespace, settings: Settings) -> int:
     from runflow_worker.run.gpu import resolve_gpu_class
     from runflow_worker.serve.queue import connect
     from runflow_worker.serve.recordstore import RunExists
+    from runflow_worker.serve.submit import enqueue_message, events_tail, follow_run
 
     try:
         message = build_submit_message(args)

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from runflow_worker.run.pipeline import Pipeline, PipelineConfig
-from runflow_worker.run.rundirs import WORK_SUBDIR
+from runflow_worker.run.childconfig import prestart_baked
+from runflow_worker.run.config import PipelineConfig
+from runflow_worker.run.rundirs import WORK_SUBDIR, RunDirs
 from runflow_worker.run.storage import Storage, open_storage
+from runflow_worker.runtime.supervisor import RunnerSupervisor
 from runflow_worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -20,9 +22,11 @@ if TYPE_CHECKING:
     from runflow_worker.cache.environments import Environments
     from runflow_worker.cache.fetcher import Fetcher
     from runflow_worker.cache.sources import Sources
+    from runflow_worker.run.pipeline import Pipeline
 
-# The cache modules (httpx, the fetcher, the store) are imported where they are used, not
-# with the command line: ``serve`` starts its ComfyUI child before it needs them.
+# The pipeline and the cache modules (the contract's models, httpx, the fetcher, the store)
+# are imported where they are used, not with the command line: ``serve`` spawns its ComfyUI
+# child before it imports them.
 
 
 def build_fetcher(settings: Settings) -> Fetcher:
@@ -138,9 +142,9 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
     ``sandbox_read_only`` adds paths the sandboxed child may read to
     ``RUNFLOW_SANDBOX_READ_ONLY``'s, for tests).
 
-    ``prestart`` starts the ComfyUI child for the likely next run (``Pipeline.prestart``)
-    as early as it can: on a baked checkout before the cache parts are built (their imports
-    overlap ComfyUI's), otherwise once the environments are known.
+    ``prestart`` starts the ComfyUI child for the likely next run as early as it can: on a
+    baked checkout before the pipeline is even imported (``run.childconfig``), otherwise
+    once the environments are known (``Pipeline.prestart``).
 
     ``cpu`` (True: ComfyUI on the CPU, False: on CUDA) defaults to ``RUNFLOW_DEVICE``, else
     to the CPU for the class ``cpu`` and detection (CUDA where torch finds it) otherwise.
@@ -168,9 +172,23 @@ def build_pipeline(settings: Settings, *, storage: Storage | None = None,
         sandbox_read_only=(*(Path(p) for p in settings.sandbox_read_only),
                            *sandbox_read_only),
     )
-    pipeline = Pipeline(config, storage=storage or build_storage(settings))
-    if prestart and config.comfyui_dir is not None:
-        pipeline.prestart()
+    supervisor = RunnerSupervisor()
+    run_dirs = RunDirs(config.work_dir)
+    # The baked checkout's child first, before the pipeline's own imports: its import of
+    # ComfyUI (seconds) overlaps them, the cache parts', the daemon's and Redis.
+    early = prestart_baked(supervisor, config, run_dirs) if prestart else None
+    try:
+        from runflow_worker.run.pipeline import Pipeline
+
+        pipeline = Pipeline(config, storage=storage or build_storage(settings),
+                            supervisor=supervisor, run_dirs=run_dirs,
+                            prestarter=early[0] if early else None)
+    except BaseException:  # bad storage settings: the early child must not outlive them
+        supervisor.close()
+        if early:
+            early[0].shutdown(wait=True)
+        run_dirs.close()
+        raise
     try:
         fetcher = build_fetcher(settings)  # one connection policy: models, inputs, git origins
         pipeline.blobs = build_blob_store(settings, fetcher)

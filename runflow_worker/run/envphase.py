@@ -24,15 +24,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, WorkerUnfit
 from runflow_worker.run import contract as c
+from runflow_worker.run.childconfig import baked_child_config, child_config
 from runflow_worker.run.envreport import EnvironmentReport
 from runflow_worker.run.failures import StopCheck, run_failures
 from runflow_worker.run.fitness import checkout_problem, start_failure_cause
 from runflow_worker.run.rundirs import RunDirs
 from runflow_worker.runtime import protocol as p
-from runflow_worker.runtime.customnodes import loads_custom_nodes
 from runflow_worker.runtime.errors import RunnerStartFailed
 from runflow_worker.runtime.runner import Runner, RunnerConfig
-from runflow_worker.runtime.sandbox import SandboxPlan
 from runflow_worker.runtime.supervisor import RunnerSupervisor
 
 if TYPE_CHECKING:
@@ -164,10 +163,7 @@ class EnvironmentPhase:
         ``RUNFLOW_COMFYUI_DIR`` (every run uses it), else the most recently used prepared
         environment on the volume (pinned until a run switches away from it)."""
         if self.config.comfyui_dir is not None:
-            if checkout_problem(self.config.comfyui_dir) is not None:
-                return None  # the first run reports it (the worker is unfit)
-            return self.runner_config(self.config.comfyui_dir, "baked", (),
-                                      declares_nodes=False)
+            return baked_child_config(self.config, self._run_dirs)
         most_recent = getattr(self.environments, "most_recent", None)
         env = most_recent() if most_recent is not None else None
         if env is None:
@@ -183,23 +179,8 @@ class EnvironmentPhase:
     def runner_config(self, comfyui_dir: Path, env_key: str, sys_path: tuple[str, ...], *,
                       declares_nodes: bool) -> RunnerConfig:
         """The child's config for an environment (a run's, or the pre-start's guess)."""
-        node_dirs = (str(comfyui_dir / "custom_nodes"),
-                     *(str(d) for d in self.config.extra_custom_node_dirs))
-        child_root = self._run_dirs.child_root
-        return RunnerConfig(
-            comfyui_dir=str(comfyui_dir),
-            base_dir=str(child_root / "base"),
-            env_key=env_key,
-            custom_node_dirs=node_dirs,
-            extra_sys_path=sys_path,
-            cpu=self.config.cpu,
-            child_entry=self.config.child_entry,
-            startup_timeout_s=self.config.startup_timeout_s,
-            env_pass=self.config.child_env_pass,
-            sandbox=self._sandbox_plan(child_root),
-            # A child that loads a stranger's code serves one owner only (SPEC §9).
-            custom_code=declares_nodes or loads_custom_nodes(node_dirs),
-        )
+        return child_config(self.config, self._run_dirs, comfyui_dir, env_key, sys_path,
+                            declares_nodes=declares_nodes)
 
     # ------------------------------------------------------------------ children
 
@@ -240,24 +221,6 @@ class EnvironmentPhase:
 
             self._commits[comfyui_dir] = git_commit(str(comfyui_dir))
         return replace(ready, comfyui_commit=self._commits[comfyui_dir])
-
-    def _sandbox_plan(self, child_root: Path) -> SandboxPlan | None:
-        """The child's sandbox: its own root writable (emptied at each start), the runs'
-        models and resources read-only, nothing else of the cache volume (the runner adds
-        the environment)."""
-        if not self.config.sandbox:
-            return None
-        hidden = (self.config.work_dir, *self.config.sandbox_hidden)
-        # The sandbox binds only what exists when the child starts, which can be before any
-        # run made these (``prestart``): a links root made later would stay out of its sight.
-        for root in (child_root, self._run_dirs.links_root):
-            root.mkdir(parents=True, exist_ok=True)
-        return SandboxPlan(
-            read_only=(str(self._run_dirs.links_root),
-                       *(str(p) for p in self.config.sandbox_read_only)),
-            writable=(str(child_root),), hidden=tuple(str(p) for p in hidden),
-            fresh=(str(child_root),), network=self.config.child_network,
-            chdir=str(child_root))
 
     # ------------------------------------------------------------------ environments
 

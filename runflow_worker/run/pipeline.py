@@ -30,6 +30,8 @@ from runflow_worker.errors import (
     WorkerUnfit,
 )
 from runflow_worker.run import contract as c
+from runflow_worker.run.childconfig import start_prestart
+from runflow_worker.run.config import PipelineConfig
 from runflow_worker.run.envphase import (
     EnvironmentBuilder,
     EnvironmentPhase,
@@ -57,13 +59,8 @@ from runflow_worker.run.storage import Storage
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.rewrite import inject_inputs
 from runflow_worker.runtime.supervisor import RunnerSupervisor
-from runflow_worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_DEFAULTS = Settings.model_construct()
-"""The settings' defaults (no environment read): ``PipelineConfig``'s come from them."""
-
 
 class RunControl(Protocol):
     """What a driver gives the pipeline for one run."""
@@ -108,40 +105,6 @@ class RunResult:
         return self.failure is not None and self.failure.code is ErrorCode.OUT_OF_MEMORY
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Plain settings of the pipeline (built from the worker settings by ``run.assembly``;
-    tests build it directly: its defaults are the settings' own, read from ``Settings``)."""
-
-    work_dir: Path
-    """Parent of the per-run directories."""
-    comfyui_dir: Path | None
-    cpu: bool | None = None
-    allowed_origins: tuple[str, ...] = ()
-    allow_local_files: bool = False
-    input_max_bytes: int = _DEFAULTS.input_max_bytes
-    image_max_pixels: int = _DEFAULTS.image_max_pixels
-    child_entry: str = _DEFAULTS.runner_entry
-    startup_timeout_s: float = _DEFAULTS.startup_timeout_s
-    keep_run_dirs: bool = False
-    extra_custom_node_dirs: tuple[Path, ...] = ()
-    model_fetch_parallel: int = _DEFAULTS.model_fetch_parallel
-    """Downloads of one run's missing blobs at a time."""
-    run_install_scripts: bool = _DEFAULTS.run_install_scripts
-    """Environments run their custom nodes' ``install.py`` (part of the environment key)."""
-    child_env_pass: tuple[str, ...] = ()
-    """Variables the ComfyUI child gets despite the credential scrub (``HF_TOKEN``...)."""
-    sandbox: bool = _DEFAULTS.sandboxed
-    """Run the ComfyUI child in the bubblewrap sandbox (``RUNFLOW_SANDBOX=bwrap``)."""
-    child_network: bool = _DEFAULTS.host_network
-    """The sandboxed child shares the worker's network (``RUNFLOW_CHILD_NETWORK=host``)."""
-    sandbox_read_only: tuple[Path, ...] = ()
-    """Extra paths the sandboxed child may read (tests: their fake child's code)."""
-    sandbox_hidden: tuple[Path, ...] = ()
-    """Paths the sandboxed child never sees although a path it reads contains them (the
-    cache volume); the run's own directories are shown again inside them."""
-
-
 class _Phases:
     """Times each phase into ``timings_ms`` (on the run's own thread)."""
 
@@ -179,18 +142,23 @@ class Pipeline:
                  supervisor: RunnerSupervisor | None = None,
                  blobs: ModelStore | None = None,
                  fetch_input: FileFetcher | None = None,
-                 environments: EnvironmentBuilder | None = None) -> None:
+                 environments: EnvironmentBuilder | None = None,
+                 run_dirs: RunDirs | None = None,
+                 prestarter: futures.ThreadPoolExecutor | None = None) -> None:
+        """``run_dirs`` and ``prestarter``: the run directories and the thread of a pre-start
+        already under way on ``supervisor`` (``run.assembly``'s early start; the pipeline
+        then owns them)."""
         self.config = config
         self.storage = storage
         self.supervisor = supervisor or RunnerSupervisor()
         self.blobs = blobs
         self.fetch_input = fetch_input
-        self._run_dirs = RunDirs(config.work_dir)
+        self._run_dirs = run_dirs or RunDirs(config.work_dir)
         self._environment = EnvironmentPhase(config, self.supervisor, self._run_dirs,
                                              environments)
         self._starter = futures.ThreadPoolExecutor(max_workers=1,
                                                    thread_name_prefix="environment")
-        self._prestarter: futures.ThreadPoolExecutor | None = None
+        self._prestarter = prestarter
 
     @property
     def environments(self) -> EnvironmentBuilder | None:
@@ -218,9 +186,8 @@ class Pipeline:
             return None
         if config is None:
             return None
-        self._prestarter = futures.ThreadPoolExecutor(max_workers=1,
-                                                      thread_name_prefix="prestart")
-        return self._prestarter.submit(self.supervisor.prestart, config)
+        self._prestarter, started = start_prestart(self.supervisor, config)
+        return started
 
     def close(self) -> None:
         """Stop the ComfyUI child (or its pre-start) and let its environment go."""
