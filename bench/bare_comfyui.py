@@ -5,6 +5,8 @@ worker, no Runflow node pack) and runs graphs with ``PromptExecutor.execute`` af
 ``validate_prompt``, as ComfyUI's prompt worker does for a prompt POSTed to its server.
 The caller's image is written into ComfyUI's input folder (what an upload to
 ``/upload/image`` does) and read back by ``LoadImage``; ``SaveImage`` writes the result.
+Both are removed after the run, outside its timings, so the folders ComfyUI lists stay as
+small as the worker's per-run ones (a bare ComfyUI server's would grow by a file a run).
 
 Driven by one JSON object per line on stdin, answered by one per line on stdout:
 
@@ -27,6 +29,7 @@ import base64
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -89,6 +92,7 @@ def main() -> int:
         folder_paths.add_model_folder_path(kind, directory, is_default=True)
     input_dir = Path(folder_paths.get_input_directory())
     input_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = Path(folder_paths.get_output_directory())
     executor = execution.PromptExecutor(srv, cache_type=execution.CacheType.CLASSIC)
 
     def reply(obj: dict[str, Any]) -> None:
@@ -114,6 +118,12 @@ def main() -> int:
         reply({"ok": ok, "error": None if ok else str(executor.status_messages[-1:]),
                "ms": {"input": (t1 - t0) * 1000, "validate": (t2 - t1) * 1000,
                       "execute": (t3 - t2) * 1000, "total": (t3 - t0) * 1000}})
+        # Untimed: the run's input and outputs go, as the worker's per-run folders do.
+        # Left there, LoadImage's validation (it lists the input folder) and SaveImage (it
+        # lists the output folder for its counter) would slow by a file every run.
+        (input_dir / job["name"]).unlink(missing_ok=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
     return 0
 
 

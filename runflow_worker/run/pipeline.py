@@ -62,6 +62,7 @@ from runflow_worker.runtime.supervisor import RunnerSupervisor
 
 log = logging.getLogger(__name__)
 
+
 class RunControl(Protocol):
     """What a driver gives the pipeline for one run."""
 
