@@ -121,12 +121,20 @@ return {{'running', token}}
 #       19 consumer reading the stream's next new entry once written ('' = none),
 #       20 the progress events' attempt, then (type, status, data)* of the pickup's last
 #       progress events: appended before the status event
-# Returns 0 (fenced), 2 (terminal already), 1 (written), or {1, entry id, fields} when
-# written and the next entry was read.
+# Returns 0 (fenced), 2 (terminal already), 1 (written, now or by the same call whose reply
+# was lost: the record holds exactly ARGV[6]), or {1, entry id, fields} when written and the
+# next entry was read.
 _FINALISE_LUA = f"""
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[1] then return 0 end
 local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[6] then
+  -- This pickup's own write, sent again after its reply was lost: written already (a
+  -- promotion's re-enqueue must not be added twice). Acked again, nothing else.
+  redis.pcall('XACK', KEYS[3], ARGV[2], ARGV[3])
+  redis.pcall('XDEL', KEYS[3], ARGV[3])
+  return 1
+end
 if cur then
   local ok, rec = pcall(cjson.decode, cur)
   if ok and type(rec) == 'table' then
