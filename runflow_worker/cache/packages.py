@@ -1,4 +1,5 @@
-"""The Python packages an environment provides, and where they differ from a deployment's.
+"""The Python packages an environment provides, where they differ from a deployment's, and
+the check that a build left the image's own packages as they were (``check_image_unchanged``).
 
 The deploy plugin records the versions installed on the creator's machine
 (``workflow.environment.packages``). The worker does not install them: the environment key
