@@ -76,3 +76,14 @@ def compile_environment(env_dir: Path, python: str, *, wrap: Wrap,
         raise EnvironmentBuildError("compiling the environment's bytecode timed out") from exc
     except OSError as exc:
         raise EnvironmentBuildError(f"cannot run {python} to compile bytecode: {exc}") from exc
+
+
+def has_bytecode(source: Path) -> bool:
+    """Whether ``source`` (a ``.py`` file) has bytecode for this interpreter beside it, in
+    its ``__pycache__`` (current or not: a check of presence, not of freshness)."""
+    import importlib.util
+
+    try:
+        return os.path.isfile(importlib.util.cache_from_source(os.fspath(source)))
+    except NotImplementedError:  # an interpreter that caches no bytecode
+        return False

@@ -1,8 +1,9 @@
 """``runflow-worker doctor``: can this worker run? GPU, ComfyUI, Redis, storage, cache,
 sandbox.
 
-Each check prints one line (``ok``/``FAIL`` and what it found); the exit code is 0 only
-when every check passed. Secrets never appear: URLs are printed without credentials.
+Each check prints one line (``ok``/``FAIL`` and what it found, ``WARN`` for a pass the
+operator must read: ``Advisory``); the exit code is 0 only when every check passed. Secrets
+never appear: URLs are printed without credentials.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=doctor_command)
 
 
+class Advisory(str):
+    """A check's finding that passes but that the operator must read (shown as ``WARN``)."""
+
+
 def _shown(url: str) -> str:
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -45,6 +50,7 @@ def check_gpu(settings: Settings) -> str:
 def check_comfyui(settings: Settings) -> str:
     """The baked ComfyUI checkout exists and its commit; without one, that environments can
     be built (git is there)."""
+    from runflow_worker.cache.bytecode import has_bytecode
     from runflow_worker.runtime.comfy import git_commit
 
     path = settings.comfyui_dir
@@ -57,7 +63,12 @@ def check_comfyui(settings: Settings) -> str:
                 f"{settings.cache_dir / 'envs'} (git at {git})")
     if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
         raise RuntimeError(f"{path} is not a ComfyUI checkout")
-    return f"{path} at {git_commit(str(path)) or 'an unknown commit'}"
+    found = f"{path} at {git_commit(str(path)) or 'an unknown commit'}"
+    if not has_bytecode(path / "nodes.py"):
+        # The sandboxed child never writes bytecode (docs/environments.md, "Bytecode").
+        return Advisory(f"{found}, without bytecode: every ComfyUI start compiles it anew "
+                        f"(python -m compileall {path}, as Dockerfile.cuda does)")
+    return found
 
 
 def check_redis(settings: Settings) -> str:
@@ -123,8 +134,9 @@ def doctor_command(args: argparse.Namespace, settings: Settings) -> int:
     results: list[dict[str, Any]] = []
     for name, check in CHECKS.items():
         try:
-            results.append({"check": name, "ok": True, "detail": check(settings)})
-            if name == "sandbox" and not settings.sandboxed:
+            detail = check(settings)
+            results.append({"check": name, "ok": True, "detail": str(detail)})
+            if isinstance(detail, Advisory) or (name == "sandbox" and not settings.sandboxed):
                 results[-1]["warning"] = True  # passes, but the operator must see it
         except Exception as exc:  # noqa: BLE001 - every failure is a finding, not a crash
             results.append({"check": name, "ok": False,

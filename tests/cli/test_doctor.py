@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import py_compile
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,18 @@ def test_doctor_without_a_baked_comfyui(tmp_path: Path, capsys: pytest.CaptureFi
     assert doctor_command(argparse.Namespace(json=False), settings) == 1
     assert "FAIL comfyui  RuntimeError: RUNFLOW_COMFYUI_DIR is not set and git" in (
         capsys.readouterr().out)
+
+
+def test_doctor_warns_of_a_baked_checkout_without_bytecode(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkout = tmp_path / "ComfyUI"
+    (checkout / "comfy").mkdir(parents=True)
+    (checkout / "nodes.py").write_text("X = 1\n")
+    settings = Settings(cache_dir=tmp_path / "cache", comfyui_dir=checkout, gpu_class="cpu")
+    doctor_command(argparse.Namespace(json=True), settings)
+    comfyui = {r["check"]: r for r in json.loads(capsys.readouterr().out)}["comfyui"]
+    assert comfyui["ok"] and comfyui["warning"] and "without bytecode" in comfyui["detail"]
+    py_compile.compile(str(checkout / "nodes.py"), doraise=True)
+    doctor_command(argparse.Namespace(json=True), settings)
+    comfyui = {r["check"]: r for r in json.loads(capsys.readouterr().out)}["comfyui"]
+    assert comfyui["ok"] and not comfyui.get("warning")
