@@ -23,6 +23,10 @@ to that run's terminal record; ``runflow-worker run`` launched to its exit.
 ``--sandbox both`` runs two serve daemons, one of each, on two queues, alternating, and
 reports both (the cost of the sandbox, measured in the same run).
 
+``--baseline-tree DIR`` adds one more serve row per sandbox mode from another checkout of
+this project (``git worktree add DIR <rev>``), its daemon on a queue of its own, its runs
+interleaved with the others: a change measured against the code before it in one run.
+
 Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (and ``RUNFLOW_TEST_SANDBOX_READ_ONLY``,
 passed on as ``RUNFLOW_SANDBOX_READ_ONLY``, where the machine's Python loads libraries from
 outside its installation). Without it, the fake ComfyUI child of
@@ -301,8 +305,10 @@ class Bare:
 class Serve:
     """One ``runflow-worker serve`` daemon on its own queue (GPU class)."""
 
-    def __init__(self, env: dict[str, str], gpu_class: str, client: Any) -> None:
-        self.env = {**env, "RUNFLOW_GPU_CLASS": gpu_class}
+    def __init__(self, env: dict[str, str], gpu_class: str, client: Any,
+                 root: Path = ROOT) -> None:
+        self.root = root
+        self.env = {**env, "RUNFLOW_GPU_CLASS": gpu_class, "PYTHONPATH": str(root)}
         self.gpu_class = gpu_class
         self.client = client
         self.proc: subprocess.Popen[bytes] | None = None
@@ -314,7 +320,8 @@ class Serve:
         self.cursor = events_tail(self.client)
         enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "runflow_worker.cli.main", "serve"], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "runflow_worker.cli.main", "serve"],
+                                     cwd=self.root,
                                      env=self.env)
         self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
         return time.perf_counter() - t0, check_record(self.client, msg.run_id)
@@ -357,6 +364,9 @@ class InProcess:
         class Control:
             def stop_reason(self) -> StopReason | None:
                 return None
+
+            def admit(self) -> None:
+                pass
 
             def emit(self, kind: str, data: dict[str, Any]) -> None:
                 pass
@@ -404,6 +414,10 @@ def main() -> int:
     parser.add_argument("--cold-repeats", type=int, default=1,
                         help="cold starts of each kind, alternating (medians reported)")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="another checkout of this project (e.g. `git worktree add`): "
+                             "one more serve row, '<label>@baseline', from that code, on "
+                             "its own queue, interleaved with the others (a paired A/B)")
     args = parser.parse_args()
 
     import redis
@@ -426,7 +440,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNFLOW_")}
     env.update({
         "PYTHONPATH": str(ROOT), "RUNFLOW_REDIS_URL": redis_url,
-        "RUNFLOW_GPU_LADDER": "cpu:0,cpu-b:0",
+        "RUNFLOW_GPU_LADDER": "cpu:0,cpu-b:0,cpu-c:0,cpu-d:0",
         "RUNFLOW_CACHE_DIR": str(work / "cache"), "RUNFLOW_COMFYUI_DIR": str(comfy_dir),
         "RUNFLOW_STORAGE_URL": (work / "outputs").as_uri(), "RUNFLOW_HTTP_PORT": "0",
         "RUNFLOW_IDLE_EXIT_S": "0", "RUNFLOW_URL_ALLOW": "127.0.0.1/32",
@@ -468,14 +482,19 @@ def main() -> int:
                 if sandbox is not None:
                     denv["RUNFLOW_SANDBOX"] = sandbox
                 label = f"serve[{sandbox}]" if sandbox else "serve"
-                if label in daemons:
-                    daemons.pop(label).close()
-                daemon = daemons[label] = Serve(denv, ("cpu", "cpu-b")[i], client)
-                cold_s, rec = daemon.cold(first_wf, inputs.next())
-                colds.setdefault(f"{label}_launch_to_first_record_s", []).append(cold_s)
-                colds.setdefault(f"{label}_cold_start_seconds_billed", []).append(
-                    rec["billing"]["attempts"][0]["cold_start_seconds"])
-                result["cold_start"][f"{label}_record_timings_ms"] = rec["timings_ms"]
+                trees = [(label, ROOT, ("cpu", "cpu-b")[i])]
+                if args.baseline_tree:
+                    trees.append((f"{label}@baseline", args.baseline_tree.resolve(),
+                                  ("cpu-c", "cpu-d")[i]))
+                for tlabel, root, gpu_class in trees:
+                    if tlabel in daemons:
+                        daemons.pop(tlabel).close()
+                    daemon = daemons[tlabel] = Serve(denv, gpu_class, client, root)
+                    cold_s, rec = daemon.cold(first_wf, inputs.next())
+                    colds.setdefault(f"{tlabel}_launch_to_first_record_s", []).append(cold_s)
+                    colds.setdefault(f"{tlabel}_cold_start_seconds_billed", []).append(
+                        rec["billing"]["attempts"][0]["cold_start_seconds"])
+                    result["cold_start"][f"{tlabel}_record_timings_ms"] = rec["timings_ms"]
                 colds.setdefault(f"run_cli[{sandbox or 'default'}]_launch_to_exit_s",
                                  []).append(run_cli_cold(denv, first_wf, inputs.next(), work))
             if real and repeat:
