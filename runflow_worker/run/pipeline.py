@@ -32,6 +32,7 @@ from runflow_worker.errors import (
 from runflow_worker.run import contract as c
 from runflow_worker.run.childconfig import start_prestart
 from runflow_worker.run.config import PipelineConfig
+from runflow_worker.run.dirreserve import DirReserve
 from runflow_worker.run.envphase import (
     EnvironmentBuilder,
     EnvironmentPhase,
@@ -55,7 +56,7 @@ from runflow_worker.run.modelfiles import (
 )
 from runflow_worker.run.outputs import discard_outputs_later, store_outputs
 from runflow_worker.run.rundirs import RunDirs, RunPaths
-from runflow_worker.run.storage import Storage
+from runflow_worker.run.storage import LocalStorage, Storage
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.rewrite import inject_inputs
 from runflow_worker.runtime.supervisor import RunnerSupervisor
@@ -254,7 +255,7 @@ class Pipeline:
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
                         files = self._fetch_inputs(defs, values, run.staged("input"),
-                                                   stop_reason)
+                                                   stop_reason, self._run_dirs.reserve)
                         graph = inject_inputs(wf.workflow_json, values, files)
                     child = starting.result().prepared()
                     if child.pack_failure is not None:
@@ -373,6 +374,10 @@ class Pipeline:
         same keys) or another worker already holds it and may be writing them.
         """
         written: list[str] = []
+        if isinstance(self.storage, LocalStorage) and self.storage.reserve is None:
+            # Its new folders (the run's, its outputs') from the run directories' reserve:
+            # the same volume as a rule (the rename falls back to mkdir where it is not).
+            self.storage.reserve = self._run_dirs.reserve
         with run_failures(stop_reason):
             try:
                 return store_outputs(files, run.dir("output"), run_id, self.storage,
@@ -386,7 +391,8 @@ class Pipeline:
                 raise
 
     def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
-                      input_dir: Path, stop_reason: StopCheck) -> dict[str, str]:
+                      input_dir: Path, stop_reason: StopCheck,
+                      reserve: DirReserve) -> dict[str, str]:
         if self.fetch_input is None:
             if any(d.type in (c.InputType.IMAGE, c.InputType.FILE) and k in values
                    for k, d in defs.items()):
@@ -397,7 +403,7 @@ class Pipeline:
                 defs, values, input_dir, self.fetch_input,
                 max_bytes=self.config.input_max_bytes,
                 max_pixels=self.config.image_max_pixels,
-                cancel=lambda: stop_reason() is not None,
+                cancel=lambda: stop_reason() is not None, reserve=reserve,
             )
 
     def _run_graph(self, runner: Any, message: c.RunMessage, graph: dict[str, Any],

@@ -8,6 +8,8 @@ Everything lives in ``runs-<owner>/`` of the work directory (``WORK_SUBDIR`` of 
     links/<run>/           the run's models and resources (hard links to the blobs),
                            read-only to the child: models/<key>, input/<key>
     stage/<run>/           the run's input, output and temp while the worker prepares them
+    reserve/               empty directories made ahead, renamed into place where a run
+                           needs a new one (``run.dirreserve``), out of the child's sight
 
 The worker fills a run's ``stage`` directory out of the child's sight and renames it into
 ``child/`` just before the run executes (a warm child that ran hostile code could otherwise
@@ -42,6 +44,8 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+
+from runflow_worker.run.dirreserve import DirReserve
 
 WORK_SUBDIR = "work"
 """``<cache>/work``: the run directories, and ComfyUI's own scratch folders."""
@@ -124,6 +128,8 @@ class RunDirs:
         self._pending: list[Future[None]] = []
         self._spare: RunPaths | None = None
         self._spare_lock = threading.Lock()
+        self._reserve: DirReserve | None = None
+        self._refill: Future[None] | None = None
 
     @property
     def owner(self) -> Path:
@@ -132,6 +138,15 @@ class RunDirs:
             self._claim()
         assert self._owner is not None
         return self._owner
+
+    @property
+    def reserve(self) -> DirReserve:
+        """Empty directories made ahead, for a run's new directories on this volume
+        (``run.dirreserve``): refilled after each run, on the remover thread."""
+        if self._owner is None:
+            self._claim()
+        assert self._reserve is not None
+        return self._reserve
 
     @property
     def child_root(self) -> Path:
@@ -168,6 +183,10 @@ class RunDirs:
         if self._remover is None:
             self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-dirs")
         self._pending.append(self._remover.submit(self._remove_and_prepare, paths))
+        if self._reserve is not None:
+            # After the removal, and not waited for by ``settle``: a run that starts
+            # meanwhile takes what is there and makes the rest with mkdir.
+            self._refill = self._remover.submit(self._reserve.replenish)
 
     def _paths(self, name: str) -> RunPaths:
         owner = self.owner
@@ -196,6 +215,12 @@ class RunDirs:
         pending, self._pending = self._pending, []
         wait(pending)
 
+    def quiesce(self) -> None:
+        """``settle``, then wait for the reserve's last refill too."""
+        self.settle()
+        if self._refill is not None:
+            wait([self._refill])
+
     def close(self) -> None:
         """Wait for queued removals, remove this pipeline's directory, let its lock go."""
         self.settle()
@@ -223,6 +248,7 @@ class RunDirs:
         os.replace(hidden, owner.with_suffix(".lock"))
         owner.mkdir()
         self._owner, self._lock_fd = owner, fd
+        self._reserve = DirReserve(owner / "reserve")
 
 
 def _make(paths: RunPaths) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from runflow_worker.errors import ConfigError, StorageError, UploadCanceled
+from runflow_worker.run.dirreserve import DirReserve
 from runflow_worker.runtime.graph import path_segment_problem
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class LocalStorage:
     """Outputs in a directory on disk, addressed by ``file://`` URLs."""
 
     root: Path
+    reserve: DirReserve | None = field(default=None, compare=False, repr=False)
+    """Where new folders come from (``run.dirreserve``; the pipeline sets its run
+    directories' reserve), else ``mkdir``."""
     _stored: tuple[str, Path] | None = field(default=None, init=False, repr=False,
                                              compare=False)
     """The key last stored and its resolved path (``url_for`` right after ``put``)."""
@@ -136,7 +140,10 @@ class LocalStorage:
             raise UploadCanceled(f"upload of {key!r} stopped")
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            if self.reserve is None:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            else:
+                self.reserve.makedirs(dest.parent, under=self._root_resolved)
             _copy(local_path, tmp, should_stop, key)
             os.replace(tmp, dest)
             self._stored = (key, dest)

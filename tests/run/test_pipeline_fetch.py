@@ -70,6 +70,23 @@ def test_https_image_and_file_inputs(env) -> None:
     assert texts["img"] == png()
 
 
+def test_a_warm_runs_new_folders_come_from_the_reserve(env) -> None:
+    server, pipeline = env
+    server.add("/in/photo.png", png())
+    server.add("/in/doc.txt", b"remote text")
+    msg = message(GRAPH, input={"image": server.url("/in/photo.png"),
+                                "doc": server.url("/in/doc.txt")})
+    run(pipeline, msg)  # the first run: the reserve is filled after it
+    pipeline._run_dirs.quiesce()
+    reserve = pipeline._run_dirs.reserve
+    before = reserve.taken
+    result, _ = run(pipeline, {**msg, "run_id": "reserve-2"})
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    # runflow_inputs/, each input's <folder>/<content>/ in it, and the outputs'
+    # runs/<run_id>/ with its two <output_id>/: eight folders, none made by mkdir.
+    assert reserve.taken - before == 8
+
+
 def test_https_non_image_is_invalid_input(env) -> None:
     server, pipeline = env
     server.add("/in/fake.png", b"<html>not an image</html>")

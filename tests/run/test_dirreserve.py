@@ -1,0 +1,116 @@
+"""New directories of a run come from a reserve made ahead (``run.dirreserve``): renamed
+into place, ``mkdir`` when the reserve is empty or cannot reach, existing ones untouched."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from runflow_worker.run.dirreserve import DirReserve
+from runflow_worker.run.rundirs import RunDirs
+from runflow_worker.run.storage import LocalStorage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def reserve(tmp_path: Path, size: int = 4) -> DirReserve:
+    res = DirReserve(tmp_path / "home", size=size)
+    res.replenish()
+    return res
+
+
+def test_new_directories_are_reserved_ones_renamed_into_place(tmp_path: Path) -> None:
+    res = reserve(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res.makedirs(root / "a" / "b", under=root)
+    assert (root / "a" / "b").is_dir() and not any((root / "a" / "b").iterdir())
+    assert res.taken == 2
+    assert len(list(res.home.iterdir())) == 2  # two left
+    res.replenish()
+    assert len(list(res.home.iterdir())) == 4
+
+
+def test_an_empty_reserve_falls_back_to_mkdir(tmp_path: Path) -> None:
+    res = reserve(tmp_path, size=1)
+    root = tmp_path / "root"
+    root.mkdir()
+    res.makedirs(root / "a" / "b" / "c", under=root)
+    assert (root / "a" / "b" / "c").is_dir()
+    assert res.taken == 1
+
+
+def test_existing_directories_are_left_as_they_are(tmp_path: Path) -> None:
+    res = reserve(tmp_path)
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "kept.txt").write_text("x")
+    res.makedirs(root / "a", under=root)
+    res.makedirs(root / "a" / "new", under=root)
+    assert (root / "a" / "kept.txt").read_text() == "x"
+    assert res.taken == 1
+
+
+def test_a_path_outside_its_root_is_made_by_mkdir_alone(tmp_path: Path) -> None:
+    res = reserve(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res.makedirs(tmp_path / "elsewhere" / "x", under=root)
+    assert (tmp_path / "elsewhere" / "x").is_dir()
+    assert res.taken == 0
+
+
+def test_another_file_system_is_remembered_and_the_reserve_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    res = reserve(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    real_rename = os.rename
+    calls: list[str] = []
+
+    def cross_device(src, dst, *args, **kwargs):  # noqa: ANN001, ANN202 - os.rename's
+        if str(dst).startswith(str(root)):
+            calls.append(str(dst))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", cross_device)
+    res.makedirs(root / "a", under=root)
+    res.makedirs(root / "b", under=root)
+    assert (root / "a").is_dir() and (root / "b").is_dir()
+    assert res.taken == 0 and len(calls) == 1  # tried once, then mkdir only
+    assert len(list(res.home.iterdir())) == 4  # nothing lost from the reserve
+
+
+def test_run_dirs_refill_their_reserve_after_each_run_out_of_the_childs_sight(
+        tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path / "work")
+    try:
+        res = dirs.reserve
+        assert not res.home.is_relative_to(dirs.child_root)
+        assert not res.home.is_relative_to(dirs.links_root)
+        run = dirs.create("r1")
+        res.makedirs(run.staged("input") / "runflow_inputs" / "x", under=run.staged("input"))
+        dirs.discard(run)
+        dirs.quiesce()
+        assert len(list(res.home.iterdir())) == res.size
+    finally:
+        dirs.close()
+
+
+def test_local_storage_takes_its_new_folders_from_the_reserve(tmp_path: Path) -> None:
+    res = reserve(tmp_path)
+    storage = LocalStorage(tmp_path / "outputs", reserve=res)
+    src = tmp_path / "out.png"
+    src.write_bytes(b"png")
+    storage.put(src, "runs/r1/image/out.png", content_type="image/png", sha256="0" * 64)
+    assert (tmp_path / "outputs" / "runs" / "r1" / "image" / "out.png").read_bytes() == b"png"
+    # The storage root did not exist: it and runs/ by mkdir, runs/r1/ and its image/ from
+    # the reserve.
+    assert res.taken == 2
+    storage.put(src, "runs/r2/image/out.png", content_type="image/png", sha256="0" * 64)
+    assert res.taken == 4
+    assert (tmp_path / "outputs" / "runs" / "r2" / "image" / "out.png").is_file()
