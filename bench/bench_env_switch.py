@@ -50,6 +50,9 @@ class _Control:
     def stop_reason(self) -> StopReason | None:
         return None
 
+    def admit(self) -> None:
+        pass
+
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         pass
 

@@ -125,6 +125,9 @@ class InProcess:
             def stop_reason(self) -> StopReason | None:
                 return None
 
+            def admit(self) -> None:
+                pass
+
             def emit(self, kind: str, data: dict[str, Any]) -> None:
                 pass
 

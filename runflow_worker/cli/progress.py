@@ -75,6 +75,9 @@ class CliControl:
         """CANCELED once ``canceled`` is set."""
         return StopReason.CANCELED if self.canceled.is_set() else None
 
+    def admit(self) -> None:
+        """Nothing to wait for: ``run`` has no queue to begin the run in."""
+
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Show one event of the run."""
         if self.quiet:

@@ -73,6 +73,13 @@ class RunControl(Protocol):
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Publish a ``progress`` or ``log`` event of this run."""
 
+    def admit(self) -> None:
+        """Return once the driver has begun the run; ``RunReleased`` when it must not run
+        (the driver then ends the pickup itself). Called before the first model download,
+        event or use of the ComfyUI child: what precedes it (the checks, the run's
+        directories, the caller's files, the environment's start) overlaps the driver's
+        begin (``serve.beginahead``)."""
+
 
 @dataclass
 class RunResult:
@@ -257,6 +264,7 @@ class Pipeline:
                         files = self._fetch_inputs(defs, values, run.staged("input"),
                                                    stop_reason, self._run_dirs.reserve)
                         graph = inject_inputs(wf.workflow_json, values, files)
+                    control.admit()
                     child = starting.result().prepared()
                     if child.pack_failure is not None:
                         raise child.pack_failure  # before any GPU work
@@ -349,6 +357,7 @@ class Pipeline:
         wanted = wanted_blobs(message.workflow, run)
         if not wanted:
             return wanted
+        control.admit()  # before any download (and its progress events)
         if self.blobs is None:
             raise RunFailure(ErrorCode.MODEL_FETCH_FAILED, "no model store configured")
         fields_of: dict[str, list[str]] = {}

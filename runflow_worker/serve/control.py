@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from runflow_worker.errors import QueueError
+from runflow_worker.errors import QueueError, RunReleased
 from runflow_worker.run.failures import StopReason
 from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.queue import Delivery, RunQueue
@@ -34,6 +35,26 @@ class ServeControl:
         self.publisher = publisher
         self.canceled = False
         self.lease_lost = False
+        self.admission: Callable[[], None] | None = None
+        """What ``admit`` does the first time (the daemon's: read the begin's reply, keep
+        the lease, bind the events); None: nothing to wait for."""
+        self.admitted = False
+        self._refusal: RunReleased | None = None
+
+    def admit(self) -> None:
+        """Return once the run is begun; ``RunReleased`` when it must not run here. The
+        first call runs ``admission``; later ones repeat its outcome."""
+        if self.admitted:
+            return
+        if self._refusal is not None:
+            raise self._refusal
+        if self.admission is not None:
+            try:
+                self.admission()
+            except RunReleased as exc:
+                self._refusal = exc
+                raise
+        self.admitted = True
 
     def stop_reason(self) -> StopReason | None:
         """Why the run must stop now, or None (flags only: called every ~50 ms).

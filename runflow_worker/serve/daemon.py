@@ -10,8 +10,9 @@ Loop (``Worker.work``)::
 One delivery (``Worker.perform_run``), top-down; each step in its own module::
 
     parse (serve.salvage) -> begin the attempt: fence token, running record
-    (run.record builds it, serve.recordstore writes it) -> execute (run.pipeline; the
-    LeaseKeeper renews the lease and watches the cancel flag) -> build the terminal record
+    (run.record builds it, serve.recordstore writes it; its reply read only when the run
+    first needs it, serve.beginahead) -> execute (run.pipeline; the LeaseKeeper renews the
+    lease and watches the cancel flag) -> build the terminal record
     (run.record) -> write it: finalise | promote | release (serve.recordstore)
         -> one Outcome, logged and counted in one place (serve.outcomes)
 
@@ -43,7 +44,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from runflow_worker.errors import QueueError, RunRejected
+from runflow_worker.errors import QueueError, RunRejected, RunReleased
 from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.run.gpu import next_larger_class
 from runflow_worker.run.pipeline import Pipeline, RunResult
@@ -60,6 +61,7 @@ from runflow_worker.run.record import (
 )
 from runflow_worker.run.sandboxing import UNSANDBOXED
 from runflow_worker.serve import keys
+from runflow_worker.serve.beginahead import PendingBegin
 from runflow_worker.serve.boot import process_age_s
 from runflow_worker.serve.callbacks import CallbackSender
 from runflow_worker.serve.control import LeaseKeeper, ServeControl, ShutdownState
@@ -67,15 +69,15 @@ from runflow_worker.serve.events import EventPublisher
 from runflow_worker.serve.health import HealthServer
 from runflow_worker.serve.intake import MAX_BLOCK_S, Intake
 from runflow_worker.serve.metrics import Metrics
-from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
+from runflow_worker.serve.outcomes import Ending, Outcome, log_started, report_ending
 from runflow_worker.serve.queue import (
     Backoff,
     Delivery,
     GroupMissing,
-    RedisUnavailable,
     RunQueue,
     connect,
     load_scripts,
+    retry_write,
 )
 from runflow_worker.serve.recordstore import (
     Begin,
@@ -86,6 +88,7 @@ from runflow_worker.serve.recordstore import (
     NotSerialisable,
     Promotion,
     RecordStore,
+    begun,
 )
 from runflow_worker.serve.salvage import parse_delivery, salvage_record, unreadable
 from runflow_worker.settings import Settings
@@ -141,8 +144,6 @@ class Worker:
         self.runs_performed = 0
         self._redis_ok = False
         self._alive = False
-        self._runner_restarts_seen = 0
-        self._cache_seen = (0, 0)
         self.unfit_starts = 0
         """ComfyUI starts in a row that failed through this worker's fault (reset by a run
         that reaches its outcome)."""
@@ -273,7 +274,8 @@ class Worker:
         try:
             if over_limit:
                 return self.dead_letter_run(delivery, start, message)
-            begin, token = self.store.begin_attempt(
+            # Sent now, its reply read when the run first needs it (``serve.beginahead``).
+            pending = self.store.send_begin(
                 delivery, message.run_id, message.attempt,
                 running=running_record(message, started_at=start.started_at),
                 event_data={"gpu_class": self.gpu_class, "worker": self.consumer,
@@ -284,31 +286,34 @@ class Worker:
             # first record written, not by serialising every message): a rejection.
             return self.reject_unparseable_run(delivery, start, unreadable(exc.__cause__),
                                                dead_letter=over_limit)
-        if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
-            return Ending(Outcome.SKIPPED, delivery, run_id=message.run_id,
-                          attempt=message.attempt, reason=begin.value)
-        if begin is Begin.CANCELED:
-            record = canceled_record(message, started_at=start.started_at,
-                                     gpu_class=self.gpu_class, queue_ms=start.queue_ms)
-            return self._write_terminal(delivery, token, record, Outcome.FINALISED,
-                                        event_data=self._finished_event(record),
-                                        callback=self._callback_job(message.callback_url,
-                                                                    record))
-        return self._run_attempt(delivery, start, message, token)
+        try:
+            return self._run_attempt(delivery, start, message, pending)
+        finally:
+            pending.close()
 
     def _run_attempt(self, delivery: Delivery, start: AttemptStart, message: RunMessage,
-                     token: int) -> Ending:
-        """Execute the begun attempt and write its outcome, its lease kept meanwhile."""
-        log.info("run %s started", message.run_id,
-                 extra={"run_id": message.run_id, "attempt": message.attempt,
-                        "entry_id": delivery.entry_id, "deliveries": delivery.deliveries,
-                        "event": "run_started", "reclaimed": delivery.reclaimed})
+                     pending: PendingBegin) -> Ending:
+        """Execute the attempt whose begin is on its way and write its outcome, its lease
+        kept from the begin's reply on."""
         control = ServeControl(self.shutdown, self.publisher)
+        control.admission = lambda: self._admit(delivery, message, control, pending)
         # The lease is kept until the outcome is written: a terminal write that waits
         # for Redis must not let another worker reclaim (and re-execute) the run.
-        self.keeper.watch(delivery, message.run_id, token, control)
         try:
-            result, events = self.execute_run(message, token, control, start.monotonic_s)
+            result, events = self.execute_run(message, control, start.monotonic_s)
+            begin, token = begun(pending.result())  # a failed begin: the entry stays pending
+            if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
+                return Ending(Outcome.SKIPPED, delivery, run_id=message.run_id,
+                              attempt=message.attempt, reason=begin.value)
+            if begin is Begin.CANCELED:
+                record = canceled_record(message, started_at=start.started_at,
+                                         gpu_class=self.gpu_class, queue_ms=start.queue_ms)
+                return self._write_terminal(delivery, token, record, Outcome.FINALISED,
+                                            event_data=self._finished_event(record),
+                                            callback=self._callback_job(message.callback_url,
+                                                                        record))
+            if not control.admitted:  # ended before it needed the reply (a bad input, say)
+                log_started(delivery, message.run_id, message.attempt)
             if control.lease_lost:
                 # Another pickup holds the run: its events would be refused like any write.
                 return Ending(Outcome.FENCED, delivery, run_id=message.run_id,
@@ -322,12 +327,26 @@ class Worker:
         finally:
             self.keeper.unwatch()
 
-    def execute_run(self, message: RunMessage, token: int, control: ServeControl,
+    def _admit(self, delivery: Delivery, message: RunMessage, control: ServeControl,
+               pending: PendingBegin) -> None:
+        """The begin's reply, on the pipeline's thread when the run first needs it: a begun
+        run gets its lease kept and its events bound to its token; any other ends the
+        pipeline (``RunReleased``), and ``_run_attempt`` reads the reply again to end it."""
+        try:
+            begin, token = begun(pending.result())
+        except QueueError as exc:
+            raise RunReleased(f"the run could not begin: {exc}") from exc
+        if begin is not Begin.RUNNING:
+            raise RunReleased(f"the run is not to be run here ({begin.value})")
+        log_started(delivery, message.run_id, message.attempt)
+        self.keeper.watch(delivery, message.run_id, token, control)
+        self.publisher.bind(message.run_id, message.attempt, token)
+
+    def execute_run(self, message: RunMessage, control: ServeControl,
                     picked_up: float) -> tuple[RunResult, list[Event]]:
         """Run the pipeline with this pickup's control; return its result and the progress
         events not written yet, which the run's last write carries before its status event
-        (``serve.events``)."""
-        self.publisher.bind(message.run_id, message.attempt, token)
+        (``serve.events``). The control's admission binds the events to the pickup."""
         try:
             result = self.pipeline.execute(message, control, picked_up_monotonic=picked_up)
         except BaseException:
@@ -480,21 +499,16 @@ class Worker:
     def _retry_terminal_write(self, run_id: str, write: Callable[[], T]) -> T | QueueError:
         """Run ``write`` until Redis takes it; the error given up on after a cold stop or
         ``PERMANENT_ERROR_RETRIES`` non-connection errors (the outcome is abandoned)."""
-        backoff = Backoff(cap_s=TERMINAL_WRITE_RETRY_CAP_S)
-        permanent = 0
-        while True:
-            try:
-                return write()
-            except QueueError as exc:
-                self.metrics.redis_errors.inc()
-                if not isinstance(exc, RedisUnavailable):
-                    permanent += 1
-                if self.shutdown.hard or permanent > PERMANENT_ERROR_RETRIES:
-                    return exc
-                if backoff.failures == 0:
-                    log.warning("outcome of run %s waits for Redis: %s", run_id, exc,
-                                extra={"run_id": run_id, "event": "finalise_retry"})
-                self.shutdown.sleep(backoff.next_delay_s(), until_cold=True)
+        def on_error(exc: QueueError, retrying: bool, failures: int) -> None:
+            self.metrics.redis_errors.inc()
+            if retrying and failures == 0:
+                log.warning("outcome of run %s waits for Redis: %s", run_id, exc,
+                            extra={"run_id": run_id, "event": "finalise_retry"})
+
+        return retry_write(write, give_up=lambda: self.shutdown.hard, on_error=on_error,
+                           sleep=lambda s: self.shutdown.sleep(s, until_cold=True),
+                           cap_s=TERMINAL_WRITE_RETRY_CAP_S,
+                           permanent_retries=PERMANENT_ERROR_RETRIES)
 
     def _callback_job(self, url: str | None, record: RunRecord) -> CallbackJob | None:
         """The callback to queue with ``record``'s terminal write (None: nothing to send)."""
@@ -504,17 +518,10 @@ class Worker:
 
     def _observe_pipeline(self) -> None:
         """Feed the runner's restarts and the blob store's hits and misses into the metrics."""
-        restarts = self.pipeline.supervisor.restarts
-        if restarts > self._runner_restarts_seen:
-            self.metrics.runner_restarts.inc(restarts - self._runner_restarts_seen)
-            self._runner_restarts_seen = restarts
         stats = getattr(self.pipeline.blobs, "stats", None)
-        if stats is None:
-            return
-        hits, misses = int(getattr(stats, "hits", 0)), int(getattr(stats, "misses", 0))
-        self.metrics.observe_cache(hits=hits - self._cache_seen[0],
-                                   misses=misses - self._cache_seen[1])
-        self._cache_seen = (hits, misses)
+        self.metrics.observe_totals(runner_restarts=self.pipeline.supervisor.restarts,
+                                    cache_hits=int(getattr(stats, "hits", 0)),
+                                    cache_misses=int(getattr(stats, "misses", 0)))
 
     def _boot(self) -> bool:
         """Create the group and load the scripts, retrying while Redis is away; False if

@@ -60,6 +60,7 @@ class Metrics:
                                     "ComfyUI starts that failed through the worker's own "
                                     "fault (the run was released).", registry=r)
         self.busy = Gauge("runflow_worker_busy", "1 while a run is in progress.", registry=r)
+        self._totals_seen = (0, 0, 0)
 
     def observe_cache(self, *, hits: int = 0, misses: int = 0, total_bytes: int | None = None,
                       ) -> None:
@@ -70,6 +71,17 @@ class Metrics:
             self.cache_misses.inc(misses)
         if total_bytes is not None:
             self.cache_bytes.set(total_bytes)
+
+    def observe_totals(self, *, runner_restarts: int, cache_hits: int, cache_misses: int,
+                       ) -> None:
+        """Record the pipeline's running totals (its child's restarts, the blob store's hits
+        and misses): what grew since the last call is added to the counters."""
+        seen = self._totals_seen
+        self.runner_restarts.inc(max(0, runner_restarts - seen[0]))
+        self.observe_cache(hits=max(0, cache_hits - seen[1]),
+                           misses=max(0, cache_misses - seen[2]))
+        self._totals_seen = (max(runner_restarts, seen[0]), max(cache_hits, seen[1]),
+                             max(cache_misses, seen[2]))
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

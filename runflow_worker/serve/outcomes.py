@@ -81,6 +81,14 @@ class Ending:
                    record=record, **fields)
 
 
+def log_started(delivery: Delivery, run_id: str, attempt: int) -> None:
+    """The log line of a run that begun (its begin script's reply said ``running``)."""
+    log.info("run %s started", run_id,
+             extra={"run_id": run_id, "attempt": attempt, "entry_id": delivery.entry_id,
+                    "deliveries": delivery.deliveries, "event": "run_started",
+                    "reclaimed": delivery.reclaimed})
+
+
 def report_ending(ending: Ending, metrics: Metrics, *, gpu_class: str,
                   max_unfit_starts: int) -> None:
     """The log line(s) and the metrics of ``ending``: the one place that maps an outcome to

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -31,6 +32,7 @@ from runflow_worker.errors import QueueError
 from runflow_worker.serve import keys
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 2.0
 """TCP connect timeout to Redis."""
@@ -107,6 +109,29 @@ class Backoff:
     def reset(self) -> None:
         """Back to the initial delay (after a success)."""
         self.failures = 0
+
+
+def retry_write(write: Callable[[], T], *, give_up: Callable[[], bool],
+                on_error: Callable[[QueueError, bool, int], None],
+                sleep: Callable[[float], None], cap_s: float, permanent_retries: int,
+                ) -> T | QueueError:
+    """Run ``write`` until Redis takes it; the error given up on once ``give_up()`` is true
+    or after ``permanent_retries`` non-connection errors. ``on_error(exc, retrying,
+    failures)`` sees each failure (``failures`` before it: 0 for the first); ``sleep``
+    waits between tries (``Backoff`` capped at ``cap_s``)."""
+    backoff = Backoff(cap_s=cap_s)
+    permanent = 0
+    while True:
+        try:
+            return write()
+        except QueueError as exc:
+            if not isinstance(exc, RedisUnavailable):
+                permanent += 1
+            retrying = not (give_up() or permanent > permanent_retries)
+            on_error(exc, retrying, backoff.failures)
+            if not retrying:
+                return exc
+            sleep(backoff.next_delay_s())
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

@@ -44,6 +44,7 @@ from pydantic import BaseModel
 from runflow_worker.errors import WorkerError
 from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
+from runflow_worker.serve.beginahead import PendingBegin
 from runflow_worker.serve.queue import Delivery, redis_errors
 
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
@@ -233,6 +234,12 @@ def _delivered(stream: str, entry_id: str, fields: list[str] | None) -> Delivery
                     reclaimed=False)
 
 
+def begun(reply: Sequence[Any]) -> tuple[Begin, int]:
+    """The begin script's reply as (outcome, fencing token)."""
+    verdict, token = reply
+    return Begin(verdict), int(token)
+
+
 class Finalised(StrEnum):
     """What a terminal write did."""
 
@@ -367,17 +374,28 @@ class RecordStore:
         Returns the outcome and the token (0 when the entry was skipped).
         ``NotSerialisable`` (nothing written) when ``running`` cannot be serialised.
         """
-        running_json = model_json(running) if running is not None else ""
+        keys_, args = self._begin_call(delivery, run_id, attempt, running, event_data)
         with redis_errors("starting the run"):
-            verdict, token = self._begin(
-                keys=[keys.run_record(run_id), keys.fence(run_id), keys.cancel_flag(run_id),
-                      keys.EVENTS_STREAM, delivery.stream],
-                args=[self.group, delivery.entry_id, attempt,
-                      "run" if running is not None else "claim",
-                      running_json, run_id,
-                      event_json(event_data), self.events_maxlen, keys.FENCE_TTL_S],
-            )
-        return Begin(verdict), int(token)
+            return begun(self._begin(keys=keys_, args=args))
+
+    def send_begin(self, delivery: Delivery, run_id: str, attempt: int, *,
+                   running: RunRecord, event_data: dict[str, Any]) -> PendingBegin:
+        """``begin_attempt`` sent now, its reply read later (``begun(pending.result())``),
+        so the caller works meanwhile (``serve.beginahead``). ``NotSerialisable`` as there,
+        raised here (nothing sent)."""
+        keys_, args = self._begin_call(delivery, run_id, attempt, running, event_data)
+        return PendingBegin(self.client, self._begin, keys_, args)
+
+    def _begin_call(self, delivery: Delivery, run_id: str, attempt: int,
+                    running: RunRecord | None, event_data: dict[str, Any]
+                    ) -> tuple[list[Any], list[Any]]:
+        running_json = model_json(running) if running is not None else ""
+        return ([keys.run_record(run_id), keys.fence(run_id), keys.cancel_flag(run_id),
+                 keys.EVENTS_STREAM, delivery.stream],
+                [self.group, delivery.entry_id, attempt,
+                 "run" if running is not None else "claim",
+                 running_json, run_id,
+                 event_json(event_data), self.events_maxlen, keys.FENCE_TTL_S])
 
     def finalise(self, delivery: Delivery, token: int, record: RunRecord, *,
                  event_data: dict[str, Any], dead_letter: DeadLetter | None = None,

@@ -29,6 +29,9 @@ class RecordingControl:
         """``reason`` once ``cancel`` is set, else None."""
         return self.reason if self.cancel.is_set() else None
 
+    def admit(self) -> None:
+        """Nothing to wait for (no queue)."""
+
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Record the event; set ``cancel`` if ``cancel_when`` holds for its data."""
         self.events.append((kind, data))

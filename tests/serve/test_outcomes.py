@@ -19,7 +19,7 @@ from runflow_worker.serve.daemon import Worker
 from runflow_worker.serve.metrics import Metrics
 from runflow_worker.serve.outcomes import Ending, Outcome, report_ending
 from runflow_worker.serve.queue import Delivery, RedisUnavailable
-from tests.support.queue import graph, record, status_of, submit
+from tests.support.queue import events, graph, record, status_of, submit
 from tests.support.waiting import wait_for
 from tests.support.workers import make_worker
 
@@ -71,25 +71,33 @@ def test_a_run_that_executes_is_finalised(r, worker) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_run_canceled_before_it_started_is_finalised(r, worker) -> None:
+def test_a_run_canceled_before_it_started_is_finalised(r, worker, tmp_path: Path) -> None:
     w = worker()
-    submit(r, "early-cancel")
+    mark = tmp_path / "ran"
+    submit(r, "early-cancel", graph(mark=mark))
     r.set(keys.cancel_flag("early-cancel"), 1)
     assert w.perform_run(next_delivery(w)) is Outcome.FINALISED
     assert record(r, "early-cancel")["status"] == "canceled"
+    # The begin's reply came after the pipeline's first steps (``serve.beginahead``): the
+    # run stopped at it, before its graph reached the child, and wrote no event of its own.
+    assert not mark.exists()
+    assert [e["type"] for e in events(r, "early-cancel")] == ["status", "status"]
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("change", [{"status": "succeeded"}, {"attempt": 2}],
                          ids=["terminal", "superseded"])
-def test_a_run_over_already_is_skipped(r, worker, change: dict[str, Any]) -> None:
+def test_a_run_over_already_is_skipped(r, worker, change: dict[str, Any],
+                                       tmp_path: Path) -> None:
     w = worker()
-    submit(r, "over")
+    mark = tmp_path / "ran"
+    submit(r, "over", graph(mark=mark))
     rec = {**record(r, "over"), **change}
     r.set(keys.run_record("over"), json.dumps(rec))
     assert w.perform_run(next_delivery(w)) is Outcome.SKIPPED
     assert record(r, "over") == rec  # nothing written
     assert r.xlen(keys.runs_stream("cpu")) == 0  # acked and deleted
+    assert not mark.exists()  # nothing executed
 
 
 @pytest.mark.timeout(60)

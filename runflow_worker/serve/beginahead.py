@@ -1,0 +1,109 @@
+"""The begin script sent ahead: its round trip overlaps the run's first local steps.
+
+A pickup begins with one script (``RecordStore.begin_attempt``: the fence token, the
+``running`` record, the status event). Waiting for its reply before anything else put a
+Redis round trip, ~1 ms of a warm run on the benchmark's machine (2 ms at p90), on every
+run's path. Instead the daemon sends the script (``RecordStore.send_begin``) and starts
+the pipeline at once: the message's checks, the run's directories and the fetch of the
+caller's files happen while Redis answers. The pipeline asks for the answer
+(``ServeControl.admit``) before anything that needs the run begun: before it downloads
+models, before it takes the ComfyUI child and executes, and before any event is written
+(events carry the token). A run whose begin says it must not run (terminal already,
+canceled, superseded) is stopped there, its result dropped, and ended as before; what it
+did until then is what any worker may do for a queued run of that owner (read its files,
+check its graph, start its environment's child).
+
+The reply is read on the thread that sent the script, from a connection held out of the
+pool meanwhile. redis-py has no call for a reply read later, so this takes a connection,
+``send_command`` and ``read_response``, as its own ``execute_command`` does, and
+translates errors as ``serve.queue.redis_errors`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+from runflow_worker.errors import QueueError
+from runflow_worker.serve.queue import redis_errors
+
+WHAT = "starting the run"
+"""How a failure names the step (``QueueError`` messages)."""
+
+
+class PendingBegin:
+    """One begin script on its way: ``result`` reads its reply (once; later calls repeat
+    the outcome or the error); ``close`` drops a reply never read."""
+
+    def __init__(self, client: redis.Redis, script: Script, keys: Sequence[Any],
+                 args: Sequence[Any]) -> None:
+        self._client = client
+        self._script = script
+        self._keys = list(keys)
+        self._args = list(args)
+        self._reply: list[Any] | None = None
+        self._error: QueueError | None = None
+        self._conn: Any = None
+        pool = client.connection_pool
+        try:
+            with redis_errors(WHAT):
+                conn = pool.get_connection()
+                try:
+                    conn.send_command("EVALSHA", script.sha, len(self._keys), *self._keys,
+                                      *self._args)
+                except BaseException:
+                    conn.disconnect()  # a command cut halfway must not reach the next user
+                    pool.release(conn)
+                    raise
+        except QueueError as exc:
+            # As a failed call: no resend (it may have reached Redis); ``result`` raises it.
+            self._error = exc
+            return
+        self._conn = conn
+
+    def result(self) -> list[Any]:
+        """The script's reply; ``QueueError`` when Redis failed (the run's entry stays
+        pending with this consumer, as for any failed begin)."""
+        if self._reply is not None:
+            return self._reply
+        if self._error is not None:
+            raise self._error
+        try:
+            self._reply = self._read()
+        except QueueError as exc:
+            self._error = exc
+            raise
+        return self._reply
+
+    def close(self) -> None:
+        """Give the connection back; one whose reply was never read is closed first (its
+        reply would otherwise answer the pool's next caller)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+            self._client.connection_pool.release(conn)
+
+    def _read(self) -> list[Any]:
+        conn, self._conn = self._conn, None
+        pool = self._client.connection_pool
+        try:
+            with redis_errors(WHAT):
+                try:
+                    reply = conn.read_response()
+                except NoScriptError:
+                    # Redis restarted since the boot loaded the scripts: nothing ran. The
+                    # script's own call loads it and runs it (what ``Script`` does).
+                    pool.release(conn)
+                    conn = None
+                    reply = self._script(keys=self._keys, args=self._args)
+                except BaseException:
+                    conn.disconnect()
+                    raise
+        finally:
+            if conn is not None:
+                pool.release(conn)
+        return list(reply)
