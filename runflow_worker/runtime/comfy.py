@@ -232,9 +232,9 @@ class ComfyEmbedding:
         self._nodes = nodes
         self._mm = comfy.model_management
         self._execution = execution
-        self._defaults = {k: (list(v[0]), v[1]) for k, v in
-                          folder_paths.folder_names_and_paths.items()}
         self._models_root = os.path.abspath(folder_paths.models_dir)
+        self._folder_plan: list[tuple[str, Any, list[tuple[str | None, str]]]] = []
+        self._remember_folders()
 
         self._hook_breaker = hook_breaker_ac10a0
         failures: list[str] = []
@@ -252,8 +252,7 @@ class ComfyEmbedding:
         self._register_runflow_nodes()
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
-        self._defaults = {k: (list(v[0]), v[1]) for k, v in
-                          folder_paths.folder_names_and_paths.items()}
+        self._remember_folders()
         gpu_model = torch.cuda.get_device_name() if torch.cuda.is_available() and not cpu else None
         return p.Ready(
             comfyui_commit=git_commit(comfy_dir),
@@ -387,23 +386,27 @@ class ComfyEmbedding:
         fp.set_input_directory(job.input_dir)
         fp.set_output_directory(job.output_dir)
         fp.set_temp_directory(job.temp_dir)
-        for name, (paths, exts) in self._defaults.items():
-            if name in _KEEP_FOLDERS:
-                fp.folder_names_and_paths[name] = (list(paths), exts)
-                continue
-            new_paths: list[str] = []
+        for name, exts, plan in self._folder_plan:
+            # The shared models/ tree is replaced by the run's own (only its declared models
+            # are visible); a custom node's own folders stay.
+            fp.folder_names_and_paths[name] = ([
+                path if rel is None else os.path.join(job.models_dir, rel)
+                for rel, path in plan if rel is None or job.models_dir], exts)
+        fp.filename_list_cache.clear()
+
+    def _remember_folders(self) -> None:
+        """ComfyUI's folders as they are now, each path as ``(its path below models/, or
+        None, path)``: worked out when nodes have loaded, not at every job."""
+        below = self._models_root + os.sep
+        self._folder_plan = []
+        for name, (paths, exts) in self._folder_paths.folder_names_and_paths.items():
+            plan: list[tuple[str | None, str]] = []
             for path in paths:
                 absolute = os.path.abspath(path)
-                if absolute.startswith(self._models_root + os.sep):
-                    # The shared models/ tree is replaced by the run's own (only its
-                    # declared models are visible); a custom node's own folders stay.
-                    if job.models_dir:
-                        rel = os.path.relpath(absolute, self._models_root)
-                        new_paths.append(os.path.join(job.models_dir, rel))
-                else:
-                    new_paths.append(path)
-            fp.folder_names_and_paths[name] = (new_paths, exts)
-        fp.filename_list_cache.clear()
+                rel = (os.path.relpath(absolute, self._models_root)
+                       if name not in _KEEP_FOLDERS and absolute.startswith(below) else None)
+                plan.append((rel, path))
+            self._folder_plan.append((name, exts, plan))
 
     def _forget_changed_models(self, job: p.Execute) -> None:
         digests = {**{f"models/{k}": d for k, d in job.model_digests.items()},
