@@ -13,15 +13,19 @@ canceled, superseded) is stopped there, its result dropped, and ended as before;
 did until then is what any worker may do for a queued run of that owner (read its files,
 check its graph, start its environment's child).
 
-The reply is read on the thread that sent the script, from a connection held out of the
-pool meanwhile. redis-py has no call for a reply read later, so this takes a connection,
+The reply is read from a connection held out of the pool meanwhile, by the run's thread or,
+when the run's first steps take longer than a lease tick (a slow input download), by the
+lease keeper's first tick, which needs the token to keep the lease and to read the cancel
+flag (``LeaseKeeper.watch``). redis-py has no call for a reply read later, so this takes a connection,
 ``send_command`` and ``read_response``, as its own ``execute_command`` does, and
 translates errors as ``serve.queue.redis_errors`` does.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 import redis
@@ -33,6 +37,21 @@ from runflow_worker.serve.queue import redis_errors
 
 WHAT = "starting the run"
 """How a failure names the step (``QueueError`` messages)."""
+
+
+class Begin(StrEnum):
+    """What a pickup found (the begin script's verdict)."""
+
+    RUNNING = "running"
+    """The run is ours: the ``running`` record and event are written."""
+    CANCELED = "canceled"
+    """The cancel flag is set: finalise ``canceled`` without running."""
+    CLAIMED = "claimed"
+    """The run is ours, nothing written (dead-letter and rejection paths)."""
+    TERMINAL = "terminal"
+    """The record is already terminal: the entry was acked, skip it."""
+    SUPERSEDED = "superseded"
+    """A later attempt of the run exists: the entry was acked, skip it."""
 
 
 class PendingBegin:
@@ -48,6 +67,7 @@ class PendingBegin:
         self._reply: list[Any] | None = None
         self._error: QueueError | None = None
         self._conn: Any = None
+        self._lock = threading.Lock()
         pool = client.connection_pool
         try:
             with redis_errors(WHAT):
@@ -68,21 +88,37 @@ class PendingBegin:
     def result(self) -> list[Any]:
         """The script's reply; ``QueueError`` when Redis failed (the run's entry stays
         pending with this consumer, as for any failed begin)."""
-        if self._reply is not None:
+        with self._lock:  # the run's thread or the lease keeper's, whichever asks first
+            if self._reply is not None:
+                return self._reply
+            if self._error is not None:
+                raise self._error
+            try:
+                self._reply = self._read()
+            except QueueError as exc:
+                self._error = exc
+                raise
             return self._reply
-        if self._error is not None:
-            raise self._error
+
+    def outcome(self) -> tuple[Begin, int]:
+        """``result`` as (what the pickup found, its fencing token)."""
+        verdict, token = self.result()
+        return Begin(verdict), int(token)
+
+    def running_token(self) -> int | None:
+        """The fencing token when the run is begun, None otherwise (or when Redis failed):
+        what the lease keeper keeps the lease with."""
         try:
-            self._reply = self._read()
-        except QueueError as exc:
-            self._error = exc
-            raise
-        return self._reply
+            begin, token = self.outcome()
+        except QueueError:
+            return None
+        return token if begin is Begin.RUNNING else None
 
     def close(self) -> None:
         """Give the connection back; one whose reply was never read is closed first (its
         reply would otherwise answer the pool's next caller)."""
-        conn, self._conn = self._conn, None
+        with self._lock:
+            conn, self._conn = self._conn, None
         if conn is not None:
             conn.disconnect()
             self._client.connection_pool.release(conn)

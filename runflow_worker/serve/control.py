@@ -83,7 +83,9 @@ class _Watch:
 
     delivery: Delivery
     run_id: str
-    token: int
+    token: int | Callable[[], int | None]
+    """The pickup's fencing token, or what gives it once the begin's reply is read (None:
+    the run was not begun, nothing to keep)."""
     control: ServeControl
     since_s: float
     """When the watch began (monotonic)."""
@@ -125,8 +127,14 @@ class LeaseKeeper:
         self._thread = threading.Thread(target=self._run, name="runflow-lease", daemon=True)
         self._thread.start()
 
-    def watch(self, delivery: Delivery, run_id: str, token: int, control: ServeControl) -> None:
-        """Start keeping the lease of this pickup (its first tick one period from now)."""
+    def watch(self, delivery: Delivery, run_id: str, token: int | Callable[[], int | None],
+              control: ServeControl) -> None:
+        """Start keeping the lease of this pickup (its first tick one period from now).
+
+        ``token`` may be a function giving it (the begin sent ahead, ``serve.beginahead``):
+        the first tick calls it, so the lease is kept and the cancel flag read also while
+        a run's first steps (a slow input download) run before the run asks for the reply.
+        """
         now = time.monotonic()
         with self._cond:
             self._current = _Watch(delivery, run_id, token, control, since_s=now,
@@ -174,6 +182,12 @@ class LeaseKeeper:
 
     def _tick(self, watch: _Watch) -> None:
         """One fenced tick: renew the lease when due, read the cancel flag."""
+        if not isinstance(watch.token, int):
+            token = watch.token()  # the begin's reply (read here if the run has not yet)
+            if token is None:
+                watch.ended = True  # not begun: the run ends without its lease
+                return
+            watch.token = token
         now = time.monotonic()
         renew = self.renew and now - watch.last_renew_s >= self.renew_every_s - self.tick_s / 2
         try:

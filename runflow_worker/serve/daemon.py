@@ -88,7 +88,6 @@ from runflow_worker.serve.recordstore import (
     NotSerialisable,
     Promotion,
     RecordStore,
-    begun,
 )
 from runflow_worker.serve.salvage import parse_delivery, salvage_record, unreadable
 from runflow_worker.settings import Settings
@@ -296,12 +295,14 @@ class Worker:
         """Execute the attempt whose begin is on its way and write its outcome, its lease
         kept from the begin's reply on."""
         control = ServeControl(self.shutdown, self.publisher)
-        control.admission = lambda: self._admit(delivery, message, control, pending)
-        # The lease is kept until the outcome is written: a terminal write that waits
-        # for Redis must not let another worker reclaim (and re-execute) the run.
+        control.admission = lambda: self._admit(delivery, message, pending)
+        # The lease is kept (from the begin's reply on) until the outcome is written: a
+        # terminal write that waits for Redis must not let another worker reclaim (and
+        # re-execute) the run.
+        self.keeper.watch(delivery, message.run_id, pending.running_token, control)
         try:
             result, events = self.execute_run(message, control, start.monotonic_s)
-            begin, token = begun(pending.result())  # a failed begin: the entry stays pending
+            begin, token = pending.outcome()  # a failed begin: the entry stays pending
             if begin in (Begin.TERMINAL, Begin.SUPERSEDED):
                 return Ending(Outcome.SKIPPED, delivery, run_id=message.run_id,
                               attempt=message.attempt, reason=begin.value)
@@ -327,19 +328,17 @@ class Worker:
         finally:
             self.keeper.unwatch()
 
-    def _admit(self, delivery: Delivery, message: RunMessage, control: ServeControl,
-               pending: PendingBegin) -> None:
+    def _admit(self, delivery: Delivery, message: RunMessage, pending: PendingBegin) -> None:
         """The begin's reply, on the pipeline's thread when the run first needs it: a begun
-        run gets its lease kept and its events bound to its token; any other ends the
-        pipeline (``RunReleased``), and ``_run_attempt`` reads the reply again to end it."""
+        run gets its events bound to its token; any other ends the pipeline
+        (``RunReleased``), and ``_run_attempt`` reads the reply again to end it."""
         try:
-            begin, token = begun(pending.result())
+            begin, token = pending.outcome()
         except QueueError as exc:
             raise RunReleased(f"the run could not begin: {exc}") from exc
         if begin is not Begin.RUNNING:
             raise RunReleased(f"the run is not to be run here ({begin.value})")
         log_started(delivery, message.run_id, message.attempt)
-        self.keeper.watch(delivery, message.run_id, token, control)
         self.publisher.bind(message.run_id, message.attempt, token)
 
     def execute_run(self, message: RunMessage, control: ServeControl,

@@ -44,7 +44,7 @@ from pydantic import BaseModel
 from runflow_worker.errors import WorkerError
 from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
-from runflow_worker.serve.beginahead import PendingBegin
+from runflow_worker.serve.beginahead import Begin, PendingBegin
 from runflow_worker.serve.queue import Delivery, redis_errors
 
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
@@ -212,32 +212,11 @@ return 1
 """
 
 
-class Begin(StrEnum):
-    """What a pickup found."""
-
-    RUNNING = "running"
-    """The run is ours: the ``running`` record and event are written."""
-    CANCELED = "canceled"
-    """The cancel flag is set: finalise ``canceled`` without running."""
-    CLAIMED = "claimed"
-    """The run is ours, nothing written (dead-letter and rejection paths)."""
-    TERMINAL = "terminal"
-    """The record is already terminal: the entry was acked, skip it."""
-    SUPERSEDED = "superseded"
-    """A later attempt of the run exists: the entry was acked, skip it."""
-
-
 def _delivered(stream: str, entry_id: str, fields: list[str] | None) -> Delivery:
     """The first delivery of ``entry_id`` read by a script (``fields``: flat pairs)."""
     pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
     return Delivery(stream, str(entry_id), pairs.get(keys.RUN_FIELD), deliveries=1,
                     reclaimed=False)
-
-
-def begun(reply: Sequence[Any]) -> tuple[Begin, int]:
-    """The begin script's reply as (outcome, fencing token)."""
-    verdict, token = reply
-    return Begin(verdict), int(token)
 
 
 class Finalised(StrEnum):
@@ -376,12 +355,13 @@ class RecordStore:
         """
         keys_, args = self._begin_call(delivery, run_id, attempt, running, event_data)
         with redis_errors("starting the run"):
-            return begun(self._begin(keys=keys_, args=args))
+            verdict, token = self._begin(keys=keys_, args=args)
+        return Begin(verdict), int(token)
 
     def send_begin(self, delivery: Delivery, run_id: str, attempt: int, *,
                    running: RunRecord, event_data: dict[str, Any]) -> PendingBegin:
-        """``begin_attempt`` sent now, its reply read later (``begun(pending.result())``),
-        so the caller works meanwhile (``serve.beginahead``). ``NotSerialisable`` as there,
+        """``begin_attempt`` sent now, its reply read later (``pending.outcome()``), so
+        the caller works meanwhile (``serve.beginahead``). ``NotSerialisable`` as there,
         raised here (nothing sent)."""
         keys_, args = self._begin_call(delivery, run_id, attempt, running, event_data)
         return PendingBegin(self.client, self._begin, keys_, args)

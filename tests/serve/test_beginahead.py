@@ -15,7 +15,7 @@ from runflow_worker.run.contract import parse_message
 from runflow_worker.run.record import running_record
 from runflow_worker.serve import keys
 from runflow_worker.serve.queue import Delivery, RedisUnavailable, RunQueue, connect
-from runflow_worker.serve.recordstore import Begin, RecordStore, begun
+from runflow_worker.serve.recordstore import Begin, RecordStore
 from tests.support import factories
 from tests.support.queue import graph, record, submit
 
@@ -54,9 +54,9 @@ def test_the_reply_is_read_later_and_the_connection_given_back(store, r) -> None
     delivery = pick_up(queue, r, "ahead")
     pending = send(records, delivery, "ahead")
     assert in_use(records) == 1  # held until the reply is read
-    assert begun(pending.result()) == (Begin.RUNNING, 1)
+    assert pending.outcome() == (Begin.RUNNING, 1)
     assert record(r, "ahead")["status"] == "running"
-    assert begun(pending.result()) == (Begin.RUNNING, 1)  # read once, repeated
+    assert pending.outcome() == (Begin.RUNNING, 1)  # read once, repeated
     assert in_use(records) == 0
     pending.close()
     assert records.client.get(keys.run_record("ahead")) == r.get(keys.run_record("ahead"))
@@ -77,7 +77,7 @@ def test_a_redis_that_lost_the_script_runs_it_after_loading_it(store, r) -> None
     delivery = pick_up(queue, r, "flushed")
     r.script_flush()
     pending = send(records, delivery, "flushed")
-    assert begun(pending.result()) == (Begin.RUNNING, 1)
+    assert pending.outcome() == (Begin.RUNNING, 1)
     assert record(r, "flushed")["status"] == "running"
     assert in_use(records) == 0
 
@@ -106,7 +106,7 @@ def test_a_redis_gone_before_the_reply_fails_the_begin_as_unavailable(store, r,
         # The reply was on its way or already in the socket: either it is read, or the
         # connection's loss is the begin's failure; never a hang, never another's reply.
         try:
-            outcome: Any = begun(pending.result())
+            outcome: Any = pending.outcome()
         except RedisUnavailable:
             outcome = "unavailable"
         assert outcome in ((Begin.RUNNING, 1), "unavailable")

@@ -78,6 +78,42 @@ def test_a_watched_pickup_is_renewed_and_its_cancel_flag_seen(keeper, queue: Fak
 
 
 @pytest.mark.timeout(30)
+def test_a_pickup_whose_begin_is_on_its_way_is_kept_once_its_token_comes(
+        keeper, queue: FakeQueue) -> None:
+    # The begin sent ahead (serve.beginahead): the first tick reads the token itself, so a
+    # run whose first steps outlast a tick (a slow download) keeps its lease meanwhile.
+    k = keeper(lease_s=0.04)
+    asked = threading.Event()
+
+    def token() -> int:
+        asked.set()
+        return 7
+
+    ctl = control()
+    k.watch(DELIVERY, "ahead", token, ctl)
+    wait_for(lambda: k.renewals >= 2, 10, "renewals")
+    assert asked.is_set() and {t[:2] for t in queue.ticks} == {("ahead", 7)}
+    queue.canceled = True
+    wait_for(lambda: ctl.canceled, 10, "the cancel flag to be seen")
+
+
+@pytest.mark.timeout(30)
+def test_a_pickup_that_was_not_begun_is_not_kept(keeper, queue: FakeQueue) -> None:
+    k = keeper(lease_s=0.04)
+    asked = threading.Event()
+
+    def no_token() -> None:
+        asked.set()  # the begin said skip, canceled, or failed
+
+    k.watch(DELIVERY, "skipped", no_token, control())
+    wait_for(asked.is_set, 10, "the first tick")
+    k.unwatch()
+    k.watch(DELIVERY, "next", 2, control())  # the thread idled: woken by the next watch
+    wait_for(lambda: queue.of("next") >= 1, 10, "a tick of the next pickup")
+    assert queue.of("skipped") == 0
+
+
+@pytest.mark.timeout(30)
 def test_no_tick_of_a_pickup_starts_after_its_unwatch(keeper, queue: FakeQueue) -> None:
     k = keeper(lease_s=0.04)
     k.watch(DELIVERY, "first", 1, control())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +122,36 @@ def test_running_run_is_canceled_within_two_seconds(r, inprocess_worker) -> None
     assert rec["status"] == "canceled" and rec["error"]["code"] == "CANCELED"
     assert rec["billing"]["gpu_seconds"] > 0
     assert len(terminal_events(r, "stopme")) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_input_download_keeps_the_lease_and_sees_a_cancel(r, inprocess_worker) -> None:
+    # The begin is sent ahead and its reply read when the run first needs it, after its
+    # inputs (serve.beginahead): the lease keeper reads it itself at its first tick, so
+    # a download longer than the lease keeps the run's lease and notices a cancel.
+    from runflow_worker.cache.errors import FetchCanceled
+
+    entered = threading.Event()
+
+    def slow_fetch(url: str, dest: Path, *, max_bytes: int, cancel) -> str:  # noqa: ANN001
+        entered.set()
+        while not cancel():  # a download that never ends, polling its cancel as one does
+            time.sleep(0.01)
+        raise FetchCanceled("the download was stopped")
+
+    w = inprocess_worker(lease_s=0.2, before_start=lambda wk: setattr(
+        wk.pipeline, "fetch_input", slow_fetch))
+    g = {"1": {"class_type": "RunflowInputFile", "inputs": {"input_id": "doc"}},
+         "9": {"class_type": "FakeSave", "inputs": {"text": ["1", 0], "output_id": "out"}}}
+    submit(r, "slow-input", g, input={"doc": "https://127.0.0.1:9/doc.txt"})
+    assert entered.wait(20)
+    at_start = w.worker.keeper.renewals
+    wait_for(lambda: w.worker.keeper.renewals >= at_start + 3, 10,
+             "lease renewals during the download")
+    assert status_of(r, "slow-input") == "running"
+    r.set(keys.cancel_flag("slow-input"), "1")
+    wait_for(lambda: is_terminal(r, "slow-input"), 10, "the canceled record")
+    assert record(r, "slow-input")["status"] == "canceled"
 
 
 @pytest.mark.timeout(90)
