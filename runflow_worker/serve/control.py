@@ -35,6 +35,9 @@ class ServeControl:
         self.publisher = publisher
         self.canceled = False
         self.lease_lost = False
+        self.unbegun = False
+        """The begin's reply said the run is not to run here (or could not be read): what
+        the pipeline started before asking (an environment's start) stops."""
         self.admission: Callable[[], None] | None = None
         """What ``admit`` does the first time (the daemon's: read the begin's reply, keep
         the lease, bind the events); None: nothing to wait for."""
@@ -53,6 +56,7 @@ class ServeControl:
                 self.admission()
             except RunReleased as exc:
                 self._refusal = exc
+                self.unbegun = True
                 raise
         self.admitted = True
 
@@ -60,9 +64,10 @@ class ServeControl:
         """Why the run must stop now, or None (flags only: called every ~50 ms).
 
         ``StopReason.RELEASE``: stop, and let the daemon release the run (a stop's grace
-        ran out; on a lost lease the daemon writes nothing at all).
+        ran out; on a lost lease the daemon writes nothing at all; a run not begun ends as
+        its begin said).
         """
-        if self.shutdown.hard or self.lease_lost:
+        if self.shutdown.hard or self.lease_lost or self.unbegun:
             return StopReason.RELEASE
         if self.canceled:
             return StopReason.CANCELED
@@ -185,7 +190,8 @@ class LeaseKeeper:
         if not isinstance(watch.token, int):
             token = watch.token()  # the begin's reply (read here if the run has not yet)
             if token is None:
-                watch.ended = True  # not begun: the run ends without its lease
+                watch.ended = True  # not begun: the run ends without its lease, at once
+                watch.control.unbegun = True
                 return
             watch.token = token
         now = time.monotonic()

@@ -125,6 +125,22 @@ def test_running_run_is_canceled_within_two_seconds(r, inprocess_worker) -> None
 
 
 @pytest.mark.timeout(60)
+def test_a_run_canceled_before_pickup_ends_without_waiting_for_a_child_start(
+        r, inprocess_worker, tmp_path: Path) -> None:
+    # The pipeline starts the run's environment before it reads the begin's reply
+    # (serve.beginahead): a begin that says "canceled" stops that start, which here would
+    # never end (its gate is never opened), instead of waiting for it.
+    from tests.fakes import GATED_START_CHILD
+
+    submit(r, "no-start", graph())
+    r.set(keys.cancel_flag("no-start"), "1", ex=60)
+    inprocess_worker(burst=True, child_entry=GATED_START_CHILD)
+    wait_for(lambda: is_terminal(r, "no-start"), 20, "the canceled record")
+    assert record(r, "no-start")["status"] == "canceled"
+    assert not (tmp_path / "comfyui" / "gate").exists()
+
+
+@pytest.mark.timeout(60)
 def test_a_slow_input_download_keeps_the_lease_and_sees_a_cancel(r, inprocess_worker) -> None:
     # The begin is sent ahead and its reply read when the run first needs it, after its
     # inputs (serve.beginahead): the lease keeper reads it itself at its first tick, so
