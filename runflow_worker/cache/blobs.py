@@ -246,6 +246,16 @@ class BlobStore:
 
         results: dict[str, Path] = {}
         first_error: BaseException | None = None
+        # What is here already for this owner costs a few file checks: done in this thread.
+        # A pool (a thread started and joined for every run of a warm worker) only for the
+        # downloads and proofs, and only when there are several.
+        for digest, req in list(requests.items()):
+            if self.path_for(digest).is_file() and self.access.allows(digest, owner):
+                results[digest] = one(requests.pop(digest))
+        if len(requests) == 1:
+            req = next(iter(requests.values()))
+            results[req.sha256] = one(req)
+            return results
         if not requests:
             return results
         with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(requests)))) as pool:

@@ -160,6 +160,33 @@ def test_ensure_many_in_parallel(https_server: HTTPSServer, make_store: StoreFac
         assert final[sha256_hex(body)] == (len(body), len(body))
 
 
+def test_ensure_many_of_blobs_present_starts_no_thread(
+    https_server: HTTPSServer, make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A warm worker's run finds its models in the store: checked in the caller's thread,
+    # not by a pool started and joined for every run.
+    import runflow_worker.cache.blobs as blobs_module
+
+    bodies = [make_body(1000 + i, seed=i) for i in range(2)]
+    for i, body in enumerate(bodies):
+        https_server.add(f"/p{i}", body)
+    store = make_store()
+    requests = [BlobRequest(sha256_hex(b), [https_server.url(f"/p{i}")])
+                for i, b in enumerate(bodies)]
+    store.ensure_many(requests, max_parallel=2)  # downloads: through the pool
+    seen: list[tuple[str, int, int | None]] = []
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a thread pool for blobs already present")
+
+    monkeypatch.setattr(blobs_module, "ThreadPoolExecutor", no_pool)
+    paths = store.ensure_many(requests, max_parallel=2,
+                              progress=lambda sha, done, total: seen.append((sha, done, total)))
+    assert {sha: p.read_bytes() for sha, p in paths.items()} == {
+        sha256_hex(b): b for b in bodies}
+    assert sorted(seen) == sorted((sha256_hex(b), len(b), len(b)) for b in bodies)
+
+
 def test_ensure_many_raises_the_first_real_failure(
     https_server: HTTPSServer, make_store: StoreFactory
 ) -> None:
