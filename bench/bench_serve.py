@@ -26,6 +26,8 @@ reports both (the cost of the sandbox, measured in the same run).
 ``--baseline-tree DIR`` adds one more serve row per sandbox mode from another checkout of
 this project (``git worktree add DIR <rev>``), its daemon on a queue of its own, its runs
 interleaved with the others: a change measured against the code before it in one run.
+``paired_vs_baseline_ms`` is the median of the per-round differences (each round's run of a
+row minus its baseline's in the same round) with a 95% bootstrap interval.
 
 Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (and ``RUNFLOW_TEST_SANDBOX_READ_ONLY``,
 passed on as ``RUNFLOW_SANDBOX_READ_ONLY``, where the machine's Python loads libraries from
@@ -215,6 +217,19 @@ def check_record(client: Any, run_id: str) -> dict[str, Any]:
     if rec["status"] != RunStatus.SUCCEEDED.value:
         raise RuntimeError(f"run {run_id} {rec['status']}: {rec.get('error')}")
     return rec
+
+
+def paired_difference(ours: list[float], baseline: list[float],
+                      resamples: int = 2000) -> dict[str, float]:
+    """Median of the per-round differences ``ours - baseline`` with a 95% bootstrap
+    interval of that median (the rounds resampled with replacement)."""
+    diffs = [a - b for a, b in zip(ours, baseline, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs)))
+                     for _ in range(resamples))
+    return {"median": round(statistics.median(diffs), 2),
+            "ci95_low": round(medians[int(resamples * 0.025)], 2),
+            "ci95_high": round(medians[int(resamples * 0.975) - 1], 2)}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -539,6 +554,11 @@ def main() -> int:
                                             - statistics.median(rows["bare"]), 2),
                             "p90": round(pct(rows[label], 0.9) - pct(rows["bare"], 0.9), 2)}
                     for label in rows if label != "bare"}
+            # With --baseline-tree: each round's run of a row minus its baseline's run in the
+            # same round, so the machine's drift between rounds cancels.
+            g["paired_vs_baseline_ms"] = {
+                label: paired_difference(rows[label], rows[f"{label}@baseline"])
+                for label in rows if f"{label}@baseline" in rows}
             result["graphs"][name] = g
     finally:
         for daemon in daemons.values():
