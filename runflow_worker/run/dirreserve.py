@@ -45,8 +45,9 @@ class DirReserve:
         """Roots a rename from ``home`` cannot reach (another file system)."""
 
     def makedirs(self, path: Path, *, under: Path) -> None:
-        """Make the directory ``path`` and its missing parents below ``under``, like ``path.mkdir(parents=True, exist_ok=True)``: each new one is a reserved
-        directory renamed into place when there is one left, else a ``mkdir``."""
+        """Make the directory ``path`` and its missing parents below ``under``, like
+        ``path.mkdir(parents=True, exist_ok=True)``: each new one is a reserved directory
+        renamed into place when there is one left, else a ``mkdir``."""
         if under in self._foreign or not path.is_relative_to(under):
             path.mkdir(parents=True, exist_ok=True)
             return

@@ -16,9 +16,9 @@ check its graph, start its environment's child).
 The reply is read from a connection held out of the pool meanwhile, by the run's thread or,
 when the run's first steps take longer than a lease tick (a slow input download), by the
 lease keeper's first tick, which needs the token to keep the lease and to read the cancel
-flag (``LeaseKeeper.watch``). redis-py has no call for a reply read later, so this takes a connection,
-``send_command`` and ``read_response``, as its own ``execute_command`` does, and
-translates errors as ``serve.queue.redis_errors`` does.
+flag (``LeaseKeeper.watch``). redis-py has no call for a reply read later, so this takes a
+connection, ``send_command`` and ``read_response``, as its own ``execute_command`` does,
+and translates errors as ``serve.queue.redis_errors`` does.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ class PendingBegin:
 
     def _read(self) -> list[Any]:
         conn, self._conn = self._conn, None
+        if conn is None:  # closed before anyone asked: the reply is gone with it
+            raise QueueError(f"{WHAT}: the reply was dropped unread")
         pool = self._client.connection_pool
         try:
             with redis_errors(WHAT):
