@@ -96,3 +96,12 @@ class DirReserve:
             return False
         self.taken += 1
         return True
+
+
+def make_dirs(path: Path, *, under: Path, reserve: DirReserve | None) -> None:
+    """``path`` and its missing parents made, from ``reserve`` when there is one (below
+    ``under``), else by ``mkdir``."""
+    if reserve is None:
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        reserve.makedirs(path, under=under)

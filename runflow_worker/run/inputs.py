@@ -23,7 +23,7 @@ from PIL import Image
 from runflow_worker.cache.hashing import sha256_file
 from runflow_worker.errors import ErrorCode, RunFailure
 from runflow_worker.run.contract import INPUTS_SUBDIR, InputDef, InputType
-from runflow_worker.run.dirreserve import DirReserve
+from runflow_worker.run.dirreserve import DirReserve, make_dirs
 
 # MPO (a JPEG with more pictures after the first, as phone cameras write) is a JPEG to
 # every reader; ComfyUI's LoadImage takes its first picture.
@@ -113,13 +113,6 @@ def materialise_inputs(
     ``reserve``: where the new folders come from (``run.dirreserve``), else ``mkdir``.
     """
     files: dict[str, str] = {}
-
-    def makedirs(path: Path) -> None:
-        if reserve is None:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            reserve.makedirs(path, under=input_dir)
-
     for input_id, d in defs.items():
         if d.type not in (InputType.IMAGE, InputType.FILE) or input_id not in values:
             continue
@@ -127,7 +120,7 @@ def materialise_inputs(
         field = f"input.{input_id}"
         name = input_folder(input_id)
         folder = input_dir / INPUTS_SUBDIR / name
-        makedirs(folder)
+        make_dirs(folder, under=input_dir, reserve=reserve)
         # Fetched to a name of its own, then renamed into place: whatever already stands at
         # the final path (a link to a shared blob, say) is replaced, never written through.
         part = folder / f".{uuid.uuid4().hex}.part"
@@ -142,7 +135,7 @@ def materialise_inputs(
         if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
             digest = sha256_file(part)
         dest = folder / digest[:CONTENT_HEX] / filename
-        makedirs(dest.parent)
+        make_dirs(dest.parent, under=input_dir, reserve=reserve)
         os.replace(part, dest)
         files[input_id] = dest.relative_to(input_dir).as_posix()
     return files

@@ -32,7 +32,6 @@ from runflow_worker.errors import (
 from runflow_worker.run import contract as c
 from runflow_worker.run.childconfig import start_prestart
 from runflow_worker.run.config import PipelineConfig
-from runflow_worker.run.dirreserve import DirReserve
 from runflow_worker.run.envphase import (
     EnvironmentBuilder,
     EnvironmentPhase,
@@ -262,7 +261,7 @@ class Pipeline:
                     with phases.phase("inputs"):
                         values = c.resolved_values(message, defs)
                         files = self._fetch_inputs(defs, values, run.staged("input"),
-                                                   stop_reason, self._run_dirs.reserve)
+                                                   stop_reason)
                         graph = inject_inputs(wf.workflow_json, values, files)
                     control.admit()
                     child = starting.result().prepared()
@@ -400,8 +399,7 @@ class Pipeline:
                 raise
 
     def _fetch_inputs(self, defs: dict[str, c.InputDef], values: dict[str, Any],
-                      input_dir: Path, stop_reason: StopCheck,
-                      reserve: DirReserve) -> dict[str, str]:
+                      input_dir: Path, stop_reason: StopCheck) -> dict[str, str]:
         if self.fetch_input is None:
             if any(d.type in (c.InputType.IMAGE, c.InputType.FILE) and k in values
                    for k, d in defs.items()):
@@ -412,7 +410,8 @@ class Pipeline:
                 defs, values, input_dir, self.fetch_input,
                 max_bytes=self.config.input_max_bytes,
                 max_pixels=self.config.image_max_pixels,
-                cancel=lambda: stop_reason() is not None, reserve=reserve,
+                cancel=lambda: stop_reason() is not None,
+                reserve=self._run_dirs.reserve,
             )
 
     def _run_graph(self, runner: Any, message: c.RunMessage, graph: dict[str, Any],

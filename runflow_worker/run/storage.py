@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from runflow_worker.errors import ConfigError, StorageError, UploadCanceled
-from runflow_worker.run.dirreserve import DirReserve
+from runflow_worker.run.dirreserve import DirReserve, make_dirs
 from runflow_worker.runtime.graph import path_segment_problem
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,7 @@ class LocalStorage:
             raise UploadCanceled(f"upload of {key!r} stopped")
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         try:
-            if self.reserve is None:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-            else:
-                self.reserve.makedirs(dest.parent, under=self._root_resolved)
+            make_dirs(dest.parent, under=self._root_resolved, reserve=self.reserve)
             _copy(local_path, tmp, should_stop, key)
             os.replace(tmp, dest)
             self._stored = (key, dest)
