@@ -390,6 +390,7 @@ class InProcess:
         t = time.perf_counter()
         result = self.pipeline.execute(msg, Control(), picked_up_monotonic=time.monotonic())
         elapsed_ms = (time.perf_counter() - t) * 1000
+        self.pipeline.tidy()  # as the daemon does once the outcome is written (untimed)
         if result.status is not RunStatus.SUCCEEDED:
             raise RuntimeError(f"pipeline run failed: {result.failure}")
         return elapsed_ms, result.timings_ms

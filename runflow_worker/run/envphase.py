@@ -2,11 +2,13 @@
 READY ComfyUI child in it; also the pre-start's guess of the next run's child.
 
 The phase runs on its own thread while the run's models and inputs download
-(``run.pipeline``). It shares nothing with the run it works for: ``run`` returns what it
-produced (``EnvironmentOutcome``, a frozen value: the child, its cold start, what the record
-says of the environment, or the exception that ended it), and the run's own thread records
-it. The supervisor decides about children (``RunnerSupervisor.acquire``: a start, a switch,
-a restart; ``reacquire`` just before the job); the phase asks and reports what it was told.
+(``run.pipeline``), unless the warm child already is the run's (``is_warm``): then there is
+nothing to overlap, and the run's own thread does it when it needs the child. It shares
+nothing with the run it works for: ``run`` returns what it produced (``EnvironmentOutcome``,
+a frozen value: the child, its cold start, what the record says of the environment, or the
+exception that ended it), and the run's own thread records it. The supervisor decides about
+children (``RunnerSupervisor.acquire``: a start, a switch, a restart; ``reacquire`` just
+before the job); the phase asks and reports what it was told.
 
 What the phase keeps between runs: the pins of the environments in use (the warm child's,
 the one being prepared: no gc on the volume removes them meanwhile), the commits of the
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from runflow_worker.errors import ErrorCode, RunFailure, RunInterrupted, WorkerUnfit
 from runflow_worker.run import contract as c
-from runflow_worker.run.childconfig import baked_child_config, child_config
+from runflow_worker.run.childconfig import BAKED, baked_child_config, child_config
 from runflow_worker.run.envreport import EnvironmentReport
 from runflow_worker.run.failures import StopCheck, run_failures
 from runflow_worker.run.fitness import checkout_problem, start_failure_cause
@@ -116,7 +118,7 @@ class EnvironmentPhase:
             missing = checkout_problem(self.config.comfyui_dir)
             if missing is not None:  # no start to try: every run would fail the same way
                 raise WorkerUnfit(missing)
-            comfyui_dir, env_key, sys_path = self.config.comfyui_dir, "baked", ()
+            comfyui_dir, env_key, sys_path = self.config.comfyui_dir, BAKED, ()
         else:
             env = self._prepare_environment(message, stop_reason)
             comfyui_dir, env_key = env.comfyui_dir, env.key
@@ -143,6 +145,18 @@ class EnvironmentPhase:
                              gpu_model=ready.gpu_model if ready is not None else None,
                              environment=environment, warnings=tuple(warnings),
                              pack_failure=self._report.pack_failure(message, ready))
+
+    def is_warm(self, message: c.RunMessage) -> bool:
+        """Whether the warm child already is the run's: its environment (built), READY, free
+        to serve the run's owner, so that ``prepare`` has nothing to build or start."""
+        if self.config.comfyui_dir is not None:
+            key = BAKED
+        elif self.environments is not None:
+            key = _spec(message, self.config.run_install_scripts).key
+        else:
+            return False
+        wf = message.workflow
+        return self.supervisor.ready_for(key, wf.owner, custom_code=bool(wf.custom_nodes))
 
     def reacquire(self, child: PreparedChild, owner: str | None,
                   stop_reason: StopCheck) -> PreparedChild:
@@ -230,15 +244,7 @@ class EnvironmentPhase:
             raise RunFailure(ErrorCode.ENVIRONMENT_FAILED,
                              "no ComfyUI checkout (RUNFLOW_COMFYUI_DIR) and no environment "
                              "builder configured")
-        from runflow_worker.cache.environments import EnvironmentSpec, NodePin
-
-        wf = message.workflow
-        comfy = wf.environment.comfyui
-        spec = EnvironmentSpec(
-            comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
-            custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
-                               for name, pin in wf.custom_nodes.items()),
-            install_scripts=self.config.run_install_scripts)
+        spec = _spec(message, self.config.run_install_scripts)
         self._pin_environment(spec.key)
         try:
             with run_failures(stop_reason, ErrorCode.ENVIRONMENT_FAILED,
@@ -261,6 +267,19 @@ class EnvironmentPhase:
         """Release the pins of every environment but ``keep``."""
         for key in [k for k in self._env_pins if k != keep]:
             self._env_pins.pop(key).close()
+
+
+def _spec(message: c.RunMessage, install_scripts: bool) -> Any:
+    """The environment the run's workflow pins (``cache.environments.EnvironmentSpec``)."""
+    from runflow_worker.cache.environments import EnvironmentSpec, NodePin
+
+    wf = message.workflow
+    comfy = wf.environment.comfyui
+    return EnvironmentSpec(
+        comfyui_origin=comfy.origin or "", comfyui_commit=comfy.commit or "",
+        custom_nodes=tuple(NodePin(name, pin.origin or "", pin.commit or "")
+                           for name, pin in wf.custom_nodes.items()),
+        install_scripts=install_scripts)
 
 
 def _ms_since(start: float) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from runflow_worker.run.childconfig import start_prestart
 from runflow_worker.run.config import PipelineConfig
 from runflow_worker.run.envphase import (
     EnvironmentBuilder,
+    EnvironmentOutcome,
     EnvironmentPhase,
     PreparedChild,
 )
@@ -133,6 +134,28 @@ class _Phases:
         self.timings_ms[name] = self.timings_ms.get(name, 0) + elapsed_ms
 
 
+class _EnvironmentWork(Protocol):
+    """The environment phase under way: a future of its thread, or ``_Inline``."""
+
+    def result(self) -> EnvironmentOutcome:
+        """The phase's outcome (it never raises), waited for or computed now."""
+
+
+class _Inline:
+    """The environment phase done on the asking thread, at its first ``result``."""
+
+    def __init__(self, work: Callable[[], EnvironmentOutcome]) -> None:
+        self._work: Callable[[], EnvironmentOutcome] | None = work
+        self._outcome: EnvironmentOutcome | None = None
+
+    def result(self) -> EnvironmentOutcome:
+        """The phase's outcome, computed at the first call."""
+        if self._work is not None:
+            self._outcome, self._work = self._work(), None
+        assert self._outcome is not None
+        return self._outcome
+
+
 def _record_environment(result: RunResult, child: PreparedChild | None) -> None:
     """Puts what the environment phase produced (if anything) into the run's result."""
     if child is None:
@@ -207,10 +230,16 @@ class Pipeline:
         if not self.config.keep_run_dirs:
             self._run_dirs.close()
 
+    def tidy(self) -> None:
+        """Start removing the last run's directories (on a background thread). A driver calls
+        it once the run's outcome is written; without the call, the next run starts it and
+        waits for its first step (``RunDirs.tidy``)."""
+        self._run_dirs.tidy()
+
     def settle(self) -> None:
         """Wait until the directories of the runs that ended are removed (that happens on a
         background thread, after each run's result is handed back)."""
-        self._run_dirs.settle()
+        self._run_dirs.quiesce()
 
     # ------------------------------------------------------------------ run
 
@@ -245,7 +274,7 @@ class Pipeline:
             # cold worker) is prepared on its own thread while models and inputs download.
             # It is always waited for, also when a download fails, so no start ever runs
             # into the next run; what it produced is recorded then, whatever the outcome.
-            starting = self._starter.submit(self._environment.run, message, stop_reason)
+            starting = self._start_environment(message, stop_reason)
             child: PreparedChild | None = None
             try:
                 wf = message.workflow
@@ -281,8 +310,7 @@ class Pipeline:
                         outcome = self._run_graph(child.runner, message, graph, run, control,
                                                   stop_reason)
             finally:
-                futures.wait([starting])
-                produced = starting.result()  # the thread's outcome: it never raises
+                produced = starting.result()  # the phase's outcome: it never raises
                 phases.add("environment", produced.elapsed_ms)
                 # The child as the run last saw it (restarted or not), else the thread's
                 # (the run ended before it looked): its facts are the record's either way.
@@ -314,9 +342,19 @@ class Pipeline:
                                             f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if run is not None and not self.config.keep_run_dirs:
-                self._run_dirs.discard(run)  # removed off the run's path
+                self._run_dirs.discard(run)  # removed off the run's path (``tidy``)
         result.timings_ms = phases.timings_ms
         return result
+
+    def _start_environment(self, message: c.RunMessage,
+                           stop_reason: StopCheck) -> _EnvironmentWork:
+        """The run's environment phase, started on its own thread; or, when the warm child
+        already is the run's (``EnvironmentPhase.is_warm``), left for the run's own thread
+        to do when it first asks: nothing to overlap then, and a second thread would only
+        contend with the downloads' for the interpreter (``docs/serve.md``)."""
+        if self._environment.is_warm(message):
+            return _Inline(lambda: self._environment.run(message, stop_reason))
+        return self._starter.submit(self._environment.run, message, stop_reason)
 
     def prepare(self, message: c.RunMessage, control: RunControl, *,
                 models: bool = True) -> RunResult:

@@ -10,20 +10,32 @@ Everything lives in ``runs-<owner>/`` of the work directory (``WORK_SUBDIR`` of 
     stage/<run>/           the run's input, output and temp while the worker prepares them
     reserve/               empty directories made ahead, renamed into place where a run
                            needs a new one (``run.dirreserve``), out of the child's sight
+    trash/                 ended runs' directories, renamed here out of the child's sight,
+                           deleted in the background
 
 The worker fills a run's ``stage`` directory out of the child's sight and renames it into
 ``child/`` just before the run executes (a warm child that ran hostile code could otherwise
 plant symlinks where the worker writes); a resource appears in the run's ``input`` as a
-symlink to its hard link in ``links``. All three are removed when the run ends, on a
-background thread (``RunDirs.discard``), after the run's result is handed back: removing a
-run's directories is a dozen file-system operations (measured at up to ~10 ms a run on a
-loaded machine), which the caller's terminal record need not wait for. The next run waits
-for them (``RunDirs.settle``) before anything of it reaches a child, and before a child
+symlink to its hard link in ``links``. When the run ends its directories leave the child's
+sight on a background thread (``RunDirs.discard``, then ``tidy`` once the driver has written
+the run's outcome): each is renamed into ``trash/`` (out of every child's sight, like
+``stage/``), and deleted from there later on the same thread. The next run waits for the
+renames (``RunDirs.settle``) before anything of it reaches a child, and before a child
 starts: no run, and no new child, ever sees an earlier run's files, exactly as when they
-were removed in line. ``RunDirs.close`` waits for them too. After a removal the same thread
-makes the next run's empty directories in advance (``stage/.spare-*``, ``links/.spare-*``:
-seven ``mkdir`` calls, ~0.4 ms on ext4); ``create`` renames them to the run's name, or makes
-them itself when there is no spare. A spare was never given to a child and holds nothing.
+were removed in line. It does not wait for the deletion: removing a run's directories is a
+dozen file-system operations, 3-5 ms a run on the benchmark's volume (up to ~10 ms loaded),
+where the renames are ~0.1 ms. ``RunDirs.quiesce`` and ``close`` wait for everything. After
+the renames the same thread makes the next run's empty directories in advance
+(``stage/.spare-*``, ``links/.spare-*``: seven ``mkdir`` calls, ~0.4 ms on ext4) and refills
+the reserve, then empties the trash; ``create`` renames the spare to the run's name, or
+makes the directories itself when there is no spare. A spare was never given to a child
+and holds nothing.
+
+A directory renamed out of the child's root stays reachable to a child process that kept a
+descriptor of it, but only below it: the kernel refuses ``..`` from a directory moved out of
+a bind mount (the sandbox's view), so the rest of ``trash/`` stays out of reach. What such a
+process adds meanwhile is deleted with it, or at the next emptying (everything in
+``trash/`` goes, not only the entries just added).
 
 ``<owner>`` names one pipeline (one worker process): it holds an exclusive ``flock`` on
 ``runs-<owner>.lock`` beside its directory for as long as it lives. A worker killed mid-run
@@ -87,10 +99,41 @@ class RunPaths:
         finally:
             os.close(fd)
 
+    def hide(self, trash: Path) -> None:
+        """Rename every directory of the run into ``trash`` (out of every child's sight) for
+        a later deletion; one that cannot be renamed is removed in place."""
+        for src, dst in ((self.stage, f"{self.name}.stage"), (self.links, f"{self.name}.links")):
+            try:
+                os.rename(src, trash / dst)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                shutil.rmtree(src, ignore_errors=True)
+        try:
+            fd = open_dir_nofollow(self.child_root)
+        except OSError:
+            return
+        moved = True
+        try:
+            # Relative to the root's descriptor: a symlink the child left in its root is
+            # never followed; what stands at the run's name (a link, a file) is moved as it is.
+            os.rename(self.name, trash / f"{self.name}.live", src_dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            moved = False
+        finally:
+            os.close(fd)
+        if not moved:
+            self._remove_live()
+
     def remove(self) -> None:
         """Remove every directory of the run (never following a symlink)."""
         shutil.rmtree(self.stage, ignore_errors=True)
         shutil.rmtree(self.links, ignore_errors=True)
+        self._remove_live()
+
+    def _remove_live(self) -> None:
         try:
             fd = open_dir_nofollow(self.child_root)
         except OSError:
@@ -129,7 +172,10 @@ class RunDirs:
         self._spare: RunPaths | None = None
         self._spare_lock = threading.Lock()
         self._reserve: DirReserve | None = None
-        self._refill: Future[None] | None = None
+        self._discarded: list[RunPaths] = []
+        """Runs handed to ``discard`` whose directories ``tidy`` has not yet started on."""
+        self._background: list[Future[None]] = []
+        """The remover's work queued by ``tidy``, done or not."""
 
     @property
     def owner(self) -> Path:
@@ -152,6 +198,12 @@ class RunDirs:
     def child_root(self) -> Path:
         """The ComfyUI child's own root (writable to it; emptied at each start)."""
         return self.owner / "child"
+
+    @property
+    def trash(self) -> Path:
+        """Where ended runs' directories wait for their deletion (out of every child's
+        sight)."""
+        return self.owner / "trash"
 
     @property
     def links_root(self) -> Path:
@@ -177,24 +229,48 @@ class RunDirs:
         return paths
 
     def discard(self, paths: RunPaths) -> None:
-        """Remove a finished run's directories on the remover thread (see the module
-        docstring); ``settle`` waits for it. That thread then makes the next run's empty
-        directories in advance (under a name of their own; ``create`` renames them)."""
+        """Hand over a finished run's directories: ``tidy`` (or the next ``settle``) moves
+        them out of sight on the remover thread (see the module docstring)."""
+        self._discarded.append(paths)
+
+    def tidy(self) -> None:
+        """Start the work that follows the discarded runs on the remover thread: their
+        directories moved out of sight (``settle`` waits for that), then the next run's
+        empty directories made in advance (under a name of their own; ``create`` renames
+        them), the reserve refilled and the trash emptied (``quiesce`` waits for those).
+
+        A driver calls it once the run's outcome is written: waking a thread costs the
+        waker a few hundred microseconds on a small VM, which the caller's terminal record
+        need not wait for. Called again with nothing discarded, it does nothing."""
+        if not self._discarded:
+            return
+        batch, self._discarded = self._discarded, []
         if self._remover is None:
             self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-dirs")
-        self._pending.append(self._remover.submit(self._remove_and_prepare, paths))
+        hidden: Future[None] = Future()
+        self._pending.append(hidden)
+        self._background = [f for f in self._background if not f.done()]
+        self._background.append(self._remover.submit(self._after_runs, batch, hidden))
+
+    def _after_runs(self, batch: list[RunPaths], hidden: Future[None]) -> None:
+        """The remover's work for ``tidy`` (one wake of its thread a run)."""
+        try:
+            for paths in batch:
+                paths.hide(self.trash)
+        finally:
+            hidden.set_result(None)
+        # A run that starts meanwhile takes what is there and makes the rest with mkdir.
+        self._prepare_spare()
         if self._reserve is not None:
-            # After the removal, and not waited for by ``settle``: a run that starts
-            # meanwhile takes what is there and makes the rest with mkdir.
-            self._refill = self._remover.submit(self._reserve.replenish)
+            self._reserve.replenish()
+        self._empty_trash()
 
     def _paths(self, name: str) -> RunPaths:
         owner = self.owner
         return RunPaths(name=name, stage=owner / "stage" / name, live=owner / "child" / name,
                         links=owner / "links" / name, child_root=owner / "child")
 
-    def _remove_and_prepare(self, paths: RunPaths) -> None:
-        paths.remove()
+    def _prepare_spare(self) -> None:
         with self._spare_lock:
             if self._spare is not None:
                 return
@@ -211,15 +287,31 @@ class RunDirs:
             self._spare = spare
 
     def settle(self) -> None:
-        """Wait until the directories handed to ``discard`` are removed."""
+        """Wait until the directories handed to ``discard`` are out of every child's sight
+        (in the trash, or removed): started now if no ``tidy`` started them."""
+        self.tidy()
         pending, self._pending = self._pending, []
         wait(pending)
 
     def quiesce(self) -> None:
-        """``settle``, then wait for the reserve's last refill too."""
+        """``settle``, then wait for the background work queued after it too: the reserve's
+        refill, the trash emptied."""
         self.settle()
-        if self._refill is not None:
-            wait([self._refill])
+        background, self._background = self._background, []
+        wait(background)
+
+    def _empty_trash(self) -> None:
+        """Delete everything in the trash (never following a symlink): what earlier passes
+        left (a child process still writing into its old run's directory) goes too."""
+        try:
+            entries = list(os.scandir(self.trash))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _unlink(Path(entry.path))
 
     def close(self) -> None:
         """Wait for queued removals, remove this pipeline's directory, let its lock go."""
@@ -247,6 +339,7 @@ class RunDirs:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.replace(hidden, owner.with_suffix(".lock"))
         owner.mkdir()
+        (owner / "trash").mkdir()
         self._owner, self._lock_fd = owner, fd
         self._reserve = DirReserve(owner / "reserve")
 

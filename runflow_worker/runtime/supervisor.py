@@ -167,6 +167,20 @@ class RunnerSupervisor:
             return RunnerLease(runner, started=False)
         return self.acquire(runner.config, owner=owner, should_stop=should_stop)
 
+    def ready_for(self, env_key: str, owner: str | None, *, custom_code: bool = False) -> bool:
+        """Whether ``acquire`` for a config of ``env_key`` and a run of ``owner`` would find
+        the child READY as it is: a guess for the caller's planning, nothing is held (a
+        wrong guess only changes where the caller's ``acquire`` waits). ``custom_code``: the
+        run loads custom code of its own (a child that does serves one owner)."""
+        runner = self.runner
+        if (runner is None or runner.state is not RunnerState.READY
+                or self._prestarting is not None):
+            return False
+        config = runner.config
+        if config.env_key != env_key or (custom_code and not config.custom_code):
+            return False
+        return self.tenant in (_UNBOUND, self.tenant_of(config, owner))
+
     @property
     def warm_env_key(self) -> str | None:
         """The environment key of the child that is started or starting (the one whose files

@@ -255,6 +255,8 @@ class Worker:
             ending = self._take_to_ending(delivery, start)
         finally:
             self.metrics.busy.set(0)
+        # The outcome is written: the run's directories go now, off its path.
+        self.pipeline.tidy()
         report_ending(ending, self.metrics, gpu_class=self.gpu_class,
                       max_unfit_starts=self.settings.max_unfit_starts)
         if (ending.outcome in (Outcome.FINALISED, Outcome.DEAD_LETTERED)

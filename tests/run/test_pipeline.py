@@ -255,3 +255,27 @@ def test_failed_download_waits_for_the_start(tmp_path: Path) -> None:
         assert ok.status is RunStatus.SUCCEEDED and ok.cold_start_s == 0
     finally:
         pl.close()
+
+
+def test_a_warm_childs_environment_phase_runs_on_the_runs_own_thread(tmp_path: Path) -> None:
+    pipeline = make_pipeline(tmp_path)
+    threads: list[str] = []
+    phase = pipeline._environment
+    real_run = phase.run
+
+    def run_phase(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_run(*args, **kwargs)
+
+    phase.run = run_phase  # type: ignore[method-assign]
+    try:
+        first = run(pipeline, message(run_id="warm-1", input={"prompt": "1"}))
+        assert first.status is RunStatus.SUCCEEDED and first.cold_start_s > 0
+        second = run(pipeline, message(run_id="warm-2", input={"prompt": "2"}))
+        assert second.status is RunStatus.SUCCEEDED and second.cold_start_s == 0
+    finally:
+        pipeline.close()
+    # The first started the child on the environment thread while its inputs came; the
+    # second found its child READY: nothing to overlap, no thread woken for it.
+    assert threads[0].startswith("environment") and threads[1] == "MainThread"
+    assert second.environment == first.environment

@@ -75,7 +75,7 @@ def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
         (first.staged("input") / "caller.png").write_bytes(b"first run's bytes")
         (first.links / "input" / "res").write_bytes(b"x")
         dirs.discard(first)
-        dirs.settle()
+        dirs.quiesce()
         owner = dirs.owner
         assert any(p.name.startswith(".spare-") for p in (owner / "stage").iterdir())
         second = dirs.create("second")
@@ -95,12 +95,68 @@ def test_a_spare_that_vanished_is_replaced_by_new_directories(tmp_path: Path) ->
     dirs = RunDirs(tmp_path)
     try:
         dirs.discard(dirs.create("first"))
-        dirs.settle()
+        dirs.quiesce()
         for spare in (dirs.owner / "links").iterdir():
             spare.rename(tmp_path / "elsewhere")  # the spare's links are gone
         second = dirs.create("second")
         assert _tree(second.stage) == ["input", "output", "temp"]
         assert _tree(second.links) == ["input", "models"]
         assert [p.name for p in (dirs.owner / "stage").iterdir()] == [second.name]
+    finally:
+        dirs.close()
+
+
+def test_a_discarded_runs_directories_leave_every_childs_sight_at_settle(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the run's")
+    dirs = RunDirs(tmp_path / "work")
+    try:
+        run = dirs.create("gone")
+        (run.links / "models" / "m.safetensors").write_bytes(b"weights")
+        run.enter()
+        (run.dir("output") / "out.png").write_bytes(b"png")
+        # What a hostile node may leave: a link out of the run, a folder of its own.
+        (run.dir("temp") / "escape").symlink_to(outside)
+        (run.dir("temp") / "deep" / "er").mkdir(parents=True)
+        dirs.discard(run)
+        dirs.tidy()
+        dirs.settle()
+        assert not run.live.exists() and not run.links.exists() and not run.stage.exists()
+        assert sorted(p.name for p in dirs.child_root.iterdir()) == []
+        assert [p.name for p in dirs.links_root.iterdir()
+                if not p.name.startswith(".spare-")] == []
+        dirs.quiesce()
+        assert list(dirs.trash.iterdir()) == []
+        assert outside.read_text() == "not the run's"  # the link went, never followed
+    finally:
+        dirs.close()
+
+
+def test_settle_moves_what_no_tidy_started(tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        run = dirs.create("untidied")
+        run.enter()
+        dirs.discard(run)  # the driver never calls tidy (the ``run`` command, a test)
+        dirs.settle()
+        assert not run.live.exists() and not run.links.exists()
+    finally:
+        dirs.close()
+
+
+def test_what_lands_in_the_trash_after_an_emptying_goes_at_the_next(tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path)
+    try:
+        dirs.discard(dirs.create("first"))
+        dirs.quiesce()
+        # A child process that kept a descriptor of its old run's folder writes on into it
+        # (in the trash now): the next emptying takes everything there.
+        late = dirs.trash / "first-late.live"
+        (late / "sub").mkdir(parents=True)
+        (late / "sub" / "file").write_bytes(b"late")
+        (dirs.trash / "stray-link").symlink_to(tmp_path / "nowhere")
+        dirs.discard(dirs.create("second"))
+        dirs.quiesce()
+        assert list(dirs.trash.iterdir()) == []
     finally:
         dirs.close()
