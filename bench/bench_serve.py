@@ -27,7 +27,10 @@ reports both (the cost of the sandbox, measured in the same run).
 this project (``git worktree add DIR <rev>``), its daemon on a queue of its own, its runs
 interleaved with the others: a change measured against the code before it in one run.
 ``paired_vs_baseline_ms`` is the median of the per-round differences (each round's run of a
-row minus its baseline's in the same round) with a 95% bootstrap interval.
+row minus its baseline's in the same round) with a 95% bootstrap interval. ``--gap-ms N``
+idles N ms before every warm run, so that what a row does after its run ends before the
+next row's starts (a change that moves work after its own measured window would otherwise
+land it on whichever row comes next, its baseline included).
 
 Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (and ``RUNFLOW_TEST_SANDBOX_READ_ONLY``,
 passed on as ``RUNFLOW_SANDBOX_READ_ONLY``, where the machine's Python loads libraries from
@@ -434,6 +437,9 @@ def main() -> int:
                         help="another checkout of this project (e.g. `git worktree add`): "
                              "one more serve row, '<label>@baseline', from that code, on "
                              "its own queue, interleaved with the others (a paired A/B)")
+    parser.add_argument("--gap-ms", type=float, default=0.0,
+                        help="idle time before each warm run, so that what a row does after "
+                             "its run (a daemon's tidying, say) ends before the next row's")
     args = parser.parse_args()
 
     import redis
@@ -544,6 +550,8 @@ def main() -> int:
             for _ in range(args.runs):
                 # A new order every round: no row always follows the same other row.
                 for label, step in random.sample(steps, len(steps)):
+                    if args.gap_ms:
+                        time.sleep(args.gap_ms / 1000)  # the last row's after-work ends
                     ms, ph = step()
                     rows[label].append(ms)
                     phases[label].append(ph)

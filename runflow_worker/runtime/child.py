@@ -1,13 +1,11 @@
 """Entry point of the spawned ComfyUI child: initialise, then serve jobs from the channel.
 
 The main thread executes jobs (ComfyUI is not thread-safe); a reader thread receives
-``Interrupt`` and ``Shutdown`` while a job runs, and sends the job's events held longer than
-``EVENT_FLUSH_S`` (``JobEvents``: the rest leave with the job's outcome, in one write).
-``ChildEnd`` is the child's end of the channel (``runtime.wire`` frames,
-``runtime.protocol`` messages). ComfyUI's stdout chatter goes to stderr, a pipe the parent
-re-emits as log records (``runtime.logrelay``); its logging writes JSON lines
-(``runtime.childlog``, installed by ``runtime.spawn`` before this module is imported). The
-process environment was scrubbed of credentials at spawn
+``Interrupt`` and ``Shutdown`` while a job runs. ``ChildEnd`` is the child's end of the
+channel (``runtime.wire`` frames, ``runtime.protocol`` messages). ComfyUI's stdout chatter
+goes to stderr, a pipe the parent re-emits as log records (``runtime.logrelay``); its
+logging writes JSON lines (``runtime.childlog``, installed by ``runtime.spawn`` before this
+module is imported). The process environment was scrubbed of credentials at spawn
 (``cache.commands.child_environment``).
 """
 
@@ -18,7 +16,6 @@ import os
 import queue
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -29,8 +26,6 @@ from runflow_worker.runtime.errors import ProtocolError
 from runflow_worker.runtime.wire import Channel, ChannelClosed, WireError
 
 IDLE_COLLECT_AFTER_S = 2.0
-EVENT_FLUSH_S = 0.05
-"""Longest a job's event waits in the child before it is sent (``JobEvents``)."""
 
 
 class ChildEnd:
@@ -44,11 +39,11 @@ class ChildEnd:
         """The channel's socket."""
         return self._channel.fileno()
 
-    def recv(self, timeout_s: float | None = None) -> p.ParentMessage | None:
-        """The parent's next message, or None when none came within ``timeout_s`` (None:
-        wait for it); ChannelClosed once the parent is gone."""
-        obj = self._channel.recv(timeout_s)
-        return None if obj is None else p.parent_message(obj)
+    def recv(self) -> p.ParentMessage:
+        """The parent's next message; ChannelClosed once the parent is gone."""
+        obj = self._channel.recv()
+        assert obj is not None  # a blocking recv
+        return p.parent_message(obj)
 
     def send(self, msg: p.ChildMessage) -> None:
         """Write ``msg`` as plain data cut to the channel's limits (thread-safe).
@@ -61,60 +56,9 @@ class ChildEnd:
         with self._lock:
             self._channel.send_payload(payload)
 
-    def send_many(self, msgs: list[p.ChildMessage]) -> None:
-        """``send`` each of ``msgs``, in order, in one write (thread-safe)."""
-        payloads = [p.child_payload(msg) for msg in msgs]
-        with self._lock:
-            self._channel.send_payloads(payloads)
-
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
-
-
-class JobEvents:
-    """A job's events (node started, progress, log) held in the child and sent in batches.
-
-    Every message the child writes wakes the parent's thread, and on a small VM waking a
-    thread on an idle CPU costs the writer, here the job's own thread, 0.1-0.3 ms: a warm
-    run of five nodes paid that five times on its path, for events the parent writes to
-    Redis in batches anyway (``serve.events``). Held here instead, they leave with the
-    job's outcome, in the same write, or, in a longer job, once the oldest has waited
-    ``EVENT_FLUSH_S`` (sent by the channel's reader thread, which looks that often while a
-    job runs). A child that dies loses what it held: the parent reports the death, not the
-    last events.
-    """
-
-    def __init__(self, conn: ChildEnd) -> None:
-        self._conn = conn
-        self._held: list[p.ChildMessage] = []
-        self._oldest_s = 0.0
-        self._lock = threading.Lock()
-        self.job_running = False
-        """Set while a job runs (the reader then waits at most ``EVENT_FLUSH_S``)."""
-
-    def hold(self, msg: p.ChildMessage) -> None:
-        """Keep ``msg`` for the next batch (thread-safe: nodes may report from threads)."""
-        with self._lock:
-            if not self._held:
-                self._oldest_s = time.monotonic()
-            self._held.append(msg)
-
-    def send_due(self) -> None:
-        """Send what is held once the oldest has waited ``EVENT_FLUSH_S``."""
-        with self._lock:
-            if self._held and time.monotonic() - self._oldest_s >= EVENT_FLUSH_S:
-                self._send_locked([])
-
-    def send_with(self, outcome: p.ChildMessage) -> None:
-        """Send what is held, then ``outcome``, in one write."""
-        with self._lock:
-            self._send_locked([outcome])
-
-    def _send_locked(self, then: list[p.ChildMessage]) -> None:
-        # Sent under the lock: a batch the reader sends and the outcome's never cross.
-        msgs, self._held = self._held + then, []
-        self._conn.send_many(msgs)
 
 
 def make_sender(conn: Any) -> Callable[[Any], None]:
@@ -144,20 +88,15 @@ def main(conn: Any, config: dict[str, Any]) -> None:
 
     # SimpleQueue: the reader's hand-off of a job to this thread is on every run's path.
     jobs: queue.SimpleQueue[p.Execute | None] = queue.SimpleQueue()
-    events = JobEvents(conn)
 
     def reader() -> None:
         while True:
             try:
-                msg = conn.recv(EVENT_FLUSH_S if events.job_running else None)
-                if msg is None:
-                    events.send_due()
-                    continue
+                msg = conn.recv()
             except (ChannelClosed, WireError, ProtocolError, OSError):
                 jobs.put(None)  # the parent is gone (or broke the channel): exit
                 return
             if isinstance(msg, p.Execute):
-                events.job_running = True
                 jobs.put(msg)
             elif isinstance(msg, p.Interrupt):
                 embedding.interrupt(msg.job_id)
@@ -178,14 +117,13 @@ def main(conn: Any, config: dict[str, Any]) -> None:
             break
         childlog.set_job(job.job_id)
         try:
-            outcome = embedding.execute(job, events.hold)
+            outcome = embedding.execute(job, send)
         except Exception as exc:  # noqa: BLE001 - a bug here must not kill a warm ComfyUI
             outcome = p.Failed(job.job_id, p.FailureKind.INTERNAL,
                                f"{type(exc).__name__}: {exc}",
                                details={"traceback": traceback.format_exc()[-4000:]})
         finally:
             childlog.set_job(None)
-        events.job_running = False
-        events.send_with(outcome)
+        send(outcome)
         dirty = True
     conn.close()

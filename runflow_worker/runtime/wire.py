@@ -157,10 +157,6 @@ class Channel:
         way to measure it) as one frame; errors as ``send``."""
         self._sock.sendall(frame_of(payload, self._send_max_bytes))
 
-    def send_payloads(self, payloads: list[bytes]) -> None:
-        """Write encoded payloads as consecutive frames in one write; errors as ``send``."""
-        self._sock.sendall(b"".join(frame_of(p, self._send_max_bytes) for p in payloads))
-
     def send_nowait(self, obj: dict[str, Any]) -> bytes:
         """Write as much of ``obj``'s frame as the socket takes without blocking; return
         the rest (empty once all of it went), to be written with ``send_bytes``. Errors as

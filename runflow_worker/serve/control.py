@@ -61,14 +61,12 @@ class ServeControl:
         self.admitted = True
 
     def stop_reason(self) -> StopReason | None:
-        """Why the run must stop now, or None (flags, and a poke of the events: called every
-        ~50 ms).
+        """Why the run must stop now, or None (flags only: called every ~50 ms).
 
         ``StopReason.RELEASE``: stop, and let the daemon release the run (a stop's grace
         ran out; on a lost lease the daemon writes nothing at all; a run not begun ends as
         its begin said).
         """
-        self.publisher.poke()  # a batch of events due is written (``serve.events``)
         if self.shutdown.hard or self.lease_lost or self.unbegun:
             return StopReason.RELEASE
         if self.canceled:

@@ -6,11 +6,6 @@ background thread writes them in batches: a batch leaves once its oldest event h
 to the run's last write (``EventPublisher.finish``), whose script appends it just before
 the run's status event (``serve.recordstore``): a warm run shorter than the delay costs no
 round trip for its events, and the terminal status event is always the run's last.
-
-Publishing does not wake the thread (a wake costs the waker 0.1-0.3 ms on a small VM, on
-the run's path): the run's driver ``poke``s it when it polls the run's stop flags, which it
-does every ~50 ms while the run is busy, and the thread looks by itself every
-``IDLE_LOOK_S``. An event of a long run shows within about ``2 * BATCH_DELAY_S``.
 """
 
 from __future__ import annotations
@@ -29,9 +24,6 @@ log = logging.getLogger(__name__)
 BATCH_DELAY_S = 0.05
 """How long the first event of a batch waits for others before the batch is written: bounds
 how late a progress event shows (and the writes to 20 a second while events keep coming)."""
-IDLE_LOOK_S = 1.0
-"""How often the thread looks at the buffer unprompted: the bound on an event's wait when
-no ``poke`` comes (a run that polls no stop flag meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +65,6 @@ class EventPublisher:
         self._sending: _Binding | None = None
         """The pickup whose batch is being written (None: no write in flight)."""
         self._flushing = 0
-        self._poked = False
-        """A ``poke`` woke the thread, which has not looked yet."""
         self._closed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="runflow-events", daemon=True)
@@ -100,20 +90,9 @@ class EventPublisher:
                 self.dropped += 1
             self._buffer.append(_Buffered(self._binding, (kind, "", event_json(data)),
                                           time.monotonic()))
-            # Woken only for a full batch: a batch's time is told by ``poke`` (or the
-            # thread's own look every ``IDLE_LOOK_S``), so a warm run's events, which its
-            # last write carries, never cost a wake (see the module docstring).
-            if len(self._buffer) >= self.max_batch:
-                self._cond.notify_all()
-
-    def poke(self) -> None:
-        """Wake the thread if the oldest buffered event's batch is due: the run's driver
-        calls it whenever it looks at the run's stop flags (``ServeControl.stop_reason``,
-        every ~50 ms while the run is busy)."""
-        with self._cond:
-            if (self._buffer and not self._poked
-                    and time.monotonic() - self._buffer[0].at_s >= self.batch_delay_s):
-                self._poked = True
+            # The thread needs waking only to start timing a batch, or to send a full one;
+            # otherwise it is already waiting for the oldest event's due time.
+            if len(self._buffer) == 1 or len(self._buffer) >= self.max_batch:
                 self._cond.notify_all()
 
     def finish(self, timeout_s: float) -> list[Event]:
@@ -158,11 +137,10 @@ class EventPublisher:
     def _next_batch(self) -> tuple[_Binding, list[Event]] | None:
         """Wait (holding the condition) until a batch is due; take it. None: closed."""
         while True:
-            self._poked = False
             if not self._buffer:
                 if self._closed:
                     return None
-                self._cond.wait(IDLE_LOOK_S)
+                self._cond.wait()
                 continue
             wait_s = self._buffer[0].at_s + self.batch_delay_s - time.monotonic()
             if (wait_s <= 0 or self._closed or self._flushing

@@ -4,8 +4,7 @@
   child (``RunnerConfig.child_entry``, ``RUNFLOW_RUNNER_ENTRY``): the constants below name
   them. ``fake_child`` speaks the runner protocol and executes toy graphs; the others wrap
   it (a slow, gated or failing start, a forked helper, test nodes for the serve tests,
-  attacks on the channel); ``held_events_child`` runs the real child's loop around a
-  stand-in for ComfyUI.
+  attacks on the channel).
 - Custom node packs copied into a test checkout's ``custom_nodes/`` (``hostile_pack``,
   ``self_writing_pack``).
 - In-process stand-ins: the run control the pipeline reports to (``control``), input
@@ -18,8 +17,6 @@ FAKE_CHILD = "tests.fakes.fake_child:main"
 """The fake ComfyUI child (``fake_child``)."""
 SERVE_CHILD = "tests.fakes.serve_child:main"
 """The fake child plus the serve tests' nodes ``TestMark``, ``TestPid``, ``TestKillWorker``."""
-HELD_EVENTS_CHILD = "tests.fakes.held_events_child:main"
-"""The real child's main loop around a stand-in for ComfyUI (``held_events_child``)."""
 HOSTILE_CHILD = "tests.fakes.hostile_child:main"
 """The fake child plus attacks on the runner's channel."""
 FORKING_CHILD = "tests.fakes.forking_child:main"

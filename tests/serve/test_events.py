@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from runflow_worker.serve import events
 from runflow_worker.serve.events import EventPublisher
 from tests.support.waiting import wait_for
 
@@ -93,38 +92,12 @@ def test_a_full_batch_is_written_at_once(make, store: FakeStore) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_a_due_batch_is_written_when_the_driver_pokes(make, store: FakeStore,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(events, "IDLE_LOOK_S", LONG_S)  # the thread never looks by itself
-    publisher = make(batch_delay_s=0.0)
-    publisher.bind("run-1", 1, 1)
-    publisher.publish("progress", {"n": 0})  # wakes nothing
-    publisher.poke()  # as ServeControl.stop_reason does while the run is busy
-    wait_for(lambda: store.written() == [0], 10, "the batch to be written")
-    assert publisher.finish(timeout_s=5) == []
-
-
-@pytest.mark.timeout(30)
-def test_without_pokes_the_thread_looks_by_itself(make, store: FakeStore,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(events, "IDLE_LOOK_S", 0.05)
+def test_events_are_written_once_their_delay_is_over(make, store: FakeStore) -> None:
     publisher = make(batch_delay_s=0.0)
     publisher.bind("run-1", 1, 1)
     publisher.publish("progress", {"n": 0})
     wait_for(lambda: store.written() == [0], 10, "the batch to be written")
     assert publisher.finish(timeout_s=5) == []
-
-
-@pytest.mark.timeout(30)
-def test_a_poke_before_the_delay_writes_nothing(make, store: FakeStore,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(events, "IDLE_LOOK_S", LONG_S)
-    publisher = make(batch_delay_s=LONG_S)
-    publisher.bind("run-1", 1, 1)
-    publisher.publish("progress", {"n": 0})
-    publisher.poke()
-    assert not publisher._poked  # not due: the thread was not woken
-    assert numbers(publisher.finish(timeout_s=5)) == [0] and store.batches == []
 
 
 @pytest.mark.timeout(30)
