@@ -380,3 +380,20 @@ def test_storage_refuses_keys_that_are_not_clean_relative_paths(tmp_path: Path,
         S3Storage("bucket", "pfx", endpoint_url=None, presign_ttl_s=60,
                   client=object()).full_key(key)
     assert not (tmp_path / "store").exists()
+
+
+def test_local_storage_writes_through_an_operators_symlink_inside_its_root(
+        tmp_path: Path) -> None:
+    # The operator put the outputs' runs/ on another disk: a link inside the root, which
+    # only the worker writes, is followed (a clean key never leaves the root by itself).
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "runs").symlink_to(other_disk)
+    src = tmp_path / "a.png"
+    src.write_bytes(b"png")
+    storage = LocalStorage(root)
+    storage.put(src, "runs/r1/hero/a.png", content_type="image/png", sha256="0")
+    assert (other_disk / "r1" / "hero" / "a.png").read_bytes() == b"png"
+    assert storage.url_for("runs/r1/hero/a.png").endswith("/store/runs/r1/hero/a.png")
