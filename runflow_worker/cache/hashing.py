@@ -32,6 +32,10 @@ from runflow_worker.cache.errors import CacheError, from_os_error
 # than the CPU cache has left it by the time it is hashed or copied into the page cache,
 # and fewer buffers let a slow disk write hold up the reader.
 BATCH_BYTES = 1 << 20
+_Batch = tuple[mmap.mmap | bytearray, int]
+"""A buffer and how many of its bytes are the batch."""
+SMALL_BYTES = 256 << 10
+"""A file announced shorter than this gets a first buffer of its size (``_free_buffer``)."""
 BUFFERS = 8
 WRITEBACK_BYTES = 32 << 20
 DIRECT_IO_MIN_BYTES = 64 << 20
@@ -101,10 +105,10 @@ class HashingFileWriter:
         # that fresh multi-MiB buffers would cost. mmap memory is page-aligned, as O_DIRECT
         # requires. Made as they are first needed (up to ``BUFFERS``): a file of one batch
         # (an input image) makes one.
-        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[mmap.mmap | bytearray] = queue.SimpleQueue()
         self._buffers_made = 0
-        self._full: queue.SimpleQueue[tuple[mmap.mmap, int] | bytes | None] = queue.SimpleQueue()
-        self._buffer: mmap.mmap | None = None
+        self._full: queue.SimpleQueue[_Batch | bytes | None] = queue.SimpleQueue()
+        self._buffer: mmap.mmap | bytearray | None = None
         self._view = memoryview(b"")
         self._used = 0
         self._capacity = batch_bytes
@@ -128,7 +132,13 @@ class HashingFileWriter:
         self._direct_from = DIRECT_IO_MIN_BYTES if direct_io else None
         if direct_io and expected_bytes is not None and expected_bytes >= DIRECT_IO_MIN_BYTES:
             self._direct_from = 0
-        self._hashed: queue.SimpleQueue[tuple[mmap.mmap, int] | bytes | None] = (
+        self._small_bytes = 0
+        """Size of a small first buffer (``_free_buffer``), 0: a batch's."""
+        if (expected_bytes is not None and start_offset == 0
+                and expected_bytes < min(SMALL_BYTES, batch_bytes)
+                and (self._direct_from is None or self._direct_from > expected_bytes)):
+            self._small_bytes = -(-(expected_bytes + 1) // ALIGN) * ALIGN
+        self._hashed: queue.SimpleQueue[_Batch | bytes | None] = (
             queue.SimpleQueue())
         # The threads start with the first batch that leaves before ``close``: a file of one
         # batch or less (an input image) is hashed and written by the caller at ``close``,
@@ -162,8 +172,8 @@ class HashingFileWriter:
         if self._buffer is None:
             self._buffer = self._free_buffer()
             # A batch ends on an aligned file offset, so that the next one can go to disk
-            # directly even after a resume from an odd offset.
-            self._capacity = self._batch_bytes - self.size % ALIGN
+            # directly even after a resume from an odd offset (or where a small buffer ends).
+            self._capacity = min(self._batch_bytes - self.size % ALIGN, len(self._buffer))
             self._view = memoryview(self._buffer)
         return self._view[self._used : self._capacity]
 
@@ -201,15 +211,22 @@ class HashingFileWriter:
             self._buffer = None
             self._used = 0
 
-    def _free_buffer(self) -> mmap.mmap:
+    def _free_buffer(self) -> mmap.mmap | bytearray:
         """A buffer for the next batch: a free one, a new one while fewer than ``BUFFERS``
-        exist, else the next one the writer frees (waits while all are in flight)."""
+        exist, else the next one the writer frees (waits while all are in flight).
+
+        The first of a file announced small (``SMALL_BYTES``) that is not to be written
+        past the page cache is a ``bytearray`` just large enough (the announced length and
+        one byte more, which tells a longer body): a map of a whole batch is two system
+        calls and, unmapped in a process with threads, a TLB shootdown of every CPU."""
         try:
             return self._free.get_nowait()
         except queue.Empty:
             pass
         if self._buffers_made < BUFFERS:
             self._buffers_made += 1
+            if self._buffers_made == 1 and self._small_bytes:
+                return bytearray(self._small_bytes)
             return mmap.mmap(-1, self._batch_bytes)
         return self._free.get()
 
@@ -335,7 +352,7 @@ class HashingFileWriter:
             remaining -= len(chunk)
 
 
-def _view_of(item: tuple[mmap.mmap, int] | bytes) -> memoryview:
+def _view_of(item: _Batch | bytes) -> memoryview:
     """The bytes of a queued batch: the used part of a buffer, or a piece queued as it is."""
     if isinstance(item, tuple):
         buffer, used = item

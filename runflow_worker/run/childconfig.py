@@ -94,8 +94,7 @@ def _sandbox_plan(config: PipelineConfig, run_dirs: RunDirs,
     hidden = (config.work_dir, *config.sandbox_hidden)
     # The sandbox binds only what exists when the child starts, which can be before any run
     # made these (``prestart``): a links root made later would stay out of its sight.
-    for root in (child_root, run_dirs.links_root):
-        root.mkdir(parents=True, exist_ok=True)
+    run_dirs.make_roots()
     return SandboxPlan(
         read_only=(str(run_dirs.links_root), *(str(p) for p in config.sandbox_read_only)),
         writable=(str(child_root),), hidden=tuple(str(p) for p in hidden),

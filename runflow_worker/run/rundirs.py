@@ -172,6 +172,7 @@ class RunDirs:
         self._spare: RunPaths | None = None
         self._spare_lock = threading.Lock()
         self._reserve: DirReserve | None = None
+        self._roots_made = False
         self._discarded: list[RunPaths] = []
         """Runs handed to ``discard`` whose directories ``tidy`` has not yet started on."""
         self._background: list[Future[None]] = []
@@ -204,6 +205,16 @@ class RunDirs:
         """Where ended runs' directories wait for their deletion (out of every child's
         sight)."""
         return self.owner / "trash"
+
+    def make_roots(self) -> None:
+        """Make the child's root and the links root if they are not there: once a pipeline
+        (they live as long as its directory; a child's start replaces the child's root by
+        a new one, never leaves it missing), not at every run's config (four system calls,
+        ~0.1-0.2 ms of a warm run on the benchmark's VM)."""
+        if not self._roots_made:
+            for root in (self.child_root, self.links_root):
+                root.mkdir(parents=True, exist_ok=True)
+            self._roots_made = True
 
     @property
     def links_root(self) -> Path:
@@ -327,6 +338,7 @@ class RunDirs:
             shutil.rmtree(self._owner, ignore_errors=True)
             _unlink(self._owner.with_suffix(".lock"))
             self._owner = None
+            self._roots_made = False
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

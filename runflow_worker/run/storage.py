@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -178,15 +177,24 @@ class LocalStorage:
 
 
 def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str) -> None:
-    """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so."""
-    if should_stop is None:
-        shutil.copyfile(src, dest)
-        return
-    with src.open("rb") as fin, dest.open("wb") as fout:
-        while chunk := fin.read(COPY_CHUNK_BYTES):
-            if should_stop():
-                raise UploadCanceled(f"upload of {key!r} stopped")
-            fout.write(chunk)
+    """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so.
+
+    Descriptors, not file objects: ``open`` asks each file whether it is a terminal and
+    where it stands (three system calls a file, ~0.1 ms of a warm run on a small VM)."""
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            while chunk := os.read(fin, COPY_CHUNK_BYTES):
+                if _stopped(should_stop):
+                    raise UploadCanceled(f"upload of {key!r} stopped")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fout, view):]
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
 
 
 def _s3_reason(exc: BaseException) -> str:

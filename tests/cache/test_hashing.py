@@ -191,3 +191,22 @@ def test_reading_straight_into_the_buffer(tmp_path: Path) -> None:
         offset += n
     assert writer.close() == (sha256_hex(BODY), len(BODY))
     assert path.read_bytes() == BODY
+
+
+@pytest.mark.parametrize("sent", [100, 4096, 5000, 3 << 20])
+def test_a_file_announced_small_gets_a_buffer_of_its_size(tmp_path: Path, sent: int) -> None:
+    body = make_body(sent)
+    writer = HashingFileWriter(tmp_path / "f", expected_bytes=100, batch_bytes=1 << 20)
+    first = writer.buffer()
+    assert len(first) == ALIGN  # the 100 announced bytes and one more, page-rounded
+    writer.write(body)  # a server may send more than it said: all of it is kept
+    digest, size = writer.close(fsync=False)
+    assert (digest, size) == (sha256_hex(body), sent)
+    assert (tmp_path / "f").read_bytes() == body
+
+
+def test_a_file_to_go_past_the_page_cache_keeps_its_aligned_buffer(direct_dir: Path) -> None:
+    writer = HashingFileWriter(direct_dir / "f", expected_bytes=DIRECT_IO_MIN_BYTES,
+                               direct_io=True)
+    assert len(writer.buffer()) == hashing.BATCH_BYTES
+    writer.abort()
