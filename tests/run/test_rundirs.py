@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from runflow_worker.run.rundirs import RunDirs, remove_abandoned_run_dirs
+from runflow_worker.runtime.sandbox import SandboxPlan, command_prefix, interpreter_paths
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -156,6 +160,59 @@ def test_what_lands_in_the_trash_after_an_emptying_goes_at_the_next(tmp_path: Pa
         (late / "sub" / "file").write_bytes(b"late")
         (dirs.trash / "stray-link").symlink_to(tmp_path / "nowhere")
         dirs.discard(dirs.create("second"))
+        dirs.quiesce()
+        assert list(dirs.trash.iterdir()) == []
+    finally:
+        dirs.close()
+
+
+# Inside the sandbox: keep a descriptor of the run's folder, say so, wait for the word,
+# then try to climb out of it (the folder has been moved to the trash meanwhile).
+CLIMBER = """
+import os, sys, time
+run = sys.argv[1]
+fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+open(os.path.join(run, "..", "ready"), "w").close()
+while not os.path.exists(os.path.join(os.path.dirname(run), "go")):
+    time.sleep(0.01)
+try:
+    up = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    print("CLIMBED", sorted(os.listdir(up)))
+except OSError as exc:
+    print("REFUSED", exc.errno)
+os.mkdir("late", dir_fd=fd)  # below it, still writable: the next emptying takes it
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+def test_a_child_holding_its_old_runs_folder_cannot_climb_into_the_trash(
+        tmp_path: Path) -> None:
+    dirs = RunDirs(tmp_path / "work")
+    try:
+        dirs.make_roots()
+        first = dirs.create("first")
+        first.enter()
+        dirs.discard(first)
+        dirs.settle()  # the first run's folder waits in the trash
+        run = dirs.create("second")
+        run.enter()
+        plan = SandboxPlan(read_only=(str(dirs.links_root), *interpreter_paths()),
+                           writable=(str(dirs.child_root),),
+                           hidden=(str(tmp_path / "work"),), chdir=str(dirs.child_root))
+        argv = [*command_prefix(plan, {"PATH": os.environ.get("PATH", "")}),
+                sys.executable, "-c", CLIMBER, str(run.live)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: (dirs.child_root / "ready").exists(), 30, "the child to hold it")
+            dirs.discard(run)
+            dirs.settle()  # renamed into the trash, where the first run's folder waits
+            assert not run.live.exists()
+            (dirs.child_root / "go").touch()
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert out.split()[0] == "REFUSED", out  # `..` from a folder moved out of the bind
         dirs.quiesce()
         assert list(dirs.trash.iterdir()) == []
     finally:
