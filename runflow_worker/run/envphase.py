@@ -128,8 +128,13 @@ class EnvironmentPhase:
             # worker's file would put that file into the record).
             self._commits[comfyui_dir] = (message.workflow.environment.comfyui.commit
                                           or "").lower() or None
-        config = self.runner_config(comfyui_dir, env_key, sys_path,
-                                    declares_nodes=bool(message.workflow.custom_nodes))
+        declares_nodes = bool(message.workflow.custom_nodes)
+        # A warm child that already serves this environment and owner is taken as it is:
+        # its config is not made again (that lists the checkout's custom nodes at every run).
+        config = (self.supervisor.warm_config(env_key, message.workflow.owner,
+                                              custom_code=declares_nodes)
+                  or self.runner_config(comfyui_dir, env_key, sys_path,
+                                        declares_nodes=declares_nodes))
         start = time.monotonic()
         with self._start_failures(config, stop_reason):
             lease = self.supervisor.acquire(config, owner=message.workflow.owner,

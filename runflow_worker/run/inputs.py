@@ -33,7 +33,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 CONTENT_HEX = 16
-"""Hex digits of a caller file's sha256 in its path (``<folder>/<digest>/<name>``)."""
+"""Hex digits of a caller file's sha256 in its path (``runflow_inputs/<digest>/<name>``)."""
 
 
 class FileFetcher(Protocol):
@@ -54,12 +54,12 @@ def safe_filename(url: str, fallback: str) -> str:
     return "input"
 
 
-def input_folder(input_id: str) -> str:
-    """The folder (under ``runflow_inputs/``) of one input's file.
+def input_name(input_id: str) -> str:
+    """The name of one input in its file's name (an image's ``<name><ext>``).
 
     A plain ``input_id`` (letters, digits, ``._-``, starting with a letter or digit) is its
-    own folder. Any other gets a name made from it and its hash, starting with ``_`` so it
-    can never equal a plain one: two ids never share a folder, and none can climb out.
+    own name. Any other gets a name made from it and its hash, starting with ``_`` so it
+    can never equal a plain one: two ids never share a name, and none can climb out.
     """
     if _PLAIN.fullmatch(input_id):
         return input_id
@@ -108,7 +108,8 @@ def materialise_inputs(
     cancel: Callable[[], bool],
     reserve: DirReserve | None = None,
 ) -> dict[str, str]:
-    """Fetch every IMAGE/FILE value into ``input_dir``; return ``input_id -> relative name``.
+    """Fetch every IMAGE/FILE value into ``input_dir``; return ``input_id -> relative name``
+    (``runflow_inputs/<content>/<name>``: ``docs/runtime.md``, "Input rewriting").
 
     ``reserve``: where the new folders come from (``run.dirreserve``), else ``mkdir``.
     """
@@ -118,20 +119,23 @@ def materialise_inputs(
             continue
         url = values[input_id]
         field = f"input.{input_id}"
-        name = input_folder(input_id)
-        folder = input_dir / INPUTS_SUBDIR / name
+        folder = input_dir / INPUTS_SUBDIR
         make_dirs(folder, under=input_dir, reserve=reserve)
         # Fetched to a name of its own, then renamed into place: whatever already stands at
         # the final path (a link to a shared blob, say) is replaced, never written through.
         part = folder / f".{uuid.uuid4().hex}.part"
+        if reserve is not None:  # an empty file made ahead (the fetcher opens what is there)
+            reserve.take_file(part, under=input_dir, mode=0o600)
         digest = fetch(url, part, max_bytes=max_bytes, cancel=cancel)
         filename = safe_filename(url, "file")
         if d.type is InputType.IMAGE:
-            filename = name + check_image(part, max_pixels=max_pixels, field=field)
+            filename = input_name(input_id) + check_image(part, max_pixels=max_pixels,
+                                                            field=field)
         # The path names the content: ComfyUI caches a node's outputs by its inputs, so a
         # node reading a path that held another caller's bytes in an earlier run of the warm
         # child would be served that run's result. The fetcher's digest is of the bytes it
-        # wrote into ``part`` (the run's staged input, out of the child's sight).
+        # wrote into ``part`` (the run's staged input, out of the child's sight). Two inputs
+        # share a folder only with the same bytes; one path for both means the same file.
         if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
             digest = sha256_file(part)
         dest = folder / digest[:CONTENT_HEX] / filename

@@ -196,7 +196,9 @@ def _store_one(fd: int, relpath: Path, f: OutputFile, output_id: str, run_id: st
                storage: Storage, used_keys: set[str], should_stop: ShouldStop | None,
                written: list[str] | None, keep_if_late: ShouldStop | None) -> OutputEntry:
     """Hash and upload the open output ``fd``: read through ``/proc/self/fd`` (the very
-    file opened, whatever its path has become meanwhile)."""
+    file opened, whatever its path has become meanwhile). A storage that hashes as it
+    stores reads it once, and the digest is of the stored bytes; otherwise the file is
+    hashed first."""
     filename = relpath.name
     key = object_key(run_id, output_id, filename)
     n = 1
@@ -205,20 +207,20 @@ def _store_one(fd: int, relpath: Path, f: OutputFile, output_id: str, run_id: st
         key = object_key(run_id, output_id, f"{relpath.stem}_{n}{relpath.suffix}")
     used_keys.add(key)
     path = Path(f"/proc/self/fd/{fd}")
-    digest = sha256_of_fd(fd, filename, should_stop)
+    digest = None if storage.hashes_as_it_stores else sha256_of_fd(fd, filename, should_stop)
     content_type = content_type_of(filename)
     if written is not None:
         written.append(key)
     try:
-        storage.put(path, key, content_type=content_type, sha256=digest,
-                    should_stop=should_stop, keep_if_late=keep_if_late)
+        stored = storage.put(path, key, content_type=content_type, sha256=digest,
+                             should_stop=should_stop, keep_if_late=keep_if_late)
         url = storage.url_for(key)
     except StorageError as exc:
         raise RunFailure(ErrorCode.UPLOAD_FAILED, str(exc)) from exc
     return OutputEntry(
         output_id=output_id, url=url, key=storage.full_key(key),
         filename=key.rsplit("/", 1)[-1], content_type=content_type,
-        size_bytes=os.fstat(fd).st_size, sha256=digest, node_id=f.node_id,
+        size_bytes=stored.size_bytes, sha256=stored.sha256, node_id=f.node_id,
     )
 
 

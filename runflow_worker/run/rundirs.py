@@ -6,7 +6,8 @@ Everything lives in ``runs-<owner>/`` of the work directory (``WORK_SUBDIR`` of 
                            start): base/ (ComfyUI's default folders) and, during a run,
                            <run_id>-<random>/{input,output,temp}
     links/<run>/           the run's models and resources (hard links to the blobs),
-                           read-only to the child: models/<key>, input/<key>
+                           read-only to the child: models/<key>, input/<key>; made by
+                           the first link (a run without models or resources has none)
     stage/<run>/           the run's input, output and temp while the worker prepares them
     reserve/               empty directories made ahead, renamed into place where a run
                            needs a new one (``run.dirreserve``), out of the child's sight
@@ -26,10 +27,12 @@ were removed in line. It does not wait for the deletion: removing a run's direct
 dozen file-system operations, 3-5 ms a run on the benchmark's volume (up to ~10 ms loaded),
 where the renames are ~0.1 ms. ``RunDirs.quiesce`` and ``close`` wait for everything. After
 the renames the same thread makes the next run's empty directories in advance
-(``stage/.spare-*``, ``links/.spare-*``: seven ``mkdir`` calls, ~0.4 ms on ext4) and refills
-the reserve, then empties the trash; ``create`` renames the spare to the run's name, or
-makes the directories itself when there is no spare. A spare was never given to a child
-and holds nothing.
+(``stage/.spare-*``: four ``mkdir`` calls, ~0.25 ms on ext4) and refills the reserve, then
+empties the trash; ``create`` renames the spare to the run's name, or makes the directories
+itself when there is no spare. A spare was never given to a child and holds nothing. Every
+directory a run makes is one more to delete after it, which on a volume that discards
+freed blocks (the benchmark's) is the costlier half: ``links/<run>/`` is made only by a
+run that links something.
 
 A directory renamed out of the child's root stays reachable to a child process that kept a
 descriptor of it, but only below it: the kernel refuses ``..`` from a directory moved out of
@@ -227,17 +230,16 @@ class RunDirs:
         with self._spare_lock:
             spare, self._spare = self._spare, None
         if spare is not None:
-            # The spare stands in stage/ and links/: no parent to make (three failing
-            # mkdir calls a run, ~0.1 ms on the benchmark's volume). The child's root, where
-            # the run enters, exists since its child started (the runner makes it then).
+            # The spare stands in stage/: no parent to make (failing mkdir calls, ~0.1 ms
+            # a run on the benchmark's volume). The child's root, where the run enters,
+            # exists since its child started (the runner makes it then).
             try:
                 os.rename(spare.stage, paths.stage)
-                os.rename(spare.links, paths.links)
                 return paths
             except OSError:  # gone meanwhile: made anew below, whatever is left removed
                 spare.remove()
                 paths.remove()
-        for parent in (paths.stage.parent, paths.child_root, self.links_root):
+        for parent in (paths.stage.parent, paths.child_root):
             parent.mkdir(exist_ok=True)
         _make(paths)
         return paths
@@ -288,9 +290,9 @@ class RunDirs:
         with self._spare_lock:
             if self._spare is not None:
                 return
-        # Seven new directories are ~0.4 ms of a warm run on ext4: made here, off the run's
-        # path, they cost the next run two renames. Empty, never given to a child: the
-        # stage is out of every child's sight, the links read-only to it.
+        # Four new directories are ~0.25 ms of a warm run on ext4: made here, off the run's
+        # path, they cost the next run one rename. Empty, never given to a child: the stage
+        # is out of every child's sight.
         spare = self._paths(f".spare-{uuid.uuid4().hex[:12]}")
         try:
             _make(spare)
@@ -360,12 +362,11 @@ class RunDirs:
 
 
 def _make(paths: RunPaths) -> None:
-    """Make ``paths``' staged ``input``/``output``/``temp`` and its ``links`` folders."""
+    """Make ``paths``' staged ``input``/``output``/``temp`` (its ``links`` come with the
+    first link: ``cache.links.link_into``)."""
     paths.stage.mkdir()
     for sub in RUN_SUBDIRS:
         paths.staged(sub).mkdir()
-    (paths.links / "models").mkdir(parents=True)
-    (paths.links / "input").mkdir()
 
 
 def remove_abandoned_run_dirs(work_dir: Path) -> list[str]:

@@ -16,6 +16,7 @@ answering: see ``S3Storage.put``). Foreign errors (botocore, boto3, OS) leave as
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 from urllib.parse import unquote, urlsplit
 
 from runflow_worker.errors import ConfigError, StorageError, UploadCanceled
@@ -72,16 +73,30 @@ def check_key(key: str) -> str:
     return key
 
 
+class StoredObject(NamedTuple):
+    """What ``Storage.put`` stored: the digest and size its record reports."""
+
+    sha256: str
+    size_bytes: int
+
+
 class Storage(Protocol):
     """Where a run's output files go."""
 
-    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+    hashes_as_it_stores: bool
+    """True when ``put`` hashes the bytes as it writes them (``sha256=None``): the digest is
+    then of the stored bytes exactly, whatever the source file becomes meanwhile (a run's
+    output, which a warm child may still hold open)."""
+
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str | None,
             should_stop: ShouldStop | None = None,
-            keep_if_late: ShouldStop | None = None) -> None:
-        """Store ``local_path`` under ``key`` (relative to the storage prefix); raise
-        ``UploadCanceled`` once ``should_stop`` returns True, StorageError on failure.
-        ``keep_if_late``: asked when a transfer given up after a stop completes all the
-        same; True keeps the object (another holder of the run writes that key now)."""
+            keep_if_late: ShouldStop | None = None) -> StoredObject:
+        """Store ``local_path`` under ``key`` (relative to the storage prefix) and say what
+        was stored; raise ``UploadCanceled`` once ``should_stop`` returns True, StorageError
+        on failure. ``sha256``: the file's digest, taken before (None only for a storage
+        that ``hashes_as_it_stores``). ``keep_if_late``: asked when a transfer given up after
+        a stop completes all the same; True keeps the object (another holder of the run
+        writes that key now)."""
 
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (absent: nothing to do); StorageError on failure."""
@@ -102,6 +117,7 @@ class LocalStorage:
     """Outputs in a directory on disk, addressed by ``file://`` URLs."""
 
     root: Path
+    hashes_as_it_stores: ClassVar[bool] = True
     reserve: DirReserve | None = field(default=None, compare=False, repr=False)
     """Where new folders come from (``run.dirreserve``; the pipeline sets its run
     directories' reserve), else ``mkdir``."""
@@ -126,15 +142,17 @@ class LocalStorage:
         # another disk, say) as an escape.
         return self._root_resolved / check_key(key)
 
-    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str | None,
             should_stop: ShouldStop | None = None,
-            keep_if_late: ShouldStop | None = None) -> None:
+            keep_if_late: ShouldStop | None = None) -> StoredObject:
         """Copy the file in, written atomically (never given up, so ``keep_if_late`` has
-        nothing to decide).
+        nothing to decide), hashing the bytes as they are copied: the digest returned is of
+        the stored file (``sha256``, given or not, is not needed).
 
         A copy, never a hard link: the file is a run's output, which the warm ComfyUI child
-        (untrusted code) may still hold open and change after its digest was taken; a link
-        would share those changes with the stored object.
+        (untrusted code) may still hold open and change; a link would share those changes
+        with the stored object. One read, hashed as it is copied: hashed first and copied in
+        a second read, the stored bytes could differ from the digest.
         """
         dest = self._path(key)
         if _stopped(should_stop):
@@ -142,9 +160,14 @@ class LocalStorage:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         try:
             make_dirs(dest.parent, under=self._root_resolved, reserve=self.reserve)
-            _copy(local_path, tmp, should_stop, key)
+            # An empty file made ahead, written without O_TRUNC: on ext4 a truncation to
+            # zero makes close() start the file's writeback (the auto_da_alloc heuristic).
+            taken = (self.reserve is not None
+                     and self.reserve.take_file(tmp, under=self._root_resolved))
+            stored = _copy(local_path, tmp, should_stop, key, truncate=not taken)
             os.replace(tmp, dest)
             self._stored = (key, dest)
+            return stored
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write output {key!r}: {exc.strerror or exc}") from exc
@@ -176,18 +199,25 @@ class LocalStorage:
         return path.as_uri()
 
 
-def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str) -> None:
-    """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so.
+def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str, *,
+          truncate: bool = True) -> StoredObject:
+    """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so; the
+    digest and size of what was written. ``truncate=False`` when ``dest`` is known to be a
+    new, empty file.
 
     Descriptors, not file objects: ``open`` asks each file whether it is a terminal and
     where it stands (three system calls a file, ~0.1 ms of a warm run on a small VM)."""
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fout = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+        fout = os.open(dest, flags, 0o666)
         try:
+            digest, size = hashlib.sha256(), 0
             while chunk := os.read(fin, COPY_CHUNK_BYTES):
                 if _stopped(should_stop):
                     raise UploadCanceled(f"upload of {key!r} stopped")
+                digest.update(chunk)
+                size += len(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fout, view):]
@@ -195,6 +225,7 @@ def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str) -> No
             os.close(fout)
     finally:
         os.close(fin)
+    return StoredObject(digest.hexdigest(), size)
 
 
 def _s3_reason(exc: BaseException) -> str:
@@ -279,6 +310,11 @@ class S3Storage:
     ``S3_READ_TIMEOUT_S``, ``S3_MAX_ATTEMPTS``) instead of botocore's 60 s and 5 attempts.
     """
 
+    hashes_as_it_stores = False
+    """The object's metadata carries the digest, so it is taken before the upload (of the
+    same open file; a child that changes its output meanwhile makes them differ: its own
+    run's record, nobody else's)."""
+
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None,
                  presign_ttl_s: int, client: object | None = None) -> None:
         self.bucket = bucket
@@ -291,10 +327,10 @@ class S3Storage:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str | None,
             should_stop: ShouldStop | None = None,
-            keep_if_late: ShouldStop | None = None) -> None:
-        """Upload (multipart for large files) with the sha256 as object metadata.
+            keep_if_late: ShouldStop | None = None) -> StoredObject:
+        """Upload (multipart for large files) with ``sha256`` (required) as object metadata.
 
         The transfer runs on a helper thread while this thread polls ``should_stop`` every
         ``STOP_POLL_S``: once it returns True the transfer is told to stop (it ends at its
@@ -302,9 +338,12 @@ class S3Storage:
         silent), it is abandoned and ``UploadCanceled`` raised anyway. ``should_stop`` is
         also called from boto3's transfer threads.
         """
+        if sha256 is None:
+            raise ValueError("S3Storage.put needs the file's sha256 (its object metadata)")
         full_key = self.full_key(key)
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
+        size_bytes = os.stat(local_path).st_size
         transfer = _Transfer(self, key, should_stop, keep_if_late)
 
         def upload(progress: Callable[[int], None]) -> None:
@@ -331,6 +370,7 @@ class S3Storage:
                     raise UploadCanceled(f"upload of {key!r} stopped (transfer abandoned)")
                 break  # it finished just now: its own outcome counts
         self._raise_for(transfer, should_stop)
+        return StoredObject(sha256, size_bytes)
 
     def _raise_for(self, transfer: _Transfer, should_stop: ShouldStop | None) -> None:
         """Re-raise a finished transfer's error in the caller's thread, translated."""

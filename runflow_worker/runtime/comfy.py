@@ -29,7 +29,7 @@ from typing import Any
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.builtinnodes import DeferredBuiltins, LoaderCall, recorder
 from runflow_worker.runtime.customnodes import COMFYUI_OWN
-from runflow_worker.runtime.graph import file_reference_problem, is_link
+from runflow_worker.runtime.graph import file_reference_problem
 
 log = logging.getLogger(__name__)
 
@@ -421,9 +421,19 @@ class ComfyEmbedding:
             self._mm.unload_all_models()
 
     def _check_file_inputs(self, graph: dict[str, Any]) -> p.Failed | None:
+        """The first file input (a combo, an upload) whose value is no acceptable file
+        reference, as the run's failure; None when there is none.
+
+        A node's ``INPUT_TYPES`` is asked only when one of its string values would be
+        refused: it tells whether that input takes a file. The usual graph has no such
+        value, and asks none (``LoadImage``'s lists the input folder, and ComfyUI's own
+        validation asks again right after).
+        """
         mappings = self._nodes.NODE_CLASS_MAPPINGS
         for node_id, node in graph.items():
-            cls = mappings.get(node.get("class_type"))
+            refused = {name: why for name, value in (node.get("inputs") or {}).items()
+                       if isinstance(value, str) and (why := file_reference_problem(value))}
+            cls = mappings.get(node.get("class_type")) if refused else None
             if cls is None:
                 continue
             try:
@@ -431,16 +441,12 @@ class ComfyEmbedding:
             except Exception:  # noqa: BLE001, S112 - validation reports a broken INPUT_TYPES
                 continue
             declared = {**spec.get("required", {}), **spec.get("optional", {})}
-            for name, value in (node.get("inputs") or {}).items():
-                if not isinstance(value, str) or is_link(value) or name not in declared:
-                    continue
-                entry = declared[name]
+            for name, why in refused.items():
+                entry = declared.get(name)
                 kind = entry[0] if isinstance(entry, (list, tuple)) and entry else None
                 opts = entry[1] if isinstance(entry, (list, tuple)) and len(entry) > 1 else {}
-                file_like = isinstance(kind, list) or kind == "COMBO" or (
-                    isinstance(opts, dict) and any("upload" in str(k) for k in opts))
-                why = file_reference_problem(value) if file_like else None
-                if why:
+                if isinstance(kind, list) or kind == "COMBO" or (
+                        isinstance(opts, dict) and any("upload" in str(k) for k in opts)):
                     return p.Failed("", p.FailureKind.INVALID_WORKFLOW,
                                     f"input {name!r} of node {node_id}: file reference {why}",
                                     node_id=str(node_id), node_type=node.get("class_type"))

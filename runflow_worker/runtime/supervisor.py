@@ -181,6 +181,15 @@ class RunnerSupervisor:
             return False
         return self.tenant in (_UNBOUND, self.tenant_of(config, owner))
 
+    def warm_config(self, env_key: str, owner: str | None, *,
+                    custom_code: bool = False) -> RunnerConfig | None:
+        """The READY child's config when ``ready_for`` says it serves such a run as it is
+        (the config to ``acquire`` it with), else None."""
+        runner = self.runner
+        if runner is None or not self.ready_for(env_key, owner, custom_code=custom_code):
+            return None
+        return runner.config
+
     @property
     def warm_env_key(self) -> str | None:
         """The environment key of the child that is started or starting (the one whose files

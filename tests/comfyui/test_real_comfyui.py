@@ -266,6 +266,38 @@ def test_invalid_workflow_names_the_node(pipeline, tmp_path: Path, tail, node_id
     assert (f.node_id, f.node_type) == (node_id, node_type)
 
 
+def test_file_references_checked_where_a_file_is_read(pipeline, tmp_path: Path) -> None:
+    """A caller's text that looks like a path passes where the node reads no file; the same
+    text in a file input (a combo) is refused before ComfyUI sees it."""
+    text = "../../etc/passwd [output]"
+    graph = img_graph({
+        "2": {"class_type": "RunflowInputString", "inputs": {"input_id": "caption"}},
+        "3": {"class_type": "RunflowTestWriteText", "inputs": {"text": ["2", 0],
+                                                                "file": ["6", 0]}},
+        "4": {"class_type": "RunflowOutputFile", "inputs": {
+            "output_id": "note", "output_name": "", "value": ["3", 0]}},
+        "5": {"class_type": "RunflowOutputImage", "inputs": {
+            "output_id": "o", "output_name": "", "value": ["1", 0]}},
+        "6": {"class_type": "RunflowInputFile", "inputs": {"input_id": "notes"}}})
+    image = write_png(tmp_path / "t.png").as_uri()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("body")
+    ok = run(pipeline, graph, {"image": image, "caption": text, "notes": notes.as_uri()},
+             run_id="path-like-text")
+    assert ok.status is RunStatus.SUCCEEDED, ok.failure
+    (note,) = [e for e in ok.output.outputs if e.output_id == "note"]
+    assert url_path(note.url).read_text() == f"{text}\nbody"
+    bad = img_graph({
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "x.pth [output]"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {
+            "upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}}})
+    f = run(pipeline, bad, {"image": image}, run_id="annotated-file").failure
+    assert f is not None and f.code is ErrorCode.INVALID_WORKFLOW, f
+    assert (f.node_id, f.node_type) == ("2", "UpscaleModelLoader")
+    assert "file reference uses a ComfyUI [output]/[temp]/[input] annotation" in f.message
+
+
 def test_child_killed_mid_run_then_a_good_run(pipeline, tmp_path: Path) -> None:
     runner_pid = []
 

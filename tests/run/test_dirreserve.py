@@ -1,5 +1,6 @@
-"""New directories of a run come from a reserve made ahead (``run.dirreserve``): renamed
-into place, ``mkdir`` when the reserve is empty or cannot reach, existing ones untouched."""
+"""New directories and files of a run come from a reserve made ahead (``run.dirreserve``):
+renamed into place, made there when the reserve is empty or cannot reach, existing ones
+untouched."""
 
 from __future__ import annotations
 
@@ -16,10 +17,25 @@ from runflow_worker.run.storage import LocalStorage
 pytestmark = pytest.mark.timeout(60)
 
 
-def reserve(tmp_path: Path, size: int = 4) -> DirReserve:
-    res = DirReserve(tmp_path / "home", size=size)
+def reserve(tmp_path: Path, size: int = 4, file_size: int = 2) -> DirReserve:
+    res = DirReserve(tmp_path / "home", size=size, file_size=file_size)
     res.replenish()
     return res
+
+
+def dirs_left(res: DirReserve) -> int:
+    return sum(1 for p in res.home.iterdir() if p.is_dir())
+
+
+def files_left(res: DirReserve) -> int:
+    return sum(1 for p in res.home.iterdir() if p.is_file())
+
+
+def plain_mode(tmp_path: Path) -> int:
+    """The mode ``open(path, "w")`` gives a new file here (the umask applied)."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    return probe.stat().st_mode & 0o777
 
 
 def test_new_directories_are_reserved_ones_renamed_into_place(tmp_path: Path) -> None:
@@ -29,9 +45,9 @@ def test_new_directories_are_reserved_ones_renamed_into_place(tmp_path: Path) ->
     res.makedirs(root / "a" / "b", under=root)
     assert (root / "a" / "b").is_dir() and not any((root / "a" / "b").iterdir())
     assert res.taken == 2
-    assert len(list(res.home.iterdir())) == 2  # two left
+    assert dirs_left(res) == 2  # two left
     res.replenish()
-    assert len(list(res.home.iterdir())) == 4
+    assert dirs_left(res) == 4
 
 
 def test_an_empty_reserve_falls_back_to_mkdir(tmp_path: Path) -> None:
@@ -82,7 +98,8 @@ def test_another_file_system_is_remembered_and_the_reserve_kept(
     res.makedirs(root / "b", under=root)
     assert (root / "a").is_dir() and (root / "b").is_dir()
     assert res.taken == 0 and len(calls) == 1  # tried once, then mkdir only
-    assert len(list(res.home.iterdir())) == 4  # nothing lost from the reserve
+    assert dirs_left(res) == 4  # nothing lost from the reserve
+    assert not res.take_file(root / "f", under=root) and files_left(res) == 2
 
 
 def test_run_dirs_refill_their_reserve_after_each_run_out_of_the_childs_sight(
@@ -96,7 +113,7 @@ def test_run_dirs_refill_their_reserve_after_each_run_out_of_the_childs_sight(
         res.makedirs(run.staged("input") / "runflow_inputs" / "x", under=run.staged("input"))
         dirs.discard(run)
         dirs.quiesce()
-        assert len(list(res.home.iterdir())) == res.size
+        assert dirs_left(res) == res.size and files_left(res) == res.file_size
     finally:
         dirs.close()
 
@@ -114,3 +131,28 @@ def test_local_storage_takes_its_new_folders_from_the_reserve(tmp_path: Path) ->
     storage.put(src, "runs/r2/image/out.png", content_type="image/png", sha256="0" * 64)
     assert res.taken == 4
     assert (tmp_path / "outputs" / "runs" / "r2" / "image" / "out.png").is_file()
+    # Each stored copy was a reserved empty file, written over: the bytes and the mode of
+    # a file the storage had created itself, nothing left behind.
+    assert res.files_taken == 2 and files_left(res) == 0
+    stored = tmp_path / "outputs" / "runs" / "r2" / "image" / "out.png"
+    assert stored.read_bytes() == b"png"
+    assert stored.stat().st_mode & 0o777 == plain_mode(tmp_path)
+    assert [p.name for p in stored.parent.iterdir()] == ["out.png"]
+    storage.put(src, "runs/r3/image/out.png", content_type="image/png", sha256="0" * 64)
+    assert res.files_taken == 2  # none left: created as before
+    assert (tmp_path / "outputs" / "runs" / "r3" / "image" / "out.png").read_bytes() == b"png"
+
+
+def test_a_reserved_file_is_empty_and_takes_the_mode_asked_for(tmp_path: Path) -> None:
+    res = reserve(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert res.take_file(root / "a.part", under=root, mode=0o600)
+    assert (root / "a.part").read_bytes() == b"" and (root / "a.part").stat().st_mode & 0o777 == 0o600
+    assert res.take_file(root / "b", under=root)
+    assert (root / "b").stat().st_mode & 0o777 == plain_mode(tmp_path)
+    assert not res.take_file(root / "c", under=root)  # none left
+    assert not res.take_file(tmp_path / "elsewhere", under=root)  # outside its root
+    assert res.files_taken == 2 and not (root / "c").exists()
+    res.replenish()
+    assert files_left(res) == 2

@@ -94,8 +94,8 @@ def test_materialise_inputs_names_files_itself(tmp_path: Path) -> None:
                                max_pixels=10**6, cancel=lambda: False)
     png_digest = hashlib.sha256((src / "photo.jpeg").read_bytes()).hexdigest()[:16]
     doc_digest = hashlib.sha256(b"hello").hexdigest()[:16]
-    assert files["img"] == f"runflow_inputs/img/{png_digest}/img.png"
-    assert files["doc"] == f"runflow_inputs/doc/{doc_digest}/notes_rm_-rf.txt"
+    assert files["img"] == f"runflow_inputs/{png_digest}/img.png"
+    assert files["doc"] == f"runflow_inputs/{doc_digest}/notes_rm_-rf.txt"
     assert (input_dir / files["doc"]).read_text() == "hello"
     assert "s" not in files
 
@@ -117,11 +117,29 @@ def test_a_fetchers_digest_names_the_folder_without_a_second_read(
     values = {"img": src.as_uri() + "?hashed"}
     files = materialise_inputs(defs, values, tmp_path / "in", fetch, max_bytes=10**6,
                                max_pixels=10**6, cancel=lambda: False)
-    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and reads == []
+    assert files["img"] == f"runflow_inputs/{digest[:16]}/img.png" and reads == []
     # A fetcher that did not hash what it wrote: the file is hashed after.
     files = materialise_inputs(defs, {"img": src.as_uri()}, tmp_path / "in2", fetch,
                                max_bytes=10**6, max_pixels=10**6, cancel=lambda: False)
-    assert files["img"] == f"runflow_inputs/img/{digest[:16]}/img.png" and len(reads) == 1
+    assert files["img"] == f"runflow_inputs/{digest[:16]}/img.png" and len(reads) == 1
+
+
+def test_an_input_is_fetched_into_a_reserved_file_private_to_the_worker(tmp_path: Path) -> None:
+    from runflow_worker.run.dirreserve import DirReserve
+
+    res = DirReserve(tmp_path / "reserve", size=4, file_size=2)
+    res.replenish()
+    src = tmp_path / "photo.png"
+    src.write_bytes(image_bytes("PNG"))
+    input_dir = tmp_path / "input"
+    input_dir.mkdir()
+    files = materialise_inputs({"img": InputDef(input_id="img", type=InputType.IMAGE)},
+                               {"img": src.as_uri()}, input_dir, copy_fetch, max_bytes=10**6,
+                               max_pixels=10**6, cancel=lambda: False, reserve=res)
+    fetched = input_dir / files["img"]
+    assert fetched.read_bytes() == src.read_bytes()
+    assert fetched.stat().st_mode & 0o777 == 0o600
+    assert res.files_taken == 1 and res.taken == 2  # runflow_inputs/ and <content>/
 
 
 def test_safe_filename() -> None:
@@ -131,7 +149,7 @@ def test_safe_filename() -> None:
     assert safe_filename("https://h/..", "..") == "input"
 
 
-def test_input_ids_never_climb_out_nor_share_a_folder(tmp_path: Path) -> None:
+def test_input_ids_never_climb_out_nor_share_a_path(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     png_a, png_b = tmp_path / "a.png", tmp_path / "b.png"
@@ -155,13 +173,16 @@ def test_input_ids_never_climb_out_nor_share_a_folder(tmp_path: Path) -> None:
                                max_pixels=10**6, cancel=lambda: False)
     for rel in files.values():
         assert (input_dir / rel).resolve().is_relative_to(input_dir / "runflow_inputs")
-    assert len({Path(rel).parts[1] for rel in files.values()}) == len(ids)
+    # The three FILE inputs have the same bytes and no name of their own: one file, the
+    # same for each (its folder names its content); the two images differ.
+    assert len(set(files.values())) == 3
     assert sorted(p.name for p in tmp_path.rglob("planted*")) == ["planted"]  # the source only
     assert not Path(absolute).exists()
     with Image.open(input_dir / files["a b"]) as one, Image.open(input_dir / files["a_b"]) as two:
         assert one.size == (1, 1) and two.size == (2, 2)
-    folder, _, name = files["a_b"].split("/")[1:]
-    assert (folder, name) == ("a_b", "a_b.png")  # plain ids keep readable names
+    assert files["a_b"].endswith("/a_b.png")  # plain ids keep readable names
+    assert files["a b"].startswith("runflow_inputs/") and files["a b"].endswith(".png")
+    assert Path(files["a b"]).name not in ("a b.png", "a_b.png")  # never another id's name
 
 
 def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Path) -> None:
@@ -169,7 +190,7 @@ def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Pat
     blob = tmp_path / "blob"
     blob.write_bytes(b"shared model bytes")
     input_dir = tmp_path / "input"
-    final = input_dir / "runflow_inputs" / "doc" / hashlib.sha256(b"EVIL").hexdigest()[:16]
+    final = input_dir / "runflow_inputs" / hashlib.sha256(b"EVIL").hexdigest()[:16]
     final.mkdir(parents=True)
     (final / "m.bin").hardlink_to(blob)
     src = tmp_path / "m.bin"
@@ -180,7 +201,7 @@ def test_a_file_at_the_inputs_path_is_replaced_not_written_through(tmp_path: Pat
     assert input_dir / files["doc"] == final / "m.bin"
     assert (input_dir / files["doc"]).read_bytes() == b"EVIL"
     assert blob.read_bytes() == b"shared model bytes"
-    assert [p.name for p in (input_dir / "runflow_inputs" / "doc").rglob("*")] == [
+    assert [p.name for p in (input_dir / "runflow_inputs").rglob("*")] == [
         final.name, "m.bin"]  # no temporary file left
 
 

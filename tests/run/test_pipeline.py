@@ -166,7 +166,7 @@ def test_the_path_of_a_file_input_names_its_content(pipeline: Pipeline, tmp_path
         assert result.status is RunStatus.SUCCEEDED, result.failure
         paths.append(Path(unquote(urlsplit(result.output.outputs[0].url).path)).read_text())
     assert paths[0] != paths[1] and paths[0] == paths[2]
-    assert all(p.startswith("runflow_inputs/doc/") and p.endswith("/notes.txt") for p in paths)
+    assert all(p.startswith("runflow_inputs/") and p.endswith("/notes.txt") for p in paths)
 
 
 def test_deployed_package_versions_are_compared(pipeline: Pipeline) -> None:

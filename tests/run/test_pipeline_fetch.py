@@ -79,12 +79,14 @@ def test_a_warm_runs_new_folders_come_from_the_reserve(env) -> None:
     run(pipeline, msg)  # the first run: the reserve is filled after it
     pipeline._run_dirs.quiesce()
     reserve = pipeline._run_dirs.reserve
-    before = reserve.taken
+    before, files_before = reserve.taken, reserve.files_taken
     result, _ = run(pipeline, {**msg, "run_id": "reserve-2"})
     assert result.status is RunStatus.SUCCEEDED, result.failure
-    # runflow_inputs/, each input's <folder>/<content>/ in it, and the outputs'
-    # runs/<run_id>/ with its two <output_id>/: eight folders, none made by mkdir.
-    assert reserve.taken - before == 8
+    # runflow_inputs/, each input's <content>/ in it, and the outputs' runs/<run_id>/ with
+    # its two <output_id>/: six folders, none made by mkdir; the two files fetched into and
+    # the two stored copies, none created on the run's path either.
+    assert reserve.taken - before == 6
+    assert reserve.files_taken - files_before == 4
 
 
 def test_https_non_image_is_invalid_input(env) -> None:

@@ -77,6 +77,7 @@ def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
     try:
         first = dirs.create("first")
         (first.staged("input") / "caller.png").write_bytes(b"first run's bytes")
+        (first.links / "input").mkdir(parents=True)  # as a run's first link makes it
         (first.links / "input" / "res").write_bytes(b"x")
         dirs.discard(first)
         dirs.quiesce()
@@ -86,7 +87,7 @@ def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
         assert second.name.startswith("second-") and second.stage.is_dir()
         # The spare became this run's: renamed, nothing of the first run in it or beside it.
         assert _tree(second.stage) == ["input", "output", "temp"]
-        assert _tree(second.links) == ["input", "models"]
+        assert not second.links.exists()  # made by the run's first link, if it has one
         assert [p.name for p in (owner / "stage").iterdir()] == [second.name]
         assert not first.stage.exists() and not first.links.exists()
         second.enter()
@@ -100,11 +101,10 @@ def test_a_spare_that_vanished_is_replaced_by_new_directories(tmp_path: Path) ->
     try:
         dirs.discard(dirs.create("first"))
         dirs.quiesce()
-        for spare in (dirs.owner / "links").iterdir():
-            spare.rename(tmp_path / "elsewhere")  # the spare's links are gone
+        for spare in (dirs.owner / "stage").iterdir():
+            spare.rename(tmp_path / "elsewhere")  # the spare is gone
         second = dirs.create("second")
         assert _tree(second.stage) == ["input", "output", "temp"]
-        assert _tree(second.links) == ["input", "models"]
         assert [p.name for p in (dirs.owner / "stage").iterdir()] == [second.name]
     finally:
         dirs.close()
@@ -116,6 +116,7 @@ def test_a_discarded_runs_directories_leave_every_childs_sight_at_settle(tmp_pat
     dirs = RunDirs(tmp_path / "work")
     try:
         run = dirs.create("gone")
+        (run.links / "models").mkdir(parents=True)
         (run.links / "models" / "m.safetensors").write_bytes(b"weights")
         run.enter()
         (run.dir("output") / "out.png").write_bytes(b"png")

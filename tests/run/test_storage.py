@@ -6,6 +6,7 @@ run as they do against a bucket), or a server that accepts requests and never an
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from runflow_worker.run.storage import (
     MAX_KEY_SEGMENT_CHARS,
     LocalStorage,
     S3Storage,
+    StoredObject,
     UploadCanceled,
     check_key,
 )
@@ -102,9 +104,9 @@ class _Watched(S3Storage):
 
     current: str | None = None
 
-    def put(self, local_path: Path, key: str, **kwargs: Any) -> None:
+    def put(self, local_path: Path, key: str, **kwargs: Any) -> StoredObject:
         self.current = key
-        super().put(local_path, key, **kwargs)
+        return super().put(local_path, key, **kwargs)
 
 
 def test_s3_transfer_stops_mid_file_and_the_run_keeps_no_object(s3, tmp_path: Path) -> None:
@@ -397,3 +399,29 @@ def test_local_storage_writes_through_an_operators_symlink_inside_its_root(
     storage.put(src, "runs/r1/hero/a.png", content_type="image/png", sha256="0")
     assert (other_disk / "r1" / "hero" / "a.png").read_bytes() == b"png"
     assert storage.url_for("runs/r1/hero/a.png").endswith("/store/runs/r1/hero/a.png")
+
+
+def test_local_storage_reads_an_output_once_and_its_digest_is_of_the_stored_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed as it is copied: no first read that a child still holding the file could
+    outrun by changing it before the copy."""
+    out, files = _outputs(tmp_path, {"a.png": 3000})
+
+    def no_separate_hash(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("local storage hashes the bytes it copies; no read before")
+
+    monkeypatch.setattr("runflow_worker.run.outputs.sha256_of_fd", no_separate_hash)
+    storage = LocalStorage(tmp_path / "stored")
+    (entry,) = store_outputs(files, out, "r1", storage)
+    stored = (tmp_path / "stored" / entry.key).read_bytes()
+    assert stored == (out / "a.png").read_bytes()
+    assert entry.sha256 == hashlib.sha256(stored).hexdigest()
+    assert entry.size_bytes == len(stored) == 3000
+
+
+def test_s3_storage_needs_the_digest_it_stores_as_metadata(tmp_path: Path) -> None:
+    storage = S3Storage(BUCKET, "", endpoint_url="http://127.0.0.1:9", presign_ttl_s=60,
+                        client=object())
+    assert not storage.hashes_as_it_stores
+    with pytest.raises(ValueError, match="sha256"):
+        storage.put(tmp_path / "x", "runs/r1/o/x.png", content_type="image/png", sha256=None)

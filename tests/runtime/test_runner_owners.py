@@ -61,6 +61,21 @@ def test_child_without_custom_nodes_is_shared(sup: RunnerSupervisor, tmp_path: P
     assert switched.started and switched.runner.pid != pid and gone(pid)
 
 
+def test_warm_config_names_the_child_a_run_may_take_as_it_is(sup: RunnerSupervisor,
+                                                            tmp_path: Path) -> None:
+    cfg = runner_config(tmp_path, custom_code=True)
+    assert sup.warm_config(cfg.env_key, "alice") is None  # no child yet
+    sup.acquire(cfg, owner="alice")
+    assert sup.warm_config(cfg.env_key, "alice") == cfg
+    assert sup.warm_config(cfg.env_key, "alice", custom_code=True) == cfg
+    assert sup.warm_config(cfg.env_key, "bob") is None  # a stranger's code serves one owner
+    assert sup.warm_config("another-env", "alice") is None
+    shared = replace(cfg, custom_code=False)
+    sup.acquire(shared, owner="alice")
+    assert sup.warm_config(cfg.env_key, "bob") == shared
+    assert sup.warm_config(cfg.env_key, "bob", custom_code=True) is None  # bob's own packs
+
+
 def test_runner_for_keeps_its_answer(sup: RunnerSupervisor, tmp_path: Path) -> None:
     cfg = runner_config(tmp_path, custom_code=True)
     a = sup.runner_for(cfg, owner="alice")
@@ -137,6 +152,7 @@ class _SpyBlobs:
 
     def hardlink(self, sha256: str, dest: Path, *, base: Path | None = None) -> Path:
         self.seen.append((dest.name, self.pipeline.supervisor.tenant))
+        dest.parent.mkdir(parents=True, exist_ok=True)  # as the store's link makes them
         dest.write_text(sha256)
         self.linked.set()
         return dest

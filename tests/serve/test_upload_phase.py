@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from runflow_worker.run.storage import LocalStorage, S3Storage
+from runflow_worker.run.storage import LocalStorage, S3Storage, StoredObject
 from runflow_worker.serve import keys
 from tests.support.queue import graph, is_terminal, record, submit, terminal_events
 from tests.support.s3_servers import SilentServer, aws_test_credentials, moto_s3
@@ -37,17 +37,18 @@ class HeldStorage(LocalStorage):
         self.holding = threading.Event()
         self.puts: list[str] = []
 
-    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str,
-            should_stop: Any = None, keep_if_late: Any = None) -> None:
-        super().put(local_path, key, content_type=content_type, sha256=sha256,
-                    should_stop=should_stop, keep_if_late=keep_if_late)
+    def put(self, local_path: Path, key: str, *, content_type: str, sha256: str | None,
+            should_stop: Any = None, keep_if_late: Any = None) -> StoredObject:
+        stored = super().put(local_path, key, content_type=content_type, sha256=sha256,
+                             should_stop=should_stop, keep_if_late=keep_if_late)
         self.puts.append(key)
         if len(self.puts) > 1:
-            return
+            return stored
         self.holding.set()
         deadline = time.monotonic() + HELD_AT_MOST_S
         while time.monotonic() < deadline and not (should_stop is not None and should_stop()):
             time.sleep(0.01)
+        return stored
 
 
 def _two_files() -> dict[str, Any]:
