@@ -85,15 +85,30 @@ def scrubbed_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
     return env
 
 
+OPENMP_WAIT_NAMES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+"""Variables that say how OpenMP's idle threads wait (GNU's and Intel's runtimes)."""
+
+CHILD_OPENMP_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""The child's OpenMP threads sleep as soon as a parallel region ends, unless the worker's
+environment says otherwise. By default GNU OpenMP (torch's CPU runtime) spins each idle
+thread for ~300,000 rounds after every region, so a warm run left a core busy for
+milliseconds after its last node, the core the worker needs to store the outputs and
+report the run (``docs/runtime.md``, "The child's environment and logs")."""
+
+
 def child_environment(environ: Mapping[str, str], passed: Iterable[str] = (),
                       extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The ComfyUI child's environment: ``environ`` scrubbed, plus ``passed`` and ``extra``.
+    """The ComfyUI child's environment: ``environ`` scrubbed, plus ``passed`` and ``extra``,
+    and ``CHILD_OPENMP_WAIT`` unless one of ``OPENMP_WAIT_NAMES`` is set.
 
     Everything else stays (PATH, HOME, CUDA_*, PYTORCH_*, HF_HOME, proxies without a
     password, locale...). ``passed`` (the operator's ``RUNFLOW_CHILD_ENV_PASS``) keeps a
     variable the scrub would drop, e.g. ``HF_TOKEN``.
     """
-    return scrubbed_environment(environ, passed, extra)
+    env = scrubbed_environment(environ, passed, extra)
+    if not any(name in env for name in OPENMP_WAIT_NAMES):
+        env.update(CHILD_OPENMP_WAIT)
+    return env
 
 
 def pip_environment(environ: Mapping[str, str],

@@ -56,6 +56,8 @@ def test_child_environment_and_log_lines(tmp_path: Path, capfd: pytest.CaptureFi
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
     monkeypatch.setenv("RUNFLOW_WEBHOOK_SECRET", "whsec_notforthechild")
     monkeypatch.setenv("HF_TOKEN", "hf_passed")
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(name, raising=False)
     for d in ("in", "out", "tmp", "base"):
         (tmp_path / d).mkdir()
     runner = Runner(RunnerConfig(
@@ -68,6 +70,8 @@ def test_child_environment_and_log_lines(tmp_path: Path, capfd: pytest.CaptureFi
             environ = Path(f"/proc/{runner.pid}/environ").read_bytes().decode()
             assert "aws-secret-value" not in environ and "whsec_" not in environ
             assert "HF_TOKEN=hf_passed\0" in environ
+            # torch's OpenMP threads sleep when idle instead of spinning for ms after a run.
+            assert "OMP_WAIT_POLICY=PASSIVE" in environ.split("\0")
             graph = {"1": {"class_type": "EmptyImage", "inputs": {
                          "width": 8, "height": 8, "batch_size": 1, "color": 0}},
                      "2": {"class_type": "RunflowTestRaise", "inputs": {"image": ["1", 0]}},

@@ -418,7 +418,16 @@ def test_child_environment_rules() -> None:
                    "CUDA_VISIBLE_DEVICES": "0", "PYTORCH_CUDA_ALLOC_CONF": "x",
                    "HF_TOKEN": "hf", "ALL_PROXY": "socks5://u:p@proxy:1080",
                    "NO_PROXY": "localhost", "HF_ENDPOINT": "https://hf.internal:8443/@mirror",
-                   "EXTRA": "1"}
+                   "EXTRA": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.mark.parametrize("setting", [{"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"},
+                                     {"KMP_BLOCKTIME": "1"}])
+def test_an_operators_openmp_wait_setting_is_kept(setting: dict[str, str]) -> None:
+    """The child's OpenMP threads sleep when idle unless the worker's environment says how
+    they wait: then the operator's setting holds alone, nothing is added beside it."""
+    assert child_environment({"PATH": "/bin", **setting}) == {"PATH": "/bin", **setting}
+    assert child_environment({"PATH": "/bin"}, extra=setting) == {"PATH": "/bin", **setting}
 
 
 @pytest.mark.parametrize("name", ["SMTP_PASS", "MYSQL_PWD", "AZURE_STORAGE_CONNECTION_STRING",
@@ -428,7 +437,8 @@ def test_more_credential_names_are_dropped(name: str) -> None:
     """Names credentials commonly go by although no SECRET, TOKEN or PASSWORD is in them."""
     kept = child_environment({name: "hunter2", "PWD": "/app", "OLDPWD": "/",
                               "PASSAGE": "kept"})
-    assert kept == {"PWD": "/app", "OLDPWD": "/", "PASSAGE": "kept"}
+    assert kept == {"PWD": "/app", "OLDPWD": "/", "PASSAGE": "kept",
+                    "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @pytest.mark.parametrize(("value", "credential"), [
