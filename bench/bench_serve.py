@@ -30,7 +30,12 @@ interleaved with the others: a change measured against the code before it in one
 row minus its baseline's in the same round) with a 95% bootstrap interval. ``--gap-ms N``
 idles N ms before every warm run, so that what a row does after its run ends before the
 next row's starts (a change that moves work after its own measured window would otherwise
-land it on whichever row comes next, its baseline included).
+land it on whichever row comes next, its baseline included). ``--block N`` runs each row N
+times back to back in each round (the rows' order still new every round) and counts all but
+the first run of a block, which follows another row's: a busy worker's conditions, where
+what a run leaves behind (bare ComfyUI's spinning OpenMP threads, a daemon's tidying) lands
+on the same row's next run; ``--runs`` counts rounds, so a row gets ``runs * (N - 1)``
+runs, paired with its baseline's by position.
 
 Real ComfyUI: ``RUNFLOW_TEST_COMFYUI=<checkout>`` (and ``RUNFLOW_TEST_SANDBOX_READ_ONLY``,
 passed on as ``RUNFLOW_SANDBOX_READ_ONLY``, where the machine's Python loads libraries from
@@ -440,7 +445,12 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=0.0,
                         help="idle time before each warm run, so that what a row does after "
                              "its run (a daemon's tidying, say) ends before the next row's")
+    parser.add_argument("--block", type=int, default=1,
+                        help="warm runs of a row back to back in each round, all but the "
+                             "first counted (default 1: rows interleaved run by run)")
     args = parser.parse_args()
+    if args.block < 1:
+        parser.error("--block must be at least 1")
 
     import redis
 
@@ -484,7 +494,8 @@ def main() -> int:
     client = redis.Redis.from_url(redis_url, decode_responses=True, protocol=2)
     result: dict[str, Any] = {
         "comfyui": "real" if real else "fake child (RUNFLOW_TEST_COMFYUI unset)",
-        "runs": args.runs, "machine": machine(), "graphs": {}, "cold_start": {}}
+        "runs": args.runs, "block": args.block, "gap_ms": args.gap_ms, "machine": machine(),
+        "graphs": {}, "cold_start": {}}
     daemons: dict[str, Serve] = {}
     bare: Bare | None = None
     inproc: InProcess | None = None
@@ -550,11 +561,13 @@ def main() -> int:
             for _ in range(args.runs):
                 # A new order every round: no row always follows the same other row.
                 for label, step in random.sample(steps, len(steps)):
-                    if args.gap_ms:
-                        time.sleep(args.gap_ms / 1000)  # the last row's after-work ends
-                    ms, ph = step()
-                    rows[label].append(ms)
-                    phases[label].append(ph)
+                    for k in range(args.block):
+                        if args.gap_ms:
+                            time.sleep(args.gap_ms / 1000)  # the last row's after-work ends
+                        ms, ph = step()
+                        if k or args.block == 1:  # a block's first run follows another row
+                            rows[label].append(ms)
+                            phases[label].append(ph)
             g: dict[str, Any] = {label: summary(values) for label, values in rows.items()}
             g["phase_medians_ms"] = {label: phase_medians(ph) for label, ph in phases.items()}
             if "bare" in rows:
