@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from runflow_worker.cache.commands import OPENMP_WAIT_NAMES
 from runflow_worker.errors import ErrorCode
 from runflow_worker.run.contract import RunStatus
 from runflow_worker.runtime import protocol as p
@@ -56,7 +57,7 @@ def test_child_environment_and_log_lines(tmp_path: Path, capfd: pytest.CaptureFi
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
     monkeypatch.setenv("RUNFLOW_WEBHOOK_SECRET", "whsec_notforthechild")
     monkeypatch.setenv("HF_TOKEN", "hf_passed")
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+    for name in OPENMP_WAIT_NAMES:
         monkeypatch.delenv(name, raising=False)
     for d in ("in", "out", "tmp", "base"):
         (tmp_path / d).mkdir()
