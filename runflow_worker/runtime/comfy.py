@@ -29,7 +29,7 @@ from typing import Any
 from runflow_worker.runtime import protocol as p
 from runflow_worker.runtime.builtinnodes import DeferredBuiltins, LoaderCall, recorder
 from runflow_worker.runtime.customnodes import COMFYUI_OWN
-from runflow_worker.runtime.graph import file_reference_problem
+from runflow_worker.runtime.graph import file_reference_problem, skip_pass_through_inputs
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +420,14 @@ class ComfyEmbedding:
             self.executor.reset()
             self._mm.unload_all_models()
 
+    def _own_input_class(self, class_type: str) -> bool:
+        """Whether ``class_type`` is registered as the worker's own (pass-through) input
+        node, not an environment's own class of that name."""
+        from runflow_worker.runtime import nodepack
+
+        own = nodepack.NODE_CLASS_MAPPINGS.get(class_type)
+        return own is not None and self._nodes.NODE_CLASS_MAPPINGS.get(class_type) is own
+
     def _check_file_inputs(self, graph: dict[str, Any]) -> p.Failed | None:
         """The first file input (a combo, an upload) whose value is no acceptable file
         reference, as the run's failure; None when there is none.
@@ -473,6 +481,9 @@ class ComfyEmbedding:
             cls = mappings.get(node.get("class_type"))
             if cls is not None and getattr(cls, "OUTPUT_NODE", False):
                 node.setdefault("inputs", {})[NONCE_INPUT] = job.job_id
+        # The worker's own input nodes hand their injected loader's output on unchanged:
+        # their readers read the loader itself, and ComfyUI runs a node less per input.
+        skip_pass_through_inputs(graph, self._own_input_class)
         # Folders first: INPUT_TYPES of loader nodes lists this run's files, not the last run's.
         self._point_folders(job)
         bad = self._check_file_inputs(graph)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ntpath
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,3 +256,56 @@ def next_node_id(graph: dict[str, Any], taken: set[str] | None = None) -> str:
     while str(candidate) in used:
         candidate += 1
     return str(candidate)
+
+
+def skip_pass_through_inputs(graph: dict[str, Any],
+                             passes_through: Callable[[str], bool]) -> list[str]:
+    """Take out of ``graph`` the Runflow Input nodes that only hand on a linked ``value``:
+    whatever read such a node's output reads the node's source instead. Only classes
+    ``passes_through`` names (the worker's own nodes, not an environment's own class of
+    that name) are taken; a node read at another output than its one, or whose sources
+    loop, stays for ComfyUI's validation to judge. ``graph`` changes in place, its nodes
+    do not (a rewired node is a new dict). Returns the ids taken out.
+
+    Why: ComfyUI runs every node it is given, a pass-through too (its caches, its events,
+    a progress message of the run's): an image input cost a node more than the same graph
+    with a loader where the input node stands.
+    """
+    sources: dict[str, list[Any]] = {}
+    for node_id, node in graph.items():
+        class_type, inputs = _class_and_inputs(node)
+        value = inputs.get("value")
+        if (class_type in INPUT_CLASS_TYPES and passes_through(class_type)
+                and is_link(value) and value[0] in graph):
+            sources[node_id] = value
+    if not sources:
+        return []
+    links = [(node_id, name, value) for node_id, node in graph.items()
+             for name, value in _class_and_inputs(node)[1].items() if is_link(value)]
+    for _node_id, _name, value in links:
+        if value[0] in sources and value[1] != 0:
+            del sources[value[0]]  # read at an output it does not have: ComfyUI says so
+
+    def origin(link: list[Any]) -> list[Any] | None:
+        seen: set[str] = set()
+        while link[0] in sources:
+            if link[0] in seen:
+                return None  # a loop of inputs: ComfyUI says so
+            seen.add(link[0])
+            link = sources[link[0]]
+        return link
+
+    for node_id in [n for n, source in sources.items() if origin(source) is None]:
+        del sources[node_id]
+    copied: set[str] = set()
+    for node_id, name, value in links:
+        source = origin(value) if value[0] in sources and node_id not in sources else None
+        if source is not None:
+            if node_id not in copied:
+                node = graph[node_id]
+                graph[node_id] = {**node, "inputs": {**node["inputs"]}}
+                copied.add(node_id)
+            graph[node_id]["inputs"][name] = [source[0], source[1]]
+    for node_id in sources:
+        del graph[node_id]
+    return sorted(sources)

@@ -86,6 +86,28 @@ def test_outputs_are_fresh_on_every_run(pipeline, tmp_path: Path) -> None:
     assert url_path(again.output.outputs[0].url).exists()
 
 
+def test_an_image_input_node_is_not_run_its_readers_read_the_loader(pipeline,
+                                                                     tmp_path: Path) -> None:
+    graph = img_graph({"2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+                       "3": {"class_type": "RunflowOutputImage", "inputs": {
+                           "output_id": "inv", "output_name": "", "value": ["2", 0]}},
+                       "4": {"class_type": "RunflowOutputImage", "inputs": {
+                           "output_id": "same", "output_name": "", "value": ["1", 0]}}})
+    control = RecordingControl()
+    result = run(pipeline, graph, {"image": write_png(tmp_path / "g.png",
+                                                      color=(0, 255, 0)).as_uri()},
+                 run_id="pass-through", control=control)
+    assert result.status is RunStatus.SUCCEEDED, result.failure
+    started = [d["node_type"] for kind, d in control.events
+               if kind == "progress" and d.get("phase") == "execute" and "node_type" in d]
+    # The loader the worker added ran, the pass-through input node did not.
+    assert sorted(started) == ["ImageInvert", "LoadImage", "RunflowOutputImage",
+                               "RunflowOutputImage"]
+    px = {e.output_id: Image.open(url_path(e.url)).getpixel((0, 0))
+          for e in result.output.outputs}
+    assert px == {"inv": (255, 0, 255), "same": (0, 255, 0)}
+
+
 def test_a_callers_file_never_reaches_the_next_run_through_the_cache(pipeline,
                                                                      tmp_path: Path) -> None:
     # The same graph and caption, and files of one name with other bytes: the node reading
