@@ -115,9 +115,6 @@ class EnvironmentPhase:
         run's failure (``run.failures``; ``WorkerUnfit`` when the worker is at fault).
         """
         if self.config.comfyui_dir is not None:
-            missing = checkout_problem(self.config.comfyui_dir)
-            if missing is not None:  # no start to try: every run would fail the same way
-                raise WorkerUnfit(missing)
             comfyui_dir, env_key, sys_path = self.config.comfyui_dir, BAKED, ()
         else:
             env = self._prepare_environment(message, stop_reason)
@@ -131,10 +128,16 @@ class EnvironmentPhase:
         declares_nodes = bool(message.workflow.custom_nodes)
         # A warm child that already serves this environment and owner is taken as it is:
         # its config is not made again (that lists the checkout's custom nodes at every run).
-        config = (self.supervisor.warm_config(env_key, message.workflow.owner,
-                                              custom_code=declares_nodes)
-                  or self.runner_config(comfyui_dir, env_key, sys_path,
-                                        declares_nodes=declares_nodes))
+        config = self.supervisor.warm_config(env_key, message.workflow.owner,
+                                             custom_code=declares_nodes)
+        if config is None:
+            # A child to start: the baked checkout must be there (a warm child runs in it
+            # already, and is not asked again at every run).
+            missing = checkout_problem(self.config.comfyui_dir)
+            if missing is not None:  # no start to try: every run would fail the same way
+                raise WorkerUnfit(missing)
+            config = self.runner_config(comfyui_dir, env_key, sys_path,
+                                        declares_nodes=declares_nodes)
         start = time.monotonic()
         with self._start_failures(config, stop_reason):
             lease = self.supervisor.acquire(config, owner=message.workflow.owner,

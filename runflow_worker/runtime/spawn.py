@@ -83,13 +83,18 @@ class ChildProcess:
         return self._popen.poll()
 
     def exited(self) -> bool:
-        """True once the process is gone: its pidfd fired (it may not be reaped yet)."""
-        if self.exitcode is not None:
+        """True once the process is gone: its pidfd fired (reaped then, as ``exitcode``)."""
+        # The pidfd alone says whether it runs: a warm run asks several times, and a reap
+        # attempt (``wait4``) at each was a system call more for nothing.
+        if self._popen.returncode is not None:
             return True
         try:
-            return bool(wire.readable([self.sentinel], 0))
+            gone = bool(wire.readable([self.sentinel], 0))
         except (OSError, ValueError):  # closed: the child was reaped and released
             return True
+        if gone:
+            self._popen.poll()  # reap it now, as the check did before
+        return gone
 
     def is_alive(self) -> bool:
         """True while the child has not exited."""

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from runflow_worker.errors import ErrorCode, RunFailure
+from runflow_worker.run import inputs
 from runflow_worker.run.contract import InputDef, InputType
 from runflow_worker.run.inputs import check_image, materialise_inputs, safe_filename
 from runflow_worker.run.outputs import select_outputs, store_outputs
@@ -58,6 +59,33 @@ def test_pixel_limit_checked_from_the_header(tmp_path: Path) -> None:
     with pytest.raises(RunFailure) as info:
         check_image(path, max_pixels=300 * 200 - 1, field="input.img")
     assert "pixel limit" in info.value.message
+
+
+def animated_gif(frames: int, size: tuple[int, int] = (10, 10)) -> bytes:
+    buf = io.BytesIO()
+    pictures = [Image.new("RGB", size, (i * 40, 0, 0)) for i in range(frames)]
+    pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("small_limit", [1 << 20, 16], ids=["from-memory", "from-the-file"])
+def test_every_frame_counts_whether_read_whole_or_from_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_limit: int) -> None:
+    # A small image is parsed from the bytes read whole, a large one from the file: both
+    # count the frames of an animation against the limit (3 x 100 pixels here).
+    monkeypatch.setattr(inputs, "SMALL_IMAGE_BYTES", small_limit)
+    path = tmp_path / "anim.gif"
+    path.write_bytes(animated_gif(3))
+    assert check_image(path, max_pixels=300, field="input.img") == ".gif"
+    with pytest.raises(RunFailure) as info:
+        check_image(path, max_pixels=299, field="input.img")
+    assert "3 frames" in info.value.message and info.value.details == {"fields": ["input.img"]}
+
+
+def test_a_missing_file_is_an_invalid_input(tmp_path: Path) -> None:
+    with pytest.raises(RunFailure) as info:
+        check_image(tmp_path / "gone.png", max_pixels=10_000, field="input.img")
+    assert info.value.code is ErrorCode.INVALID_INPUT
 
 
 def test_decompression_bomb_header(tmp_path: Path) -> None:
