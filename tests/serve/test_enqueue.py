@@ -126,3 +126,13 @@ def test_submit_refuses_a_run_id_flag_that_differs_from_the_message(
     assert "from-flag" in err and "from-message" in err and "run_id" in err
     assert r.xlen(keys.runs_stream("cpu")) == 0
     assert record(r, "from-flag") is None and record(r, "from-message") is None
+
+
+def test_a_client_enqueues_again_after_redis_lost_its_scripts(r) -> None:
+    # The submitting side keeps its scripts per client: a Redis that forgot them (a restart,
+    # SCRIPT FLUSH) still takes the next enqueue.
+    submit(r, "before-flush")
+    r.script_flush()
+    submit(r, "after-flush")
+    assert status_of(r, "before-flush") == status_of(r, "after-flush") == "queued"
+    assert r.xlen(keys.runs_stream("cpu")) == 2
