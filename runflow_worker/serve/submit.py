@@ -5,7 +5,6 @@ What ``runflow-worker submit`` uses, and the tests and benchmarks that queue run
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,8 +14,9 @@ from runflow_worker.serve import keys
 if TYPE_CHECKING:
     from runflow_worker.serve.recordstore import RecordStore
 
-_STORES: weakref.WeakKeyDictionary[Any, RecordStore] = weakref.WeakKeyDictionary()
-"""The record store of each client that enqueued (``enqueue_message``)."""
+_last_store: list[RecordStore] = []
+"""The record store the last enqueue used: one, since it holds its client (a cache keyed
+by client would keep every client alive)."""
 
 
 def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
@@ -27,11 +27,12 @@ def enqueue_message(client: Any, message: RunMessage, gpu_class: str, *,
     from runflow_worker.run.record import queued_record
     from runflow_worker.serve.recordstore import RecordStore
 
-    # One store per client: registering its scripts (a digest of each) at every enqueue
-    # was ~0.07 ms of a submitter's call on a small VM.
-    store = _STORES.get(client)
-    if store is None or store.events_maxlen != events_maxlen:
-        store = _STORES[client] = RecordStore(client, events_maxlen=events_maxlen)
+    # The last client's store again: registering its scripts (a digest of each) at every
+    # enqueue was ~0.07 ms of a submitter's call on a small VM.
+    store = _last_store[0] if _last_store else None
+    if store is None or store.client is not client or store.events_maxlen != events_maxlen:
+        store = RecordStore(client, events_maxlen=events_maxlen)
+        _last_store[:] = [store]
     return store.enqueue(message, queued_record(message), gpu_class,
                          event_data={"gpu_class": gpu_class})
 

@@ -136,3 +136,20 @@ def test_a_client_enqueues_again_after_redis_lost_its_scripts(r) -> None:
     submit(r, "after-flush")
     assert status_of(r, "before-flush") == status_of(r, "after-flush") == "queued"
     assert r.xlen(keys.runs_stream("cpu")) == 2
+
+
+def test_the_submitting_side_keeps_no_client_but_the_last(r, redis_server) -> None:
+    import gc
+    import weakref
+
+    import redis
+
+    other = redis.Redis.from_url(redis_server.url, decode_responses=True, protocol=2)
+    submit(other, "from-other")
+    gone = weakref.ref(other)
+    other.close()
+    del other
+    submit(r, "from-r")  # the store of ``r`` replaces the other client's
+    gc.collect()
+    assert gone() is None
+    assert status_of(r, "from-other") == status_of(r, "from-r") == "queued"
