@@ -81,3 +81,25 @@ def test_what_comfyui_must_judge_is_left_to_it(graph: dict) -> None:
     before = copy.deepcopy(graph)
     assert skip_pass_through_inputs(graph, ours) == []
     assert graph == before
+
+
+def test_the_child_skips_only_classes_registered_as_its_own() -> None:
+    from types import SimpleNamespace
+
+    from runflow_worker.runtime import nodepack
+    from runflow_worker.runtime.comfy import ComfyEmbedding
+
+    class TheirInputImage:  # an environment's own class under the same name
+        pass
+
+    def embedding(mappings: dict) -> SimpleNamespace:
+        return SimpleNamespace(_nodes=SimpleNamespace(NODE_CLASS_MAPPINGS=mappings))
+
+    ours_registered = embedding(dict(nodepack.NODE_CLASS_MAPPINGS))
+    theirs_registered = embedding({**nodepack.NODE_CLASS_MAPPINGS,
+                                   "RunflowInputImage": TheirInputImage})
+    own = ComfyEmbedding._own_input_class
+    assert own(ours_registered, "RunflowInputImage")
+    assert not own(theirs_registered, "RunflowInputImage")
+    assert own(theirs_registered, "RunflowInputString")
+    assert not own(ours_registered, "LoadImage")
