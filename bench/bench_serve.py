@@ -27,10 +27,16 @@ reports both (the cost of the sandbox, measured in the same run).
 this project (``git worktree add DIR <rev>``), its daemon on a queue of its own, its runs
 interleaved with the others: a change measured against the code before it in one run.
 ``paired_vs_baseline_ms`` is the median of the per-round differences (each round's run of a
-row minus its baseline's in the same round) with a 95% bootstrap interval. ``--gap-ms N``
-idles N ms before every warm run, so that what a row does after its run ends before the
-next row's starts (a change that moves work after its own measured window would otherwise
-land it on whichever row comes next, its baseline included). ``--block N`` runs each row N
+row minus its baseline's in the same round) with a 95% bootstrap interval.
+
+Before each row's turn the benchmark waits until nothing else has been runnable on the
+machine for 1 ms (``bench/quiesce.py``): what the row before left running once its own
+window closed (bare ComfyUI's OpenMP threads spin on for 5-7 ms, a daemon tidies its run's
+directories) never lands on the next row's run, and a change that moves work after its own
+window shows as what it is. ``median_ms_by_previous_row`` gives each row's median by the row
+run just before it: about equal when nothing reaches across. ``--no-settle`` starts each run
+as soon as the last returned (the figures before this wait); ``--gap-ms N`` idles N ms more
+before every warm run (a machine gone cold in between). ``--block N`` runs each row N
 times back to back in each round (the rows' order still new every round) and counts all but
 the first run of a block, which follows another row's: a busy worker's conditions, where
 what a run leaves behind (bare ComfyUI's spinning OpenMP threads, a daemon's tidying) lands
@@ -69,6 +75,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.quiesce import Quiesce
+from bench.stats import paired_difference, pct, phase_medians, summary
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.serve import keys
 from runflow_worker.serve.submit import enqueue_message
@@ -225,37 +233,6 @@ def check_record(client: Any, run_id: str) -> dict[str, Any]:
     if rec["status"] != RunStatus.SUCCEEDED.value:
         raise RuntimeError(f"run {run_id} {rec['status']}: {rec.get('error')}")
     return rec
-
-
-def paired_difference(ours: list[float], baseline: list[float],
-                      resamples: int = 2000) -> dict[str, float]:
-    """Median of the per-round differences ``ours - baseline`` with a 95% bootstrap
-    interval of that median (the rounds resampled with replacement)."""
-    diffs = [a - b for a, b in zip(ours, baseline, strict=True)]
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(diffs, k=len(diffs)))
-                     for _ in range(resamples))
-    return {"median": round(statistics.median(diffs), 2),
-            "ci95_low": round(medians[int(resamples * 0.025)], 2),
-            "ci95_high": round(medians[int(resamples * 0.975) - 1], 2)}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summary(values_ms: list[float]) -> dict[str, float]:
-    return {"median_ms": round(statistics.median(values_ms), 2),
-            "p90_ms": round(pct(values_ms, 0.9), 2),
-            "min_ms": round(min(values_ms), 2), "max_ms": round(max(values_ms), 2)}
-
-
-def phase_medians(phases: list[dict[str, float]]) -> dict[str, float]:
-    names = sorted({k for ph in phases for k in ph})
-    return {k: round(statistics.median(ph.get(k, 0) for ph in phases), 2) for k in names}
 
 
 def machine() -> dict[str, Any]:
@@ -445,6 +422,9 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=0.0,
                         help="idle time before each warm run, so that what a row does after "
                              "its run (a daemon's tidying, say) ends before the next row's")
+    parser.add_argument("--no-settle", action="store_true",
+                        help="start each row's run as soon as the last row's returned, "
+                             "whatever that row left running (bench/quiesce.py)")
     parser.add_argument("--block", type=int, default=1,
                         help="warm runs of a row back to back in each round, all but the "
                              "first counted (default 1: rows interleaved run by run)")
@@ -497,6 +477,7 @@ def main() -> int:
         "runs": args.runs, "block": args.block, "gap_ms": args.gap_ms, "machine": machine(),
         "graphs": {}, "cold_start": {}}
     daemons: dict[str, Serve] = {}
+    settle = None if args.no_settle else Quiesce()
     bare: Bare | None = None
     inproc: InProcess | None = None
     try:
@@ -558,18 +539,29 @@ def main() -> int:
             steps.append(("pipeline", lambda: inproc.run(wf, inputs.next())))
             if bare is not None:
                 steps.append(("bare", lambda: bare.run(bare_graph)))
+            after: dict[str, dict[str, list[float]]] = {label: {} for label in rows}
+            previous = "warm-up"
             for _ in range(args.runs):
                 # A new order every round: no row always follows the same other row.
                 for label, step in random.sample(steps, len(steps)):
                     for k in range(args.block):
                         if args.gap_ms:
                             time.sleep(args.gap_ms / 1000)  # the last row's after-work ends
+                        if settle is not None and k == 0:
+                            settle.wait()  # what the last row left running has ended
                         ms, ph = step()
                         if k or args.block == 1:  # a block's first run follows another row
                             rows[label].append(ms)
                             phases[label].append(ph)
+                            after[label].setdefault(previous, []).append(ms)
+                        previous = label
             g: dict[str, Any] = {label: summary(values) for label, values in rows.items()}
             g["phase_medians_ms"] = {label: phase_medians(ph) for label, ph in phases.items()}
+            # Each row's median by the row run just before it: equal where no row's
+            # leftovers reach the next (``bench/quiesce.py``).
+            g["median_ms_by_previous_row"] = {
+                label: {prev: round(statistics.median(v), 2) for prev, v in sorted(by.items())}
+                for label, by in after.items()}
             if "bare" in rows:
                 g["overhead_over_bare_ms"] = {
                     label: {"median": round(statistics.median(rows[label])
@@ -582,6 +574,8 @@ def main() -> int:
                 label: paired_difference(rows[label], rows[f"{label}@baseline"])
                 for label in rows if f"{label}@baseline" in rows}
             result["graphs"][name] = g
+        if settle is not None:
+            result["settle"] = settle.summary()
     finally:
         for daemon in daemons.values():
             daemon.close()

@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_serve import events_tail, pct, start_redis, wait_terminal
+from bench_serve import events_tail, start_redis, wait_terminal
 
+from bench.stats import pct
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.serve import keys
 from runflow_worker.serve.submit import enqueue_message
