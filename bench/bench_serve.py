@@ -76,7 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.quiesce import Quiesce
-from bench.stats import paired_difference, pct, phase_medians, summary
+from bench.stats import graph_summary
 from runflow_worker.run.contract import RunStatus, parse_message
 from runflow_worker.serve import keys
 from runflow_worker.serve.submit import enqueue_message
@@ -209,10 +209,16 @@ def message(wf: dict[str, Any], inputs: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- measures
 
 
-def wait_terminal(client: Any, run_id: str, cursor: str, timeout_s: float = 900) -> str:
-    """Block on the events stream until the run's terminal status event; return its id."""
+def wait_terminal(client: Any, run_id: str, cursor: str, timeout_s: float = 900,
+                  proc: subprocess.Popen[bytes] | None = None) -> str:
+    """Block on the events stream until the run's terminal status event; return its id.
+    ``proc``: the daemon, whose exit ends the wait at once (a daemon that cannot start
+    would otherwise leave the benchmark waiting ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with status {proc.returncode} before run "
+                               f"{run_id} ended (its log is above)")
         reply = client.xread({keys.EVENTS_STREAM: cursor}, count=100, block=1000)
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
@@ -323,7 +329,7 @@ class Serve:
         self.proc = subprocess.Popen([sys.executable, "-m", "runflow_worker.cli.main", "serve"],
                                      cwd=self.root,
                                      env=self.env)
-        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
+        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor, proc=self.proc)
         return time.perf_counter() - t0, check_record(self.client, msg.run_id)
 
     def run(self, wf: dict[str, Any], inputs: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -331,7 +337,7 @@ class Serve:
         msg = message(wf, inputs)
         t = time.perf_counter()
         enqueue_message(self.client, msg, self.gpu_class, events_maxlen=100_000)
-        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor)
+        self.cursor = wait_terminal(self.client, msg.run_id, self.cursor, proc=self.proc)
         elapsed_ms = (time.perf_counter() - t) * 1000
         return elapsed_ms, check_record(self.client, msg.run_id)["timings_ms"]
 
@@ -555,25 +561,7 @@ def main() -> int:
                             phases[label].append(ph)
                             after[label].setdefault(previous, []).append(ms)
                         previous = label
-            g: dict[str, Any] = {label: summary(values) for label, values in rows.items()}
-            g["phase_medians_ms"] = {label: phase_medians(ph) for label, ph in phases.items()}
-            # Each row's median by the row run just before it: equal where no row's
-            # leftovers reach the next (``bench/quiesce.py``).
-            g["median_ms_by_previous_row"] = {
-                label: {prev: round(statistics.median(v), 2) for prev, v in sorted(by.items())}
-                for label, by in after.items()}
-            if "bare" in rows:
-                g["overhead_over_bare_ms"] = {
-                    label: {"median": round(statistics.median(rows[label])
-                                            - statistics.median(rows["bare"]), 2),
-                            "p90": round(pct(rows[label], 0.9) - pct(rows["bare"], 0.9), 2)}
-                    for label in rows if label != "bare"}
-            # With --baseline-tree: each round's run of a row minus its baseline's run in the
-            # same round, so the machine's drift between rounds cancels.
-            g["paired_vs_baseline_ms"] = {
-                label: paired_difference(rows[label], rows[f"{label}@baseline"])
-                for label in rows if f"{label}@baseline" in rows}
-            result["graphs"][name] = g
+            result["graphs"][name] = graph_summary(rows, phases, after)
         if settle is not None:
             result["settle"] = settle.summary()
     finally:
