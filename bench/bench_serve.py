@@ -426,8 +426,8 @@ def main() -> int:
                              "one more serve row, '<label>@baseline', from that code, on "
                              "its own queue, interleaved with the others (a paired A/B)")
     parser.add_argument("--gap-ms", type=float, default=0.0,
-                        help="idle time before each warm run, so that what a row does after "
-                             "its run (a daemon's tidying, say) ends before the next row's")
+                        help="idle time before each warm run, on top of the wait for an "
+                             "idle machine (a machine gone cold in between)")
     parser.add_argument("--no-settle", action="store_true",
                         help="start each row's run as soon as the last row's returned, "
                              "whatever that row left running (bench/quiesce.py)")
