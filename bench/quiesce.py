@@ -24,8 +24,9 @@ Linux only, as the benchmark's sandbox is.
 
 from __future__ import annotations
 
-import statistics
 import time
+
+from bench.stats import summary
 
 
 def runnable_tasks() -> int:
@@ -73,9 +74,6 @@ class Quiesce:
         """The waits, for the benchmark's JSON."""
         if not self.waited_s:
             return {"waits": 0}
-        ordered = sorted(self.waited_s)
-        return {"waits": len(ordered),
-                "median_ms": round(statistics.median(ordered) * 1000, 2),
-                "p90_ms": round(ordered[int(len(ordered) * 0.9)] * 1000, 2),
-                "max_ms": round(ordered[-1] * 1000, 2), "timeouts": self.timeouts,
+        waited_ms = [s * 1000 for s in self.waited_s]
+        return {"waits": len(waited_ms), **summary(waited_ms), "timeouts": self.timeouts,
                 "window_ms": self.window_s * 1000}
