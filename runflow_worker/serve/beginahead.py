@@ -17,8 +17,9 @@ The reply is read from a connection held out of the pool meanwhile, by the run's
 when the run's first steps take longer than a lease tick (a slow input download), by the
 lease keeper's first tick, which needs the token to keep the lease and to read the cancel
 flag (``LeaseKeeper.watch``). redis-py has no call for a reply read later, so this takes a
-connection, ``send_command`` and ``read_response``, as its own ``execute_command`` does,
-and translates errors as ``serve.queue.redis_errors`` does.
+connection, sends the packed script (``serve.packed.send``) and reads with
+``read_response``, as its own ``execute_command`` does, and translates errors as
+``serve.queue.redis_errors`` does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 from runflow_worker.errors import QueueError
+from runflow_worker.serve import packed
 from runflow_worker.serve.queue import redis_errors
 
 WHAT = "starting the run"
@@ -73,8 +75,8 @@ class PendingBegin:
             with redis_errors(WHAT):
                 conn = pool.get_connection()
                 try:
-                    conn.send_command("EVALSHA", script.sha, len(self._keys), *self._keys,
-                                      *self._args)
+                    packed.send(conn, "EVALSHA", script.sha, len(self._keys), *self._keys,
+                                *self._args)
                 except BaseException:
                     conn.disconnect()  # a command cut halfway must not reach the next user
                     pool.release(conn)

@@ -29,7 +29,7 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from runflow_worker.errors import QueueError
-from runflow_worker.serve import keys
+from runflow_worker.serve import keys, packed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -228,12 +228,15 @@ class RunQueue:
 
     def read_new(self, block_ms: int | None) -> Delivery | None:
         """The next never-delivered entry, waiting up to ``block_ms`` (None: do not wait)."""
+        wait = ("BLOCK", block_ms) if block_ms is not None else ()
         with redis_errors("reading the run stream"):
-            reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                           count=1, block=block_ms)
+            # Packed by hiredis (``serve.packed``), its flat reply read as it comes.
+            reply = packed.execute(self.client, "XREADGROUP", "GROUP", self.group,
+                                   self.consumer, "COUNT", 1, *wait, "STREAMS", self.stream, ">")
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                return Delivery(self.stream, entry_id, (fields or {}).get(keys.RUN_FIELD),
+                pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+                return Delivery(self.stream, entry_id, pairs.get(keys.RUN_FIELD),
                                 deliveries=1, reclaimed=False)
         return None
 

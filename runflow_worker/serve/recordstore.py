@@ -45,6 +45,7 @@ from runflow_worker.errors import WorkerError
 from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
 from runflow_worker.serve.beginahead import Begin, PendingBegin
+from runflow_worker.serve.packed import run_script
 from runflow_worker.serve.queue import Delivery, redis_errors
 
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
@@ -336,11 +337,12 @@ class RecordStore:
         Returns the entry id.
         """
         with redis_errors("enqueueing the run"):
-            verdict, value = self._enqueue(
-                keys=[keys.run_record(message.run_id), keys.EVENTS_STREAM,
-                      keys.runs_stream(gpu_class)],
-                args=[queued.to_json(), self.events_maxlen, message.model_dump_json(),
-                      message.run_id, message.attempt, event_json(event_data)])
+            verdict, value = run_script(
+                self.client, self._enqueue,
+                [keys.run_record(message.run_id), keys.EVENTS_STREAM,
+                 keys.runs_stream(gpu_class)],
+                [queued.to_json(), self.events_maxlen, message.model_dump_json(),
+                 message.run_id, message.attempt, event_json(event_data)])
         if verdict != "queued":
             raise RunExists(message.run_id, str(value))
         return str(value)
@@ -355,7 +357,7 @@ class RecordStore:
         """
         keys_, args = self._begin_call(delivery, run_id, attempt, running, event_data)
         with redis_errors("starting the run"):
-            verdict, token = self._begin(keys=keys_, args=args)
+            verdict, token = run_script(self.client, self._begin, keys_, args)
         return Begin(verdict), int(token)
 
     def send_begin(self, delivery: Delivery, run_id: str, attempt: int, *,
@@ -404,17 +406,18 @@ class RecordStore:
         job = callback or CallbackJob("", "", "", 0)
         record_json = model_json(record)
         with redis_errors("writing the run record"):
-            done = self._finalise(
-                keys=[keys.run_record(record.id), keys.fence(record.id), delivery.stream,
-                      keys.EVENTS_STREAM, aux_stream, keys.CALLBACKS_DUE,
-                      keys.callback_job(job.job_id or record.id)],
-                args=[token, self.group, delivery.entry_id, record.id, record.attempt,
-                      record_json, record.status.value, event_json(event_data),
-                      self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
-                      delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms,
-                      read_next or "",
-                      record.attempt if events_attempt is None else events_attempt,
-                      *_flat(events)],
+            done = run_script(
+                self.client, self._finalise,
+                [keys.run_record(record.id), keys.fence(record.id), delivery.stream,
+                 keys.EVENTS_STREAM, aux_stream, keys.CALLBACKS_DUE,
+                 keys.callback_job(job.job_id or record.id)],
+                [token, self.group, delivery.entry_id, record.id, record.attempt,
+                 record_json, record.status.value, event_json(event_data),
+                 self.events_maxlen, keys.FENCE_TTL_S, mode, aux_payload, reason,
+                 delivery.deliveries, job.job_id, job.url, job.payload, job.due_ms,
+                 read_next or "",
+                 record.attempt if events_attempt is None else events_attempt,
+                 *_flat(events)],
             )
         if isinstance(done, list):
             return Finalised.WRITTEN, _delivered(delivery.stream, done[1], done[2])
@@ -424,8 +427,8 @@ class RecordStore:
     def publish(self, run_id: str, attempt: int, token: int, events: list[Event]) -> bool:
         """Append ``(type, status, data_json)`` events of one pickup; False if fenced out."""
         with redis_errors("publishing events"):
-            n = self._publish(keys=[keys.fence(run_id), keys.EVENTS_STREAM],
-                              args=[token, self.events_maxlen, run_id, attempt, *_flat(events)])
+            n = run_script(self.client, self._publish, [keys.fence(run_id), keys.EVENTS_STREAM],
+                           [token, self.events_maxlen, run_id, attempt, *_flat(events)])
         return int(n) >= 0
 
     def release(self, delivery: Delivery, token: int, queued: RunRecord, *,
@@ -436,11 +439,12 @@ class RecordStore:
         one step fenced by ``token``; False (nothing done) when fenced out. ``events``: the
         pickup's progress events not written yet, appended before the status event."""
         with redis_errors("releasing the entry"):
-            done = self._release(
-                keys=[keys.fence(queued.id), delivery.stream, keys.run_record(queued.id),
-                      keys.EVENTS_STREAM],
-                args=[token, self.group, consumer, delivery.entry_id, idle_ms,
-                      delivery.earlier_deliveries, model_json(queued), self.events_maxlen,
-                      queued.id, queued.attempt, event_json(event_data), *_flat(events)],
+            done = run_script(
+                self.client, self._release,
+                [keys.fence(queued.id), delivery.stream, keys.run_record(queued.id),
+                 keys.EVENTS_STREAM],
+                [token, self.group, consumer, delivery.entry_id, idle_ms,
+                 delivery.earlier_deliveries, model_json(queued), self.events_maxlen,
+                 queued.id, queued.attempt, event_json(event_data), *_flat(events)],
             )
         return bool(int(done))

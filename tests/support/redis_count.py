@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 import redis
 
 from runflow_worker.serve import keys
@@ -134,18 +135,26 @@ def counting_client(url: str, log: CommandLog, *, block_s: float = 1.0) -> redis
     request they send in ``log``."""
 
     class CountingConnection(redis.Connection):
-        def send_command(self, *args: Any, **kwargs: Any) -> None:
-            log.add([args])
-            super().send_command(*args, **kwargs)
-
-        def pack_commands(self, commands: Any) -> Any:
-            commands = [tuple(c) for c in commands]
-            log.add(commands)
-            return super().pack_commands(commands)
+        # Every request leaves through here, packed by redis-py or by ``serve.packed``:
+        # the bytes are read back into its commands.
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            log.add(unpack(command))
+            super().send_packed_command(command, check_health)
 
     client = connect(url, block_s=block_s)
     client.connection_pool.connection_class = CountingConnection
     return client
+
+
+def unpack(packed: Any) -> list[tuple[Any, ...]]:
+    """The commands in the bytes of one request (as many as a pipeline packs together)."""
+    reader = hiredis.Reader(encoding="utf-8", errors="replace")
+    for chunk in [packed] if isinstance(packed, (bytes, str)) else packed:
+        reader.feed(chunk.encode() if isinstance(chunk, str) else chunk)
+    commands = []
+    while (command := reader.gets()) is not False:
+        commands.append(tuple(command))
+    return commands
 
 
 def describe(requests: list[Request]) -> str:
