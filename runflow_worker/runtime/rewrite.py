@@ -1,12 +1,14 @@
 """Input injection (SPEC section 4): caller values into the graph's Runflow Input nodes.
 
 Pure dict manipulation, no ComfyUI import. The input graph is never modified: the result
-is a deep copy (ComfyUI also writes into the graph it executes).
+is a new dict whose input nodes (each with its ``inputs``) are copies, and whose other nodes
+are the graph's own. Nothing on the worker's side writes into them; ComfyUI, which writes
+into the graph it executes, gets the child's own copy through its pipe. (A deep copy of the
+whole graph was ~0.05 ms of every warm run.)
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from runflow_worker.runtime.graph import input_nodes, next_node_id
@@ -20,7 +22,8 @@ def inject_inputs(
     values: dict[str, Any],
     files: dict[str, str],
 ) -> dict[str, Any]:
-    """Return a copy of ``graph`` with every Runflow Input node's ``value`` set.
+    """A copy of ``graph`` with every Runflow Input node's ``value`` set; ``graph`` is left
+    untouched (the module docstring says what is copied).
 
     ``values`` maps ``input_id`` to literals (STRING/INT/FLOAT/BOOLEAN); ``files`` maps the
     ``input_id`` of IMAGE and FILE inputs to a filename relative to the run's input
@@ -28,10 +31,11 @@ def inject_inputs(
     FILE inputs get the filename itself. Inputs with neither are left unset (the node's
     ``value`` socket is optional). ``input_id``s are never renamed.
     """
-    out = copy.deepcopy(graph)
+    out = dict(graph)
     loaders: dict[str, str] = {}
     for node in input_nodes(out):
-        inputs = out[node.node_id].setdefault("inputs", {})
+        inputs = dict(out[node.node_id]["inputs"])  # an input node has its inputs (input_id)
+        out[node.node_id] = {**out[node.node_id], "inputs": inputs}
         if node.type in LITERAL_TYPES:
             if node.input_id in values:
                 inputs["value"] = values[node.input_id]

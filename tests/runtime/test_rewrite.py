@@ -27,6 +27,8 @@ def test_every_type_injected_and_original_untouched() -> None:
     out = inject_inputs(GRAPH, {"s": "otter", "i": 5, "f": 0.25, "b": False},
                         {"img": "runflow_inputs/img/img.png", "doc": "runflow_inputs/doc/a.txt"})
     assert GRAPH == before
+    assert all(out[n] is not GRAPH[n] and out[n]["inputs"] is not GRAPH[n]["inputs"]
+               for n in ("1", "2", "3", "4", "5", "6", "7", "8"))  # what injection writes
     assert out["1"]["inputs"]["value"] == "otter"
     assert out["8"]["inputs"]["value"] == "otter"  # same input_id, same type: both
     assert out["2"]["inputs"]["value"] == 5
