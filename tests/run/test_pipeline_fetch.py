@@ -82,10 +82,11 @@ def test_a_warm_runs_new_folders_come_from_the_reserve(env) -> None:
     before, files_before = reserve.taken, reserve.files_taken
     result, _ = run(pipeline, {**msg, "run_id": "reserve-2"})
     assert result.status is RunStatus.SUCCEEDED, result.failure
-    # runflow_inputs/, each input's <content>/ in it, and the outputs' runs/<run_id>/ with
-    # its two <output_id>/: six folders, none made by mkdir; the two files fetched into and
-    # the two stored copies, none created on the run's path either.
-    assert reserve.taken - before == 6
+    # Each input's <content>/ in runflow_inputs/ (which comes with the run's spare folders),
+    # and the outputs' runs/<run_id>/ with its two <output_id>/: five folders, none made by
+    # mkdir; the two files fetched into and the two stored copies, none created on the
+    # run's path either.
+    assert reserve.taken - before == 5
     assert reserve.files_taken - files_before == 4
 
 

@@ -85,13 +85,14 @@ def test_the_next_runs_directories_are_made_in_advance_empty_and_named_for_it(
         assert any(p.name.startswith(".spare-") for p in (owner / "stage").iterdir())
         second = dirs.create("second")
         assert second.name.startswith("second-") and second.stage.is_dir()
-        # The spare became this run's: renamed, nothing of the first run in it or beside it.
-        assert _tree(second.stage) == ["input", "output", "temp"]
+        # The spare became this run's: renamed, nothing of the first run in it or beside it
+        # (the callers' files' folder comes empty with it).
+        assert _tree(second.stage) == ["input", "input/runflow_inputs", "output", "temp"]
         assert not second.links.exists()  # made by the run's first link, if it has one
         assert [p.name for p in (owner / "stage").iterdir()] == [second.name]
         assert not first.stage.exists() and not first.links.exists()
         second.enter()
-        assert _tree(second.live) == ["input", "output", "temp"]
+        assert _tree(second.live) == ["input", "input/runflow_inputs", "output", "temp"]
     finally:
         dirs.close()
 
