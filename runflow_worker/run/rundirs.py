@@ -27,9 +27,9 @@ were removed in line. It does not wait for the deletion: removing a run's direct
 dozen file-system operations, 3-5 ms a run on the benchmark's volume (up to ~10 ms loaded),
 where the renames are ~0.1 ms. ``RunDirs.quiesce`` and ``close`` wait for everything. After
 the renames the same thread makes the next run's empty directories in advance
-(``stage/.spare-*``: four ``mkdir`` calls, ~0.25 ms on ext4) and refills the reserve, then
-empties the trash; ``create`` renames the spare to the run's name, or makes the directories
-itself when there is no spare. A spare was never given to a child and holds nothing. Every
+(``stage/.spare-*``: five ``mkdir`` calls, ~0.3 ms on ext4, ``input/runflow_inputs/``
+included) and refills the reserve, then empties the trash; ``create`` renames the spare to
+the run's name, or makes the directories itself when there is no spare. A spare was never given to a child and holds nothing. Every
 directory a run makes is one more to delete after it, which on a volume that discards
 freed blocks (the benchmark's) is the costlier half: ``links/<run>/`` is made only by a
 run that links something.

@@ -48,11 +48,17 @@ class ChannelClosed(Exception):
     """The peer closed its end (end of file)."""
 
 
+# One encoder and decoder of each kind for every frame: ``json.dumps`` and ``json.loads``
+# with options build a new one at each call (stateless, so shared across threads).
+_ENCODERS = {allow_nan: json.JSONEncoder(ensure_ascii=False, allow_nan=allow_nan,
+                                         separators=(",", ":"))
+             for allow_nan in (False, True)}
+
+
 def encode_payload(obj: dict[str, Any], *, allow_nan: bool = False) -> bytes:
     """The payload of ``obj``'s frame (UTF-8 JSON); WireError when it is not JSON-safe."""
     try:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=allow_nan,
-                          separators=(",", ":")).encode("utf-8")
+        return _ENCODERS[allow_nan].encode(obj).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise WireError(f"cannot encode the message: {exc}") from exc
 
@@ -73,6 +79,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_DECODERS = {False: json.JSONDecoder(parse_constant=_reject_constant),
+             True: json.JSONDecoder()}
+
+
 def decode_payload(payload: bytes, *, allow_nan: bool = False) -> dict[str, Any]:
     """The JSON object in ``payload``; WireError when it is not UTF-8 JSON of an object."""
     try:
@@ -80,10 +90,7 @@ def decode_payload(payload: bytes, *, allow_nan: bool = False) -> dict[str, Any]
     except UnicodeDecodeError as exc:
         raise WireError(f"frame is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
     try:
-        if allow_nan:
-            obj = json.loads(text)
-        else:
-            obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _DECODERS[allow_nan].decode(text)
     except RecursionError as exc:
         raise WireError("frame nests too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, an integer of too many digits, NaN

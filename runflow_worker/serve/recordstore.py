@@ -300,9 +300,13 @@ def _flat(events: Sequence[Event]) -> list[str]:
     return [field for event in events for field in event]
 
 
+_EVENT_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+"""Shared: ``json.dumps`` with options builds an encoder at every call."""
+
+
 def event_json(data: dict[str, Any]) -> str:
     """The ``data`` field of an event."""
-    return json.dumps(data, separators=(",", ":"), default=str)
+    return _EVENT_ENCODER.encode(data)
 
 
 class RecordStore:
