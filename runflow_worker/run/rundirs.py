@@ -29,10 +29,10 @@ where the renames are ~0.1 ms. ``RunDirs.quiesce`` and ``close`` wait for everyt
 the renames the same thread makes the next run's empty directories in advance
 (``stage/.spare-*``: five ``mkdir`` calls, ~0.3 ms on ext4, ``input/runflow_inputs/``
 included) and refills the reserve, then empties the trash; ``create`` renames the spare to
-the run's name, or makes the directories itself when there is no spare. A spare was never given to a child and holds nothing. Every
-directory a run makes is one more to delete after it, which on a volume that discards
-freed blocks (the benchmark's) is the costlier half: ``links/<run>/`` is made only by a
-run that links something.
+the run's name, or makes the directories itself when there is no spare. A spare was never
+given to a child and holds nothing but its empty folders. Every directory a run makes is
+one more to delete after it, which on a volume that discards freed blocks (the benchmark's)
+is the costlier half: ``links/<run>/`` is made only by a run that links something.
 
 A directory renamed out of the child's root stays reachable to a child process that kept a
 descriptor of it, but only below it: the kernel refuses ``..`` from a directory moved out of
