@@ -165,6 +165,14 @@ class Delivery:
         return int(self.entry_id.split("-", 1)[0])
 
 
+def first_delivery(stream: str, entry_id: str, fields: list[str] | None) -> Delivery:
+    """The first delivery of ``entry_id`` from a raw reply (``fields``: flat name/value
+    pairs, as ``XREADGROUP`` and the finalise script's read-ahead return them)."""
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
+    return Delivery(stream, str(entry_id), pairs.get(keys.RUN_FIELD), deliveries=1,
+                    reclaimed=False)
+
+
 # Renew the lease (optional) and report the cancel flag, fenced by the run's token.
 # Returns {state, canceled}: state 1 = ours, 0 = another pickup holds the run (lease lost),
 # 2 = the fence vanished (Redis lost its data) and was re-established with our token.
@@ -182,6 +190,7 @@ if ARGV[5] == '1' then
 end
 return {state, redis.call('EXISTS', KEYS[3])}
 """
+
 
 @dataclass(frozen=True)
 class LeaseTick:
@@ -235,9 +244,7 @@ class RunQueue:
                                    self.consumer, "COUNT", 1, *wait, "STREAMS", self.stream, ">")
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
-                pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
-                return Delivery(self.stream, entry_id, pairs.get(keys.RUN_FIELD),
-                                deliveries=1, reclaimed=False)
+                return first_delivery(self.stream, entry_id, fields)
         return None
 
     def reclaim_expired(self) -> Delivery | None:

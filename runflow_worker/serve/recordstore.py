@@ -46,7 +46,7 @@ from runflow_worker.run.contract import RunMessage, RunRecord
 from runflow_worker.serve import keys
 from runflow_worker.serve.beginahead import Begin, PendingBegin
 from runflow_worker.serve.packed import run_script
-from runflow_worker.serve.queue import Delivery, redis_errors
+from runflow_worker.serve.queue import Delivery, first_delivery, redis_errors
 
 _TERMINAL_LUA = "(s == 'succeeded' or s == 'failed' or s == 'canceled')"
 
@@ -211,13 +211,6 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'run_id', ARGV[9],
            'attempt', ARGV[10], 'type', 'status', 'status', 'queued', 'data', ARGV[11])
 return 1
 """
-
-
-def _delivered(stream: str, entry_id: str, fields: list[str] | None) -> Delivery:
-    """The first delivery of ``entry_id`` read by a script (``fields``: flat pairs)."""
-    pairs = dict(zip(fields[::2], fields[1::2], strict=True)) if fields else {}
-    return Delivery(stream, str(entry_id), pairs.get(keys.RUN_FIELD), deliveries=1,
-                    reclaimed=False)
 
 
 class Finalised(StrEnum):
@@ -424,7 +417,7 @@ class RecordStore:
                  *_flat(events)],
             )
         if isinstance(done, list):
-            return Finalised.WRITTEN, _delivered(delivery.stream, done[1], done[2])
+            return Finalised.WRITTEN, first_delivery(delivery.stream, done[1], done[2])
         return {1: Finalised.WRITTEN, 0: Finalised.FENCED}.get(
             int(done), Finalised.ALREADY_TERMINAL), None
 
