@@ -45,13 +45,16 @@ presigned URLs carry their signature in the query, so every URL in a message goe
 from __future__ import annotations
 
 import errno
+import functools
 from urllib.parse import urlsplit, urlunsplit
 
 
+@functools.lru_cache(maxsize=64)
 def redact_url(url: str) -> str:
     """Return ``url`` without user info, query string or fragment (safe for logs and errors).
 
-    A query string is replaced by ``?...`` so a reader can tell one was there.
+    A query string is replaced by ``?...`` so a reader can tell one was there. Kept for
+    the last URLs: a fetch names its URL this way at each of its steps, several a run.
     """
     try:
         parts = urlsplit(url)

@@ -37,7 +37,6 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
-import httpx
 
 from runflow_worker.cache.connpool import (
     DEFAULT_IDLE_TIMEOUT_S,
@@ -97,6 +96,51 @@ def make_ssl_context(ca_bundle: CATrust | Path | str | None = None) -> ssl.SSLCo
     return CATrust.of(ca_bundle).ssl_context()
 
 
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """A response's header fields by name, any case; a repeated field's values joined with
+    ``", "`` (as ``httpx.Headers`` gives them); values decoded as ASCII, else UTF-8, else
+    Latin-1.
+
+    httpcore hands over the raw ``(name, value)`` pairs; ``httpx.Headers`` made of them
+    normalised every field and asked for the whole set's encoding at each lookup, a good
+    part of a small download's own time. Only a handful of fields are ever read.
+    """
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        fields: dict[str, str] = {}
+        for name, value in raw:
+            key = name.decode("latin-1").lower()
+            text = _text(value)
+            fields[key] = f"{fields[key]}, {text}" if key in fields else text
+        self._fields = fields
+
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name.lower()]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        """The field's value, or ``default``."""
+        return self._fields.get(name.lower(), default)
+
+
 class FetchResponse:
     """A response being received: ``status_code``, ``headers``, the ``url`` it came from and its
     body through ``iter_bytes`` / ``read``, or ``readinto`` (use one or the other)."""
@@ -117,7 +161,7 @@ class FetchResponse:
         self.status_code: int = response.status
         self.credential_sent = False
         """Whether a credential header went with this request or a redirect before it."""
-        self.headers = httpx.Headers(response.headers)
+        self.headers = ResponseHeaders(response.headers)
         stream = response.extensions.get("network_stream")
         self._raw: GuardedStream | None = None
         if isinstance(stream, GuardedStream):

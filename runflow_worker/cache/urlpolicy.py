@@ -41,6 +41,9 @@ Resolver = Callable[[str, int], Sequence[str]]
 """``resolver(host, port) -> address strings``; raises ``OSError`` when the name does not resolve."""
 
 ALLOWED_SCHEMES = ("https",)
+_REFUSED_CHAR = re.compile(r"[\s\x00-\x1f\x7f\\]")
+"""Whitespace (``\\s`` of a str pattern is ``str.isspace``), control characters and the
+backslash: refused anywhere in a URL. One search, not a Python step per character."""
 CHECKED_URLS_KEPT = 64
 """URLs whose static checks passed, remembered per policy (``URLPolicy.check_url``)."""
 
@@ -143,6 +146,7 @@ def _ipv4_number(part: str) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=256)
 def parse_ipv4_host(host: str) -> ipaddress.IPv4Address | None:
     """Read ``host`` as an IPv4 address the way resolvers do (1 to 4 parts, each decimal, octal
     or hex, the last filling the remaining bytes), or return None if it is a name.
@@ -178,8 +182,14 @@ def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | No
     return address.sixtofour
 
 
+@functools.lru_cache(maxsize=1024)
 def address_problem(address: IPAddress) -> str | None:
-    """Why ``address`` must not be fetched from (``"loopback"``, ``"private"``, ...), or None."""
+    """Why ``address`` must not be fetched from (``"loopback"``, ``"private"``, ...), or None.
+
+    Kept per address: the answer never changes, and working it out asks ``ipaddress`` for
+    some forty network memberships (most of a URL's checks, for a public host), where the
+    callers' files of a run come from a handful of hosts.
+    """
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id:
             return "scoped"
@@ -263,7 +273,7 @@ class URLPolicy:
 
     def _check_url(self, url: str) -> Target:
         shown = redact_url(url)
-        if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F or ch == "\\" for ch in url):
+        if _REFUSED_CHAR.search(url):
             raise URLRefused(f"refused {shown}: whitespace, control or backslash in URL")
         try:
             parts = urlsplit(url)

@@ -268,3 +268,22 @@ def test_cancel_interrupts_a_slow_connect_or_handshake(
     finally:
         queued.close()
         listener.close()
+
+
+def test_response_headers_any_case_repeats_joined_values_decoded() -> None:
+    """A response's fields by name in any case, a repeated one's values joined as
+    ``httpx.Headers`` joins them, values read as ASCII, else UTF-8, else Latin-1."""
+    from runflow_worker.cache.fetcher import ResponseHeaders
+
+    headers = ResponseHeaders([(b"Content-Type", b"image/png"), (b"Vary", b"Accept"),
+                               (b"vary", b"Origin"), (b"Location", "/ü".encode()),
+                               (b"X-Latin", b"caf\xe9")])
+    assert headers["content-type"] == headers["CONTENT-TYPE"] == "image/png"
+    assert headers.get("Vary") == "Accept, Origin"
+    assert headers["location"] == "/ü" and headers["x-latin"] == "café"
+    assert "transfer-encoding" not in headers and "Content-Type" in headers
+    assert headers.get("etag") is None and headers.get("etag", "x") == "x"
+    assert len(headers) == 4 and set(headers) == {"content-type", "vary", "location",
+                                                  "x-latin"}
+    with pytest.raises(KeyError):
+        headers["etag"]
