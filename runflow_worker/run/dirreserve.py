@@ -46,6 +46,7 @@ class DirReserve:
     def __init__(self, home: Path, size: int = RESERVE_SIZE,
                  file_size: int = FILE_RESERVE_SIZE) -> None:
         self.home = home
+        self._home = os.fspath(home)
         self.size = size
         self.file_size = file_size
         self.taken = 0
@@ -55,30 +56,35 @@ class DirReserve:
         self._free: list[str] = []
         self._free_files: list[str] = []
         self._lock = threading.Lock()
-        self._foreign: set[Path] = set()
+        self._foreign: set[str] = set()
         """Roots a rename from ``home`` cannot reach (another file system)."""
 
-    def makedirs(self, path: Path, *, under: Path) -> None:
+    def makedirs(self, path: Path | str, *, under: Path | str) -> None:
         """Make the directory ``path`` and its missing parents below ``under``, like
         ``path.mkdir(parents=True, exist_ok=True)``: each new one is a reserved directory
         renamed into place when there is one left, else a ``mkdir``."""
-        if under in self._foreign or not path.is_relative_to(under):
-            path.mkdir(parents=True, exist_ok=True)
+        # Plain strings from here on: a few pathlib steps per folder were a good part of
+        # this call's cost, and it runs several times on every run's path.
+        path, under = os.fspath(path), os.fspath(under)
+        if under in self._foreign or not _below(path, under):
+            os.makedirs(path, exist_ok=True)
             return
-        missing: list[Path] = []
+        missing: list[str] = []
         probe = path
         while probe != under and not os.path.isdir(probe):
             missing.append(probe)
-            probe = probe.parent
+            probe = os.path.dirname(probe)
         for new in reversed(missing):
             if under in self._foreign or not self._take_as(new, under):
-                new.mkdir(parents=True, exist_ok=True)  # parents: ``under`` itself, if gone
+                os.makedirs(new, exist_ok=True)  # its parents: ``under`` itself, if gone
 
-    def take_file(self, path: Path, *, under: Path, mode: int | None = None) -> bool:
+    def take_file(self, path: Path | str, *, under: Path | str,
+                  mode: int | None = None) -> bool:
         """Put an empty reserved file at ``path`` (below ``under``, whose folders exist),
         with ``mode`` if given; False (nothing changed) when none is left or the rename
         cannot be made: the caller creates the file itself."""
-        if under in self._foreign or not path.is_relative_to(under):
+        path, under = os.fspath(path), os.fspath(under)
+        if under in self._foreign or not _below(path, under):
             return False
         if not self._rename_one(self._free_files, path, under, mode=mode):
             return False
@@ -110,7 +116,7 @@ class DirReserve:
         except OSError:
             return
 
-    def _take_as(self, path: Path, under: Path) -> bool:
+    def _take_as(self, path: str, under: str) -> bool:
         """Rename a reserved directory to ``path``; False (nothing changed) when none is
         left or the rename fails."""
         # rename(2) would replace an empty directory already standing at ``path`` (another
@@ -120,7 +126,7 @@ class DirReserve:
         self.taken += 1
         return True
 
-    def _rename_one(self, free: list[str], path: Path, under: Path, *,
+    def _rename_one(self, free: list[str], path: str, under: str, *,
                     mode: int | None = None) -> bool:
         """Rename one entry of ``free`` (directories or files) to ``path``, with ``mode``
         if given; False when none is left or the rename fails (the entry is kept unless it
@@ -129,7 +135,7 @@ class DirReserve:
             if not free:
                 return False
             name = free.pop()
-        src = self.home / name
+        src = os.path.join(self._home, name)
         try:
             if mode is not None:
                 os.chmod(src, mode)
@@ -144,10 +150,16 @@ class DirReserve:
         return True
 
 
-def make_dirs(path: Path, *, under: Path, reserve: DirReserve | None) -> None:
+def make_dirs(path: Path | str, *, under: Path | str, reserve: DirReserve | None) -> None:
     """``path`` and its missing parents made, from ``reserve`` when there is one (below
     ``under``), else by ``mkdir``."""
     if reserve is None:
-        path.mkdir(parents=True, exist_ok=True)
+        os.makedirs(path, exist_ok=True)
     else:
         reserve.makedirs(path, under=under)
+
+
+def _below(path: str, under: str) -> bool:
+    """Whether ``path`` is ``under`` or below it (both as ``os.fspath`` of a ``Path`` gives
+    them: no trailing or doubled separators, no ``.`` or ``..``)."""
+    return path == under or path.startswith(under.rstrip(os.sep) + os.sep)

@@ -71,7 +71,7 @@ def input_name(input_id: str) -> str:
     return f"_{_SAFE.sub('_', input_id).strip('._')[:40]}-{digest}"
 
 
-def _read_small(path: Path, limit: int) -> bytes | None:
+def _read_small(path: Path | str, limit: int) -> bytes | None:
     """The whole file when it holds at most ``limit`` bytes, else None."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -88,14 +88,14 @@ def _read_small(path: Path, limit: int) -> bytes | None:
         os.close(fd)
 
 
-def check_image(path: Path, *, max_pixels: int, field: str) -> str:
+def check_image(path: Path | str, *, max_pixels: int, field: str) -> str:
     """Verify ``path`` is a PNG/JPEG/WebP/GIF within ``max_pixels``; return its extension."""
     try:
         # A small file (the usual caller's image) is read whole and parsed from memory:
         # four system calls, where Pillow's file object made nine (a terminal query and
         # four seeks among them).
         data = _read_small(path, SMALL_IMAGE_BYTES)
-        source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
+        source: Path | str | io.BytesIO = path if data is None else io.BytesIO(data)
         with warnings.catch_warnings():
             # Pillow's own bomb warning is replaced by our explicit limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -140,19 +140,22 @@ def materialise_inputs(
     ``reserve``: where the new folders come from (``run.dirreserve``), else ``mkdir``.
     """
     files: dict[str, str] = {}
+    # Paths as strings (the fetch aside, which takes a ``Path``): a dozen pathlib steps
+    # were a good part of this function's own time on every run with a file input.
+    base = os.fspath(input_dir)
+    folder = os.path.join(base, INPUTS_SUBDIR)
     for input_id, d in defs.items():
         if d.type not in (InputType.IMAGE, InputType.FILE) or input_id not in values:
             continue
         url = values[input_id]
         field = f"input.{input_id}"
-        folder = input_dir / INPUTS_SUBDIR
-        make_dirs(folder, under=input_dir, reserve=reserve)
+        make_dirs(folder, under=base, reserve=reserve)
         # Fetched to a name of its own, then renamed into place: whatever already stands at
         # the final path (a link to a shared blob, say) is replaced, never written through.
-        part = folder / f".{uuid.uuid4().hex}.part"
+        part = os.path.join(folder, f".{uuid.uuid4().hex}.part")
         if reserve is not None:  # an empty file made ahead (the fetcher opens what is there)
-            reserve.take_file(part, under=input_dir, mode=0o600)
-        digest = fetch(url, part, max_bytes=max_bytes, cancel=cancel)
+            reserve.take_file(part, under=base, mode=0o600)
+        digest = fetch(url, Path(part), max_bytes=max_bytes, cancel=cancel)
         filename = safe_filename(url, "file")
         if d.type is InputType.IMAGE:
             filename = input_name(input_id) + check_image(part, max_pixels=max_pixels,
@@ -163,9 +166,9 @@ def materialise_inputs(
         # wrote into ``part`` (the run's staged input, out of the child's sight). Two inputs
         # share a folder only with the same bytes; one path for both means the same file.
         if not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
-            digest = sha256_file(part)
-        dest = folder / digest[:CONTENT_HEX] / filename
-        make_dirs(dest.parent, under=input_dir, reserve=reserve)
-        os.replace(part, dest)
-        files[input_id] = dest.relative_to(input_dir).as_posix()
+            digest = sha256_file(Path(part))
+        content = digest[:CONTENT_HEX]
+        make_dirs(os.path.join(folder, content), under=base, reserve=reserve)
+        os.replace(part, os.path.join(folder, content, filename))
+        files[input_id] = f"{INPUTS_SUBDIR}/{content}/{filename}"
     return files

@@ -42,14 +42,20 @@ DISCARD_BUDGET_S = 30.0
 """A background discard starts no delete after this long (each delete is bounded by the
 storage client's own timeouts); the keys left are logged."""
 
-_EXTRA_TYPES = {".webp": "image/webp", ".glb": "model/gltf-binary", ".safetensors":
-                "application/octet-stream", ".flac": "audio/flac", ".webm": "video/webm"}
+_KNOWN_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                ".gif": "image/gif", ".webp": "image/webp", ".mp4": "video/mp4",
+                ".webm": "video/webm", ".wav": "audio/x-wav", ".mp3": "audio/mpeg",
+                ".flac": "audio/flac", ".glb": "model/gltf-binary",
+                ".safetensors": "application/octet-stream"}
+"""What ComfyUI's output nodes write, looked up directly (``mimetypes`` answers the rest:
+its first call of a run walks several tables, ~0.03 ms on a small VM)."""
 
 
 def content_type_of(name: str) -> str:
     """The MIME type for a file name (``application/octet-stream`` when unknown)."""
-    suffix = Path(name).suffix.lower()
-    return _EXTRA_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    suffix = os.path.splitext(name)[1].lower()
+    return (_KNOWN_TYPES.get(suffix) or mimetypes.guess_type(name)[0]
+            or "application/octet-stream")
 
 
 HASH_CHUNK_BYTES = 4 << 20
@@ -171,15 +177,20 @@ def store_outputs(
     not succeed after all). ``keep_if_late`` is handed to ``Storage.put``.
     """
     root = trusted_root if trusted_root is not None else output_dir
-    below = Path(os.path.relpath(output_dir, root)) if root != output_dir else Path()
+    try:
+        # Pure, unlike ``os.path.relpath`` (which asks for the working directory twice).
+        below = output_dir.relative_to(root)
+    except ValueError:
+        below = Path(os.path.relpath(output_dir, root))  # its ``..`` is refused on open
     entries: list[OutputEntry] = []
     used_keys: set[str] = set()
     for output_id, f in select_outputs(files):
         if should_stop is not None and should_stop():
             raise UploadCanceled("the run was stopped during the upload")
+        relpath = Path(f.relpath)
         try:
-            with open_output(root, below / f.relpath) as fd:
-                entries.append(_store_one(fd, Path(f.relpath), f, output_id, run_id,
+            with open_output(root, below / relpath) as fd:
+                entries.append(_store_one(fd, relpath, f, output_id, run_id,
                                           storage, used_keys, should_stop, written,
                                           keep_if_late))
         except UnsafeOutput as exc:

@@ -121,9 +121,9 @@ class LocalStorage:
     reserve: DirReserve | None = field(default=None, compare=False, repr=False)
     """Where new folders come from (``run.dirreserve``; the pipeline sets its run
     directories' reserve), else ``mkdir``."""
-    _stored: tuple[str, Path] | None = field(default=None, init=False, repr=False,
-                                             compare=False)
-    """The key last stored and its resolved path (``url_for`` right after ``put``)."""
+    _stored: tuple[str, str] | None = field(default=None, init=False, repr=False,
+                                            compare=False)
+    """The key last stored and its path (``url_for`` right after ``put``)."""
 
     def full_key(self, key: str) -> str:
         """Local storage has no prefix: the key is the path under ``root``."""
@@ -133,6 +133,10 @@ class LocalStorage:
     def _root_resolved(self) -> Path:
         # Once: resolving the root walks every component of its path, twice a stored output.
         return self.root.resolve()
+
+    @functools.cached_property
+    def _root_str(self) -> str:
+        return os.fspath(self._root_resolved)
 
     def _path(self, key: str) -> Path:
         # Joined, not resolved: a clean key (``check_key``: no ``..``, no leading slash)
@@ -154,25 +158,29 @@ class LocalStorage:
         with the stored object. One read, hashed as it is copied: hashed first and copied in
         a second read, the stored bytes could differ from the digest.
         """
-        dest = self._path(key)
+        # Strings, not pathlib: this runs for every output on the run's path (after the
+        # child's outcome, before the record), and a key's path parsed and re-parsed was a
+        # good part of it.
+        root = self._root_str
+        dest = f"{root.rstrip('/')}/{check_key(key)}"
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        parent, _, name = dest.rpartition("/")
+        tmp = f"{parent}/.{name}.{os.getpid()}.tmp"
         try:
-            make_dirs(dest.parent, under=self._root_resolved, reserve=self.reserve)
+            make_dirs(parent, under=root, reserve=self.reserve)
             # An empty file made ahead, written without O_TRUNC: on ext4 a truncation to
             # zero makes close() start the file's writeback (the auto_da_alloc heuristic).
-            taken = (self.reserve is not None
-                     and self.reserve.take_file(tmp, under=self._root_resolved))
+            taken = self.reserve is not None and self.reserve.take_file(tmp, under=root)
             stored = _copy(local_path, tmp, should_stop, key, truncate=not taken)
             os.replace(tmp, dest)
             self._stored = (key, dest)
             return stored
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise StorageError(f"cannot write output {key!r}: {exc.strerror or exc}") from exc
         except UploadCanceled:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
             raise
 
     def delete(self, key: str) -> None:
@@ -194,12 +202,12 @@ class LocalStorage:
     def url_for(self, key: str) -> str:
         """A ``file://`` URL of the stored object."""
         stored = self._stored
-        # Right after its ``put`` (the usual call), the path that put resolved.
-        path = stored[1] if stored is not None and stored[0] == key else self._path(key)
+        # Right after its ``put`` (the usual call), the path that put made.
+        path = Path(stored[1]) if stored is not None and stored[0] == key else self._path(key)
         return path.as_uri()
 
 
-def _copy(src: Path, dest: Path, should_stop: ShouldStop | None, key: str, *,
+def _copy(src: Path, dest: Path | str, should_stop: ShouldStop | None, key: str, *,
           truncate: bool = True) -> StoredObject:
     """Copy ``src`` to ``dest`` in chunks, stopping when ``should_stop`` says so; the
     digest and size of what was written. ``truncate=False`` when ``dest`` is known to be a

@@ -156,3 +156,19 @@ def test_a_reserved_file_is_empty_and_takes_the_mode_asked_for(tmp_path: Path) -
     assert res.files_taken == 2 and not (root / "c").exists()
     res.replenish()
     assert files_left(res) == 2
+
+
+def test_paths_as_strings_and_a_sibling_sharing_the_prefix(tmp_path: Path) -> None:
+    """Plain strings work as paths do; a folder whose name only starts like the root's is
+    not below it, and gets a ``mkdir``, never a reserved directory."""
+    root = tmp_path / "root"
+    root.mkdir()
+    res = reserve(tmp_path, size=2, file_size=1)
+    res.makedirs(str(root / "a" / "b"), under=str(root))
+    assert (root / "a" / "b").is_dir() and res.taken == 2
+    sibling = tmp_path / "root-2" / "x"
+    res.makedirs(str(sibling), under=str(root))
+    assert sibling.is_dir() and res.taken == 2
+    assert not res.take_file(str(tmp_path / "rootfile"), under=str(root))
+    assert res.take_file(str(root / "a" / "f"), under=str(root))
+    assert (root / "a" / "f").is_file() and res.files_taken == 1

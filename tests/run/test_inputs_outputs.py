@@ -323,3 +323,16 @@ def test_a_huge_sparse_output_is_abandoned_once_the_run_must_stop(tmp_path: Path
         store_outputs([OutputFile("1", "Save", "huge.bin", "blob")], out, "run-1",
                       LocalStorage(tmp_path / "store"), should_stop=should_stop)
     assert not any((tmp_path / "store").rglob("huge.bin"))
+
+
+def test_content_types_of_output_files() -> None:
+    """ComfyUI's usual outputs by their own table, in any case; the rest as ``mimetypes``
+    reads them, else ``application/octet-stream``."""
+    from runflow_worker.run.outputs import content_type_of
+
+    assert content_type_of("ComfyUI_00001_.PNG") == "image/png"
+    assert content_type_of("a.jpeg") == content_type_of("b.jpg") == "image/jpeg"
+    assert content_type_of("clip.webm") == "video/webm"
+    assert content_type_of("notes.txt") == "text/plain"
+    assert content_type_of("weights.safetensors") == "application/octet-stream"
+    assert content_type_of("no-suffix") == "application/octet-stream"
