@@ -96,6 +96,9 @@ class EnvironmentPhase:
         # Pins of the environments this worker uses (by key): the warm child's, and the
         # one being prepared, so no gc on the volume removes them meanwhile.
         self._env_pins: dict[str, ExitStack] = {}
+        self._last_checked: tuple[p.Ready, str | None, p.Ready] | None = None
+        """The last Ready checked (``_checked_ready``): as the child sent it, the commit
+        put in, the copy."""
 
     def run(self, message: c.RunMessage, stop_reason: StopCheck) -> EnvironmentOutcome:
         """``prepare`` timed, its exception returned, not raised: the environment thread's
@@ -242,7 +245,14 @@ class EnvironmentPhase:
             from runflow_worker.runtime.comfy import git_commit
 
             self._commits[comfyui_dir] = git_commit(str(comfyui_dir))
-        return replace(ready, comfyui_commit=self._commits[comfyui_dir])
+        commit = self._commits[comfyui_dir]
+        last = self._last_checked
+        # The warm child's Ready, checked for its last run, again: no new copy every run.
+        if last is not None and last[0] is ready and last[1] == commit:
+            return last[2]
+        checked = replace(ready, comfyui_commit=commit)
+        self._last_checked = (ready, commit, checked)
+        return checked
 
     # ------------------------------------------------------------------ environments
 

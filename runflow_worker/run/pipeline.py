@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -120,18 +120,31 @@ class _Phases:
     def __init__(self) -> None:
         self.timings_ms: dict[str, int] = {}
 
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Adds the time spent inside to phase ``name``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, round((time.perf_counter() - start) * 1000))
+    def phase(self, name: str) -> _Phase:
+        """A context that adds the time spent inside to phase ``name``."""
+        return _Phase(self, name)
 
     def add(self, name: str, elapsed_ms: int) -> None:
         """Adds ``elapsed_ms`` (timed elsewhere: the environment thread) to phase ``name``."""
         self.timings_ms[name] = self.timings_ms.get(name, 0) + elapsed_ms
+
+
+class _Phase:
+    """One timed phase (``_Phases.phase``): a plain class, not a generator's context, as
+    there are half a dozen on every run's path."""
+
+    __slots__ = ("_phases", "_name", "_start")
+
+    def __init__(self, phases: _Phases, name: str) -> None:
+        self._phases = phases
+        self._name = name
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._phases.add(self._name, round((time.perf_counter() - self._start) * 1000))
 
 
 class _EnvironmentWork(Protocol):
