@@ -47,8 +47,8 @@ _KNOWN_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"
                 ".webm": "video/webm", ".wav": "audio/x-wav", ".mp3": "audio/mpeg",
                 ".flac": "audio/flac", ".glb": "model/gltf-binary",
                 ".safetensors": "application/octet-stream"}
-"""What ComfyUI's output nodes write, looked up directly (``mimetypes`` answers the rest:
-its first call of a run walks several tables, ~0.03 ms on a small VM)."""
+"""What ComfyUI's output nodes write, looked up directly; ``mimetypes`` answers the rest
+(it walks several tables a call, and its answers depend on the machine's own)."""
 
 
 def content_type_of(name: str) -> str:
