@@ -138,13 +138,17 @@ class LocalStorage:
     def _root_str(self) -> str:
         return os.fspath(self._root_resolved)
 
-    def _path(self, key: str) -> Path:
+    def _path_str(self, key: str) -> str:
         # Joined, not resolved: a clean key (``check_key``: no ``..``, no leading slash)
         # cannot leave the root, and nothing below the root is written by anyone but the
         # worker (no child sees it). Resolving walked every component of the path, ~0.1 ms
         # an output; and it refused an operator's symlink inside the root (``runs`` on
-        # another disk, say) as an escape.
-        return self._root_resolved / check_key(key)
+        # another disk, say) as an escape. A string: ``put`` runs for every output on the
+        # run's path, where a key's path parsed and re-parsed by pathlib was a good part of it.
+        return f"{self._root_str.rstrip('/')}/{check_key(key)}"
+
+    def _path(self, key: str) -> Path:
+        return Path(self._path_str(key))
 
     def put(self, local_path: Path, key: str, *, content_type: str, sha256: str | None,
             should_stop: ShouldStop | None = None,
@@ -158,11 +162,8 @@ class LocalStorage:
         with the stored object. One read, hashed as it is copied: hashed first and copied in
         a second read, the stored bytes could differ from the digest.
         """
-        # Strings, not pathlib: this runs for every output on the run's path (after the
-        # child's outcome, before the record), and a key's path parsed and re-parsed was a
-        # good part of it.
         root = self._root_str
-        dest = f"{root.rstrip('/')}/{check_key(key)}"
+        dest = self._path_str(key)
         if _stopped(should_stop):
             raise UploadCanceled(f"upload of {key!r} stopped")
         parent, _, name = dest.rpartition("/")
